@@ -1,0 +1,1 @@
+"""Zarr spill cache: content-addressed keys, atomic writes, lazy reopen."""

@@ -1,0 +1,1 @@
+"""Catalogs: find files, parse BIDS-like entities, read headers only."""

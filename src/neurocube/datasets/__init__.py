@@ -1,0 +1,1 @@
+"""One facade per data layout, turning a catalog into lazy Datasets."""

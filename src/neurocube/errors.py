@@ -1,0 +1,81 @@
+"""Errors and warnings raised by neurocube.
+
+Every error derives from :class:`NeurocubeError`, and each subclass also derives
+from the builtin a caller would naturally catch (``FileNotFoundError``,
+``ValueError``, ``KeyError``, ...), so ``except ValueError`` keeps working.
+
+Messages name the file, what was expected, what was found and what to do.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CacheError",
+    "DataNotDownloadedError",
+    "DataNotFoundError",
+    "FormatError",
+    "GridMismatchError",
+    "IncompleteFileError",
+    "IndexMismatchError",
+    "NeurocubeError",
+    "NeurocubeWarning",
+    "ReaderNotFoundError",
+    "SelectionError",
+    "TruncatedFileError",
+    "UnsafeDataError",
+]
+
+
+class NeurocubeError(Exception):
+    """Base class of every error neurocube raises on purpose."""
+
+
+class DataNotFoundError(NeurocubeError, FileNotFoundError):
+    """A file or folder the caller asked for does not exist."""
+
+
+class DataNotDownloadedError(DataNotFoundError):
+    """A file that belongs to a known layout is not on disk (not downloaded yet)."""
+
+
+class FormatError(NeurocubeError, ValueError):
+    """A file is not in the format expected, or its content contradicts itself."""
+
+
+class TruncatedFileError(FormatError):
+    """A file ends before the data its header announces."""
+
+
+class IncompleteFileError(FormatError):
+    """A file was left half-written by its writer (e.g. no completion stamp)."""
+
+
+class IndexMismatchError(FormatError):
+    """A seek index (gzip index, cache entry) does not belong to the file it was given for."""
+
+
+class GridMismatchError(NeurocubeError, ValueError):
+    """A mask or image lies on another voxel grid (shape or affine) than the data."""
+
+
+class SelectionError(NeurocubeError, KeyError):
+    """A selection (ROI, session, subject, trial filter) names something that does not exist."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message; keep it readable.
+        return str(self.args[0]) if self.args else ""
+
+
+class ReaderNotFoundError(NeurocubeError, ValueError):
+    """No reader knows how to open a path."""
+
+
+class UnsafeDataError(NeurocubeError, ValueError):
+    """Opening a file would need pickle (or similar) and the caller did not say it is trusted."""
+
+
+class CacheError(NeurocubeError, OSError):
+    """A cache entry or cache folder cannot be used."""
+
+
+class NeurocubeWarning(UserWarning):
+    """Base class of neurocube's warnings (the test suite turns them into errors)."""

@@ -1,0 +1,1 @@
+"""Lazy operations on Datasets: masks, ROI grammar, trial filters, merges, aggregation."""

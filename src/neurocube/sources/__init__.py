@@ -1,0 +1,1 @@
+"""Readers, one per file format; each returns lazy arrays that hold a spec, never a handle."""
