@@ -23,6 +23,7 @@ __all__ = [
     "SelectionError",
     "TruncatedFileError",
     "UnsafeDataError",
+    "UnsafePathError",
 ]
 
 
@@ -79,3 +80,7 @@ class CacheError(NeurocubeError, OSError):
 
 class NeurocubeWarning(UserWarning):
     """Base class of neurocube's warnings (the test suite turns them into errors)."""
+
+
+class UnsafePathError(NeurocubeError, PermissionError):
+    """A path read from a manifest or index points outside the dataset and would be written to."""
