@@ -36,6 +36,9 @@ _LAZY: dict[str, str] = {
     "write_combined_tables": "neurocube.datasets.embeddings",
     # Behaviour tracking datasets
     "open_behavior": "neurocube.datasets.behavior",
+    "BehaviorDataset": "neurocube.datasets.behavior",
+    "index_tracks_raw": "neurocube.io.behavior",
+    "convert_tracks": "neurocube.io.behavior",
     # Zarr spill cache
     "cache": "neurocube.caching",
     "cache_info": "neurocube.caching",

@@ -22,6 +22,11 @@ _LAZY: dict[str, str] = {
     "validate_embedding_derivative": "neurocube.io.embeddings",
     "write_embedding_manifest": "neurocube.io.embeddings",
     "write_embedding_dataset_description": "neurocube.io.embeddings",
+    # behaviour datasets (mosaic layout)
+    "save_manifest": "neurocube.io.behavior",
+    "write_index_csv": "neurocube.io.behavior",
+    "index_tracks_raw": "neurocube.io.behavior",
+    "convert_tracks": "neurocube.io.behavior",
 }
 
 __all__ = sorted(_LAZY)
