@@ -1,0 +1,1 @@
+"""Synthetic data generators (deterministic, seeded) for tests, benchmarks and demos."""
