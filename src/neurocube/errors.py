@@ -24,6 +24,7 @@ __all__ = [
     "TruncatedFileError",
     "UnsafeDataError",
     "UnsafePathError",
+    "AttributeMismatchError",
 ]
 
 
@@ -84,3 +85,7 @@ class NeurocubeWarning(UserWarning):
 
 class UnsafePathError(NeurocubeError, PermissionError):
     """A path read from a manifest or index points outside the dataset and would be written to."""
+
+
+class AttributeMismatchError(NeurocubeError, ValueError):
+    """Attributes given to a writer did not come from the file and record they would overwrite."""
