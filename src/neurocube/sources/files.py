@@ -86,12 +86,12 @@ def open_file(path: str | os.PathLike[str], mode: str = "rb") -> IO[Any]:
         import fsspec
 
         try:
-            return fsspec.open(str(path), mode).open()  # type: ignore[no-any-return]
+            return fsspec.open(str(path), mode).open()
         except FileNotFoundError as exc:
             raise DataNotFoundError(f"{path}: no such file (fsspec could not open it)") from exc
     local = _local(path)
     try:
-        return open(local, mode)  # noqa: SIM115 - the caller owns the handle
+        return open(local, mode)
     except FileNotFoundError as exc:
         raise DataNotFoundError(
             f"{local}: no such file. Check the path (cwd is {os.getcwd()})."

@@ -1,0 +1,115 @@
+"""xarray backend: ``xr.open_dataset(path, engine="neurocube")``.
+
+Registered through the ``xarray.backends`` entry point. NIfTI files open with
+xarray's lazy indexing (``chunks={}`` gives Dask arrays chunked by whole
+volumes); other single-file formats are handed to their neurocube readers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from xarray.backends import BackendArray, BackendEntrypoint
+from xarray.core import indexing
+
+from neurocube.errors import ReaderNotFoundError
+
+__all__ = ["NeurocubeBackendEntrypoint"]
+
+
+class _NiftiBackendArray(BackendArray):
+    """Lets xarray index a NIfTI lazily; reads only the volumes a selection touches."""
+
+    def __init__(self, volumes: Any) -> None:
+        self.volumes = volumes
+        self.shape = volumes.shape
+        self.dtype = volumes.dtype
+
+    def __getitem__(self, key: indexing.ExplicitIndexer) -> np.ndarray:
+        return indexing.explicit_indexing_adapter(
+            key, self.shape, indexing.IndexingSupport.BASIC, self.volumes.__getitem__
+        )
+
+
+def _open_nifti_lazy(path: str, **kwargs: Any) -> Any:
+    import xarray as xr
+
+    from neurocube.sources.nifti import build_parts
+
+    parts = build_parts(path, **kwargs)
+    var = xr.Variable(
+        parts.dims, indexing.LazilyIndexedArray(_NiftiBackendArray(parts.array)), attrs={}
+    )
+    trial_chunks = parts.chunks[parts.dims.index("trial")] if "trial" in parts.dims else None
+    if trial_chunks:
+        var.encoding["preferred_chunks"] = {
+            d: (trial_chunks[0] if d == "trial" else parts.array.shape[n])
+            for n, d in enumerate(parts.dims)
+        }
+    return xr.Dataset({"data": var}, coords=parts.coords, attrs=parts.attrs)
+
+
+def _readers() -> list[tuple[str, str, str]]:
+    """(name, sniffing function, opening function) of every single-file reader, as dotted paths."""
+    return [
+        ("nifti", "neurocube.sources.nifti:sniff_nifti", "neurocube.backend:_open_nifti_lazy"),
+    ]
+
+
+def _load(dotted: str) -> Any:
+    import importlib
+
+    module, _, attr = dotted.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+class NeurocubeBackendEntrypoint(BackendEntrypoint):
+    """Open neurocube's single-file formats with ``xr.open_dataset(..., engine="neurocube")``."""
+
+    description = "Lazy NIfTI (.nii, .nii.gz) and neuroscience HDF5/NPZ files via neurocube"
+    url = "https://github.com/neurocube/neurocube"
+    open_dataset_parameters = ("filename_or_obj", "drop_variables", "mask", "index")
+
+    def guess_can_open(self, filename_or_obj: Any) -> bool:
+        """Sniff magic bytes first; fall back to the suffix for files that don't exist yet."""
+        if not isinstance(filename_or_obj, (str, os.PathLike)):
+            return False
+        path = str(filename_or_obj)
+        if os.path.isfile(path):
+            return any(bool(_load(sniff)(path)) for _, sniff, _ in _readers())
+        return path.endswith((".nii", ".nii.gz"))
+
+    def open_dataset(
+        self,
+        filename_or_obj: Any,
+        *,
+        drop_variables: str | Iterable[str] | None = None,
+        mask: Any = None,
+        index: Any = "auto",
+        **kwargs: Any,
+    ) -> Any:
+        """Open ``filename_or_obj`` with the first neurocube reader that recognises it."""
+        path = os.fspath(filename_or_obj)
+        for _name, sniff, opener in _readers():
+            if _load(sniff)(path):
+                ds = _load(opener)(path, mask=mask, index=index, **kwargs)
+                if drop_variables is not None:
+                    dropped = (
+                        [drop_variables]
+                        if isinstance(drop_variables, str)
+                        else list(drop_variables)
+                    )
+                    ds = ds.drop_vars(dropped, errors="ignore")
+                return ds
+        if not os.path.exists(path):
+            from neurocube.errors import DataNotFoundError
+
+            raise DataNotFoundError(f"{path}: no such file")
+        names = ", ".join(name for name, _, _ in _readers())
+        raise ReaderNotFoundError(
+            f"{path}: no neurocube reader recognises this file (by its magic bytes). Readers: "
+            f"{names}. For other formats use xarray's own engines (netcdf4, h5netcdf, zarr)."
+        )

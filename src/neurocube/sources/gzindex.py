@@ -1,0 +1,283 @@
+"""Random access into ``.gz`` files through seek-point indexes.
+
+A gzip stream can only be decompressed from its start, unless one keeps
+*seek points*: (compressed offset, uncompressed offset, 32 KiB window) every
+few MiB. This module keeps such an index (indexed_gzip's ``GZIDX`` format) for
+each ``.nii.gz`` neurocube reads, in neurocube's cache folder, never beside the
+data:
+
+- first read: the file is streamed once, in order, through one shared handle
+  per process (rapidgzip when installed: faster than single-core zlib; else
+  indexed_gzip), which records seek points as it goes; when the stream has
+  passed the end of the data the index is exported atomically;
+- later reads: every thread opens its own indexed_gzip handle on the index and
+  seeks straight to the bytes it needs, so chunks inflate in parallel (the
+  libraries release the GIL) and in any order.
+
+Index files are keyed by the file's identity (path, size, mtime, hash of its
+first and last MiB): a changed file gets a new index. A cache folder that
+cannot be written falls back to streaming, with a warning.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import struct
+import threading
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from neurocube import config
+from neurocube.errors import IndexMismatchError, NeurocubeWarning, TruncatedFileError
+from neurocube.sources.files import IO_STATS, HandlePool, file_identity
+
+__all__ = [
+    "GzipIndexSpec",
+    "IndexWriteWarning",
+    "auto_index_path",
+    "check_index",
+    "read_range",
+]
+
+_MAGIC = b"GZIDX"
+SPACING = 4 << 20  # one seek point per 4 MiB of uncompressed data
+
+
+class IndexWriteWarning(NeurocubeWarning):
+    """The gzip index could not be stored; reads fall back to streaming."""
+
+
+@dataclass(frozen=True)
+class GzipIndexSpec:
+    """How to reach bytes inside one ``.gz`` file (picklable: paths only).
+
+    Parameters
+    ----------
+    path
+        The ``.gz`` file.
+    index_path
+        Where its index lives (or will be written); None disables indexing.
+    explicit
+        True when the caller named the index file: a missing or mismatched
+        index is then an error, and neurocube never overwrites it.
+    """
+
+    path: str
+    index_path: str | None
+    explicit: bool = False
+
+
+def auto_index_path(
+    path: str | os.PathLike[str], cache: str | os.PathLike[str] | None = None
+) -> Path:
+    """Return where the index of ``path`` lives in the cache folder (keyed by its identity)."""
+    ident = file_identity(path)
+    return config.cache_dir(cache) / "gzindex" / f"{Path(ident.path).name}.{ident.digest}.gzidx"
+
+
+def check_index(index_path: str | os.PathLike[str], gz_path: str | os.PathLike[str]) -> None:
+    """Raise :class:`IndexMismatchError` unless ``index_path`` is a GZIDX index of ``gz_path``.
+
+    The index header records the compressed size of the file it was built on;
+    a sidecar ``.json`` (written by neurocube) records its full identity.
+    """
+    index_path = Path(index_path)
+    try:
+        with open(index_path, "rb") as fh:
+            head = fh.read(7 + 16)
+    except FileNotFoundError as exc:
+        raise IndexMismatchError(
+            f"{index_path}: gzip index not found (given for {gz_path}). Pass index='auto' to let "
+            "neurocube build one in its cache folder, or index=False to stream."
+        ) from exc
+    if len(head) < 23 or not head.startswith(_MAGIC):
+        raise IndexMismatchError(
+            f"{index_path}: not a gzip seek index (expected the 'GZIDX' header of indexed_gzip, "
+            f"found {head[:8]!r}). Delete it or pass index='auto'."
+        )
+    compressed_size = struct.unpack("<Q", head[7:15])[0]
+    actual = os.path.getsize(gz_path)
+    if compressed_size != actual:
+        raise IndexMismatchError(
+            f"{index_path}: this gzip index was built for a file of {compressed_size} compressed "
+            f"bytes, but {gz_path} has {actual}. The file changed or the index belongs to another "
+            "file: delete the index or pass index='auto' to rebuild it."
+        )
+    sidecar = index_path.with_suffix(".json")
+    if sidecar.exists():
+        recorded = json.loads(sidecar.read_text())
+        ident = file_identity(gz_path).as_dict()
+        if recorded.get("ends_sha256") != ident["ends_sha256"]:
+            raise IndexMismatchError(
+                f"{index_path}: built for a file whose first/last MiB differ from {gz_path} now; "
+                "delete the index or pass index='auto' to rebuild it."
+            )
+
+
+# --- per-process handles -------------------------------------------------------------------
+
+_INDEXED = HandlePool(maxsize=32)  # key: (path, index_path, thread id) -> indexed_gzip handle
+_STREAMS = HandlePool(maxsize=8)  # key: (path, index_path) -> _Stream (shared, locked)
+_BROKEN_INDEX_DIRS: set[str] = set()
+_STATE_LOCK = threading.Lock()
+
+
+class _Stream:
+    """One sequential reader of a ``.gz`` that records seek points as it goes."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.kind: str
+        try:
+            import rapidgzip
+
+            self.handle: Any = rapidgzip.open(path, parallelization=1)
+            self.kind = "rapidgzip"
+        except ImportError:  # pragma: no cover - rapidgzip is a dependency, kept optional here
+            import indexed_gzip
+
+            self.handle = indexed_gzip.IndexedGzipFile(path, spacing=SPACING)
+            self.kind = "indexed_gzip"
+        self.exported = False
+        self.closed = False
+
+    def seek(self, offset: int) -> None:
+        self.handle.seek(offset)
+
+    def readinto(self, view: memoryview) -> int:
+        return int(self.handle.readinto(view))
+
+    def at_eof(self) -> bool:
+        """Read the (small) rest of the stream; True once the whole file has been inflated."""
+        scratch = bytearray(1 << 20)
+        while True:
+            n = self.handle.readinto(scratch)
+            if not n:
+                return True
+
+    def export(self, index_path: str) -> None:
+        if self.kind == "rapidgzip":
+            import rapidgzip
+
+            self.handle.export_index(index_path, index_format=rapidgzip.IndexFormat.INDEXED_GZIP)
+        else:
+            self.handle.export_index(index_path)
+
+    def close(self) -> None:
+        self.closed = True
+        self.handle.close()
+
+
+def _open_indexed(path: str, index_path: str) -> Any:
+    import indexed_gzip
+
+    IO_STATS.add_open()
+    return indexed_gzip.IndexedGzipFile(path, index_file=index_path, buffer_size=4 << 20)
+
+
+def _readinto_exact(handle: Any, view: memoryview, start: int, path: str) -> None:
+    handle.seek(start)
+    got = 0
+    total = len(view)
+    while got < total:
+        try:
+            n = handle.readinto(view[got:])
+        except (OSError, EOFError, ValueError) as exc:
+            raise TruncatedFileError(
+                f"{path}: the gzip stream is corrupt or truncated before uncompressed byte "
+                f"{start + got} ({exc}). Re-download or re-write the file."
+            ) from exc
+        if not n:
+            raise TruncatedFileError(
+                f"{path}: the gzip stream ends at uncompressed byte {start + got}, but "
+                f"{start + total} bytes were expected. The file is truncated: re-download it."
+            )
+        got += n
+
+
+def _store_index(stream: _Stream, spec: GzipIndexSpec) -> None:
+    """Export the stream's seek points to ``spec.index_path`` atomically (or warn and carry on)."""
+    assert spec.index_path is not None
+    target = Path(spec.index_path)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        stream.export(str(tmp))
+        target.with_suffix(".json").write_text(
+            json.dumps({"format": "GZIDX", **file_identity(spec.path).as_dict()})
+        )
+        os.replace(tmp, target)
+    except OSError as exc:
+        _warn_unwritable(target.parent, exc)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _warn_unwritable(folder: Path, exc: BaseException) -> None:
+    with _STATE_LOCK:
+        if str(folder) in _BROKEN_INDEX_DIRS:
+            return
+        _BROKEN_INDEX_DIRS.add(str(folder))
+    warnings.warn(
+        f"neurocube cannot store gzip indexes in {folder} ({exc}); reading by streaming "
+        "instead, which is slower. Set NEUROCUBE_CACHE_DIR (or pass cache_dir=) to a "
+        "writable folder to enable random access.",
+        IndexWriteWarning,
+        stacklevel=3,
+    )
+
+
+def read_range(spec: GzipIndexSpec, start: int, view: memoryview, *, data_end: int) -> None:
+    """Fill ``view`` with the uncompressed bytes ``[start, start + len(view))`` of ``spec.path``.
+
+    With a usable index this seeks directly (one handle per thread, parallel).
+    Without one it reads through the shared per-process stream, which records
+    seek points; once the stream has passed ``data_end`` the index is stored.
+    """
+    index_path = spec.index_path
+    if index_path is not None and os.path.exists(index_path):
+        handle, lock = _INDEXED.acquire((spec.path, index_path, threading.get_ident()), lambda: _open_indexed(spec.path, index_path))
+        with lock:
+            _readinto_exact(handle, view, start, spec.path)
+        IO_STATS.add_bytes(len(view))
+        return
+
+    def _open_stream() -> _Stream:
+        IO_STATS.add_open()
+        return _Stream(spec.path)
+
+    stream_key = (spec.path, index_path)
+    stream, lock = _STREAMS.acquire(stream_key, _open_stream)
+    finished = False
+    with lock:
+        if stream.closed:  # another thread finished the index and retired this stream
+            return read_range(spec, start, view, data_end=data_end)
+        _readinto_exact(stream, view, start, spec.path)
+        IO_STATS.add_bytes(len(view))
+        if (
+            index_path is not None
+            and not spec.explicit
+            and not stream.exported
+            and start + len(view) >= data_end
+        ):
+            stream.at_eof()
+            _store_index(stream, spec)
+            stream.exported = finished = True
+    if finished and os.path.exists(index_path or ""):
+        _STREAMS.discard(stream_key)  # later reads go through the index, in parallel
+
+
+@atexit.register
+def reset_handles() -> None:
+    """Close every cached gzip handle of this process (tests, or after files changed)."""
+    _INDEXED.clear()
+    _STREAMS.clear()
+    with _STATE_LOCK:
+        _BROKEN_INDEX_DIRS.clear()

@@ -1,0 +1,724 @@
+"""Lazy NIfTI-1/NIfTI-2 reader (``.nii`` and ``.nii.gz``).
+
+NIfTI stores voxels with x fastest and the 4th axis (trials) slowest, so one
+trial is one contiguous run of bytes: *volumes are the unit of I/O*. A chunk
+reads a run of whole volumes, applies byte order, ``scl_slope``/``scl_inter``
+and (optionally) a voxel mask, and returns ``(x, y, z, trial)`` or
+``(trial, voxel)``. Arrays hold a picklable :class:`NiftiSpec` (path, shape,
+dtype, offset, scaling), never an open file, so graphs run on Dask
+distributed workers, each opening files itself.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import struct
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from neurocube import config
+from neurocube.errors import (
+    DataNotFoundError,
+    FormatError,
+    NeurocubeError,
+    TruncatedFileError,
+)
+from neurocube.sources import gzindex
+from neurocube.sources.files import IO_STATS, open_file
+
+__all__ = [
+    "NiftiInfo",
+    "NiftiParts",
+    "build_parts",
+    "NiftiSpec",
+    "VolumeArray",
+    "open_nifti",
+    "read_header",
+    "sniff_nifti",
+]
+
+GZIP_MAGIC = b"\x1f\x8b"
+DEFAULT_CHUNK_BYTES = 32 << 20  # "tens of MB" of voxel data per chunk
+
+
+# --- header -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NiftiInfo:
+    """What a NIfTI header says, in plain Python values.
+
+    Attributes
+    ----------
+    path
+        Absolute path of the file.
+    version
+        1 or 2.
+    shape
+        Spatial grid plus trials: ``(X, Y, Z)`` or ``(X, Y, Z, T)``.
+    dtype
+        On-disk dtype, with its byte order.
+    vox_offset
+        Byte offset of the first voxel (after the header and extensions).
+    slope, inter
+        Scaling to apply (``value * slope + inter``); ``None`` when the header
+        asks for none.
+    affine
+        4x4 voxel-to-scanner (mm) transform (sform, else qform, else pixdim).
+    compressed
+        True for a gzip file.
+    """
+
+    path: str
+    version: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    vox_offset: int
+    slope: float | None
+    inter: float | None
+    affine: np.ndarray = field(compare=False)
+    compressed: bool
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        """The spatial grid ``(X, Y, Z)``."""
+        return (self.shape[0], self.shape[1], self.shape[2])
+
+    @property
+    def n_volumes(self) -> int:
+        """Number of volumes (1 for a 3-D image)."""
+        return self.shape[3] if len(self.shape) == 4 else 1
+
+    @property
+    def volume_bytes(self) -> int:
+        """Bytes of one volume on disk."""
+        return int(np.prod(self.grid_shape)) * self.dtype.itemsize
+
+    @property
+    def data_end(self) -> int:
+        """Offset just past the last voxel byte."""
+        return self.vox_offset + self.volume_bytes * self.n_volumes
+
+    @property
+    def out_dtype(self) -> np.dtype:
+        """The dtype of values after scaling (native byte order)."""
+        return _output_dtype(self.dtype, self.slope, self.inter)
+
+
+def _output_dtype(stored: np.dtype, slope: float | None, inter: float | None) -> np.dtype:
+    native = stored.newbyteorder("=")
+    if slope is None and inter is None:
+        return native
+    if native.kind == "f" and native.itemsize >= 8:
+        return np.dtype(np.float64)
+    if native.kind in "iu" and native.itemsize >= 4:
+        return np.dtype(np.float64)
+    return np.dtype(np.float32)
+
+
+def _read_prefix(path: str, n: int) -> tuple[bytes, bool]:
+    """Return the first ``n`` uncompressed bytes of ``path`` and whether it is gzip."""
+    with open_file(path) as fh:
+        head = fh.read(2)
+        fh.seek(0)
+        if head == GZIP_MAGIC:
+            import zlib
+
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            out = b""
+            while len(out) < n:
+                block = fh.read(64 << 10)
+                if not block:
+                    break
+                try:
+                    out += inflater.decompress(block, n - len(out))
+                except zlib.error as exc:
+                    raise FormatError(
+                        f"{path}: starts like a gzip file but cannot be decompressed ({exc}). "
+                        "The file is corrupt: re-download it."
+                    ) from exc
+                if inflater.eof:
+                    break
+            return out, True
+        return fh.read(n), False
+
+
+def sniff_nifti(path: str | os.PathLike[str]) -> int | None:
+    """Return 1 or 2 if ``path`` holds a NIfTI-1/NIfTI-2 header (gzip or not), else None.
+
+    Checks ``sizeof_hdr`` (348 or 540, either byte order) and the magic
+    string, not the suffix.
+    """
+    try:
+        head, _ = _read_prefix(str(path), 544)
+    except (OSError, NeurocubeError):
+        return None
+    return _version_from_bytes(head)
+
+
+def _version_from_bytes(head: bytes) -> int | None:
+    if len(head) < 348:
+        return None
+    for order in "<>":
+        (size,) = struct.unpack(order + "i", head[:4])
+        if size == 348 and head[344:347] in (b"n+1", b"ni1"):
+            return 1
+        if size == 540 and len(head) >= 540 and head[4:7] in (b"n+2", b"ni2"):
+            return 2
+    return None
+
+
+def read_header(path: str | os.PathLike[str]) -> NiftiInfo:
+    """Read the header of a NIfTI file (only the header bytes).
+
+    Raises
+    ------
+    DataNotFoundError
+        If the file does not exist.
+    FormatError
+        If it is not NIfTI-1/NIfTI-2 (by magic bytes), or is a ``.hdr/.img``
+        pair, or has an unsupported shape.
+    TruncatedFileError
+        If an uncompressed file is shorter than its header says.
+    """
+    import nibabel as nib
+
+    spath = str(Path(path).expanduser().resolve()) if "://" not in str(path) else str(path)
+    if "://" not in spath and not os.path.exists(spath):
+        raise DataNotFoundError(f"{spath}: no such file (expected a .nii or .nii.gz image)")
+    head, compressed = _read_prefix(spath, 544)
+    version = _version_from_bytes(head)
+    if version is None:
+        what = "a gzip file whose content" if compressed else "a file that"
+        raise FormatError(
+            f"{spath}: {what} is not NIfTI: expected sizeof_hdr 348 (NIfTI-1) or 540 (NIfTI-2) "
+            f"with the 'n+1'/'n+2' magic, found first bytes {head[:8]!r}. Is this the right file?"
+        )
+    header_cls = nib.Nifti1Header if version == 1 else nib.Nifti2Header
+    try:
+        hdr = header_cls.from_fileobj(_BytesReader(head), check=False)
+    except Exception as exc:  # nibabel raises a variety of errors on bad headers
+        raise FormatError(f"{spath}: the NIfTI-{version} header cannot be parsed: {exc}") from exc
+    if hdr["magic"].item() in (b"ni1", b"ni2"):
+        raise FormatError(
+            f"{spath}: a NIfTI '.hdr/.img' pair header (magic 'ni{version}'); neurocube reads "
+            "single-file NIfTI (.nii/.nii.gz). Convert it with nibabel: "
+            "nib.save(nib.load(hdr_path), 'out.nii.gz')."
+        )
+    shape = tuple(int(s) for s in hdr.get_data_shape())
+    while len(shape) > 4 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) < 3:
+        shape = shape + (1,) * (3 - len(shape))
+    if len(shape) > 4:
+        raise FormatError(
+            f"{spath}: a {len(shape)}-D image of shape {shape}; neurocube expects 3-D (x, y, z) "
+            "or 4-D (x, y, z, trial) images."
+        )
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape  # a 4-D image with one volume stays 4-D
+    dtype = hdr.get_data_dtype()
+    if dtype.kind not in "iuf" or dtype.fields is not None:
+        raise FormatError(
+            f"{spath}: voxel type {dtype} is not supported (expected integer or float voxels)."
+        )
+    slope, inter = hdr.get_slope_inter()
+    if slope is not None and (not math.isfinite(slope) or slope == 0):
+        slope = None
+    if inter is not None and not math.isfinite(inter):
+        inter = None
+    if slope is None and inter is not None and inter != 0:
+        slope = 1.0
+    if slope == 1.0 and (inter is None or inter == 0):
+        slope = inter = None
+    if slope is not None and inter is None:
+        inter = 0.0
+    info = NiftiInfo(
+        path=spath,
+        version=version,
+        shape=shape,
+        dtype=dtype,
+        vox_offset=int(hdr.get_data_offset()),
+        slope=None if slope is None else float(slope),
+        inter=None if inter is None else float(inter),
+        affine=np.asarray(hdr.get_best_affine(), dtype=np.float64),
+        compressed=compressed,
+    )
+    if not compressed and "://" not in spath:
+        size = os.path.getsize(spath)
+        if size < info.data_end:
+            complete = max(0, (size - info.vox_offset) // info.volume_bytes)
+            raise TruncatedFileError(
+                f"{spath}: the file has {size} bytes but its header promises {info.data_end} "
+                f"({info.n_volumes} volumes of {info.volume_bytes} bytes from offset "
+                f"{info.vox_offset}); volume {complete} onwards cannot be read. The file is "
+                "truncated: re-download or re-write it."
+            )
+    return info
+
+
+class _BytesReader:
+    """A minimal file object over bytes, for nibabel's header parser."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._data) if n < 0 else self._pos + n
+        out = self._data[self._pos : end]
+        self._pos += len(out)
+        return out
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: len(self._data)}[whence]
+        self._pos = base + pos
+        return self._pos
+
+
+# --- spec and chunk reads -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NiftiSpec:
+    """Everything a task needs to read volumes of one file: paths and numbers only."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str  # on-disk dtype string with byte order, e.g. '<f4', '>i2'
+    vox_offset: int
+    slope: float | None
+    inter: float | None
+    compressed: bool
+    gzip: gzindex.GzipIndexSpec | None = None
+
+    @classmethod
+    def from_info(cls, info: NiftiInfo, gzip_spec: gzindex.GzipIndexSpec | None) -> NiftiSpec:
+        """Build the spec of a file from its header."""
+        return cls(
+            path=info.path,
+            shape=info.shape,
+            dtype=info.dtype.str,
+            vox_offset=info.vox_offset,
+            slope=info.slope,
+            inter=info.inter,
+            compressed=info.compressed,
+            gzip=gzip_spec,
+        )
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        """The spatial grid ``(X, Y, Z)``."""
+        return (self.shape[0], self.shape[1], self.shape[2])
+
+    @property
+    def n_volumes(self) -> int:
+        """Number of volumes (1 for a 3-D image)."""
+        return self.shape[3] if len(self.shape) == 4 else 1
+
+    @property
+    def volume_elems(self) -> int:
+        """Voxels in one volume."""
+        return int(np.prod(self.grid_shape))
+
+    @property
+    def volume_bytes(self) -> int:
+        """Bytes of one volume on disk."""
+        return self.volume_elems * np.dtype(self.dtype).itemsize
+
+    @property
+    def out_dtype(self) -> np.dtype:
+        """Dtype of values after scaling (native byte order)."""
+        return _output_dtype(np.dtype(self.dtype), self.slope, self.inter)
+
+    def read_volumes(self, start: int, stop: int) -> np.ndarray:
+        """Return volumes ``[start, stop)`` as raw on-disk values, shape ``(n, X*Y*Z)``.
+
+        Each row is one volume in file order (x fastest).
+        """
+        n = stop - start
+        nbytes = n * self.volume_bytes
+        buf = np.empty(nbytes, dtype=np.uint8)
+        offset = self.vox_offset + start * self.volume_bytes
+        if self.compressed:
+            assert self.gzip is not None
+            try:
+                gzindex.read_range(
+                    self.gzip,
+                    offset,
+                    memoryview(buf),  # type: ignore[arg-type]
+                    data_end=self.vox_offset + self.n_volumes * self.volume_bytes,
+                )
+            except TruncatedFileError as exc:
+                raise TruncatedFileError(
+                    f"{exc} (while reading volumes {start}..{stop - 1} of {self.n_volumes})"
+                ) from exc
+        else:
+            _read_plain(self.path, offset, buf, start, stop, self.n_volumes)
+        return buf.view(np.dtype(self.dtype)).reshape(n, self.volume_elems)
+
+    def scale(self, raw: np.ndarray) -> np.ndarray:
+        """Convert raw values to output values (native byte order, scaling applied)."""
+        out = raw.astype(self.out_dtype, copy=True)
+        if self.slope is not None:
+            if self.slope != 1.0:
+                out *= self.out_dtype.type(self.slope)
+            if self.inter:
+                out += self.out_dtype.type(self.inter)
+        return out
+
+
+def _read_plain(path: str, offset: int, buf: np.ndarray, start: int, stop: int, n_vol: int) -> None:
+    IO_STATS.add_bytes(buf.nbytes)
+    with open_file(path) as fh:
+        fh.seek(offset)
+        got = fh.readinto(memoryview(buf))  # type: ignore[attr-defined,arg-type]
+    if got != buf.nbytes:
+        raise TruncatedFileError(
+            f"{path}: the file ends inside the voxel data (volumes {start}..{stop - 1} of "
+            f"{n_vol} asked, {got} of {buf.nbytes} bytes found). It was truncated after it was "
+            "opened: re-write or re-download it."
+        )
+
+
+class VolumeArray:
+    """A lazily read NIfTI array, indexable with slices (for ``dask.array.from_array``).
+
+    Unmasked, its shape is the image's (``(X, Y, Z, T)`` or ``(X, Y, Z)``).
+    With flat voxel indices it is ``(T, n_voxels)``: row ``t`` holds the
+    selected voxels of volume ``t``, in the order of ``voxels``.
+
+    Only a spec and (for a mask) an index array are stored: it pickles small
+    and never holds a file open.
+    """
+
+    def __init__(self, spec: NiftiSpec, voxels: np.ndarray | None = None) -> None:
+        self.spec = spec
+        self.voxels = voxels  # positions inside one volume in file (Fortran) order
+        if voxels is None:
+            self.shape: tuple[int, ...] = spec.shape
+        else:
+            self.shape = (spec.n_volumes, int(voxels.size))
+        self.dtype = spec.out_dtype
+        self.ndim = len(self.shape)
+
+    def __dask_tokenize__(self) -> Any:
+        from dask.base import tokenize
+
+        return ("neurocube.VolumeArray", self.spec, tokenize(self.voxels))
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if not isinstance(key, tuple):
+            key = (key,)
+        key = key + (slice(None),) * (self.ndim - len(key))
+        if self.voxels is None:
+            return self._get_grid(key)
+        return self._get_masked(key)
+
+    def _trial_range(self, k: Any, n: int) -> tuple[int, int, Any]:
+        """Turn a key along trials into a contiguous read range plus a selection inside it."""
+        if isinstance(k, slice):
+            start, stop, step = k.indices(n)
+            if step == 1:
+                return start, max(start, stop), slice(None)
+            idx = np.arange(start, stop, step)
+        elif isinstance(k, (int, np.integer)):
+            t = int(k) + (n if k < 0 else 0)
+            return t, t + 1, 0
+        else:
+            idx = np.asarray(k)
+            if idx.dtype == bool:
+                idx = np.flatnonzero(idx)
+            idx = np.where(idx < 0, idx + n, idx)
+        if idx.size == 0:
+            return 0, 0, slice(None)
+        lo, hi = int(idx.min()), int(idx.max()) + 1
+        return lo, hi, idx - lo
+
+    def _get_masked(self, key: tuple[Any, ...]) -> np.ndarray:
+        spec = self.spec
+        assert self.voxels is not None
+        lo, hi, inner = self._trial_range(key[0], spec.n_volumes)
+        if hi <= lo:
+            return np.empty((0, self.shape[1]), dtype=self.dtype)[:, key[1]]
+        raw = spec.read_volumes(lo, hi)
+        picked = np.take(raw, self.voxels, axis=1)
+        del raw
+        out = spec.scale(picked)
+        if isinstance(inner, int):
+            return out[inner][key[1]]
+        if not isinstance(inner, slice):
+            out = out[inner]
+        return out[:, key[1]]
+
+    def _get_grid(self, key: tuple[Any, ...]) -> np.ndarray:
+        spec = self.spec
+        x, y, z = spec.grid_shape
+        if len(spec.shape) == 3:
+            raw = spec.read_volumes(0, 1)
+            vol = spec.scale(raw).reshape(z, y, x).transpose(2, 1, 0)
+            return vol[key[0], key[1], key[2]]
+        lo, hi, inner = self._trial_range(key[3], spec.n_volumes)
+        if hi <= lo:
+            return np.empty((x, y, z, 0), dtype=self.dtype)[key[0], key[1], key[2]]
+        raw = spec.read_volumes(lo, hi)
+        block = spec.scale(raw).reshape(hi - lo, z, y, x).transpose(3, 2, 1, 0)
+        return block[key[0], key[1], key[2], inner]
+
+
+# --- chunking --------------------------------------------------------------------------------
+
+_SIZE_RE = re.compile(r"^\s*([\d.]+)\s*([kmgt]?i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def _volumes_per_chunk(chunks: Any, spec: NiftiSpec, path: str) -> int:
+    """Interpret ``chunks`` as a number of whole volumes per chunk."""
+    n = spec.n_volumes
+    if chunks is None or chunks == "auto":
+        target = DEFAULT_CHUNK_BYTES
+    elif isinstance(chunks, dict):
+        if set(chunks) - {"trial"}:
+            raise ValueError(
+                f"{path}: chunks={chunks!r}: neurocube chunks NIfTI data along 'trial' only "
+                "(whole volumes are the unit of I/O); pass chunks={'trial': n}."
+            )
+        return _volumes_per_chunk(chunks.get("trial", "auto"), spec, path)
+    elif isinstance(chunks, (int, np.integer)) and not isinstance(chunks, bool):
+        if chunks == -1:
+            return max(n, 1)
+        if chunks < 1:
+            raise ValueError(f"{path}: chunks={chunks}: expected a positive number of volumes")
+        return int(min(chunks, max(n, 1)))
+    elif isinstance(chunks, str):
+        match = _SIZE_RE.match(chunks)
+        if not match:
+            raise ValueError(
+                f"{path}: chunks={chunks!r}: expected 'auto', a number of volumes, "
+                "{'trial': n} or a size such as '64MiB'"
+            )
+        target = int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+    else:
+        raise ValueError(
+            f"{path}: chunks={chunks!r}: expected 'auto', a number of volumes, "
+            "{'trial': n} or a size such as '64MiB'"
+        )
+    per = max(1, target // max(spec.volume_bytes, 1))
+    return int(min(per, max(n, 1)))
+
+
+def _chunk_tuple(n: int, per: int) -> tuple[int, ...]:
+    if n == 0:
+        return (0,)
+    full, rest = divmod(n, per)
+    return (per,) * full + ((rest,) if rest else ())
+
+
+# --- opening -------------------------------------------------------------------------------
+
+_WRITABLE_CACHE: dict[str, bool] = {}
+_WRITABLE_LOCK = threading.Lock()
+
+
+def _cache_writable(folder: Path) -> bool:
+    key = str(folder)
+    with _WRITABLE_LOCK:
+        if key in _WRITABLE_CACHE:
+            return _WRITABLE_CACHE[key]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe-{os.getpid()}-{threading.get_ident()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        ok = True
+    except OSError:
+        ok = False
+    with _WRITABLE_LOCK:
+        _WRITABLE_CACHE[key] = ok
+    return ok
+
+
+def _gzip_spec(info: NiftiInfo, index: Any, cache_dir: Any) -> gzindex.GzipIndexSpec:
+    if index is False or index is None or index == "never":
+        return gzindex.GzipIndexSpec(info.path, None)
+    if index == "auto" or index is True:
+        folder = config.cache_dir(cache_dir) / "gzindex"
+        if not _cache_writable(folder):
+            warnings.warn(
+                f"{info.path}: neurocube's cache folder {folder} cannot be created or written; "
+                "reading this .nii.gz by streaming from the start (no random access). Set "
+                "NEUROCUBE_CACHE_DIR or pass cache_dir= to a writable folder.",
+                gzindex.IndexWriteWarning,
+                stacklevel=3,
+            )
+            return gzindex.GzipIndexSpec(info.path, None)
+        return gzindex.GzipIndexSpec(info.path, str(gzindex.auto_index_path(info.path, cache_dir)))
+    index_path = Path(index).expanduser().resolve()
+    gzindex.check_index(index_path, info.path)
+    return gzindex.GzipIndexSpec(info.path, str(index_path), explicit=True)
+
+
+def open_nifti(
+    path: str | os.PathLike[str],
+    *,
+    mask: Any = None,
+    chunks: Any = "auto",
+    index: Any = "auto",
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Any:
+    """Open a 3-D or 4-D NIfTI file as a lazy, chunked :class:`xarray.Dataset`.
+
+    Only the header (and, with ``mask`` as a path, the mask file) is read;
+    voxel data is read when the result is computed, a chunk of whole volumes
+    at a time.
+
+    Parameters
+    ----------
+    path
+        A ``.nii`` or ``.nii.gz`` file (NIfTI-1 or NIfTI-2, any byte order).
+    mask
+        None for the full grid, or a voxel selection: a boolean array on the
+        3-D grid, a flat boolean array in C order over the grid, or the path
+        of a NIfTI mask on the same grid (NaN outside, any non-zero inside).
+    chunks
+        Volumes per chunk: ``"auto"`` (about 32 MiB of voxel data), an int,
+        ``{"trial": n}``, or a size such as ``"64MiB"``.
+    index
+        Gzip random access: ``"auto"`` builds a seek index on the first read
+        and stores it in the cache folder, ``False`` always streams, a path
+        uses that index file (it must match the file).
+    cache_dir
+        Where indexes are stored; default ``$NEUROCUBE_CACHE_DIR`` or the
+        per-user cache folder.
+
+    Returns
+    -------
+    xarray.Dataset
+        Variable ``data`` with dims ``("x", "y", "z", "trial")`` (or
+        ``("x", "y", "z")`` for a 3-D image), or ``("trial", "voxel")`` with a
+        mask. Voxels are in C order of the grid and carry ``i, j, k`` (grid
+        indices) and ``x, y, z`` (scanner mm). Attributes: ``affine``,
+        ``grid_shape``, ``source``.
+
+    Raises
+    ------
+    DataNotFoundError, FormatError, TruncatedFileError, GridMismatchError, IndexMismatchError
+        With the file, what was expected and what was found.
+
+    Examples
+    --------
+    >>> import numpy as np, nibabel as nib, neurocube, tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "betas.nii.gz")
+    >>> nib.Nifti1Image(np.ones((4, 5, 6, 3), np.float32), np.eye(4)).to_filename(p)
+    >>> ds = neurocube.open_nifti(p, mask=np.ones((4, 5, 6), bool))
+    >>> ds.data.dims, ds.data.shape
+    (('trial', 'voxel'), (3, 120))
+    >>> float(ds.data.mean())
+    1.0
+    """
+    import dask.array as da
+    import xarray as xr
+    from dask.base import tokenize
+
+    parts = build_parts(path, mask=mask, chunks=chunks, index=index, cache_dir=cache_dir)
+    arr = parts.array
+    name = ("nifti-masked-" if arr.voxels is not None else "nifti-") + tokenize(
+        parts.identity, arr, parts.chunks
+    )
+    data = da.from_array(
+        arr,
+        chunks=parts.chunks,
+        name=name,
+        asarray=False,
+        fancy=False,
+        lock=False,
+        meta=np.empty((0,) * len(parts.dims), dtype=arr.dtype),
+    )
+    return xr.Dataset({"data": (parts.dims, data)}, coords=parts.coords, attrs=parts.attrs)
+
+
+@dataclass
+class NiftiParts:
+    """The pieces of an opened NIfTI Dataset before they are wrapped (Dask or xarray-lazy)."""
+
+    info: NiftiInfo
+    array: VolumeArray
+    dims: tuple[str, ...]
+    chunks: tuple[tuple[int, ...], ...]
+    coords: dict[str, Any]
+    attrs: dict[str, Any]
+    identity: tuple[str, int, int]
+
+
+def build_parts(
+    path: str | os.PathLike[str],
+    *,
+    mask: Any = None,
+    chunks: Any = "auto",
+    index: Any = "auto",
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> NiftiParts:
+    """Read the header (and mask) of ``path``; return lazy array, dims, chunks, coords, attrs."""
+    from neurocube.ops.masks import as_mask
+
+    info = read_header(path)
+    gzip_spec = _gzip_spec(info, index, cache_dir) if info.compressed else None
+    spec = NiftiSpec.from_info(info, gzip_spec)
+    st = os.stat(info.path)
+    identity = (info.path, st.st_size, st.st_mtime_ns)
+    per = _volumes_per_chunk(chunks, spec, info.path)
+    attrs: dict[str, Any] = {
+        "affine": info.affine.tolist(),
+        "grid_shape": list(info.grid_shape),
+        "source": info.path,
+        "neurocube_sources": [info.path],
+        "nifti_version": info.version,
+        "stored_dtype": info.dtype.str,
+    }
+    if info.slope is not None:
+        attrs["scl_slope"] = info.slope
+        attrs["scl_inter"] = info.inter
+    coords: dict[str, Any] = {}
+    if mask is None:
+        arr = VolumeArray(spec)
+        chunk_spec: tuple[tuple[int, ...], ...] = tuple((s,) for s in info.grid_shape)
+        if len(info.shape) == 4:
+            dims: tuple[str, ...] = ("x", "y", "z", "trial")
+            chunk_spec += (_chunk_tuple(info.n_volumes, per),)
+            coords["trial"] = np.arange(info.n_volumes)
+        else:
+            dims = ("x", "y", "z")
+        return NiftiParts(info, arr, dims, chunk_spec, coords, attrs, identity)
+
+    grid = as_mask(mask, info.grid_shape, info.affine, name="mask", data_path=info.path)
+    i, j, k = np.nonzero(grid)  # C order over the grid
+    x_n, y_n, _ = info.grid_shape
+    fortran_pos = (i + x_n * (j + y_n * k)).astype(np.int64)
+    arr = VolumeArray(spec, fortran_pos)
+    chunk_spec = (_chunk_tuple(info.n_volumes, per), (int(fortran_pos.size),))
+    xyz = info.affine @ np.vstack([i, j, k, np.ones_like(i)]).astype(np.float64)
+    coords = {
+        "trial": np.arange(info.n_volumes),
+        "i": ("voxel", i.astype(np.int32)),
+        "j": ("voxel", j.astype(np.int32)),
+        "k": ("voxel", k.astype(np.int32)),
+        "x": ("voxel", xyz[0]),
+        "y": ("voxel", xyz[1]),
+        "z": ("voxel", xyz[2]),
+    }
+    attrs["n_voxels"] = int(fortran_pos.size)
+    if isinstance(mask, (str, os.PathLike)):
+        attrs["mask_source"] = str(Path(mask).expanduser().resolve())
+        attrs["neurocube_sources"] = [info.path, attrs["mask_source"]]
+    return NiftiParts(info, arr, ("trial", "voxel"), chunk_spec, coords, attrs, identity)
