@@ -1,0 +1,67 @@
+"""The ``.neuro`` accessor on xarray objects: ``ds.neuro.cache()``.
+
+Importing :mod:`neurocube.caching` registers it, and so do neurocube's readers
+(e.g. ``open_nifti``), so any Dataset neurocube returns has it. To use it on an
+object you built yourself, ``import neurocube.accessor`` first.
+
+Examples
+--------
+>>> import numpy as np, xarray as xr, tempfile
+>>> import neurocube.accessor
+>>> ds = xr.Dataset({"data": (("trial",), np.arange(3.0))},
+...                 attrs={"neurocube_sources": []}).chunk(trial=2)
+>>> cached = ds.neuro.cache(store=tempfile.mkdtemp(), key="doc")
+>>> cached.data.values.tolist()
+[0.0, 1.0, 2.0]
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Generic, TypeVar
+
+import xarray as xr
+
+__all__ = ["NeuroAccessor"]
+
+Obj = TypeVar("Obj", xr.Dataset, xr.DataArray)
+
+
+class NeuroAccessor(Generic[Obj]):
+    """neurocube's methods on a Dataset or DataArray (``obj.neuro``)."""
+
+    def __init__(self, obj: Obj) -> None:
+        self._obj: Obj = obj
+
+    def cache(
+        self,
+        *,
+        store: str | os.PathLike[str] | None = None,
+        key: str | None = None,
+        overwrite: bool = False,
+        progress: bool | None = None,
+    ) -> Obj:
+        """Cache this object in Zarr and return it reopened; see :func:`neurocube.cache`."""
+        from neurocube.caching.core import cache
+
+        return cache(self._obj, store=store, key=key, overwrite=overwrite, progress=progress)
+
+    def cache_key(self) -> str:
+        """Return the key :func:`neurocube.cache` would file this object under."""
+        from neurocube.caching.keys import fingerprint
+
+        return fingerprint(self._obj).key
+
+
+def _register() -> None:
+    # Registering twice (e.g. after importlib.reload) would warn; skip if already there.
+    for cls, register in (
+        (xr.Dataset, xr.register_dataset_accessor),
+        (xr.DataArray, xr.register_dataarray_accessor),
+    ):
+        existing: Any = getattr(cls, "neuro", None)
+        if existing is None:
+            register("neuro")(NeuroAccessor)
+
+
+_register()

@@ -1,0 +1,334 @@
+"""``neurocube.cache``: write a lazy Dataset to Zarr once, reopen it lazily ever after."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+import warnings
+from collections.abc import Hashable, Iterator
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+import dask.base
+import numpy as np
+import xarray as xr
+
+from neurocube import __version__
+from neurocube.caching.keys import CACHE_FORMAT_VERSION, Fingerprint, fingerprint
+from neurocube.caching.store import (
+    LAST_USE_NAME,
+    MARKER_NAME,
+    CacheRoot,
+    open_root,
+    validate_key,
+)
+from neurocube.errors import CacheError
+from neurocube.progress import compute
+
+__all__ = ["ZSTD_LEVEL", "cache", "read_marker", "touch_entry"]
+
+#: zstd level of cached chunks: fast to write, about as small as level 3 on float betas.
+ZSTD_LEVEL = 1
+
+_DATAARRAY_VARIABLE = "__neurocube_dataarray__"
+
+Cacheable = TypeVar("Cacheable", xr.Dataset, xr.DataArray)
+
+# token of an object this process returned from the cache -> (root url, key), so that
+# caching an already cached object returns it instead of writing a second copy.
+_REOPENED: dict[str, tuple[str, str]] = {}
+_REOPENED_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _quiet_zarr() -> Iterator[None]:
+    """Silence zarr's notes about format extensions we do not use (consolidated metadata)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"zarr\..*")
+        yield
+
+
+def read_marker(root: CacheRoot, entry: str) -> dict[str, Any] | None:
+    """Return the completion marker of ``entry`` if the entry is complete and of this format."""
+    marker = root.read_json(entry, MARKER_NAME)
+    if marker is None or marker.get("format") != CACHE_FORMAT_VERSION:
+        return None
+    return marker
+
+
+def touch_entry(root: CacheRoot, entry: str) -> None:
+    """Record a hit on ``entry`` (time and count), for LRU eviction and listings."""
+    previous = root.read_json(entry, LAST_USE_NAME) or {}
+    now = time.time()
+    record = {
+        "last_used": _iso(now),
+        "last_used_unix": now,
+        "hits": int(previous.get("hits", 0)) + 1,
+    }
+    with contextlib.suppress(OSError):  # a read-only cache still serves hits
+        root.write_json(entry, LAST_USE_NAME, record)
+
+
+def cache(
+    obj: Cacheable,
+    *,
+    store: str | os.PathLike[str] | None = None,
+    key: str | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> Cacheable:
+    """Write ``obj`` to a Zarr v3 cache entry once; return it reopened lazily from there.
+
+    The first call computes ``obj`` chunk by chunk (on the active Dask
+    scheduler, a ``distributed.Client`` included) and streams each chunk to the
+    store, so memory stays at a few chunks whatever the size. Later calls with
+    the same inputs (same source files, same chain of operations) find the
+    entry and only reopen it: nothing is recomputed.
+
+    Parameters
+    ----------
+    obj
+        A Dataset or DataArray, usually lazy (Dask-backed) and produced by neurocube.
+        Its ``attrs["neurocube_sources"]`` name the files it came from.
+    store
+        Cache root: a folder or an fsspec URL (``s3://lab/neurocube-cache``).
+        Default: ``<neurocube cache folder>/zarr`` (see :func:`neurocube.config.cache_dir`).
+        On a cluster, give a path or URL that every worker can reach.
+    key
+        Entry name to use instead of the derived key (letters, digits, ``._-``).
+        An existing entry under that name is reused only if it was made from the
+        same inputs; otherwise it is rebuilt.
+    overwrite
+        Rebuild the entry even if a valid one exists.
+    progress
+        Show a progress bar while writing (default: ``NEUROCUBE_PROGRESS``).
+
+    Returns
+    -------
+    xarray.Dataset or xarray.DataArray
+        Same type, dims, coords (with their dtypes), attrs and values as ``obj``,
+        backed by Dask arrays that read from the Zarr entry; chunks are those of ``obj``.
+
+    Raises
+    ------
+    CacheError
+        If the key is not a valid name, the cache folder is not writable, or
+        ``obj`` cannot be hashed deterministically (then pass ``key=``).
+
+    Warns
+    -----
+    NeurocubeWarning
+        If ``obj`` names no source files (a changed input cannot be detected).
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, neurocube, tempfile
+    >>> ds = xr.Dataset({"data": (("trial",), np.arange(4.0))},
+    ...                 attrs={"neurocube_sources": []}).chunk(trial=2)
+    >>> folder = tempfile.mkdtemp()
+    >>> cached = neurocube.cache(ds, store=folder, key="example")
+    >>> cached.data.values.tolist()
+    [0.0, 1.0, 2.0, 3.0]
+    """
+    if not isinstance(obj, (xr.Dataset, xr.DataArray)):
+        raise CacheError(
+            f"neurocube.cache expects an xarray Dataset or DataArray, got {type(obj).__name__}."
+        )
+    root = open_root(store)
+    if key is not None:
+        validate_key(key)
+    already = _already_cached(obj, root)
+    if already is not None and key in (None, already) and not overwrite:
+        return obj  # this very object was reopened from that entry
+
+    fp = _fingerprint_for(obj, user_key=key is not None)
+    entry_key = key if key is not None else fp.key  # type: ignore[union-attr]
+    entry = root.entry_url(entry_key)
+    marker = None if overwrite else read_marker(root, entry)
+    stale = marker is not None and fp is not None and marker.get("fingerprint") != fp.key
+    if marker is not None and not stale:
+        touch_entry(root, entry)
+        return _reopen(root, entry, marker)  # type: ignore[return-value]
+
+    root.sweep_leftovers()
+    dataset, encoding, layout = _prepare(obj)
+    written = root.begin_write(entry_key)
+    try:
+        with _quiet_zarr():
+            delayed = dataset.to_zarr(
+                root.zarr_store(written),
+                mode="w-",
+                zarr_format=3,
+                consolidated=False,
+                encoding=encoding,
+                compute=False,
+            )
+        compute(delayed, description=f"caching {entry_key[:12]}", progress=progress)
+        now = time.time()
+        new_marker = {
+            "format": CACHE_FORMAT_VERSION,
+            "key": entry_key,
+            "fingerprint": fp.key if fp is not None else None,
+            "token": fp.token if fp is not None else None,
+            "sources": fp.sources if fp is not None else [],
+            "created": _iso(now),
+            "created_unix": now,
+            "neurocube_version": __version__,
+            "nbytes": int(dataset.nbytes),
+            **layout,
+        }
+        root.write_json(written, MARKER_NAME, new_marker)  # last: completes the copy
+        published = root.publish(written, entry_key, replace=marker is not None or overwrite)
+    except BaseException:
+        root.discard(written)
+        raise
+    final_marker = new_marker if published else read_marker(root, entry)
+    if final_marker is None:
+        raise CacheError(
+            f"{entry}: another writer published this entry but it is not complete. "
+            "Run `neurocube cache clear` and try again."
+        )
+    touch_entry(root, entry)
+    return _reopen(root, entry, final_marker)  # type: ignore[return-value]
+
+
+def _fingerprint_for(obj: xr.Dataset | xr.DataArray, *, user_key: bool) -> Fingerprint | None:
+    if not user_key:
+        return fingerprint(obj, stacklevel=4)  # point at the caller of neurocube.cache
+    # With a name chosen by the caller, the fingerprint only guards against staleness:
+    # an object Dask cannot hash still caches, without that guard.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return fingerprint(obj)
+        except CacheError:
+            return None
+
+
+def _already_cached(obj: xr.Dataset | xr.DataArray, root: CacheRoot) -> str | None:
+    """Return the key if ``obj`` is exactly what this process reopened from ``root``."""
+    if not _REOPENED:
+        return None
+    try:
+        token = str(dask.base.tokenize(obj))
+    except RuntimeError:
+        return None
+    with _REOPENED_LOCK:
+        found = _REOPENED.get(token)
+    if found is None or found[0] != root.url:
+        return None
+    if read_marker(root, root.entry_url(found[1])) is None:  # cleared meanwhile
+        return None
+    return found[1]
+
+
+def _prepare(
+    obj: xr.Dataset | xr.DataArray,
+) -> tuple[xr.Dataset, dict[Hashable, dict[str, Any]], dict[str, Any]]:
+    """Return the Dataset to write, its Zarr encoding, and what reopening must restore."""
+    import zarr.codecs
+
+    if isinstance(obj, xr.DataArray):
+        layout: dict[str, Any] = {"kind": "DataArray", "dataarray_name": _json_name(obj.name)}
+        dataset = obj.to_dataset(name=_DATAARRAY_VARIABLE)
+    else:
+        layout = {"kind": "Dataset", "dataarray_name": None}
+        dataset = obj
+    dataset = dataset.drop_encoding()
+
+    string_dtypes: dict[str, str] = {}
+    in_memory_coords: list[str] = []
+    encoding: dict[Hashable, dict[str, Any]] = {}
+    replacements: dict[Hashable, xr.Variable] = {}
+    for name, variable in dataset.variables.items():
+        if not isinstance(name, str):
+            raise CacheError(f"variable name {name!r} is not a str; Zarr needs str names.")
+        if name in dataset.coords and name not in dataset.indexes and not _is_dask(variable):
+            in_memory_coords.append(name)
+        if variable.dtype.kind == "U" or (variable.dtype == object and _all_str(variable)):
+            # Variable-length strings have a stable Zarr v3 type; fixed-width '<U' does not.
+            string_dtypes[name] = variable.dtype.str
+            variable = variable.astype(object)
+            replacements[name] = variable
+        var_encoding: dict[str, Any] = {"compressors": [zarr.codecs.ZstdCodec(level=ZSTD_LEVEL)]}
+        if _is_dask(variable):
+            chunks = _uniform_chunks(variable)
+            if chunks != variable.chunks:
+                variable = variable.chunk(dict(zip(variable.dims, chunks, strict=True)))
+                replacements[name] = variable
+            var_encoding["chunks"] = tuple(max(c[0], 1) if c else 1 for c in chunks)
+        encoding[name] = var_encoding
+    if replacements:
+        dataset = dataset.copy()
+        for name, variable in replacements.items():
+            if name in dataset.indexes:
+                dataset = dataset.assign_coords({name: variable.values})
+            else:
+                dataset[name] = variable
+    layout["string_dtypes"] = string_dtypes
+    layout["in_memory_coords"] = in_memory_coords
+    if isinstance(obj, xr.DataArray):
+        layout["variables"] = [str(obj.name)]
+    else:
+        layout["variables"] = sorted(str(n) for n in dataset.data_vars)
+    return dataset, encoding, layout
+
+
+def _reopen(root: CacheRoot, entry: str, marker: dict[str, Any]) -> xr.Dataset | xr.DataArray:
+    with _quiet_zarr():
+        dataset = xr.open_zarr(root.zarr_store(entry), consolidated=False, zarr_format=3, chunks={})
+    restored: dict[str, Any] = {}
+    for name, dtype in marker.get("string_dtypes", {}).items():
+        if name in dataset.variables:
+            restored[name] = dataset[name].variable.astype(np.dtype(dtype))
+    for name in marker.get("in_memory_coords", []):
+        if name in dataset.variables:
+            restored[name] = restored.get(name, dataset[name].variable).load()
+    coords = {n: v for n, v in restored.items() if n in dataset.coords}
+    data_vars = {n: v for n, v in restored.items() if n not in dataset.coords}
+    if coords:
+        dataset = dataset.assign_coords(coords)
+    if data_vars:
+        dataset = dataset.assign(data_vars)
+    result: xr.Dataset | xr.DataArray = dataset
+    if marker.get("kind") == "DataArray":
+        result = dataset[_DATAARRAY_VARIABLE].rename(marker.get("dataarray_name"))
+    token = str(dask.base.tokenize(result))
+    with _REOPENED_LOCK:
+        _REOPENED[token] = (root.url, str(marker["key"]))
+    return result
+
+
+def _is_dask(variable: xr.Variable) -> bool:
+    return variable.chunks is not None
+
+
+def _all_str(variable: xr.Variable) -> bool:
+    if _is_dask(variable):
+        return False  # cannot check without computing; leave it to xarray
+    return all(isinstance(v, str) for v in np.asarray(variable.values).ravel())
+
+
+def _uniform_chunks(variable: xr.Variable) -> tuple[tuple[int, ...], ...]:
+    """Return chunks Zarr can store: equal blocks along each dim, a shorter last one allowed."""
+    assert variable.chunks is not None
+    uniform = []
+    for dim_chunks in variable.chunks:
+        head = dim_chunks[:-1]
+        if len(set(head)) <= 1 and (not head or dim_chunks[-1] <= head[0]):
+            uniform.append(tuple(dim_chunks))
+            continue
+        size, total = max(dim_chunks), sum(dim_chunks)
+        blocks = [size] * (total // size) + ([total % size] if total % size else [])
+        uniform.append(tuple(blocks))
+    return tuple(uniform)
+
+
+def _json_name(name: Hashable) -> str | None:
+    return None if name is None else str(name)
+
+
+def _iso(unix: float) -> str:
+    return datetime.fromtimestamp(unix, tz=timezone.utc).isoformat(timespec="seconds")

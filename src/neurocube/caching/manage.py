@@ -1,0 +1,254 @@
+"""Look after the cache: list entries, evict least recently used ones, clear."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from neurocube.caching.core import read_marker
+from neurocube.caching.store import ENTRY_SUFFIX, LAST_USE_NAME, CacheRoot, open_root
+from neurocube.errors import CacheError
+
+__all__ = [
+    "CacheEntry",
+    "cache_entries",
+    "cache_info",
+    "clear_cache",
+    "evict_cache",
+    "parse_age",
+    "parse_size",
+]
+
+
+@dataclass
+class CacheEntry:
+    """One folder of a cache root, as :func:`cache_info` reports it.
+
+    ``status`` is ``"complete"`` (usable), ``"incomplete"`` (a write that has
+    not finished, or was interrupted: never used) or ``"foreign"`` (an entry
+    of another cache format, or damaged).
+    """
+
+    key: str
+    path: str
+    status: str
+    size_bytes: int
+    nbytes: int = 0
+    kind: str = ""
+    variables: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    created: str = ""
+    last_used: str = ""
+    last_used_unix: float = 0.0
+    hits: int = 0
+
+
+def cache_entries(store: str | os.PathLike[str] | None = None) -> list[CacheEntry]:
+    """Return every entry (and leftover) of a cache root, most recently used first."""
+    root = open_root(store)
+    entries = [_describe(root, name, url) for name, url in root.list_entries()]
+    entries.sort(key=lambda e: e.last_used_unix, reverse=True)
+    return entries
+
+
+def cache_info(store: str | os.PathLike[str] | None = None) -> Any:
+    """Describe the cache: one row per entry.
+
+    Parameters
+    ----------
+    store
+        Cache root (folder or fsspec URL); default ``<neurocube cache folder>/zarr``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``key, status, size_bytes, nbytes, kind, variables, sources,
+        created, last_used, hits, path``, most recently used first. ``size_bytes``
+        is what the entry takes on disk (compressed); ``nbytes`` the size of
+        the data in memory. ``df.attrs["root"]`` is the cache root and
+        ``df.attrs["total_bytes"]`` the sum of ``size_bytes``.
+    """
+    import pandas as pd
+
+    rows = [asdict(e) for e in cache_entries(store)]
+    columns = [
+        "key", "status", "size_bytes", "nbytes", "kind", "variables", "sources",
+        "created", "last_used", "hits", "path",
+    ]  # fmt: skip
+    table = pd.DataFrame(rows, columns=columns)
+    table.attrs["root"] = open_root(store).url
+    table.attrs["total_bytes"] = int(table["size_bytes"].sum()) if len(table) else 0
+    return table
+
+
+def clear_cache(
+    store: str | os.PathLike[str] | None = None,
+    *,
+    older_than: str | timedelta | float | None = None,
+) -> list[str]:
+    """Remove cache entries.
+
+    Parameters
+    ----------
+    store
+        Cache root (folder or fsspec URL); default ``<neurocube cache folder>/zarr``.
+    older_than
+        Remove only entries not used for this long: a ``timedelta``, seconds, or
+        text such as ``"7d"``, ``"12h"``, ``"30min"``, ``"2w"``. None removes all.
+
+    Returns
+    -------
+    list of str
+        Keys of the entries removed (leftovers of interrupted writes included).
+    """
+    root = open_root(store)
+    max_age = None if older_than is None else parse_age(older_than)
+    now = time.time()
+    removed = []
+    for entry in cache_entries(store):
+        if max_age is not None and now - _age_reference(root, entry) < max_age:
+            continue
+        root.remove(entry.path)
+        removed.append(entry.key)
+    return removed
+
+
+def evict_cache(
+    max_bytes: int | str,
+    store: str | os.PathLike[str] | None = None,
+) -> list[str]:
+    """Shrink the cache to at most ``max_bytes`` on disk, least recently used first.
+
+    Leftovers of interrupted writes whose writer is gone go first; entries
+    being written right now are left alone.
+
+    Parameters
+    ----------
+    max_bytes
+        The budget: bytes, or text such as ``"2GB"``, ``"500MiB"``.
+    store
+        Cache root (folder or fsspec URL); default ``<neurocube cache folder>/zarr``.
+
+    Returns
+    -------
+    list of str
+        Keys of the entries removed, in the order they were removed.
+    """
+    budget = parse_size(max_bytes)
+    root = open_root(store)
+    root.sweep_leftovers()
+    entries = cache_entries(store)
+    total = sum(e.size_bytes for e in entries)
+    removed = []
+    for entry in sorted(entries, key=lambda e: e.last_used_unix):
+        if total <= budget:
+            break
+        if entry.status == "incomplete":
+            continue  # a write in progress (dead writers' copies were swept above)
+        root.remove(entry.path)
+        total -= entry.size_bytes
+        removed.append(entry.key)
+    return removed
+
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1024,
+    "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+    "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
+}  # fmt: skip
+_AGE_UNITS = {
+    "s": 1, "sec": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+    "w": 604800, "week": 604800, "weeks": 604800,
+}  # fmt: skip
+_AMOUNT = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(value: int | float | str) -> int:
+    """Return a byte count from ``1500000``, ``"1.5MB"``, ``"2 GiB"``, ...
+
+    Raises
+    ------
+    CacheError
+        If the text is not a number followed by a known unit.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise CacheError(f"size budget {value!r} is negative; expected >= 0 bytes.")
+        return int(value)
+    match = _AMOUNT.match(str(value))
+    unit = match[2].lower() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise CacheError(
+            f"cannot read {value!r} as a size: expected a number and a unit such as "
+            "'500MB', '2GiB' or '1.5GB'."
+        )
+    return int(float(match[1]) * _SIZE_UNITS[unit])
+
+
+def parse_age(value: str | timedelta | float) -> float:
+    """Return seconds from ``timedelta``, seconds, or text like ``"7d"``, ``"12h"``, ``"30min"``.
+
+    Raises
+    ------
+    CacheError
+        If the text is not a number followed by a known unit.
+    """
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    match = _AMOUNT.match(str(value))
+    unit = match[2].lower() if match else None
+    if match is None or unit not in _AGE_UNITS:
+        raise CacheError(
+            f"cannot read {value!r} as an age: expected a number and a unit such as "
+            "'30min', '12h', '7d' or '2w'."
+        )
+    return float(match[1]) * _AGE_UNITS[unit]
+
+
+def _describe(root: CacheRoot, name: str, url: str) -> CacheEntry:
+    key = name[: -len(ENTRY_SUFFIX)] if name.endswith(ENTRY_SUFFIX) else name
+    size = root.disk_usage(url)
+    if name.startswith("."):
+        modified = root.modified(url)
+        return CacheEntry(
+            key=key, path=url, status="incomplete", size_bytes=size, last_used_unix=modified
+        )
+    marker = read_marker(root, url)
+    if marker is None:
+        modified = root.modified(url)
+        return CacheEntry(
+            key=key, path=url, status="foreign", size_bytes=size, last_used_unix=modified
+        )
+    use = root.read_json(url, LAST_USE_NAME) or {}
+    last_unix = float(use.get("last_used_unix", marker.get("created_unix", 0.0)))
+    return CacheEntry(
+        key=key,
+        path=url,
+        status="complete",
+        size_bytes=size,
+        nbytes=int(marker.get("nbytes", 0)),
+        kind=str(marker.get("kind", "")),
+        variables=[str(v) for v in marker.get("variables", [])],
+        sources=[str(s.get("path", "")) for s in marker.get("sources", [])],
+        created=str(marker.get("created", "")),
+        last_used=str(use.get("last_used", marker.get("created", ""))),
+        last_used_unix=last_unix,
+        hits=int(use.get("hits", 0)),
+    )
+
+
+def _age_reference(root: CacheRoot, entry: CacheEntry) -> float:
+    if entry.status == "complete":
+        return entry.last_used_unix
+    return root.modified(entry.path) or entry.last_used_unix

@@ -1,0 +1,371 @@
+"""Where cache entries live: a local folder or an fsspec URL prefix.
+
+An entry is a Zarr v3 store named ``<key>.zarr`` under a cache root. Two small
+JSON files sit in its ``.neurocube/`` folder (Zarr ignores it):
+
+``entry.json``
+    the completion marker, written last: format version, key, source
+    identities, what the entry holds. An entry without it is never used.
+``last_use.json``
+    the time of the last hit and a hit count, rewritten on each hit (for LRU
+    eviction and ``neurocube cache ls``). It lives in a subfolder so that a hit
+    does not change the entry folder's mtime, which xarray folds into the Dask
+    names of the reopened arrays: every reopen of an entry gives the same names.
+
+On a local disk an entry is written under a temporary name
+(``.<key>.<host>-<pid>-<random>.tmp.zarr``), the marker is written into it last,
+and the folder is renamed to ``<key>.zarr``. ``rename`` of a folder onto an
+existing non-empty folder fails, so when two writers race, the first rename
+wins and the other discards its copy. Object stores have no rename: there the
+entry is written in place and the marker, written last, is what makes it
+usable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from neurocube.config import cache_dir
+from neurocube.errors import CacheError
+from neurocube.io._atomic import atomic_path
+from neurocube.sources.files import is_url
+
+__all__ = [
+    "ENTRY_SUFFIX",
+    "LAST_USE_NAME",
+    "MARKER_NAME",
+    "CacheRoot",
+    "LocalRoot",
+    "RemoteRoot",
+    "open_root",
+    "validate_key",
+]
+
+MARKER_NAME = ".neurocube/entry.json"
+LAST_USE_NAME = ".neurocube/last_use.json"
+ENTRY_SUFFIX = ".zarr"
+TMP_SUFFIX = ".tmp.zarr"
+TRASH_SUFFIX = ".trash"
+# Temporary folders of a crashed writer on another host are removed after this long.
+STALE_TMP_SECONDS = 24 * 3600
+
+_KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_TMP_PATTERN = re.compile(r"^\.(?P<key>.+)\.(?P<host>[^.]+)-(?P<pid>\d+)-[0-9a-f]+\.tmp\.zarr$")
+
+
+def validate_key(key: str) -> str:
+    """Return ``key`` if it is usable as an entry name, else raise :class:`CacheError`."""
+    if not isinstance(key, str) or not _KEY_PATTERN.match(key) or key.endswith(ENTRY_SUFFIX):
+        raise CacheError(
+            f"cache key {key!r} is not usable as an entry name: expected 1-128 characters "
+            "from letters, digits, '.', '_' and '-', starting with a letter or digit and not "
+            "ending in '.zarr' (e.g. key='sub01-ffa-nc15')."
+        )
+    return key
+
+
+class CacheRoot(ABC):
+    """A folder (or URL prefix) holding cache entries."""
+
+    #: How the root is shown to users.
+    url: str
+
+    def entry_url(self, key: str) -> str:
+        """Return where the entry for ``key`` lives."""
+        return f"{self.url.rstrip('/')}/{key}{ENTRY_SUFFIX}"
+
+    def read_json(self, entry: str, name: str) -> dict[str, Any] | None:
+        """Return the JSON object ``name`` inside ``entry``, or None if absent or unreadable."""
+        raw = self._read_bytes(f"{entry}/{name}")
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    def write_json(self, entry: str, name: str, value: dict[str, Any]) -> None:
+        """Write ``value`` as JSON to ``name`` inside ``entry`` (atomically where possible)."""
+        self._write_bytes(f"{entry}/{name}", json.dumps(value, indent=1, sort_keys=True).encode())
+
+    @abstractmethod
+    def _read_bytes(self, path: str) -> bytes | None: ...
+
+    @abstractmethod
+    def _write_bytes(self, path: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def zarr_store(self, entry: str) -> Any:
+        """Return what ``to_zarr`` / ``open_zarr`` accept for ``entry``."""
+
+    @abstractmethod
+    def begin_write(self, key: str) -> str:
+        """Return where a new copy of entry ``key`` is written (a temporary name if possible)."""
+
+    @abstractmethod
+    def publish(self, written: str, key: str, *, replace: bool) -> bool:
+        """Make a written copy the entry ``key``; return False if another writer won the race."""
+
+    @abstractmethod
+    def discard(self, written: str) -> None:
+        """Remove a copy that will not be published."""
+
+    @abstractmethod
+    def remove(self, entry: str) -> None:
+        """Remove an entry (or a leftover) for good."""
+
+    @abstractmethod
+    def disk_usage(self, entry: str) -> int:
+        """Return the bytes an entry takes on its storage."""
+
+    @abstractmethod
+    def modified(self, entry: str) -> float:
+        """Return the latest modification time (unix seconds) of anything in ``entry``."""
+
+    @abstractmethod
+    def list_entries(self) -> Iterator[tuple[str, str]]:
+        """Yield ``(name, url)`` of every folder that looks like an entry or a leftover."""
+
+    def sweep_leftovers(self) -> int:
+        """Remove temporary copies whose writer is gone; return how many were removed."""
+        return 0
+
+
+class LocalRoot(CacheRoot):
+    """A cache root on a local (or network-mounted) file system."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).expanduser().absolute()
+        self.url = str(self.path)
+
+    def _read_bytes(self, path: str) -> bytes | None:
+        try:
+            return Path(path).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def _write_bytes(self, path: str, data: bytes) -> None:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+
+    def zarr_store(self, entry: str) -> Any:
+        """Return the entry folder's path."""
+        return entry
+
+    def begin_write(self, key: str) -> str:
+        """Create the root if needed; return a fresh temporary folder name for ``key``."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(
+                f"{self.path}: cannot create the cache folder ({exc}). Set NEUROCUBE_CACHE_DIR "
+                "or pass store= to a writable folder."
+            ) from exc
+        host = _hostname()
+        name = f".{key}.{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
+        return str(self.path / name)
+
+    def publish(self, written: str, key: str, *, replace: bool) -> bool:
+        """Rename the written folder to ``<key>.zarr``; False if another entry got there first."""
+        final = Path(self.entry_url(key))
+        trash: Path | None = None
+        if replace and final.exists():
+            trash = final.with_name(f".{key}.{uuid.uuid4().hex[:8]}{TRASH_SUFFIX}")
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(final, trash)
+        try:
+            os.rename(written, final)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise CacheError(f"{final}: cannot publish the cache entry ({exc})") from exc
+            self.discard(written)  # another writer published the same key first
+            return False
+        finally:
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+        return True
+
+    def discard(self, written: str) -> None:
+        """Delete the written folder."""
+        shutil.rmtree(written, ignore_errors=True)
+
+    def remove(self, entry: str) -> None:
+        """Rename the entry out of the way, then delete it."""
+        path = Path(entry)
+        # Rename first so that a reader never sees a half-deleted entry under its real name.
+        doomed = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TRASH_SUFFIX}")
+        try:
+            os.rename(path, doomed)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def disk_usage(self, entry: str) -> int:
+        """Return the bytes of allocated blocks of every file in the entry."""
+        total = 0
+        for folder, _, files in os.walk(entry):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+        return total
+
+    def modified(self, entry: str) -> float:
+        """Return the newest file mtime in the entry."""
+        latest = 0.0
+        for folder, _, files in os.walk(entry):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):
+                    latest = max(latest, os.lstat(os.path.join(folder, name)).st_mtime)
+        return latest
+
+    def list_entries(self) -> Iterator[tuple[str, str]]:
+        """Yield ``<key>.zarr`` folders and hidden leftovers (temporary or trash folders)."""
+        if not self.path.is_dir():
+            return
+        for child in sorted(self.path.iterdir()):
+            if child.is_dir() and (child.name.endswith(ENTRY_SUFFIX) or child.name.startswith(".")):
+                yield child.name, str(child)
+
+    def sweep_leftovers(self) -> int:
+        """Remove temporary copies of writers that died (same host) or are over a day old."""
+        removed = 0
+        host = _hostname()
+        now = time.time()
+        for name, url in list(self.list_entries()):
+            if name.endswith(TRASH_SUFFIX):
+                shutil.rmtree(url, ignore_errors=True)
+                removed += 1
+                continue
+            match = _TMP_PATTERN.match(name)
+            if match is None:
+                continue
+            writer_gone = match["host"] == host and not _pid_alive(int(match["pid"]))
+            try:
+                too_old = now - os.stat(url).st_mtime > STALE_TMP_SECONDS
+            except FileNotFoundError:
+                continue
+            if writer_gone or too_old:
+                shutil.rmtree(url, ignore_errors=True)
+                removed += 1
+        return removed
+
+
+class RemoteRoot(CacheRoot):
+    """A cache root behind an fsspec URL (``s3://bucket/prefix``, ``memory://cache``, ...)."""
+
+    def __init__(self, url: str) -> None:
+        import fsspec
+
+        self.url = url.rstrip("/")
+        self.fs, self._root_path = fsspec.core.url_to_fs(self.url)
+
+    def _fs_path(self, url: str) -> str:
+        import fsspec
+
+        return str(fsspec.core.url_to_fs(url)[1])
+
+    def _read_bytes(self, path: str) -> bytes | None:
+        try:
+            return bytes(self.fs.cat_file(self._fs_path(path)))
+        except FileNotFoundError:
+            return None
+
+    def _write_bytes(self, path: str, data: bytes) -> None:
+        self.fs.pipe_file(self._fs_path(path), data)
+
+    def zarr_store(self, entry: str) -> Any:
+        """Return the entry URL (xarray opens it through fsspec)."""
+        return entry
+
+    def begin_write(self, key: str) -> str:
+        """Remove any unfinished copy and return the entry URL itself (written in place)."""
+        # No atomic rename on object stores: write in place; the marker, written last, is
+        # what makes the entry usable. Remove an unfinished or stale copy first.
+        entry = self.entry_url(key)
+        self.remove(entry)
+        return entry
+
+    def publish(self, written: str, key: str, *, replace: bool) -> bool:
+        """Nothing to rename: the marker written last already made the entry usable."""
+        return True
+
+    def discard(self, written: str) -> None:
+        """Delete the partial entry."""
+        self.remove(written)
+
+    def remove(self, entry: str) -> None:
+        """Delete the entry recursively."""
+        path = self._fs_path(entry)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def disk_usage(self, entry: str) -> int:
+        """Return the total size of the entry's objects."""
+        return int(self.fs.du(self._fs_path(entry), total=True))
+
+    def modified(self, entry: str) -> float:
+        """Return the newest modification time the store reports for the entry's objects."""
+        latest = 0.0
+        for info in self.fs.find(self._fs_path(entry), detail=True).values():
+            for field in ("mtime", "created", "LastModified"):
+                value = info.get(field)
+                if isinstance(value, (int, float)):
+                    latest = max(latest, float(value))
+                elif hasattr(value, "timestamp"):
+                    latest = max(latest, float(value.timestamp()))
+        return latest
+
+    def list_entries(self) -> Iterator[tuple[str, str]]:
+        """Yield ``<key>.zarr`` prefixes under the root."""
+        if not self.fs.exists(self._root_path):
+            return
+        for info in self.fs.ls(self._root_path, detail=True):
+            name = str(info["name"]).rstrip("/").rsplit("/", 1)[-1]
+            if info.get("type") == "directory" and name.endswith(ENTRY_SUFFIX):
+                yield name, f"{self.url}/{name}"
+
+
+def open_root(store: str | os.PathLike[str] | None = None) -> CacheRoot:
+    """Return the cache root for ``store``.
+
+    Parameters
+    ----------
+    store
+        A folder, an fsspec URL (``s3://bucket/cache``; ``file://`` URLs count as
+        local folders), or None for ``<neurocube cache folder>/zarr``.
+    """
+    if store is None:
+        return LocalRoot(cache_dir() / "zarr")
+    if is_url(store):
+        text = str(store)
+        if text.startswith("file://"):
+            return LocalRoot(text[len("file://") :])
+        return RemoteRoot(text)
+    return LocalRoot(store)
+
+
+def _hostname() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
