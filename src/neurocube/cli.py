@@ -17,6 +17,7 @@ from neurocube.errors import NeurocubeError
 # Modules that add subcommands, in the order `neurocube --help` shows them.
 COMMAND_MODULES: list[str] = [
     "neurocube.demo",
+    "neurocube.caching.cli",
 ]
 
 
