@@ -1,0 +1,480 @@
+"""Find foundation-model embedding derivatives and describe them without reading arrays.
+
+The layout (written by coco-pipe) is a BIDS derivative folder::
+
+    <root>/run_manifest.json
+    <root>/sub-S/ses-X/eeg/sub-S_ses-X_task-T_run-R_desc-<model><Cond><Pool>_embedding.npz (+ .json)
+    <root>/sub-S/ses-X/eeg/sub-S_ses-X_task-T_run-R_desc-<model><Cond>Native_tokens.npz   (+ .json)
+
+Discovery follows coco-pipe's rules: successful manifest records first (relative
+``artifact_path`` resolved against the root), else a recursive scan for the
+kind's suffix; a model key is matched case-insensitively through each sidecar,
+and if the manifest's artifacts hold no file of that model the recursive scan
+is tried. The catalog reads each sidecar and each NPZ's directory and member
+headers (:func:`neurocube.sources.npz.read_npz_directory`), never array data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from neurocube.errors import (
+    DataNotFoundError,
+    FormatError,
+    NeurocubeWarning,
+    SelectionError,
+)
+from neurocube.sources.files import IO_STATS, open_file
+from neurocube.sources.npz import ZIP_MAGIC, NpzMember, read_npz_directory
+
+__all__ = [
+    "ARTIFACT_SUFFIX",
+    "EMBEDDING_ARRAYS",
+    "TOKEN_ARRAYS",
+    "EmbeddingArtifact",
+    "catalog_embeddings",
+    "check_artifact",
+    "discover_embedding_artifacts",
+    "guess_npz_embedding",
+    "parse_entities",
+    "read_manifest_artifacts",
+    "read_sidecar",
+    "scan_artifact",
+    "scan_artifacts",
+    "sidecar_path",
+]
+
+ARTIFACT_SUFFIX: dict[str, str] = {"embedding": "_embedding.npz", "token": "_tokens.npz"}
+"""File-name suffix of each artifact kind (the suffix is what marks the kind)."""
+
+WINDOW_ARRAYS = ("window_start", "window_stop", "window_index")
+EMBEDDING_ARRAYS = ("window_embeddings", "recording_embedding", *WINDOW_ARRAYS)
+TOKEN_ARRAYS = ("token_embeddings", *WINDOW_ARRAYS)
+MANIFEST_NAME = "run_manifest.json"
+
+_ENTITY = re.compile(r"(?:^|_)([a-zA-Z0-9]+)-([a-zA-Z0-9]+)")
+
+
+def sidecar_path(path: str | os.PathLike[str]) -> Path:
+    """Return the JSON sidecar paired with an artifact NPZ (same stem, ``.json``)."""
+    return Path(path).with_suffix(".json")
+
+
+def parse_entities(name: str) -> dict[str, str]:
+    """Return the BIDS entities (``sub``, ``ses``, ``task``, ``run``, ``desc``, ...) of a file name.
+
+    Examples
+    --------
+    >>> parse_entities("sub-01_ses-02_task-rest_run-03_desc-cbramodEOMean_embedding.npz")
+    {'sub': '01', 'ses': '02', 'task': 'rest', 'run': '03', 'desc': 'cbramodEOMean'}
+    """
+    stem = Path(name).name.split(".")[0]
+    return {key: value for key, value in _ENTITY.findall(stem)}
+
+
+def artifact_kind(path: str | os.PathLike[str]) -> str | None:
+    """Return ``"embedding"`` or ``"token"`` from a file name's suffix, else None."""
+    name = Path(path).name
+    for kind, suffix in ARTIFACT_SUFFIX.items():
+        if name.endswith(suffix):
+            return kind
+    return None
+
+
+def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read the JSON sidecar of an artifact NPZ.
+
+    Parameters
+    ----------
+    path
+        The ``.npz`` artifact (its sidecar is found beside it) or the ``.json`` itself.
+
+    Raises
+    ------
+    DataNotFoundError
+        If the sidecar does not exist.
+    FormatError
+        If it is not valid JSON or not a JSON object.
+    """
+    side = sidecar_path(path)
+    if not side.exists():
+        raise DataNotFoundError(
+            f"{side}: missing embedding sidecar for {Path(path).name}. Every artifact NPZ needs "
+            "a JSON sidecar with the same stem; re-export the artifact with "
+            "neurocube.io.save_embedding_derivative."
+        )
+    with open_file(side) as fh:
+        raw = fh.read()
+    IO_STATS.add_bytes(len(raw))
+    try:
+        metadata = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{side}: sidecar is not valid JSON ({exc}); fix or rewrite it.") from exc
+    if not isinstance(metadata, dict):
+        raise FormatError(
+            f"{side}: expected a JSON object (a mapping of metadata), found a "
+            f"{type(metadata).__name__}; rewrite the sidecar."
+        )
+    return metadata
+
+
+def guess_npz_embedding(path: str | os.PathLike[str]) -> bool:
+    r"""Return True if ``path`` looks like an embedding artifact neurocube can open.
+
+    Sniffs the ZIP magic ``PK\x03\x04`` and checks that a JSON sidecar with the
+    same stem exists beside it. Reads 4 bytes; never raises for a wrong path.
+    """
+    try:
+        candidate = Path(path)
+        if candidate.suffix.lower() != ".npz" or not candidate.is_file():
+            return False
+        if not sidecar_path(candidate).is_file():
+            return False
+        with open_file(candidate) as fh:
+            head = fh.read(4)
+        IO_STATS.add_bytes(len(head))
+        return bool(head == ZIP_MAGIC)
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+def _inside(root: Path, path: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def read_manifest_artifacts(root: str | os.PathLike[str]) -> list[Path]:
+    """Return the existing artifacts that ``<root>/run_manifest.json`` lists as successful.
+
+    Records whose ``status`` is not ``"success"`` or that have no
+    ``artifact_path`` are skipped; relative paths are resolved against ``root``;
+    paths that do not exist are skipped (as coco-pipe does). A record that points
+    outside ``root`` is skipped with a :class:`~neurocube.errors.NeurocubeWarning`
+    naming the manifest and the path; an unreadable manifest gives a warning
+    and an empty list (discovery then scans the folder).
+    """
+    base = Path(root)
+    manifest = base / MANIFEST_NAME
+    if not manifest.exists():
+        return []
+    try:
+        with open_file(manifest) as fh:
+            raw = fh.read()
+        IO_STATS.add_bytes(len(raw))
+        payload = json.loads(raw)
+        records = payload.get("records", []) if isinstance(payload, dict) else None
+        if not isinstance(records, list):
+            raise TypeError("'records' is not a list")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+        warnings.warn(
+            f"{manifest}: unreadable run manifest ({exc}); scanning {base} for artifacts instead.",
+            NeurocubeWarning,
+            stacklevel=2,
+        )
+        return []
+    paths: list[Path] = []
+    for record in records:
+        if not isinstance(record, Mapping):
+            continue
+        if record.get("status") != "success" or not record.get("artifact_path"):
+            continue
+        candidate = Path(str(record["artifact_path"]))
+        if not candidate.is_absolute():
+            candidate = base / candidate
+        if not _inside(base, candidate):
+            warnings.warn(
+                f"{manifest}: record artifact_path {record['artifact_path']!r} points outside the "
+                f"derivative root {base}; ignored. Manifests must list files inside their root.",
+                NeurocubeWarning,
+                stacklevel=2,
+            )
+            continue
+        if candidate.exists():
+            paths.append(candidate)
+    return paths
+
+
+def _model_of(path: Path) -> str | None:
+    try:
+        return str(read_sidecar(path).get("model_key", ""))
+    except (DataNotFoundError, FormatError):
+        return None
+
+
+def discover_embedding_artifacts(
+    root: str | os.PathLike[str], model_key: str | None = None, *, kind: str = "embedding"
+) -> list[Path]:
+    """Return the artifact NPZ paths of one kind under a derivative root, sorted.
+
+    Parameters
+    ----------
+    root
+        The derivative folder (holding ``run_manifest.json`` and ``sub-*``).
+    model_key
+        Keep only artifacts whose sidecar ``model_key`` equals this, ignoring case.
+    kind
+        ``"embedding"`` (``*_embedding.npz``) or ``"token"`` (``*_tokens.npz``).
+
+    Raises
+    ------
+    DataNotFoundError
+        If ``root`` is not a folder.
+    SelectionError
+        If ``kind`` is unknown.
+    """
+    if kind not in ARTIFACT_SUFFIX:
+        raise SelectionError(f"kind must be one of {sorted(ARTIFACT_SUFFIX)}, got {kind!r}.")
+    base = Path(root)
+    if not base.is_dir():
+        raise DataNotFoundError(f"{base}: no such derivative folder.")
+    suffix = ARTIFACT_SUFFIX[kind]
+    paths = sorted({p for p in read_manifest_artifacts(base) if p.name.endswith(suffix)})
+    if not paths:
+        paths = sorted(base.rglob(f"*{suffix}"))
+    paths = [p for p in paths if not p.name.startswith(".")]  # temp files of atomic writers
+    if model_key is None:
+        return paths
+    wanted = model_key.lower()
+
+    def select(candidates: Iterable[Path]) -> list[Path]:
+        return [p for p in candidates if (_model_of(p) or "").lower() == wanted]
+
+    selected = select(paths)
+    if selected:
+        return selected
+    rescanned = sorted(p for p in base.rglob(f"*{suffix}") if not p.name.startswith("."))
+    return select(rescanned)
+
+
+@dataclass(frozen=True)
+class EmbeddingArtifact:
+    """One artifact: its NPZ members (headers only) and its sidecar metadata."""
+
+    path: str
+    kind: str
+    metadata: dict[str, Any] = field(hash=False)
+    members: dict[str, NpzMember] = field(hash=False)
+    size: int = 0
+    mtime_ns: int = 0
+
+    @property
+    def n_windows(self) -> int:
+        """Number of windows (epochs) in the artifact."""
+        return int(self.members["window_index"].shape[0])
+
+    @property
+    def recording_id(self) -> str:
+        """The sidecar's ``recording_id``, else the file stem without its kind suffix."""
+        rid = self.metadata.get("recording_id")
+        if rid:
+            return str(rid)
+        name = Path(self.path).name
+        for suffix in (*ARTIFACT_SUFFIX.values(), ".npz"):
+            if name.endswith(suffix):
+                return name[: -len(suffix)]
+        return name
+
+
+def check_artifact(path: str, members: Mapping[str, NpzMember], metadata: Mapping[str, Any]) -> str:
+    """Check an artifact's arrays and token contract; return its kind.
+
+    Applies coco-pipe's validation rules to the member headers (no data read):
+    required arrays present, 2-D window embeddings, a recording embedding as wide
+    as the windows, window arrays as long as the embeddings; token files need
+    ``ndim >= 3`` and (for the native layout) a complete axis contract.
+
+    Raises
+    ------
+    FormatError
+        With the file, the rule broken and what was found.
+    """
+    names = set(members)
+    is_token = "token_embeddings" in names and "window_embeddings" not in names
+    required = TOKEN_ARRAYS if is_token else EMBEDDING_ARRAYS
+    missing = sorted(set(required) - names)
+    if missing:
+        raise FormatError(
+            f"{path}: missing arrays {missing} (found {sorted(names)}); a "
+            f"{'token' if is_token else 'pooled embedding'} artifact needs {list(required)}."
+        )
+    if is_token:
+        tokens = members["token_embeddings"]
+        if len(tokens.shape) < 3:
+            raise FormatError(
+                f"{path}: token_embeddings has shape {tokens.shape}; expected a window axis and "
+                "at least two native axes (ndim >= 3)."
+            )
+        n_rows = tokens.shape[0]
+        lead = "token_embeddings"
+        if metadata.get("token_layout") == "native":
+            _check_token_contract(path, metadata, len(tokens.shape))
+    else:
+        windows = members["window_embeddings"]
+        recording = members["recording_embedding"]
+        if len(windows.shape) != 2:
+            raise FormatError(
+                f"{path}: window_embeddings has shape {windows.shape}; "
+                "expected 2-D (window, feature)."
+            )
+        if len(recording.shape) != 1 or recording.shape[0] != windows.shape[1]:
+            raise FormatError(
+                f"{path}: recording_embedding has shape {recording.shape}; expected "
+                f"({windows.shape[1]},) to match window_embeddings {windows.shape}."
+            )
+        n_rows = windows.shape[0]
+        lead = "window_embeddings"
+    for key in WINDOW_ARRAYS:
+        shape = members[key].shape
+        if len(shape) != 1 or shape[0] != n_rows:
+            raise FormatError(
+                f"{path}: {key} has shape {shape}; its length must equal the {n_rows} rows of "
+                f"{lead} (unequal lengths)."
+            )
+    return "token" if is_token else "embedding"
+
+
+def _check_token_contract(path: str, metadata: Mapping[str, Any], ndim: int) -> None:
+    axes = metadata.get("token_axes")
+    if not isinstance(axes, list) or len(axes) != ndim:
+        raise FormatError(
+            f"{sidecar_path(path)}: token_axes {axes!r} must name each of the {ndim} axes of "
+            "token_embeddings."
+        )
+    if axes[0] != "window" or len(set(axes)) != len(axes):
+        raise FormatError(
+            f"{sidecar_path(path)}: token_axes {axes!r} must be unique and start with 'window'."
+        )
+    observation = metadata.get("token_observation_axes")
+    feature = metadata.get("token_feature_axis")
+    if not isinstance(observation, list) or not observation:
+        raise FormatError(f"{sidecar_path(path)}: token_observation_axes is missing or empty.")
+    if not isinstance(feature, str) or not feature:
+        raise FormatError(f"{sidecar_path(path)}: token_feature_axis is missing.")
+    if set(axes) != {"window", *observation, feature}:
+        raise FormatError(
+            f"{sidecar_path(path)}: every non-window token axis must be an observation axis or "
+            f"the feature axis; token_axes={axes}, observation={observation}, feature={feature!r}."
+        )
+
+
+def scan_artifact(path: str | os.PathLike[str]) -> EmbeddingArtifact:
+    """Read one artifact's sidecar and NPZ directory (headers only) and check them.
+
+    Raises
+    ------
+    DataNotFoundError
+        If the NPZ or its sidecar is missing.
+    FormatError, TruncatedFileError, UnsafeDataError
+        For a corrupt archive, a broken array contract, a non-object sidecar or an
+        object-dtype member; every message names the file.
+    """
+    local = Path(path).resolve()
+    try:
+        st = local.stat()
+    except FileNotFoundError as exc:
+        raise DataNotFoundError(f"{local}: no such embedding artifact.") from exc
+    metadata = read_sidecar(local)
+    members = read_npz_directory(local)
+    kind = check_artifact(str(local), members, metadata)
+    return EmbeddingArtifact(
+        path=str(local),
+        kind=kind,
+        metadata=metadata,
+        members=members,
+        size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+    )
+
+
+def scan_artifacts(
+    paths: Sequence[str | os.PathLike[str]], max_workers: int = 8
+) -> list[EmbeddingArtifact]:
+    """:func:`scan_artifact` over many files with a thread pool (order kept)."""
+    if len(paths) < 16 or max_workers <= 1:
+        return [scan_artifact(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=max_workers) as pool:
+        return list(pool.map(scan_artifact, paths))
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def catalog_embeddings(
+    root: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    model_key: str | None = None,
+    *,
+    kind: str = "embedding",
+    condition: str | None = None,
+) -> Any:
+    """Return a table with one row per artifact (a :class:`pandas.DataFrame`).
+
+    Columns: ``path``, ``kind``, the BIDS entities of the file name
+    (``entity_sub``, ``entity_ses``, ...), every scalar sidecar value, the
+    shape of each NPZ member (``shape_<array>`` as a tuple), ``n_windows``,
+    ``n_features``, the dtype of the embedding array, the file size and whether
+    its members are compressed. Reads sidecars and NPZ directories only.
+
+    Parameters
+    ----------
+    root
+        A derivative folder, or a list of artifact paths.
+    model_key, kind
+        As in :func:`discover_embedding_artifacts`.
+    condition
+        Keep only artifacts whose sidecar ``condition`` equals this.
+    """
+    import pandas as pd
+
+    artifacts = _select(root, model_key, kind, condition)
+    rows = []
+    for art in artifacts:
+        lead = art.members["token_embeddings" if art.kind == "token" else "window_embeddings"]
+        row: dict[str, Any] = {"path": art.path, "kind": art.kind}
+        row.update({f"entity_{k}": v for k, v in parse_entities(art.path).items()})
+        row.update({k: v for k, v in art.metadata.items() if _scalar(v)})
+        row["n_windows"] = art.n_windows
+        row["n_features"] = int(lead.shape[-1])
+        row["embedding_dtype_on_disk"] = str(np.dtype(lead.dtype))
+        row["compressed"] = not lead.is_stored
+        row["size_bytes"] = art.size
+        for name, member in art.members.items():
+            row[f"shape_{name}"] = member.shape
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _select(
+    root: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    model_key: str | None,
+    kind: str,
+    condition: str | None,
+) -> list[EmbeddingArtifact]:
+    """Discover (or take) artifact paths, scan them, filter by condition."""
+    if isinstance(root, (str, os.PathLike)):
+        candidate = Path(root)
+        if candidate.is_dir():
+            paths: list[Path] = discover_embedding_artifacts(candidate, model_key, kind=kind)
+        elif candidate.exists():
+            paths = [candidate]
+        else:
+            raise DataNotFoundError(f"{candidate}: no such derivative folder or artifact file.")
+    else:
+        paths = [Path(p) for p in root]
+    artifacts = scan_artifacts(paths)
+    if condition is not None:
+        artifacts = [a for a in artifacts if str(a.metadata.get("condition")) == condition]
+    return artifacts

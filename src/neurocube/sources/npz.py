@@ -1,0 +1,506 @@
+"""NPZ archives read member by member, without ``np.load`` of the whole archive.
+
+An ``.npz`` file is a ZIP archive whose members are ``.npy`` files. This module
+parses the ZIP central directory and the ``.npy`` header of each member to learn
+every array's shape, dtype and byte position, then reads array data on demand:
+
+- a *stored* member (``np.savez``) is memory-mapped at its data offset;
+- a *deflated* member (``np.savez_compressed``) is inflated with :mod:`zlib`
+  when a chunk that needs it is computed (one member is one deflate stream, so
+  the unit of decompression is the member).
+
+What a task carries is an :class:`NpzMember` (path, offsets, shape, dtype):
+a frozen, picklable spec, never an open handle. Members with an object dtype
+would need pickle to load; they are refused with :class:`UnsafeDataError`.
+
+Examples
+--------
+>>> import numpy as np, tempfile, os
+>>> folder = tempfile.mkdtemp()
+>>> path = os.path.join(folder, "a.npz")
+>>> np.savez_compressed(path, x=np.arange(6, dtype="float32").reshape(2, 3))
+>>> members = read_npz_directory(path)
+>>> members["x"].shape, members["x"].dtype
+((2, 3), '<f4')
+>>> read_member(members["x"]).tolist()
+[[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import struct
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from neurocube.errors import FormatError, TruncatedFileError, UnsafeDataError
+from neurocube.sources.files import IO_STATS, open_file
+
+__all__ = [
+    "ZIP_MAGIC",
+    "NpzMember",
+    "is_zip_file",
+    "open_member_memmap",
+    "read_member",
+    "read_members_into",
+    "read_npz_directory",
+]
+
+ZIP_MAGIC = b"PK\x03\x04"
+_EOCD_SIG = b"PK\x05\x06"
+_ZIP64_LOCATOR_SIG = b"PK\x06\x07"
+_ZIP64_EOCD_SIG = b"PK\x06\x06"
+_CENTRAL_SIG = b"PK\x01\x02"
+_NPY_MAGIC = b"\x93NUMPY"
+_STORED = 0
+_DEFLATED = 8
+_EOCD_SIZE = 22
+_MAX_COMMENT = 65535
+# Files up to this size are read whole in one call while the directory is parsed.
+_SMALL_FILE = 256 * 1024
+# How much of a member's start is read (and inflated) to parse its .npy header.
+_HEADER_PROBE = 4096
+
+
+@dataclass(frozen=True)
+class NpzMember:
+    """Where one array of an NPZ archive lies, and what it is.
+
+    Attributes
+    ----------
+    path
+        Absolute path of the archive.
+    name
+        Array name (the member file name without ``.npy``).
+    shape, dtype, fortran_order
+        From the member's ``.npy`` header (``dtype`` as a ``numpy`` dtype string).
+    compression
+        ``0`` (stored) or ``8`` (deflated).
+    data_offset
+        Absolute offset in the archive of the member's first (compressed) byte.
+    compressed_size, uncompressed_size
+        Sizes of the member in the archive and once inflated (``.npy`` header included).
+    npy_header_size
+        Bytes of the ``.npy`` header inside the (uncompressed) member.
+    crc32
+        CRC-32 of the uncompressed member, from the central directory.
+    """
+
+    path: str
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    fortran_order: bool
+    compression: int
+    data_offset: int
+    compressed_size: int
+    uncompressed_size: int
+    npy_header_size: int
+    crc32: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of array data (header excluded)."""
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+    @property
+    def is_stored(self) -> bool:
+        """True if the member is stored uncompressed (memory-mappable)."""
+        return self.compression == _STORED
+
+
+def is_zip_file(path: str | os.PathLike[str]) -> bool:
+    r"""Return True if ``path`` starts with the ZIP local-header magic ``PK\x03\x04``."""
+    try:
+        with open_file(path) as fh:
+            head = fh.read(4)
+    except (OSError, ValueError):
+        return False
+    IO_STATS.add_bytes(len(head))
+    return head == ZIP_MAGIC
+
+
+class _Reader:
+    """Positional reads from one open file, served from a prefetched buffer when possible."""
+
+    def __init__(self, fh: Any, path: str, size: int) -> None:
+        self.fh = fh
+        self.path = path
+        self.size = size
+        self.buffer = b""
+        self.buffer_start = 0
+        if size <= _SMALL_FILE:
+            self.buffer = self._raw(0, size)
+
+    def _raw(self, offset: int, length: int) -> bytes:
+        self.fh.seek(offset)
+        data: bytes = self.fh.read(length)
+        IO_STATS.add_bytes(len(data))
+        return data
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise FormatError(
+                f"{self.path}: corrupt ZIP structure (negative offset {offset}); "
+                "the NPZ file is damaged, rewrite it."
+            )
+        end = offset + length
+        if (
+            self.buffer
+            and offset >= self.buffer_start
+            and end <= self.buffer_start + len(self.buffer)
+        ):
+            start = offset - self.buffer_start
+            return self.buffer[start : start + length]
+        return self._raw(offset, length)
+
+
+def _truncated(path: str, what: str) -> TruncatedFileError:
+    return TruncatedFileError(
+        f"{path}: not a complete NPZ (ZIP) archive: {what}. The file is probably "
+        "truncated or still being written; rewrite it (e.g. with np.savez_compressed)."
+    )
+
+
+def _find_end_of_directory(reader: _Reader) -> tuple[int, int, int]:
+    """Return (entry count, central directory size, central directory offset)."""
+    tail_len = min(reader.size, _EOCD_SIZE + _MAX_COMMENT)
+    tail_start = reader.size - tail_len
+    tail = reader.read_at(tail_start, tail_len)
+    pos = tail.rfind(_EOCD_SIG)
+    if pos < 0 or len(tail) - pos < _EOCD_SIZE:
+        raise _truncated(reader.path, "no end-of-central-directory record")
+    (_, _, _, _, n_entries, cd_size, cd_offset, _) = struct.unpack(
+        "<4sHHHHIIH", tail[pos : pos + _EOCD_SIZE]
+    )
+    eocd_offset = tail_start + pos
+    if n_entries == 0xFFFF or cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF:
+        locator = reader.read_at(eocd_offset - 20, 20)
+        if len(locator) < 20 or locator[:4] != _ZIP64_LOCATOR_SIG:
+            raise _truncated(reader.path, "ZIP64 locator missing")
+        (_, _, z64_offset, _) = struct.unpack("<4sIQI", locator)
+        record = reader.read_at(z64_offset, 56)
+        if len(record) < 56 or record[:4] != _ZIP64_EOCD_SIG:
+            raise _truncated(reader.path, "ZIP64 end-of-directory record missing")
+        (_, _, _, _, _, _, _, n_entries, cd_size, cd_offset) = struct.unpack("<4sQHHIIQQQQ", record)
+    if cd_offset + cd_size > eocd_offset:
+        raise _truncated(
+            reader.path,
+            f"central directory at {cd_offset}+{cd_size} runs past its end record at {eocd_offset}",
+        )
+    return n_entries, cd_size, cd_offset
+
+
+def _zip64_values(extra: bytes, wanted: list[str]) -> dict[str, int]:
+    """Decode the ZIP64 extra field (id 0x0001) for the fields flagged 0xFFFFFFFF."""
+    pos = 0
+    while pos + 4 <= len(extra):
+        header_id, size = struct.unpack("<HH", extra[pos : pos + 4])
+        body = extra[pos + 4 : pos + 4 + size]
+        if header_id == 0x0001:
+            values: dict[str, int] = {}
+            for i, name in enumerate(wanted):
+                if 8 * (i + 1) > len(body):
+                    break
+                values[name] = struct.unpack("<Q", body[8 * i : 8 * (i + 1)])[0]
+            return values
+        pos += 4 + size
+    return {}
+
+
+def _parse_npy_header(
+    prefix: bytes, path: str, name: str
+) -> tuple[tuple[int, ...], np.dtype[Any], bool, int]:
+    """Parse a ``.npy`` header from the first bytes of a member."""
+    if len(prefix) < 10 or not prefix.startswith(_NPY_MAGIC):
+        raise FormatError(
+            f"{path}: member {name!r} is not a .npy array (no \\x93NUMPY magic). "
+            "Only NPZ archives written by numpy (np.savez / np.savez_compressed) are supported."
+        )
+    major = prefix[6]
+    if major == 1:
+        (header_len,) = struct.unpack("<H", prefix[8:10])
+        start = 10
+    elif major in (2, 3):
+        if len(prefix) < 12:
+            raise _truncated(path, f"member {name!r} ends inside its .npy header")
+        (header_len,) = struct.unpack("<I", prefix[8:12])
+        start = 12
+    else:
+        raise FormatError(f"{path}: member {name!r} has unsupported .npy format version {major}.")
+    if len(prefix) < start + header_len:
+        raise _truncated(path, f"member {name!r} ends inside its .npy header")
+    stream = io.BytesIO(prefix[: start + header_len])
+    stream.seek(8)
+    try:
+        # numpy's own header parser (ast.literal_eval of a dict literal; never eval).
+        if major == 1:
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+        else:
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+    except ValueError as exc:
+        raise FormatError(f"{path}: member {name!r} has a malformed .npy header: {exc}") from exc
+    return tuple(int(s) for s in shape), dtype, bool(fortran_order), start + header_len
+
+
+def _member_prefix(reader: _Reader, data_offset: int, csize: int, method: int) -> bytes:
+    """Return the first uncompressed bytes of a member (enough for its .npy header)."""
+    probe = min(csize, _HEADER_PROBE)
+    raw = reader.read_at(data_offset, probe)
+    if len(raw) < probe:
+        raise _truncated(reader.path, "a member's data runs past the end of the file")
+    if method == _STORED:
+        return raw
+    inflater = zlib.decompressobj(-15)
+    try:
+        out = inflater.decompress(raw, 65536 + 16)
+        got = probe
+        while len(out) < 12 and got < csize:  # pathological: header beyond the probe
+            more = reader.read_at(data_offset + got, min(csize - got, _HEADER_PROBE))
+            got += len(more)
+            out += inflater.decompress(more, 65536 + 16)
+    except zlib.error as exc:
+        raise FormatError(
+            f"{reader.path}: a deflated member is corrupt ({exc}); "
+            "the NPZ file is damaged, rewrite it."
+        ) from exc
+    return out
+
+
+def read_npz_directory(path: str | os.PathLike[str]) -> dict[str, NpzMember]:
+    """Return every array of an NPZ archive as a :class:`NpzMember`, reading headers only.
+
+    Reads the ZIP central directory and, per member, its local header and the
+    first few KiB of its data (inflated for deflated members) to parse the
+    ``.npy`` header. Array data is not read.
+
+    Parameters
+    ----------
+    path
+        A local ``.npz`` file.
+
+    Returns
+    -------
+    dict
+        Array name -> :class:`NpzMember`, in archive order.
+
+    Raises
+    ------
+    TruncatedFileError
+        If the archive ends early (no end-of-directory record, members past EOF).
+    FormatError
+        If the file is not a ZIP archive, a member is not a ``.npy`` array, or a
+        member uses a compression other than stored/deflated, or is encrypted.
+    UnsafeDataError
+        If a member holds an object dtype (loading it would need pickle).
+    """
+    local = str(Path(path).resolve())
+    with open_file(local) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size < _EOCD_SIZE:
+            raise _truncated(local, f"only {size} bytes")
+        reader = _Reader(fh, local, size)
+        head = reader.read_at(0, 4)
+        if head != ZIP_MAGIC:
+            raise FormatError(
+                f"{local}: not an NPZ file (expected ZIP magic 'PK\\x03\\x04', found {head!r}). "
+                "Check the path; NPZ files are written by np.savez / np.savez_compressed."
+            )
+        n_entries, cd_size, cd_offset = _find_end_of_directory(reader)
+        directory = reader.read_at(cd_offset, cd_size)
+        if len(directory) < cd_size:
+            raise _truncated(local, "central directory cut short")
+        members: dict[str, NpzMember] = {}
+        pos = 0
+        for _ in range(n_entries):
+            if directory[pos : pos + 4] != _CENTRAL_SIG:
+                raise FormatError(f"{local}: corrupt ZIP central directory at entry offset {pos}.")
+            fields = struct.unpack("<4sHHHHHHIIIHHHHHII", directory[pos : pos + 46])
+            flags, method, crc = fields[3], fields[4], fields[7]
+            csize, usize = fields[8], fields[9]
+            name_len, extra_len, comment_len = fields[10], fields[11], fields[12]
+            local_offset = fields[16]
+            filename = directory[pos + 46 : pos + 46 + name_len].decode("utf-8", "replace")
+            extra = directory[pos + 46 + name_len : pos + 46 + name_len + extra_len]
+            pos += 46 + name_len + extra_len + comment_len
+            wanted = [
+                key
+                for key, value in (("usize", usize), ("csize", csize), ("offset", local_offset))
+                if value == 0xFFFFFFFF
+            ]
+            if wanted:
+                big = _zip64_values(extra, wanted)
+                usize = big.get("usize", usize)
+                csize = big.get("csize", csize)
+                local_offset = big.get("offset", local_offset)
+            if flags & 0x1:
+                raise FormatError(f"{local}: member {filename!r} is encrypted; cannot read it.")
+            if method not in (_STORED, _DEFLATED):
+                raise FormatError(
+                    f"{local}: member {filename!r} uses ZIP compression method {method}; "
+                    "only stored (0) and deflated (8) members are supported (what numpy writes)."
+                )
+            local_header = reader.read_at(local_offset, 30)
+            if len(local_header) < 30 or local_header[:4] != ZIP_MAGIC:
+                raise _truncated(
+                    local, f"member {filename!r} has no local header at {local_offset}"
+                )
+            lname_len, lextra_len = struct.unpack("<HH", local_header[26:30])
+            data_offset = local_offset + 30 + lname_len + lextra_len
+            if data_offset + csize > size:
+                raise _truncated(
+                    local,
+                    f"member {filename!r} needs bytes up to {data_offset + csize}, file has {size}",
+                )
+            name = filename[:-4] if filename.endswith(".npy") else filename
+            prefix = _member_prefix(reader, data_offset, csize, method)
+            shape, dtype, fortran, header_size = _parse_npy_header(prefix, local, name)
+            if dtype.hasobject:
+                raise UnsafeDataError(
+                    f"{local}: array {name!r} has an object dtype ({dtype}); loading it would "
+                    "unpickle data from the file, which neurocube never does. Rewrite the "
+                    "array with a numeric or fixed-width string dtype."
+                )
+            member = NpzMember(
+                path=local,
+                name=name,
+                shape=shape,
+                dtype=dtype.str,
+                fortran_order=fortran,
+                compression=method,
+                data_offset=data_offset,
+                compressed_size=csize,
+                uncompressed_size=usize,
+                npy_header_size=header_size,
+                crc32=crc,
+            )
+            if usize != header_size + member.nbytes:
+                raise FormatError(
+                    f"{local}: array {name!r} announces shape {shape} of {dtype} "
+                    f"({member.nbytes} bytes) but its member holds {usize - header_size} bytes "
+                    "of data; the file is damaged, rewrite it."
+                )
+            members[name] = member
+    return members
+
+
+def open_member_memmap(member: NpzMember) -> np.memmap[Any, Any]:
+    """Memory-map a stored (uncompressed) member, read-only.
+
+    Raises
+    ------
+    FormatError
+        If the member is deflated (it cannot be mapped; use :func:`read_member`).
+    """
+    if not member.is_stored:
+        raise FormatError(
+            f"{member.path}: array {member.name!r} is deflated (np.savez_compressed) and "
+            "cannot be memory-mapped; read it with read_member()."
+        )
+    with open_file(member.path) as fh:
+        mapped = np.memmap(
+            fh,
+            dtype=np.dtype(member.dtype),
+            mode="r",
+            offset=member.data_offset + member.npy_header_size,
+            shape=member.shape,
+            order="F" if member.fortran_order else "C",
+        )
+    return mapped
+
+
+def _inflate(member: NpzMember, fh: Any) -> bytes:
+    fh.seek(member.data_offset)
+    raw = fh.read(member.compressed_size)
+    IO_STATS.add_bytes(len(raw))
+    if len(raw) < member.compressed_size:
+        raise _truncated(member.path, f"array {member.name!r} is cut short")
+    try:
+        data = zlib.decompress(raw, -15, member.uncompressed_size)
+    except zlib.error as exc:
+        raise FormatError(
+            f"{member.path}: array {member.name!r} does not inflate ({exc}); "
+            "the NPZ file is damaged, rewrite it."
+        ) from exc
+    if len(data) != member.uncompressed_size or zlib.crc32(data) != member.crc32:
+        raise FormatError(
+            f"{member.path}: array {member.name!r} fails its CRC/size check "
+            f"({len(data)} bytes inflated, {member.uncompressed_size} expected); "
+            "the NPZ file is damaged, rewrite it."
+        )
+    return data
+
+
+def _fill(member: NpzMember, fh: Any, out: np.ndarray) -> None:
+    """Read the whole of ``member`` into ``out`` (C-ordered, shape ``member.shape``)."""
+    dtype = np.dtype(member.dtype)
+    order: Literal["C", "F"] = "F" if member.fortran_order else "C"
+    if member.is_stored:
+        if member.nbytes == 0:
+            return
+        mapped = np.memmap(
+            fh,
+            dtype=dtype,
+            mode="r",
+            offset=member.data_offset + member.npy_header_size,
+            shape=member.shape,
+            order=order,
+        )
+        out[...] = mapped
+        IO_STATS.add_bytes(member.nbytes)
+        del mapped
+        return
+    data = _inflate(member, fh)
+    flat = np.frombuffer(
+        data, dtype=dtype, count=math.prod(member.shape), offset=member.npy_header_size
+    )
+    out[...] = flat.reshape(member.shape, order=order)
+
+
+def read_member(member: NpzMember) -> np.ndarray:
+    """Read one member whole into a new (native byte order, C-ordered) array."""
+    out = np.empty(member.shape, dtype=np.dtype(member.dtype).newbyteorder("="))
+    with open_file(member.path) as fh:
+        _fill(member, fh, out)
+    return out
+
+
+def read_members_into(
+    members: Sequence[NpzMember], out: np.ndarray, *, stack: bool = False
+) -> np.ndarray:
+    """Read several members (one per file) into consecutive rows of ``out``.
+
+    Parameters
+    ----------
+    members
+        Specs to read, in order.
+    out
+        Preallocated output. With ``stack=False`` each member's first axis fills
+        the next ``member.shape[0]`` rows; with ``stack=True`` each member fills
+        one row (``out[i] = member``).
+    stack
+        See above.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``out``.
+    """
+    row = 0
+    for member in members:
+        with open_file(member.path) as fh:
+            if stack:
+                _fill(member, fh, out[row])
+                row += 1
+            else:
+                n = member.shape[0]
+                _fill(member, fh, out[row : row + n])
+                row += n
+    return out
