@@ -1,0 +1,623 @@
+"""TMS trace caches (the ``offspect`` HDF5 layout) as lazy Datasets.
+
+Layout::
+
+    /<origin>/               one group per recording ("rec1.xdf"); attributes: origin annotations
+    /<origin>/traces/<id>    one dataset per trace ("0", "1", ...), (samples,) or (samples, chans)
+
+Every attribute is a string: a YAML scalar (``54``, ``1000.0``, ``.inf``,
+``''`` for none) or Python's ``str()`` (``None``, ``False``,
+``['EDC_L']``). :func:`decode_attr` reads both without ``eval``;
+:func:`encode_attr` writes values back so the original library reads them.
+
+The global trace index counts origins in HDF5 name order and, inside an
+origin, traces in numeric order ("2" before "10").
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import yaml
+
+from neurocube.errors import FormatError, SelectionError
+from neurocube.sources.hdf5 import (
+    TraceStackSpec,
+    is_hdf5,
+    open_hdf5,
+    pooled_file,
+    stat_key,
+    trace_stack_dask_array,
+)
+
+__all__ = [
+    "RESERVED_COORDS",
+    "attrs_token",
+    "dataset_from_catalog",
+    "TraceCatalog",
+    "TraceEntry",
+    "decode_attr",
+    "encode_attr",
+    "guess_traces",
+    "locate_trace",
+    "open_traces",
+    "read_raw_attrs",
+    "scan_traces",
+]
+
+#: Names neurocube gives coords itself; a trace attribute with one of these
+#: names becomes ``attr_<name>``.
+RESERVED_COORDS = ("trace", "origin", "name", "n_samples", "sample", "channel", "data")
+
+_TRACES = "traces"
+_NONE_TEXTS = {"", "None", "null", "Null", "NULL", "~"}
+_TRUE_TEXTS = {"True", "true", "TRUE"}
+_FALSE_TEXTS = {"False", "false", "FALSE"}
+_INT_RE = re.compile(r"[-+]?(0|[1-9][0-9]*)")
+_FLOAT_RE = re.compile(r"[-+]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][-+]?[0-9]+)?")
+_SPECIAL_FLOATS = {
+    ".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan,
+    "inf": math.inf, "+inf": math.inf, "-inf": -math.inf, "nan": math.nan,
+    "infinity": math.inf, "+infinity": math.inf, "-infinity": -math.inf,
+}  # fmt: skip
+
+
+# -- attribute codec -------------------------------------------------------------------
+
+
+def decode_attr(text: Any) -> Any:
+    """Decode one stored attribute value to Python, never evaluating code.
+
+    Rules, in order: ``''``/``'None'``/``'null'``/``'~'`` -> None;
+    ``True``/``False`` (any case used by YAML or Python) -> bool; integers
+    without leading zeros -> int; decimal floats, ``inf``/``nan`` and YAML's
+    ``.inf``/``.nan`` -> float; ``[...]``/``{...}`` -> list/dict when it is a
+    Python literal (``ast.literal_eval``) or JSON, or a YAML flow list of
+    numbers/bools; a quoted string -> its content; anything else -> the text
+    itself (so ``'[S  1]'`` and ``'1970-01-01 00:01:01'`` stay strings).
+    Non-string values (numeric attributes) are returned as Python scalars/lists.
+    """
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    if not isinstance(text, str):
+        if isinstance(text, np.ndarray):
+            items = text.tolist()
+            return [decode_attr(item) if isinstance(item, bytes) else item for item in items]
+        if isinstance(text, np.generic):
+            return text.item()
+        return text
+    stripped = text.strip()
+    if stripped in _NONE_TEXTS:
+        return None
+    if stripped in _TRUE_TEXTS:
+        return True
+    if stripped in _FALSE_TEXTS:
+        return False
+    if _INT_RE.fullmatch(stripped):
+        return int(stripped)
+    if _FLOAT_RE.fullmatch(stripped):
+        return float(stripped)
+    special = _SPECIAL_FLOATS.get(stripped.lower())
+    if special is not None:
+        return special
+    if len(stripped) >= 2 and stripped[0] + stripped[-1] in ("[]", "{}"):
+        return _decode_container(text, stripped)
+    if len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "'\"":
+        try:
+            unquoted = yaml.safe_load(stripped)
+        except yaml.YAMLError:
+            return text
+        return unquoted if isinstance(unquoted, str) else text
+    return text
+
+
+def _decode_container(text: str, stripped: str) -> Any:
+    if len(stripped) > 1_000_000:  # not an annotation; do not parse it
+        return text
+    try:
+        return ast.literal_eval(stripped)  # literals only: no names, calls or operators
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    try:
+        return json.loads(stripped)
+    except ValueError:
+        pass
+    try:
+        loaded = yaml.safe_load(stripped)
+    except yaml.YAMLError:
+        return text
+    if isinstance(loaded, list):
+        items = [decode_attr(item) if isinstance(item, str) else item for item in loaded]
+        if all(item is None or isinstance(item, (bool, int, float)) for item in items):
+            return items
+    return text
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality that tells 1, 1.0 and True apart and treats NaN as equal to NaN."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return (math.isnan(a) and math.isnan(b)) or a == b
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _yaml_reads(text: str, value: Any) -> bool:
+    """Whether a YAML loader (the original library's decoder) reads ``text`` as ``value``."""
+    try:
+        return _same(yaml.safe_load(text), value)
+    except yaml.YAMLError:
+        return False
+
+
+def encode_attr(value: Any, stored: str | None = None) -> str:
+    """Encode a Python value as an attribute string both neurocube and offspect read back.
+
+    Parameters
+    ----------
+    value
+        None, bool, int, float, str, or a list/dict of those (NumPy scalars and
+        arrays are converted).
+    stored
+        The string currently stored for this key, if any. When it already
+        decodes to ``value`` it is returned unchanged (the file keeps its
+        encoding byte for byte); a None keeps the ``'None'`` spelling if that is
+        what the key used.
+
+    Returns
+    -------
+    str
+        ``''`` for None (YAML's empty scalar), ``True``/``False``, ``str(int)``,
+        floats as YAML floats (``1000.0``, ``1.0e-05``, ``.inf``, ``.nan``),
+        strings as themselves unless they would read back as something else
+        (then JSON-quoted, which YAML also reads), lists as ``str(list)`` when
+        that reads back, else JSON.
+    """
+    value = _plain(value)
+    if stored is not None and _same(decode_attr(stored), value):
+        return stored
+    if value is None:
+        return "None" if stored is not None and stored.strip() == "None" else ""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ".nan"
+        if math.isinf(value):
+            return ".inf" if value > 0 else "-.inf"
+        text = repr(value)
+        if _yaml_reads(text, value):
+            return text
+        return str(yaml.safe_dump(value)).splitlines()[0]
+    if isinstance(value, str):
+        if _same(decode_attr(value), value) and "\n" not in value and (
+            _yaml_reads(value, value) or not _looks_structured(value)
+        ):
+            return value
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, dict)):
+        value = _plain_nested(value)
+        text = str(value)
+        if _same(decode_attr(text), value) and _yaml_reads(text, value):
+            return text
+        try:
+            return json.dumps(value, ensure_ascii=False, allow_nan=False)
+        except ValueError:
+            return text
+    return encode_attr(str(value), stored)
+
+
+def _plain_nested(value: Any) -> Any:
+    value = _plain(value)
+    if isinstance(value, list):
+        return [_plain_nested(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain_nested(v) for k, v in value.items()}
+    return value
+
+
+def _looks_structured(text: str) -> bool:
+    """Whether a YAML loader might read ``text`` as a non-string (mapping, list, tag, ...)."""
+    stripped = text.strip()
+    return bool(stripped) and (
+        stripped[0] in "[{&*!|>'\"%@`#-?:," or ": " in stripped or " #" in stripped
+    )
+
+
+# -- scanning a file -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TraceEntry:
+    """One trace: where it lives, its shape and dtype, and its raw attribute strings."""
+
+    origin: str
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    attrs: dict[str, Any] = field(hash=False, compare=False)
+
+
+@dataclass
+class TraceCatalog:
+    """Everything :func:`open_traces` needs from a cache, read in one pass."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    origins: list[str]
+    origin_attrs: dict[str, dict[str, Any]]
+    traces: list[TraceEntry]
+
+
+def _trace_sort_key(name: str) -> tuple[int, int, str]:
+    return (0, int(name), "") if _INT_RE.fullmatch(name) else (1, 0, name)
+
+
+def _text(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return _text(value[()])
+    return value
+
+
+def read_raw_attrs(obj: Any) -> dict[str, Any]:
+    """Read every attribute of an h5py object, strings as ``str`` (not decoded further).
+
+    Uses h5py's low-level attribute calls (about a third faster than
+    ``dict(obj.attrs)`` for the thousands of small string attributes of a
+    trace cache); falls back to the high-level API for unusual attributes.
+    """
+    import h5py
+
+    out: dict[str, Any] = {}
+    oid = obj.id
+    try:
+        count = h5py.h5a.get_num_attrs(oid)
+        for index in range(count):
+            attr = h5py.h5a.open(oid, index=index)
+            name = attr.name.decode("utf-8", errors="replace")
+            shape = attr.shape
+            if shape is None:  # null dataspace
+                out[name] = None
+                continue
+            buffer = np.empty(shape, dtype=attr.dtype)
+            attr.read(buffer)
+            value = buffer[()] if buffer.ndim == 0 else buffer
+            out[name] = _text(value) if not isinstance(value, np.ndarray) else value
+    except (OSError, TypeError, ValueError):
+        out = {str(k): _text(v) for k, v in obj.attrs.items()}
+    return out
+
+
+def _origin_groups(h5: Any, path: str) -> list[tuple[str, Any]]:
+    import h5py
+
+    groups = []
+    for origin in h5.keys():  # HDF5 name order, as the original library iterates
+        group = h5[origin]
+        if not isinstance(group, h5py.Group) or _TRACES not in group:
+            raise FormatError(
+                f"{path}: expected every root member to be an origin group holding a "
+                f"'{_TRACES}' group (the offspect layout); {origin!r} is not. For spectral caches "
+                "use neurocube.open_spectral."
+            )
+        groups.append((str(origin), group[_TRACES]))
+    return groups
+
+
+def scan_traces(path: str | os.PathLike[str]) -> TraceCatalog:
+    """Read the catalog of a trace cache: origins, trace names, shapes and raw attributes.
+
+    Reads no trace data. Raises :class:`~neurocube.errors.FormatError` if the
+    file is not in the offspect layout.
+    """
+    import h5py
+
+    key = stat_key(path)
+    local = key[0]
+    with pooled_file(*key) as h5:
+        groups = _origin_groups(h5, local)
+        if not groups:
+            raise FormatError(
+                f"{local}: expected at least one origin group with traces (offspect layout); "
+                "found an empty file."
+            )
+        origin_attrs: dict[str, dict[str, Any]] = {}
+        traces: list[TraceEntry] = []
+        for origin, group in groups:
+            origin_attrs[origin] = read_raw_attrs(h5[origin])
+            for name in sorted(group.keys(), key=_trace_sort_key):
+                dset = group[name]
+                if not isinstance(dset, h5py.Dataset):
+                    raise FormatError(
+                        f"{local}: expected {origin}/{_TRACES}/{name} to be a trace dataset, "
+                        "found a group."
+                    )
+                traces.append(
+                    TraceEntry(
+                        origin=origin,
+                        name=str(name),
+                        shape=tuple(int(n) for n in dset.shape),
+                        dtype=np.dtype(dset.dtype).str,
+                        attrs=read_raw_attrs(dset),
+                    )
+                )
+    return TraceCatalog(local, key[1], key[2], [o for o, _ in groups], origin_attrs, traces)
+
+
+def guess_traces(path: str | os.PathLike[str]) -> bool:
+    """Return True if ``path`` looks like a TMS trace cache (HDF5 + origin/traces groups).
+
+    Never raises.
+    """
+    try:
+        if not is_hdf5(path):
+            return False
+        with open_hdf5(path) as h5:
+            names = list(h5.keys())
+            if not names:
+                return False
+            import h5py
+
+            return all(
+                isinstance(h5[n], h5py.Group) and isinstance(h5[n].get(_TRACES), h5py.Group)
+                for n in names
+            )
+    except Exception:
+        return False
+
+
+def locate_trace(h5: Any, index: int, path: str) -> tuple[str, str]:
+    """Return ``(origin, trace name)`` of global trace ``index`` in an open cache.
+
+    Raises
+    ------
+    SelectionError
+        If ``index`` is not an int in ``[0, n_traces)``.
+    """
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+        raise SelectionError(f"{path}: a trace index must be an int, got {index!r}")
+    index = int(index)
+    start = 0
+    for origin, group in _origin_groups(h5, path):
+        count = len(group)
+        if 0 <= index < start + count:
+            names = sorted(group.keys(), key=_trace_sort_key)
+            return origin, str(names[index - start])
+        start += count
+    raise SelectionError(
+        f"{path}: no trace {index}; the file holds {start} traces (indices 0..{start - 1})."
+    )
+
+
+def attrs_token(raw: Mapping[str, Any]) -> str:
+    """Return a short hash of a trace's raw attributes (detects a change between read and write)."""
+    text = json.dumps({k: str(v) for k, v in sorted(raw.items())}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# -- the Dataset -----------------------------------------------------------------------
+
+
+def _column(values: Sequence[Any], raws: Sequence[Any]) -> tuple[np.ndarray, str]:
+    """Type one attribute column: bool, int, float (NaN = missing), float 2-D, or str."""
+    present = [v for v in values if v is not None]
+    n = len(values)
+    if not present:
+        return np.full(n, "", dtype=str), "str"
+    if all(isinstance(v, bool) for v in present):
+        if len(present) == n:
+            return np.array(values, dtype=bool), "bool"
+        return np.array([np.nan if v is None else float(v) for v in values]), "float"
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present)
+    if numeric:
+        if len(present) == n and all(isinstance(v, int) for v in present):
+            if all(-(2**63) <= v < 2**63 for v in present):
+                return np.array(values, dtype=np.int64), "int"
+        return np.array([np.nan if v is None else float(v) for v in values]), "float"
+    if all(isinstance(v, str) for v in present):
+        return np.array(["" if v is None else v for v in values], dtype=str), "str"
+    if all(
+        isinstance(v, list)
+        and v
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        for v in present
+    ):
+        widths = {len(v) for v in present}
+        if len(widths) == 1:
+            width = widths.pop()
+            table = np.full((n, width), np.nan)
+            for row, v in enumerate(values):
+                if v is not None:
+                    table[row] = v
+            return table, "float2d"
+    texts = ["" if v is None else (r if isinstance(r, str) else str(r)) for v, r in zip(
+        values, raws, strict=True
+    )]
+    return np.array(texts, dtype=str), "text"
+
+
+def open_traces(
+    path: str | os.PathLike[str],
+    *,
+    traces_per_chunk: int | None = None,
+    ragged: str = "pad",
+) -> xr.Dataset:
+    """Open a TMS trace cache lazily.
+
+    Parameters
+    ----------
+    path
+        An offspect ``.hdf5`` cache.
+    traces_per_chunk
+        Traces per Dask chunk; by default about 256 KiB of samples per chunk
+        (between 16 and 1024 traces).
+    ragged
+        What to do when traces differ in length: ``"pad"`` (default) pads the
+        shorter ones with NaN (integer data becomes float64) and the true
+        lengths are in the ``n_samples`` coord; ``"error"`` refuses.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``data(trace, sample)`` for 1-D traces or ``data(trace, sample, channel)``
+        for 2-D ones, a Dask array; coords ``trace`` (the global index),
+        ``origin``, ``name`` (the dataset name), ``n_samples``, and one coord
+        per attribute key along ``trace`` (origin keys included, as the
+        original copies them onto traces): bool, int64, float64 (NaN where a
+        trace has no value), a 2-D float ``(trace, <key>_index)`` for numeric
+        lists such as ``xyz_coords``, or str (``""`` where missing; mixed or
+        non-numeric lists keep their stored text). A key named like a
+        neurocube coord gets an ``attr_`` prefix. ``attrs`` holds
+        ``origin_attrs`` (the raw origin annotations per origin) and
+        ``neurocube_sources``. Exact per-trace values: :func:`neurocube.traces.get_attrs`.
+
+    Raises
+    ------
+    DataNotFoundError
+        If the file does not exist.
+    FormatError
+        If it is not an offspect cache, traces mix 1-D and 2-D or channel
+        counts, or (``ragged="error"``) differ in length.
+    """
+    if ragged not in ("pad", "error"):
+        raise ValueError(f"ragged must be 'pad' or 'error', got {ragged!r}")
+    catalog = scan_traces(path)
+    return dataset_from_catalog(catalog, traces_per_chunk=traces_per_chunk, ragged=ragged)
+
+
+def dataset_from_catalog(
+    catalog: TraceCatalog, *, traces_per_chunk: int | None = None, ragged: str = "pad"
+) -> xr.Dataset:
+    """Build the lazy Dataset of :func:`open_traces` from a scanned catalog."""
+    local = catalog.path
+    traces = catalog.traces
+    if not traces:
+        raise FormatError(f"{local}: the cache holds origins {catalog.origins} but no traces.")
+    ndims = {len(t.shape) for t in traces}
+    if not ndims <= {1, 2} or len(ndims) > 1:
+        raise FormatError(
+            f"{local}: traces must all be 1-D (samples,) or all 2-D (samples, channels); found "
+            f"{sorted(ndims)}-D traces (e.g. {_example(traces, lambda t: len(t.shape) != 1)})."
+        )
+    two_d = ndims == {2}
+    n_channels: int | None = None
+    if two_d:
+        channel_counts = {t.shape[1] for t in traces}
+        if len(channel_counts) > 1:
+            raise FormatError(
+                f"{local}: traces have different channel counts {sorted(channel_counts)}; "
+                "they cannot share a channel dim. Open origins separately or re-create the cache."
+            )
+        n_channels = channel_counts.pop()
+    lengths = tuple(t.shape[0] for t in traces)
+    equal = len(set(lengths)) == 1
+    if not equal and ragged == "error":
+        raise FormatError(
+            f"{local}: traces differ in length ({min(lengths)} to {max(lengths)} samples); "
+            "pass ragged='pad' to pad them with NaN."
+        )
+    dtype = np.result_type(*{np.dtype(t.dtype) for t in traces})
+    if not equal and not np.issubdtype(dtype, np.inexact):
+        dtype = np.dtype(np.float64)
+    spec = TraceStackSpec(
+        path=local,
+        size=catalog.size,
+        mtime_ns=catalog.mtime_ns,
+        datasets=tuple(f"/{t.origin}/{_TRACES}/{t.name}" for t in traces),
+        lengths=lengths,
+        n_channels=n_channels,
+        dtype=dtype.str,
+    )
+    if traces_per_chunk is None:
+        row_bytes = max(1, max(lengths) * (n_channels or 1) * dtype.itemsize)
+        traces_per_chunk = int(min(1024, max(16, (256 * 2**10) // row_bytes)))
+    array = trace_stack_dask_array(spec, traces_per_chunk)
+    dims = ("trace", "sample", "channel") if two_d else ("trace", "sample")
+    n = len(traces)
+    coords: dict[str, Any] = {
+        "trace": ("trace", np.arange(n, dtype=np.int64)),
+        "origin": ("trace", np.array([t.origin for t in traces], dtype=str)),
+        "name": ("trace", np.array([t.name for t in traces], dtype=str)),
+        "n_samples": ("trace", np.array(lengths, dtype=np.int64)),
+        "sample": ("sample", np.arange(max(lengths), dtype=np.int64)),
+    }
+    if two_d and n_channels is not None:
+        coords["channel"] = ("channel", _channel_labels(catalog, n_channels))
+    keys: dict[str, None] = {}
+    for origin in catalog.origins:
+        keys.update(dict.fromkeys(catalog.origin_attrs[origin]))
+    for t in traces:
+        keys.update(dict.fromkeys(t.attrs))
+    for key in keys:
+        raws = [
+            t.attrs.get(key, catalog.origin_attrs[t.origin].get(key)) for t in traces
+        ]
+        values = [None if r is None else decode_attr(r) for r in raws]
+        column, kind = _column(values, raws)
+        coord = f"attr_{key}" if key in RESERVED_COORDS else key
+        if kind == "float2d":
+            coords[coord] = (("trace", f"{coord}_index"), column)
+        else:
+            coords[coord] = ("trace", column)
+    origin_attrs = {
+        origin: {k: (v if isinstance(v, str) else json.dumps(decode_attr(v))) for k, v in a.items()}
+        for origin, a in catalog.origin_attrs.items()
+    }
+    attrs = {
+        "neurocube_sources": [local],
+        "neurocube_format": "offspect",
+        "origin_attrs": origin_attrs,
+        "ragged": not equal,
+    }
+    return xr.Dataset({"data": (dims, array)}, coords=coords, attrs=attrs)
+
+
+def _example(traces: Iterable[TraceEntry], predicate: Any) -> str:
+    for t in traces:
+        if predicate(t):
+            return f"{t.origin}/{_TRACES}/{t.name} {t.shape}"
+    return "?"
+
+
+def _channel_labels(catalog: TraceCatalog, n_channels: int) -> np.ndarray:
+    found = set()
+    for origin in catalog.origins:
+        labels = decode_attr(catalog.origin_attrs[origin].get("channel_labels", ""))
+        if isinstance(labels, list) and all(isinstance(x, str) for x in labels):
+            found.add(tuple(labels))
+        else:
+            found.add(None)
+    if len(found) == 1:
+        only = found.pop()
+        if only is not None and len(only) == n_channels and len(set(only)) == n_channels:
+            return np.array(only, dtype=str)
+    return np.arange(n_channels, dtype=np.int64)
