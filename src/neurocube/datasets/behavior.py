@@ -1,0 +1,1392 @@
+"""Behaviour-tracking datasets (the ``mosaic`` layout) as lazy xarray Datasets.
+
+>>> ds = neurocube.open_behavior("path/to/dataset")          # doctest: +SKIP
+>>> long = ds.tracks(groups="g1", columns=["X", "Y"])        # doctest: +SKIP
+>>> dense = ds.to_dense(sequences=["s1", "s2"])              # doctest: +SKIP
+
+:func:`open_behavior` reads the manifest and the index CSVs only.
+:meth:`BehaviorDataset.tracks` reads the parquet footers of the selected files
+and returns a Dask-backed Dataset: the long form (one ``row`` per (frame, id),
+chunked by parquet row groups) or, with ``dense=True`` / :meth:`to_dense`, the
+``movement`` convention ``position(frame, space, keypoint, individual)`` plus
+``confidence``, with a ``sequence`` dim when several sequences are stacked.
+Labels come as a lazy event table (:meth:`labels`) or a dense per-frame array
+aligned with the dense tracks (:meth:`labels_dense`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import xarray as xr
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+
+from neurocube.catalog.behavior import (
+    STD_FORMAT_UNITS,
+    BehaviorCatalog,
+    Manifest,
+    split_list_cell,
+    std_format_of,
+)
+from neurocube.errors import (
+    DataNotFoundError,
+    FormatError,
+    NeurocubeWarning,
+    SelectionError,
+)
+from neurocube.sources.files import open_file
+from neurocube.sources.parquet import (
+    ParquetChunkSpec,
+    ParquetFileInfo,
+    common_dtypes,
+    lazy_columns,
+    plan_chunks,
+    read_parquet_info,
+    read_table,
+)
+
+__all__ = ["BehaviorDataset", "TrackFile", "open_behavior", "read_npz_headers"]
+
+KEY_COLUMNS = ("frame", "time", "id")
+STRING_KEYS = ("group", "sequence")
+_POSITION_RE = re.compile(r"^(X|Y|VX|VY|SPEED|poseX\d+|poseY\d+)(#.*)?$")
+_POSE_RE = re.compile(r"^pose([XYP])(\d+)$")
+_DEFAULT_FRAME_CHUNK = 16384
+
+
+def open_behavior(
+    path: str | os.PathLike[str],
+    *,
+    path_map: Mapping[str, str] | None = None,
+    run_id: str | None = None,
+) -> BehaviorDataset:
+    """Open a behaviour dataset: read its manifest and index CSVs, nothing else.
+
+    Parameters
+    ----------
+    path
+        The dataset folder, or its ``dataset.yaml`` / ``.yml`` / ``.json``.
+    path_map
+        ``{old prefix: new prefix}`` for absolute paths in the indexes that no
+        longer exist (the dataset moved); the longest prefix wins.
+    run_id
+        Use this tracks run instead of the newest run per (group, sequence).
+
+    Returns
+    -------
+    BehaviorDataset
+
+    Raises
+    ------
+    DataNotFoundError
+        If there is no manifest.
+    FormatError
+        If the manifest is malformed.
+    """
+    return BehaviorDataset(BehaviorCatalog(path, path_map=path_map), run_id=run_id)
+
+
+@dataclass(frozen=True)
+class TrackFile:
+    """One selected tracks file: where it is, what it holds, and its footer."""
+
+    group: str
+    sequence: str
+    path: str
+    std_format: str
+    units: str
+    info: ParquetFileInfo
+    scale: float = 1.0
+
+
+class BehaviorDataset:
+    """A behaviour dataset: manifest, indexes, and lazy tracks and labels.
+
+    Build it with :func:`open_behavior`.
+    """
+
+    def __init__(self, catalog: BehaviorCatalog, *, run_id: str | None = None) -> None:
+        self.catalog = catalog
+        self.run_id = run_id
+
+    def __repr__(self) -> str:
+        try:
+            n = len(self.catalog.pairs())
+        except (DataNotFoundError, FormatError):
+            n = 0
+        return f"<BehaviorDataset {self.manifest.name!r} at {self.root}: {n} sequences>"
+
+    # -- manifest and paths (delegated) ------------------------------------------------
+
+    @property
+    def manifest(self) -> Manifest:
+        """The dataset manifest."""
+        return self.catalog.manifest
+
+    @property
+    def root(self) -> Path:
+        """The dataset folder."""
+        return self.catalog.root
+
+    @property
+    def fps_default(self) -> float | None:
+        """``meta.fps_default`` of the manifest (None when absent)."""
+        return self.manifest.fps_default
+
+    def get_root(self, key: str) -> Path:
+        """Return the absolute folder of a named root (see :meth:`Manifest.get_root`)."""
+        return self.manifest.get_root(key)
+
+    def set_root(self, key: str, path: str | os.PathLike[str]) -> Path:
+        """Set a named root inside the dataset and create its folder (manifest saved)."""
+        folder = self.manifest.set_root(key, path)
+        self.manifest.save()
+        return folder
+
+    def ensure_roots(self) -> list[Path]:
+        """Create the root folders that lie inside the dataset; return those created."""
+        return self.manifest.ensure_roots()
+
+    def remap_roots(self, path_map: Mapping[str, str], *, dry_run: bool = False) -> dict[str, str]:
+        """Remap absolute roots by longest prefix and save the manifest (unless ``dry_run``)."""
+        changes = self.manifest.remap_roots(path_map, dry_run=dry_run)
+        if changes and not dry_run:
+            self.manifest.save()
+            self.catalog.invalidate()
+        return changes
+
+    def resolve_path(self, path: str | os.PathLike[str]) -> Path:
+        """Resolve a stored path (relative to the dataset, or absolute through ``path_map``)."""
+        return self.catalog.resolve_path(path)
+
+    def make_portable(self, *, dry_run: bool = False) -> dict[str, int]:
+        """Turn absolute paths inside the dataset into relative ones (manifest and indexes)."""
+        return self.catalog.make_portable(dry_run=dry_run)
+
+    def rewrite_index_paths(
+        self, path_map: Mapping[str, str], *, dry_run: bool = False
+    ) -> dict[str, int]:
+        """Rewrite index paths through ``path_map`` on disk (atomic; never outside the dataset)."""
+        return self.catalog.rewrite_index_paths(path_map, dry_run=dry_run)
+
+    # -- listing -------------------------------------------------------------------------
+
+    def list_groups(self) -> list[str]:
+        """Return the sorted group names of ``tracks/index.csv``."""
+        return self.catalog.list_groups()
+
+    def list_sequences(self, group: str | None = None) -> list[str]:
+        """Return the sorted sequence names (of one group when given)."""
+        return self.catalog.list_sequences(group)
+
+    def sequence_metadata(
+        self, level_names: Sequence[str] | None = None, separator: str = "__"
+    ) -> pd.DataFrame:
+        """Return one row per sequence with index columns and parsed hierarchy levels."""
+        return self.catalog.sequence_metadata(level_names, separator)
+
+    def query_sequences(self, **criteria: str | None) -> list[tuple[str, str]]:
+        """Return (group, sequence) pairs by prefix / suffix / substring of their names.
+
+        Keywords: ``group_contains, group_startswith, group_endswith,
+        sequence_contains, sequence_startswith, sequence_endswith``.
+        """
+        return self.catalog.query_sequences(**criteria)
+
+    # -- files -----------------------------------------------------------------------------
+
+    def track_files(
+        self,
+        groups: str | Iterable[str] | None = None,
+        sequences: str | Iterable[str] | None = None,
+        *,
+        pairs: Iterable[tuple[str, str]] | None = None,
+        run_id: str | None = None,
+    ) -> list[TrackFile]:
+        """Return the selected tracks files with their footers (reads footers only).
+
+        Raises
+        ------
+        SelectionError
+            If a group / sequence / run is not in the index, or nothing is selected.
+        DataNotFoundError
+            If an indexed parquet file is missing.
+        """
+        table = self.catalog.select(groups, sequences, run_id or self.run_id)
+        if pairs is not None:
+            wanted = {(str(g), str(s)) for g, s in pairs}
+            have = set(zip(table["group"], table["sequence"], strict=True))
+            missing = wanted - have
+            if missing:
+                raise SelectionError(
+                    f"{self.catalog.index_path('tracks')}: no tracks for {sorted(missing)}"
+                )
+            keep = [
+                (g, s) in wanted for g, s in zip(table["group"], table["sequence"], strict=True)
+            ]
+            table = table[keep]
+        if table.empty:
+            raise SelectionError(
+                f"{self.catalog.index_path('tracks')}: the selection (groups={groups!r}, "
+                f"sequences={sequences!r}) matches no tracks"
+            )
+        files = []
+        for _, row in table.iterrows():
+            path = self.catalog.resolve_path(row["abs_path"])
+            if not path.is_file():
+                raise DataNotFoundError(
+                    f"{path}: tracks file of group {row['group']!r}, sequence {row['sequence']!r} "
+                    f"(index {self.catalog.index_path('tracks')}) does not exist. If the dataset "
+                    "moved, open it with path_map={old_prefix: new_prefix}."
+                )
+            std_format = std_format_of(str(row.get("std_format", "")))
+            units = STD_FORMAT_UNITS.get(std_format)
+            if units is None:
+                raise FormatError(
+                    f"{path}: unknown std_format {std_format!r} in the tracks index; known: "
+                    f"{sorted(STD_FORMAT_UNITS)}"
+                )
+            info = read_parquet_info(path)
+            files.append(
+                TrackFile(row["group"], row["sequence"], info.path, std_format, units, info)
+            )
+        return files
+
+    def _convert_units(
+        self,
+        files: list[TrackFile],
+        units: str | None,
+        cm_per_pixel: float | Mapping[Any, float] | None,
+    ) -> tuple[list[TrackFile], str]:
+        families = sorted({f.units for f in files})
+        if units is None:
+            if len(families) > 1:
+                by_family = {
+                    fam: sorted({f.std_format for f in files if f.units == fam}) for fam in families
+                }
+                raise FormatError(
+                    f"dataset {self.root}: the selection mixes unit families {by_family}; "
+                    "positions in pixels and centimetres cannot share one Dataset. Pass "
+                    "units='cm' (or 'pixels') with cm_per_pixel=<float or {(group, sequence): "
+                    "float}> to convert, or select sequences of one family."
+                )
+            return files, families[0]
+        if units not in ("cm", "pixels"):
+            raise SelectionError(f"units must be 'cm' or 'pixels', got {units!r}")
+        out = []
+        for f in files:
+            if f.units == units:
+                out.append(f)
+                continue
+            factor = _lookup_cm_per_pixel(cm_per_pixel, f.group, f.sequence)
+            if factor is None:
+                raise FormatError(
+                    f"{f.path}: stored in {f.units} ({f.std_format}); converting to {units} needs "
+                    f"cm_per_pixel for ({f.group!r}, {f.sequence!r}). Pass cm_per_pixel=<float> "
+                    "or a mapping keyed by (group, sequence) or sequence."
+                )
+            scale = factor if units == "cm" else 1.0 / factor
+            out.append(replace(f, scale=scale, units=units))
+        return out, units
+
+    def _frame_range(
+        self,
+        start_frame: int | None,
+        end_frame: int | None,
+        start_time: float | None,
+        end_time: float | None,
+    ) -> tuple[int | None, int | None]:
+        if start_time is not None or end_time is not None:
+            fps = self.fps_default
+            if fps is None or fps <= 0:
+                raise FormatError(
+                    f"{self.manifest.path}: start_time/end_time need meta.fps_default in the "
+                    "manifest (frame = time x fps); set it, or filter with start_frame/end_frame."
+                )
+            if start_time is not None:
+                t_frame = math.ceil(start_time * fps - 1e-9)
+                start_frame = t_frame if start_frame is None else max(start_frame, t_frame)
+            if end_time is not None:
+                t_frame = math.ceil(end_time * fps - 1e-9)
+                end_frame = t_frame if end_frame is None else min(end_frame, t_frame)
+        if start_frame is not None and end_frame is not None and end_frame < start_frame:
+            raise SelectionError(f"end_frame {end_frame} is before start_frame {start_frame}")
+        return start_frame, end_frame
+
+    # -- tracks: long form -----------------------------------------------------------------
+
+    def tracks(
+        self,
+        groups: str | Iterable[str] | None = None,
+        sequences: str | Iterable[str] | None = None,
+        *,
+        columns: Sequence[str] | None = None,
+        with_keys: bool = True,
+        start_frame: int | None = None,
+        end_frame: int | None = None,
+        start_time: float | None = None,
+        end_time: float | None = None,
+        exact: bool = True,
+        units: str | None = None,
+        cm_per_pixel: float | Mapping[Any, float] | None = None,
+        min_chunk_rows: int = 65536,
+        dense: bool = False,
+        frame_chunk: int | None = None,
+        individuals: Sequence[int] | None = None,
+        run_id: str | None = None,
+        pairs: Iterable[tuple[str, str]] | None = None,
+    ) -> xr.Dataset:
+        """Return the selected tracks as one lazy Dataset.
+
+        Parameters
+        ----------
+        groups, sequences
+            Names (or lists of names) to keep; None keeps all. ``pairs`` (a list
+            of (group, sequence), e.g. from :meth:`query_sequences`) narrows further.
+        columns
+            Data columns to read (default: every numeric column). Only these,
+            plus the key columns ``frame, time, id`` when ``with_keys``, are read.
+        with_keys
+            Read ``frame, time, id`` as coordinates along ``row``.
+        start_frame, end_frame
+            Keep frames in ``[start_frame, end_frame)``; pushed down to row-group statistics.
+        start_time, end_time
+            The same in seconds, converted with the manifest's ``meta.fps_default``.
+        exact
+            With a frame filter, drop the rows outside the range exactly: the
+            ``frame`` column of the (at most two per file) row groups that
+            straddle a bound is read now to size the chunks. ``exact=False``
+            reads nothing now and keeps those row groups whole.
+        units, cm_per_pixel
+            Convert positions to ``"cm"`` or ``"pixels"``; needed when the
+            selection mixes unit families (refused otherwise).
+        min_chunk_rows
+            Merge consecutive row groups into chunks of at least this many rows.
+        dense, frame_chunk, individuals
+            Return the dense view instead (see :meth:`to_dense`).
+        run_id
+            Use this tracks run instead of the newest.
+
+        Returns
+        -------
+        xarray.Dataset
+            Long form: dim ``row``; coords ``frame, time, id, group, sequence``;
+            one variable per data column. Attrs record ``std_formats``,
+            ``units``, ``neurocube_sources`` and the filter.
+        """
+        if dense:
+            return self.to_dense(
+                groups,
+                sequences,
+                columns=columns,
+                start_frame=start_frame,
+                end_frame=end_frame,
+                start_time=start_time,
+                end_time=end_time,
+                units=units,
+                cm_per_pixel=cm_per_pixel,
+                frame_chunk=frame_chunk,
+                individuals=individuals,
+                run_id=run_id,
+                pairs=pairs,
+            )
+        lo, hi = self._frame_range(start_frame, end_frame, start_time, end_time)
+        files = self.track_files(groups, sequences, pairs=pairs, run_id=run_id)
+        files, unit_family = self._convert_units(files, units, cm_per_pixel)
+        infos = [f.info for f in files]
+        data_columns = _choose_columns(files, columns)
+        keys = [k for k in KEY_COLUMNS if with_keys and any(k in i.dtypes for i in infos)]
+        out_columns = [*keys, *data_columns]
+        dtypes = common_dtypes(infos, out_columns)
+        dtypes = [
+            "float64"
+            if _POSITION_RE.match(c)
+            and np.dtype(dt).kind != "f"
+            and any(f.scale != 1.0 for f in files)
+            else dt
+            for c, dt in zip(out_columns, dtypes, strict=True)
+        ]
+        filtering = lo is not None or hi is not None
+        if filtering:
+            for f in files:
+                if "frame" not in f.info.dtypes:
+                    raise FormatError(f"{f.path}: no 'frame' column; cannot filter by frame")
+        specs: list[ParquetChunkSpec] = []
+        owners: list[TrackFile] = []
+        for f in files:
+            file_specs = plan_chunks(
+                f.info,
+                out_columns,
+                dtypes,
+                filter_column="frame" if filtering else None,
+                filter_range=(lo, hi) if filtering else None,
+                exact=exact,
+                min_chunk_rows=min_chunk_rows,
+            )
+            specs += file_specs
+            owners += [f] * len(file_specs)
+        arrays = lazy_columns(specs, out_columns, dtypes, name="tracks")
+        scaled = _scale_arrays(arrays, specs, owners)
+        coords: dict[str, Any] = {k: ("row", scaled[k]) for k in keys}
+        for key in STRING_KEYS:
+            values = [getattr(f, key) for f in owners]
+            coords[key] = ("row", _constant_strings(values, [s.n_rows for s in specs], key))
+        data_vars = {c: ("row", scaled[c]) for c in data_columns}
+        ds = xr.Dataset(data_vars, coords=coords)
+        attrs: dict[str, Any] = {
+            "neurocube_sources": [f.path for f in files],
+            "dataset": self.manifest.name,
+            "dataset_root": str(self.root),
+            "layout": "long",
+            "std_formats": sorted({f.std_format for f in files}),
+            "units": unit_family,
+            "frame_filter": ("exact" if exact else "row_groups") if filtering else "none",
+        }
+        if lo is not None:
+            attrs["start_frame"] = int(lo)
+        if hi is not None:
+            attrs["end_frame"] = int(hi)
+        if self.fps_default is not None:
+            attrs["fps"] = float(self.fps_default)
+        if any(f.scale != 1.0 for f in files):
+            attrs["unit_conversion"] = {
+                f"{f.group}/{f.sequence}": float(f.scale) for f in files if f.scale != 1.0
+            }
+        skipped = sorted({c for i in infos for c in i.other_columns} - set(STRING_KEYS))
+        if skipped:
+            attrs["skipped_columns"] = skipped
+        ds.attrs.update(attrs)
+        for c in data_columns:
+            if _POSITION_RE.match(c):
+                ds[c].attrs["units"] = unit_family
+        return ds
+
+    # -- tracks: dense view -------------------------------------------------------------------
+
+    def to_dense(
+        self,
+        groups: str | Iterable[str] | None = None,
+        sequences: str | Iterable[str] | None = None,
+        *,
+        columns: Sequence[str] | None = None,
+        start_frame: int | None = None,
+        end_frame: int | None = None,
+        start_time: float | None = None,
+        end_time: float | None = None,
+        units: str | None = None,
+        cm_per_pixel: float | Mapping[Any, float] | None = None,
+        frame_chunk: int | None = None,
+        individuals: Sequence[int] | None = None,
+        run_id: str | None = None,
+        pairs: Iterable[tuple[str, str]] | None = None,
+        stack: bool | None = None,
+    ) -> xr.Dataset:
+        """Return the selected tracks in the ``movement`` shape, lazily.
+
+        ``position(frame, space, keypoint, individual)`` and
+        ``confidence(frame, keypoint, individual)``; keypoints are the
+        ``poseX<k>/poseY<k>/poseP<k>`` columns (``k`` as the keypoint name), or a
+        single ``centroid`` keypoint from ``X, Y`` when there are no pose
+        columns. With pose columns, ``X, Y`` also give ``centroid(frame, space,
+        individual)``. A frame or (frame, id) with no row is NaN; when a
+        (frame, id) appears twice the last row wins.
+
+        The frame axis of a sequence runs from the smallest to the largest frame
+        of its footer statistics (clipped to the filter). Individuals are every
+        id between the smallest and largest ``id`` of the statistics, unless
+        ``individuals`` is given (rows of other ids are then dropped).
+
+        Several sequences (or ``stack=True``) add a leading ``sequence`` dim:
+        ``frame`` is then the offset from each sequence's first frame, padded
+        with NaN to the longest; ``frame_start(sequence)`` and
+        ``n_frames(sequence)`` keep the true start and length.
+
+        Parameters
+        ----------
+        columns
+            Extra data columns to add as ``(frame, individual)`` variables.
+        frame_chunk
+            Frames per chunk (default 16384).
+
+        Other Parameters
+        ----------------
+            As in :meth:`tracks`.
+        """
+        lo, hi = self._frame_range(start_frame, end_frame, start_time, end_time)
+        files = self.track_files(groups, sequences, pairs=pairs, run_id=run_id)
+        files, unit_family = self._convert_units(files, units, cm_per_pixel)
+        plan = _plan_dense(files, lo, hi, individuals, list(columns or []))
+        frame_chunk = int(frame_chunk or _DEFAULT_FRAME_CHUNK)
+        if frame_chunk <= 0:
+            raise SelectionError(f"frame_chunk must be positive, got {frame_chunk}")
+        stacked = len(files) > 1 if stack is None else bool(stack)
+        if len(files) > 1 and not stacked:
+            raise SelectionError(
+                "several sequences selected: they can only be stacked (stack=True)"
+            )
+        n_max = max(plan.lengths) if plan.lengths else 0
+        bounds = _chunk_bounds(n_max, frame_chunk)
+        token = tokenize("dense", [f.info for f in files], [f.scale for f in files], plan, bounds)
+        read_name = f"tracks-dense-read-{token}"
+        read_layer: dict[Any, Any] = {}
+        for s, f in enumerate(files):
+            for j, (a, b) in enumerate(bounds):
+                task = _DenseTask(
+                    spec=_dense_spec(
+                        f, plan, plan.starts[s] + a, plan.starts[s] + min(b, plan.lengths[s])
+                    ),
+                    frame_lo=plan.starts[s] + a,
+                    n_frames=b - a,
+                    n_valid=max(0, min(b, plan.lengths[s]) - a),
+                    plan=plan,
+                    scale=f.scale,
+                )
+                read_layer[(read_name, s, j)] = (_dense_chunk, task)
+        chunk_frames = tuple(b - a for a, b in bounds) or (0,)
+        n_kp, n_ind, n_seq = len(plan.keypoints), len(plan.individuals), len(files)
+        shapes = {
+            "position": ((2, n_kp, n_ind), (2,), (n_kp,), (n_ind,)),
+            "confidence": ((n_kp, n_ind), (n_kp,), (n_ind,)),
+        }
+        var_dims = {
+            "position": ("frame", "space", "keypoint", "individual"),
+            "confidence": ("frame", "keypoint", "individual"),
+        }
+        if plan.has_centroid:
+            shapes["centroid"] = ((2, n_ind), (2,), (n_ind,))
+            var_dims["centroid"] = ("frame", "space", "individual")
+        for c in plan.extra:
+            shapes[c] = ((n_ind,), (n_ind,))
+            var_dims[c] = ("frame", "individual")
+        data_vars: dict[str, Any] = {}
+        for var, (_, *rest) in shapes.items():
+            name = f"tracks-dense-{var}-{token}"
+            layer: dict[Any, Any] = {
+                (name, s, j, *([0] * len(rest))): (_pick_dense, (read_name, s, j), var, stacked)
+                for s in range(n_seq)
+                for j in range(len(bounds))
+            }
+            if not stacked:
+                layer = {(k[0], *k[2:]): v for k, v in layer.items()}
+            graph = HighLevelGraph(
+                {read_name: read_layer, name: layer}, {read_name: set(), name: {read_name}}
+            )
+            chunks: tuple[tuple[int, ...], ...] = (chunk_frames, *rest)
+            if stacked:
+                chunks = ((1,) * n_seq, *chunks)
+            dims = var_dims[var]
+            arr = da.Array(graph, name, chunks, dtype=np.float64)
+            data_vars[var] = (("sequence", *dims) if stacked else dims, arr)
+        coords: dict[str, Any] = {
+            "space": ["x", "y"],
+            "keypoint": list(plan.keypoints),
+            "individual": np.asarray(plan.individuals, dtype=np.int64),
+        }
+        fps = self.fps_default
+        if stacked:
+            coords["frame"] = np.arange(n_max, dtype=np.int64)
+            coords["group"] = ("sequence", np.asarray([f.group for f in files], dtype=str))
+            coords["sequence"] = np.asarray([f.sequence for f in files], dtype=str)
+            coords["frame_start"] = ("sequence", np.asarray(plan.starts, dtype=np.int64))
+            coords["n_frames"] = ("sequence", np.asarray(plan.lengths, dtype=np.int64))
+        else:
+            frames = np.arange(plan.starts[0], plan.starts[0] + plan.lengths[0], dtype=np.int64)
+            coords["frame"] = frames
+            if fps:
+                coords["time"] = ("frame", frames / fps)
+        ds = xr.Dataset(data_vars, coords=coords)
+        ds.attrs.update(
+            {
+                "neurocube_sources": [f.path for f in files],
+                "dataset": self.manifest.name,
+                "dataset_root": str(self.root),
+                "layout": "dense",
+                "std_formats": sorted({f.std_format for f in files}),
+                "units": unit_family,
+                "source_software": "neurocube (mosaic layout)",
+            }
+        )
+        if not stacked:
+            ds.attrs["group"] = files[0].group
+            ds.attrs["sequence"] = files[0].sequence
+        if fps:
+            ds.attrs["fps"] = float(fps)
+        for var in ("position", "centroid"):
+            if var in ds:
+                ds[var].attrs["units"] = unit_family
+        return ds
+
+    # -- labels ---------------------------------------------------------------------------------
+
+    def label_kinds(self) -> list[str]:
+        """Return the label kinds with an index (``behavior``, ``id_tags``, ...)."""
+        return self.catalog.label_kinds()
+
+    def label_map(self, kind: str = "behavior") -> dict[int, str]:
+        """Return ``{label id: label name}`` of a label kind, from its index CSV (no NPZ read).
+
+        Falls back to ``meta.labels.<kind>`` of the manifest when the index has no names.
+        """
+        table = self.catalog.read_index(f"labels/{kind}")
+        for _, row in table.iterrows():
+            ids = split_list_cell(str(row.get("label_ids", "")))
+            names = split_list_cell(str(row.get("label_names", "")))
+            if ids and len(ids) == len(names):
+                return {int(i): n for i, n in zip(ids, names, strict=True)}
+        meta = self.manifest.meta.get("labels", {})
+        entry = meta.get(kind, {}) if isinstance(meta, dict) else {}
+        ids_m, names_m = entry.get("label_ids"), entry.get("label_names")
+        if isinstance(ids_m, list) and isinstance(names_m, list) and len(ids_m) == len(names_m):
+            return {int(i): str(n) for i, n in zip(ids_m, names_m, strict=True)}
+        raise FormatError(
+            f"{self.catalog.index_path('labels/' + kind)}: no label_ids/label_names in the index "
+            "or the manifest; the names are only in the NPZ object arrays. Load them with "
+            "labels(kind, trusted=True) if you trust the files."
+        )
+
+    def _label_files(
+        self,
+        kind: str,
+        groups: str | Iterable[str] | None,
+        sequences: str | Iterable[str] | None,
+        run_id: str | None = None,
+    ) -> pd.DataFrame:
+        from neurocube.catalog.behavior import _filter_pairs
+
+        table = self.catalog.labels_table(kind, run_id)
+        table = _filter_pairs(table, groups, sequences, self.catalog.index_path(f"labels/{kind}"))
+        if table.empty:
+            raise SelectionError(f"no {kind} labels for groups={groups!r}, sequences={sequences!r}")
+        table = table.copy()
+        table["path"] = [str(self.catalog.resolve_path(p)) for p in table["abs_path"]]
+        return table
+
+    def labels(
+        self,
+        kind: str = "behavior",
+        groups: str | Iterable[str] | None = None,
+        sequences: str | Iterable[str] | None = None,
+        *,
+        trusted: bool = False,
+        run_id: str | None = None,
+    ) -> xr.Dataset:
+        """Return the label events of the selected sequences as a lazy table.
+
+        Reads only the NPZ member headers now. Variables along ``event``:
+        ``frames``, ``labels``, ``individual_ids(event, pair)`` (``[id, -1]`` one
+        animal, ``[a, b]`` a pair, ``[-1, -1]`` the scene); coords ``group`` and
+        ``sequence``; ``label_name(label_id)`` gives the names.
+
+        Label names come from the labels index CSV. The NPZ member
+        ``label_names`` is an object array that only pickle can load: it is
+        skipped (with a :class:`~neurocube.errors.NeurocubeWarning`) unless
+        ``trusted=True``, in which case the names are read from the first file.
+        """
+        table = self._label_files(kind, groups, sequences, run_id)
+        skipped: set[str] = set()
+        specs: list[_LabelSpec] = []
+        for _, row in table.iterrows():
+            headers = read_npz_headers(row["path"])
+            for required in ("frames", "labels"):
+                if required not in headers:
+                    raise FormatError(
+                        f"{row['path']}: label file has no {required!r} member; members are "
+                        f"{sorted(headers)} (expected the individual_pair_v1 layout)."
+                    )
+            skipped |= {name for name, (_, dt) in headers.items() if dt == "object"}
+            n = headers["frames"][0][0] if headers["frames"][0] else 0
+            has_pairs = "individual_ids" in headers
+            specs.append(_LabelSpec(row["path"], int(n), has_pairs, row["group"], row["sequence"]))
+        label_map = self._label_names(kind, table, skipped, trusted)
+        token = tokenize("labels", kind, [(s.path, _stat(s.path)) for s in specs])
+        read_name = f"labels-read-{token}"
+        read_layer: dict[Any, Any] = {
+            (read_name, i): (_read_label_events, s) for i, s in enumerate(specs)
+        }
+        chunks = tuple(s.n_events for s in specs)
+        out: dict[str, Any] = {}
+        for var, tail, dt in (
+            ("frames", (), "int64"),
+            ("labels", (), "int64"),
+            ("individual_ids", (2,), "int64"),
+        ):
+            name = f"labels-{var}-{token}"
+            layer: dict[Any, Any] = {
+                (name, i, *([0] * len(tail))): (_pick, (read_name, i), var)
+                for i in range(len(specs))
+            }
+            graph = HighLevelGraph(
+                {read_name: read_layer, name: layer}, {read_name: set(), name: {read_name}}
+            )
+            arr = da.Array(graph, name, (chunks, *((t,) for t in tail)), dtype=np.dtype(dt))
+            out[var] = (("event", "pair") if tail else ("event",), arr)
+        coords: dict[str, Any] = {
+            "group": ("event", _constant_strings([s.group for s in specs], list(chunks), "group")),
+            "sequence": (
+                "event",
+                _constant_strings([s.sequence for s in specs], list(chunks), "sequence"),
+            ),
+            "label_id": np.asarray(sorted(label_map), dtype=np.int64),
+        }
+        coords["label_name"] = (
+            "label_id",
+            np.asarray([label_map[i] for i in sorted(label_map)], dtype=str),
+        )
+        ds = xr.Dataset(out, coords=coords)
+        ds.attrs.update(
+            {
+                "neurocube_sources": [s.path for s in specs],
+                "label_kind": kind,
+                "label_formats": sorted(set(table.get("label_format", pd.Series([""])))),
+                "trusted": bool(trusted),
+            }
+        )
+        return ds
+
+    def _label_names(
+        self, kind: str, table: pd.DataFrame, skipped: set[str], trusted: bool
+    ) -> dict[int, str]:
+        if trusted:
+            for path in table["path"]:
+                with open_file(path, "rb") as fh, np.load(fh, allow_pickle=True) as npz:
+                    if "label_names" in npz.files and "label_ids" in npz.files:
+                        ids = np.asarray(npz["label_ids"]).tolist()
+                        names = [str(n) for n in np.asarray(npz["label_names"]).tolist()]
+                        return {int(i): n for i, n in zip(ids, names, strict=True)}
+        if skipped:
+            warnings.warn(
+                f"labels/{kind}: skipped NPZ object member(s) {sorted(skipped)} (loading them "
+                "needs pickle); label names come from the labels index CSV. Pass trusted=True "
+                "if you trust these files to load them.",
+                NeurocubeWarning,
+                stacklevel=3,
+            )
+        try:
+            return self.label_map(kind)
+        except FormatError:
+            known: set[int] = set()
+            for cell in table.get("label_ids", pd.Series([], dtype=str)):
+                known |= {int(i) for i in split_list_cell(cell)}
+            return {i: str(i) for i in sorted(known)}
+
+    def _events(
+        self, group: str, sequence: str, kind: str, run_id: str | None = None
+    ) -> dict[str, np.ndarray]:
+        table = self._label_files(kind, group, sequence, run_id)
+        row = table.iloc[0]
+        n = read_npz_headers(row["path"])["frames"][0]
+        spec = _LabelSpec(row["path"], int(n[0]) if n else 0, True, group, sequence)
+        return _read_label_events(spec)
+
+    def labels_for_individual(
+        self,
+        group: str,
+        sequence: str,
+        individual_id: int,
+        kind: str = "behavior",
+        frame_range: tuple[int, int] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Return the events involving ``individual_id`` (either slot of the pair), eagerly.
+
+        ``frame_range`` is ``(start, end)``, end exclusive.
+        """
+        ev = self._events(group, sequence, kind)
+        keep = (ev["individual_ids"] == individual_id).any(axis=1)
+        if frame_range is not None:
+            keep &= (ev["frames"] >= frame_range[0]) & (ev["frames"] < frame_range[1])
+        return {k: v[keep] for k, v in ev.items()}
+
+    def labels_at_frame(
+        self,
+        group: str,
+        sequence: str,
+        frame: int,
+        kind: str = "behavior",
+        individual_id: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Return the events at ``frame`` (of one individual when given), eagerly."""
+        ev = self._events(group, sequence, kind)
+        keep = ev["frames"] == frame
+        if individual_id is not None:
+            keep &= (ev["individual_ids"] == individual_id).any(axis=1)
+        return {k: v[keep] for k, v in ev.items()}
+
+    def labels_dense(
+        self,
+        kind: str = "behavior",
+        groups: str | Iterable[str] | None = None,
+        sequences: str | Iterable[str] | None = None,
+        *,
+        start_frame: int | None = None,
+        end_frame: int | None = None,
+        individuals: Sequence[int] | None = None,
+        frame_chunk: int | None = None,
+        pairs: Iterable[tuple[str, str]] | None = None,
+        stack: bool | None = None,
+    ) -> xr.Dataset:
+        """Return ``labels(frame, individual, label)`` booleans aligned with :meth:`to_dense`.
+
+        The frame and individual axes are those :meth:`to_dense` gives for the
+        same selection. An event ``[a, b]`` marks individual ``a`` (a symmetric
+        pair is stored both ways, so ``b`` gets its own event); ``[-1, -1]``
+        (the scene) marks every individual. Reads the label NPZ files only when
+        computed (their non-object members).
+        """
+        tracks = self.to_dense(
+            groups,
+            sequences,
+            start_frame=start_frame,
+            end_frame=end_frame,
+            individuals=individuals,
+            frame_chunk=frame_chunk,
+            pairs=pairs,
+            stack=stack,
+        )
+        stacked = "sequence" in tracks.dims
+        label_map = self.label_map(kind)
+        label_ids = sorted(label_map)
+        table = self._label_files(kind, None, None)
+        by_pair = {
+            (g, s): p
+            for g, s, p in zip(table["group"], table["sequence"], table["path"], strict=True)
+        }
+        if stacked:
+            seqs = list(
+                zip(
+                    tracks["group"].values.tolist(), tracks["sequence"].values.tolist(), strict=True
+                )
+            )
+            starts = tracks["frame_start"].values.tolist()
+            lengths = tracks["n_frames"].values.tolist()
+        else:
+            seqs = [(tracks.attrs["group"], tracks.attrs["sequence"])]
+            starts = [int(tracks["frame"].values[0]) if tracks.sizes["frame"] else 0]
+            lengths = [tracks.sizes["frame"]]
+        ind = tuple(int(i) for i in tracks["individual"].values)
+        position_chunks = tracks["position"].chunks
+        assert position_chunks is not None
+        frame_chunks = position_chunks[1 if stacked else 0]
+        token = tokenize(
+            "labels-dense",
+            kind,
+            seqs,
+            starts,
+            lengths,
+            ind,
+            label_ids,
+            frame_chunks,
+            [(_stat(by_pair[p]) if p in by_pair else None) for p in seqs],
+        )
+        name = f"labels-dense-{token}"
+        layer: dict[Any, Any] = {}
+        offset = 0
+        bounds = []
+        for size in frame_chunks:
+            bounds.append((offset, offset + size))
+            offset += size
+        for s, pair in enumerate(seqs):
+            path = by_pair.get(pair)
+            for j, (a, b) in enumerate(bounds):
+                key = (name, s, j, 0, 0) if stacked else (name, j, 0, 0)
+                layer[key] = (
+                    _dense_labels_chunk,
+                    path,
+                    starts[s] + a,
+                    b - a,
+                    max(0, min(b, lengths[s]) - a),
+                    ind,
+                    tuple(label_ids),
+                )
+        chunks: tuple[tuple[int, ...], ...] = (tuple(frame_chunks), (len(ind),), (len(label_ids),))
+        if stacked:
+            chunks = ((1,) * len(seqs), *chunks)
+        arr = da.Array(
+            HighLevelGraph.from_collections(name, layer, dependencies=()), name, chunks, dtype=bool
+        )
+        dims = ("frame", "individual", "label")
+        coords = {k: v for k, v in tracks.coords.items() if k not in ("space", "keypoint")}
+        ds = xr.Dataset(
+            {"labels": (("sequence", *dims) if stacked else dims, arr)},
+            coords={
+                **coords,
+                "label": np.asarray(label_ids, dtype=np.int64),
+                "label_name": ("label", np.asarray([label_map[i] for i in label_ids], dtype=str)),
+            },
+        )
+        ds.attrs.update(
+            {
+                "neurocube_sources": sorted({by_pair[p] for p in seqs if p in by_pair}),
+                "label_kind": kind,
+                "layout": "dense",
+            }
+        )
+        return ds
+
+    def id_tags(
+        self,
+        groups: str | Iterable[str] | None = None,
+        sequences: str | Iterable[str] | None = None,
+        *,
+        kind: str = "id_tags",
+        trusted: bool = False,
+    ) -> dict[tuple[str, str], dict[str, Any]]:
+        """Return per-individual tags: ``{(group, sequence): {"labels": {id: {field: value}}}}``.
+
+        id_tags files hold object arrays only (pickled). Without ``trusted=True``
+        every object member is skipped with a warning and only the field names
+        from the index are returned (``"fields"``); with it, the values are loaded.
+        """
+        table = self._label_files(kind, groups, sequences)
+        out: dict[tuple[str, str], dict[str, Any]] = {}
+        skipped: set[str] = set()
+        for _, row in table.iterrows():
+            entry: dict[str, Any] = {
+                "path": row["path"],
+                "fields": split_list_cell(str(row.get("label_names", ""))),
+                "labels": {},
+                "metadata": {},
+            }
+            headers = read_npz_headers(row["path"])
+            objects = {n for n, (_, dt) in headers.items() if dt == "object"}
+            if objects and not trusted:
+                skipped |= objects
+            with open_file(row["path"], "rb") as fh, np.load(fh, allow_pickle=trusted) as npz:
+                members = {n: np.asarray(npz[n]) for n in npz.files if trusted or n not in objects}
+            ids = members.get("ids")
+            for n, values in members.items():
+                if n.startswith("meta__"):
+                    entry["metadata"][n[len("meta__") :]] = values.tolist()
+                elif n != "ids" and ids is not None and values.shape[:1] == ids.shape[:1]:
+                    for i, v in zip(ids.tolist(), values.tolist(), strict=True):
+                        entry["labels"].setdefault(i, {})[n] = v
+            out[(row["group"], row["sequence"])] = entry
+        if skipped:
+            warnings.warn(
+                f"labels/{kind}: skipped NPZ object member(s) {sorted(skipped)} (loading them "
+                "needs pickle); only field names from the index are returned. Pass "
+                "trusted=True if you trust these files to load their values.",
+                NeurocubeWarning,
+                stacklevel=2,
+            )
+        return out
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _stat(path: str) -> tuple[str, int, int]:
+    st = os.stat(path)
+    return (path, st.st_size, st.st_mtime_ns)
+
+
+def _lookup_cm_per_pixel(
+    cm_per_pixel: float | Mapping[Any, float] | None, group: str, sequence: str
+) -> float | None:
+    if cm_per_pixel is None:
+        return None
+    if isinstance(cm_per_pixel, Mapping):
+        for key in ((group, sequence), sequence):
+            if key in cm_per_pixel:
+                return float(cm_per_pixel[key])
+        return None
+    return float(cm_per_pixel)
+
+
+def _choose_columns(files: list[TrackFile], columns: Sequence[str] | None) -> list[str]:
+    numeric: dict[str, None] = {}
+    others: set[str] = set()
+    for f in files:
+        numeric.update(dict.fromkeys(f.info.dtypes))
+        others |= set(f.info.other_columns)
+    if columns is None:
+        return [c for c in numeric if c not in KEY_COLUMNS]
+    chosen = []
+    for c in columns:
+        if c in KEY_COLUMNS:
+            continue
+        if c in others or c in STRING_KEYS:
+            raise SelectionError(
+                f"column {c!r} is not numeric (group/sequence are coordinates already); only "
+                "numeric columns load as arrays"
+            )
+        if c not in numeric:
+            raise SelectionError(
+                f"column {c!r} is in none of the selected tracks files ({files[0].path}, ...); "
+                f"columns are {list(numeric)}"
+            )
+        chosen.append(c)
+    return chosen
+
+
+def _scale_chunk(values: np.ndarray, factor: float) -> np.ndarray:
+    return values * factor if factor != 1.0 else values
+
+
+def _scale_arrays(
+    arrays: dict[str, da.Array], specs: list[ParquetChunkSpec], owners: list[TrackFile]
+) -> dict[str, da.Array]:
+    if all(f.scale == 1.0 for f in owners):
+        return arrays
+    out = dict(arrays)
+    factors = [f.scale for f in owners]
+    for col, arr in arrays.items():
+        if not _POSITION_RE.match(col):
+            continue
+        pieces = [
+            arr.blocks[i].map_blocks(_scale_chunk, factors[i], dtype=np.float64)
+            if factors[i] != 1.0
+            else arr.blocks[i].astype(np.float64)
+            for i in range(len(specs))
+        ]
+        out[col] = da.concatenate(pieces) if pieces else arr
+    return out
+
+
+def _fill_strings(n: int, value: str, dtype: str) -> np.ndarray:
+    return np.full(n, value, dtype=dtype)
+
+
+def _constant_strings(values: Sequence[str], sizes: Sequence[int], what: str) -> da.Array:
+    width = max([len(v) for v in values] + [1])
+    dtype = f"<U{width}"
+    token = tokenize(list(values), list(sizes), dtype)
+    name = f"{what}-{token}"
+    if not sizes:
+        return da.from_array(np.empty(0, dtype=dtype), name=name)
+    layer: dict[Any, Any] = {
+        (name, i): (_fill_strings, n, v, dtype)
+        for i, (v, n) in enumerate(zip(values, sizes, strict=True))
+    }
+    return da.Array(
+        HighLevelGraph.from_collections(name, layer, dependencies=()),
+        name,
+        (tuple(sizes),),
+        dtype=np.dtype(dtype),
+    )
+
+
+def _pick(chunk: dict[str, np.ndarray], key: str) -> np.ndarray:
+    return chunk[key]
+
+
+# -- dense planning -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _DensePlan:
+    keypoints: tuple[str, ...]
+    x_cols: tuple[str, ...]
+    y_cols: tuple[str, ...]
+    p_cols: tuple[str | None, ...]
+    has_centroid: bool
+    extra: tuple[str, ...]
+    individuals: tuple[int, ...]
+    starts: tuple[int, ...]
+    lengths: tuple[int, ...]
+
+
+def _plan_dense(
+    files: list[TrackFile],
+    lo: int | None,
+    hi: int | None,
+    individuals: Sequence[int] | None,
+    extra: list[str],
+) -> _DensePlan:
+    pose: dict[int, set[str]] = {}
+    numeric: set[str] = set()
+    for f in files:
+        numeric |= set(f.info.dtypes)
+        for c in f.info.dtypes:
+            m = _POSE_RE.match(c)
+            if m:
+                pose.setdefault(int(m.group(2)), set()).add(m.group(1))
+    for f in files:
+        for needed in ("frame", "id"):
+            if needed not in f.info.dtypes:
+                raise FormatError(
+                    f"{f.path}: no {needed!r} column; the dense view needs frame and id"
+                )
+    ks = sorted(k for k, axes in pose.items() if {"X", "Y"} <= axes)
+    has_xy = {"X", "Y"} <= numeric
+    if ks:
+        keypoints = tuple(str(k) for k in ks)
+        x_cols = tuple(f"poseX{k}" for k in ks)
+        y_cols = tuple(f"poseY{k}" for k in ks)
+        p_cols: tuple[str | None, ...] = tuple(f"poseP{k}" if "P" in pose[k] else None for k in ks)
+        has_centroid = has_xy
+    elif has_xy:
+        keypoints, x_cols, y_cols, p_cols, has_centroid = (
+            ("centroid",),
+            ("X",),
+            ("Y",),
+            (None,),
+            False,
+        )
+    else:
+        raise FormatError(f"{files[0].path}: no X/Y or poseX<k>/poseY<k> columns to place in space")
+    for c in extra:
+        if c not in numeric:
+            raise SelectionError(f"column {c!r} is in none of the selected files")
+    if individuals is None:
+        lows, highs = [], []
+        for f in files:
+            rng = f.info.column_range("id")
+            if rng is None:
+                if f.info.num_rows == 0:
+                    continue
+                raise FormatError(
+                    f"{f.path}: no min/max statistics for 'id'; pass individuals=[...] to to_dense"
+                )
+            lows.append(int(rng[0]))
+            highs.append(int(rng[1]))
+        ind = tuple(range(min(lows), max(highs) + 1)) if lows else ()
+    else:
+        ind = tuple(sorted({int(i) for i in individuals}))
+    starts, lengths = [], []
+    for f in files:
+        rng = f.info.column_range("frame")
+        if rng is None:
+            if f.info.num_rows == 0:
+                starts.append(int(lo or 0))
+                lengths.append(0)
+                continue
+            raise FormatError(
+                f"{f.path}: no min/max statistics for 'frame'; cannot size the frame axis"
+            )
+        a, b = int(rng[0]), int(rng[1]) + 1
+        if lo is not None:
+            a = max(a, lo)
+        if hi is not None:
+            b = min(b, hi)
+        starts.append(a)
+        lengths.append(max(0, b - a))
+    return _DensePlan(
+        keypoints,
+        x_cols,
+        y_cols,
+        p_cols,
+        has_centroid,
+        tuple(c for c in extra if c not in KEY_COLUMNS),
+        ind,
+        tuple(starts),
+        tuple(lengths),
+    )
+
+
+def _chunk_bounds(n: int, size: int) -> list[tuple[int, int]]:
+    return [(a, min(a + size, n)) for a in range(0, n, size)] or [(0, 0)]
+
+
+def _dense_spec(f: TrackFile, plan: _DensePlan, lo: int, hi: int) -> ParquetChunkSpec | None:
+    if hi <= lo:
+        return None
+    wanted = [
+        "frame",
+        "id",
+        *plan.x_cols,
+        *plan.y_cols,
+        *(c for c in plan.p_cols if c),
+        *plan.extra,
+    ]
+    if plan.has_centroid:
+        wanted += ["X", "Y"]
+    wanted = list(dict.fromkeys(wanted))
+    present = tuple(c for c in wanted if c in f.info.dtypes)
+    keep = []
+    for i, n in enumerate(f.info.row_group_rows):
+        if n == 0:
+            continue
+        st = f.info.stats[i].get("frame")
+        if (
+            st is not None
+            and st.min is not None
+            and st.max is not None
+            and (st.max < lo or st.min >= hi)
+        ):
+            continue
+        keep.append(i)
+    if not keep:
+        return None
+    return ParquetChunkSpec(
+        f.info.path,
+        f.info.size,
+        f.info.mtime_ns,
+        tuple(keep),
+        tuple(wanted),
+        tuple(f.info.dtypes.get(c, "float64") for c in wanted),
+        sum(f.info.row_group_rows[i] for i in keep),
+        present,
+    )
+
+
+@dataclass(frozen=True)
+class _DenseTask:
+    spec: ParquetChunkSpec | None
+    frame_lo: int
+    n_frames: int
+    n_valid: int
+    plan: _DensePlan
+    scale: float
+
+
+def _dense_chunk(task: _DenseTask) -> dict[str, np.ndarray]:
+    plan = task.plan
+    n_kp, n_ind = len(plan.keypoints), len(plan.individuals)
+    out = {
+        "position": np.full((task.n_frames, 2, n_kp, n_ind), np.nan),
+        "confidence": np.full((task.n_frames, n_kp, n_ind), np.nan),
+    }
+    if plan.has_centroid:
+        out["centroid"] = np.full((task.n_frames, 2, n_ind), np.nan)
+    for c in plan.extra:
+        out[c] = np.full((task.n_frames, n_ind), np.nan)
+    spec = task.spec
+    if spec is None or task.n_valid == 0 or n_ind == 0:
+        return out
+    table = read_table(spec, list(spec.present))
+    frames = table.column("frame").to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    ids = table.column("id").to_numpy(zero_copy_only=False)
+    rel = frames - task.frame_lo
+    ind = np.asarray(plan.individuals, dtype=np.int64)
+    slot = np.searchsorted(ind, ids)
+    slot_ok = slot < n_ind
+    slot_ok[slot_ok] = ind[slot[slot_ok]] == ids[slot_ok]
+    keep = (rel >= 0) & (rel < task.n_valid) & slot_ok
+    rel, slot = rel[keep], slot[keep]
+
+    def col(name: str | None) -> np.ndarray | None:
+        if name is None or name not in spec.present:
+            return None
+        return np.asarray(table.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)[keep]
+
+    for k, (xc, yc, pc) in enumerate(zip(plan.x_cols, plan.y_cols, plan.p_cols, strict=True)):
+        for axis, name in ((0, xc), (1, yc)):
+            values = col(name)
+            if values is not None:
+                out["position"][rel, axis, k, slot] = values * task.scale
+        conf = col(pc)
+        if conf is not None:
+            out["confidence"][rel, k, slot] = conf
+    if plan.has_centroid:
+        for axis, name in ((0, "X"), (1, "Y")):
+            values = col(name)
+            if values is not None:
+                out["centroid"][rel, axis, slot] = values * task.scale
+    for c in plan.extra:
+        values = col(c)
+        if values is not None:
+            out[c][rel, slot] = values * (task.scale if _POSITION_RE.match(c) else 1.0)
+    return out
+
+
+def _pick_dense(chunk: dict[str, np.ndarray], var: str, stacked: bool) -> np.ndarray:
+    values = chunk[var]
+    return values[np.newaxis] if stacked else values
+
+
+# -- labels ----------------------------------------------------------------------------------
+
+
+def read_npz_headers(path: str | os.PathLike[str]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Return ``{member: (shape, dtype)}`` of an NPZ from the ``.npy`` headers only.
+
+    Object members report dtype ``"object"``; nothing is unpickled.
+
+    Raises
+    ------
+    FormatError
+        If the file is not a zip of ``.npy`` members.
+    """
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    with open_file(path, "rb") as fh:
+        try:
+            zf = zipfile.ZipFile(fh)
+        except zipfile.BadZipFile as exc:
+            raise FormatError(f"{path}: not an NPZ (zip) file ({exc}).") from exc
+        with zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with zf.open(info) as member:
+                    try:
+                        version = np.lib.format.read_magic(member)
+                        if version == (1, 0):
+                            shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+                        else:
+                            shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+                    except ValueError as exc:
+                        raise FormatError(
+                            f"{path}: member {info.filename} is not a .npy array ({exc})"
+                        ) from exc
+                dt = "object" if dtype.hasobject else dtype.str
+                out[info.filename[: -len(".npy")]] = (tuple(shape), dt)
+    return out
+
+
+@dataclass(frozen=True)
+class _LabelSpec:
+    path: str
+    n_events: int
+    has_pairs: bool
+    group: str
+    sequence: str
+
+
+def _read_label_events(spec: _LabelSpec) -> dict[str, np.ndarray]:
+    with open_file(spec.path, "rb") as fh, np.load(fh, allow_pickle=False) as npz:
+        frames = np.asarray(npz["frames"]).astype(np.int64).reshape(-1)
+        labels = np.asarray(npz["labels"]).astype(np.int64).reshape(-1)
+        if "individual_ids" in npz.files:
+            pairs = np.asarray(npz["individual_ids"]).astype(np.int64).reshape(-1, 2)
+        else:
+            pairs = np.full((frames.size, 2), -1, dtype=np.int64)
+    if not (frames.size == labels.size == pairs.shape[0] == spec.n_events):
+        raise FormatError(
+            f"{spec.path}: frames/labels/individual_ids have {frames.size}/{labels.size}/"
+            f"{pairs.shape[0]} events, {spec.n_events} expected from the header"
+        )
+    return {"frames": frames, "labels": labels, "individual_ids": pairs}
+
+
+def _dense_labels_chunk(
+    path: str | None,
+    frame_lo: int,
+    n_frames: int,
+    n_valid: int,
+    individuals: tuple[int, ...],
+    label_ids: tuple[int, ...],
+) -> np.ndarray:
+    out = np.zeros((n_frames, len(individuals), len(label_ids)), dtype=bool)
+    if path is None or n_valid == 0 or not individuals:
+        return out
+    headers = read_npz_headers(path)
+    ev = _read_label_events(
+        _LabelSpec(path, headers["frames"][0][0] if headers["frames"][0] else 0, True, "", "")
+    )
+    rel = ev["frames"] - frame_lo
+    lab = np.searchsorted(np.asarray(label_ids), ev["labels"])
+    lab_ok = lab < len(label_ids)
+    lab_ok[lab_ok] = np.asarray(label_ids)[lab[lab_ok]] == ev["labels"][lab_ok]
+    keep = (rel >= 0) & (rel < n_valid) & lab_ok
+    ind = np.asarray(individuals, dtype=np.int64)
+    actor = ev["individual_ids"][:, 0]
+    for r, a, lb in zip(rel[keep], actor[keep], lab[keep], strict=True):
+        if a == -1:
+            out[r, :, lb] = True
+            continue
+        pos = np.searchsorted(ind, a)
+        if pos < len(ind) and ind[pos] == a:
+            out[r, pos, lb] = True
+    return out

@@ -1,0 +1,504 @@
+"""Lazy parquet: one Dask chunk per row group (or run of small row groups), footers read once.
+
+Opening a parquet file reads its footer only (:func:`read_parquet_info`): the
+schema, the row count of every row group and the min / max / null-count
+statistics of every numeric column chunk. From those, :func:`plan_chunks`
+decides at graph-build time which row groups a frame filter keeps, and
+:func:`lazy_columns` builds Dask arrays whose chunk sizes are known, one task
+per chunk reading all projected columns of its row groups at once
+(:func:`read_chunk`). A task carries a picklable :class:`ParquetChunkSpec`
+(path, size, mtime, row-group ids, columns, dtypes, optional exact row filter),
+never an open handle, so it runs on any Dask worker.
+
+Filter semantics
+----------------
+A frame range ``[lo, hi)`` drops every row group whose statistics say it holds
+no frame in range (no I/O). Row groups entirely inside the range are kept
+whole. A row group that straddles a bound (or has no statistics) is either
+
+- kept whole (``exact=False``): nothing is read at graph-build time, and the
+  result may hold some rows outside the range; or
+- filtered exactly (``exact=True``): the frame column of *those boundary row
+  groups only* is read at graph-build time to count the rows in range, so the
+  chunk size is known; the chunk task drops the other rows when it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+
+from neurocube.errors import FormatError
+from neurocube.sources.files import IO_STATS, HandlePool, is_url, open_file
+
+__all__ = [
+    "ColumnStats",
+    "ParquetChunkSpec",
+    "ParquetFileInfo",
+    "is_parquet",
+    "lazy_columns",
+    "plan_chunks",
+    "read_chunk",
+    "read_parquet_info",
+]
+
+PARQUET_MAGIC = b"PAR1"
+
+
+@dataclass(frozen=True)
+class ColumnStats:
+    """Footer statistics of one column chunk (None where the writer left them out)."""
+
+    min: Any = None
+    max: Any = None
+    null_count: int | None = None
+
+
+@dataclass(frozen=True)
+class ParquetFileInfo:
+    """What a parquet footer says about a file; built by :func:`read_parquet_info`.
+
+    Attributes
+    ----------
+    path, size, mtime_ns
+        The file and the version of it the footer came from.
+    dtypes
+        Numeric / boolean column -> numpy dtype string (``"float64"``, ``"int64"``,
+        ...). An integer column whose statistics show nulls is ``float64``.
+    other_columns
+        Columns that are not numeric (strings, lists, ...) and their Arrow type.
+    row_group_rows
+        Number of rows in each row group.
+    stats
+        One ``{column: ColumnStats}`` per row group, numeric columns only.
+    """
+
+    path: str
+    size: int
+    mtime_ns: int
+    dtypes: dict[str, str]
+    other_columns: dict[str, str]
+    row_group_rows: tuple[int, ...]
+    stats: tuple[dict[str, ColumnStats], ...] = field(repr=False)
+
+    @property
+    def num_rows(self) -> int:
+        """Total rows in the file."""
+        return sum(self.row_group_rows)
+
+    @property
+    def columns(self) -> list[str]:
+        """Every column name, numeric first (schema order within each)."""
+        return [*self.dtypes, *self.other_columns]
+
+    def column_range(self, column: str) -> tuple[Any, Any] | None:
+        """Return the (min, max) of ``column`` over the file from the statistics, or None."""
+        lows, highs = [], []
+        for rg, n in zip(self.stats, self.row_group_rows, strict=True):
+            st = rg.get(column)
+            if n == 0:
+                continue
+            if st is None or st.min is None or st.max is None:
+                return None
+            lows.append(st.min)
+            highs.append(st.max)
+        if not lows:
+            return None
+        return min(lows), max(highs)
+
+
+def is_parquet(path: str | os.PathLike[str]) -> bool:
+    """Return True if the file starts with the parquet magic bytes ``PAR1``."""
+    try:
+        with open_file(path, "rb") as fh:
+            return bool(fh.read(4) == PARQUET_MAGIC)
+    except OSError:
+        return False
+
+
+def _numpy_dtype(arrow_type: pa.DataType) -> str | None:
+    if pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type):
+        return str(np.dtype(arrow_type.to_pandas_dtype()))
+    if pa.types.is_boolean(arrow_type):
+        return "bool"
+    return None
+
+
+def read_parquet_info(path: str | os.PathLike[str]) -> ParquetFileInfo:
+    """Read the footer of a parquet file (nothing else) into a :class:`ParquetFileInfo`.
+
+    Raises
+    ------
+    DataNotFoundError
+        If the file does not exist.
+    FormatError
+        If it is not a parquet file (wrong magic bytes, unreadable footer).
+    """
+    local = os.fspath(path)
+    if not is_url(local):
+        local = os.path.abspath(local)
+    with open_file(local, "rb") as fh:
+        head = fh.read(4)
+        if head != PARQUET_MAGIC:
+            raise FormatError(
+                f"{local}: not a parquet file (starts with {head!r}, expected b'PAR1'). "
+                "Check the path in the index, or re-run convert_tracks."
+            )
+        fh.seek(0)
+        try:
+            meta = pq.read_metadata(fh)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise FormatError(
+                f"{local}: unreadable parquet footer ({exc}); the file may be truncated."
+            ) from exc
+    if is_url(local):
+        size, mtime_ns = int(meta.serialized_size), 0
+    else:
+        st = os.stat(local)
+        size, mtime_ns = st.st_size, st.st_mtime_ns
+    schema = meta.schema.to_arrow_schema()
+    dtypes: dict[str, str] = {}
+    others: dict[str, str] = {}
+    for fld in schema:
+        np_dtype = _numpy_dtype(fld.type)
+        if np_dtype is None:
+            others[fld.name] = str(fld.type)
+        else:
+            dtypes[fld.name] = np_dtype
+    stats: list[dict[str, ColumnStats]] = []
+    rows: list[int] = []
+    for i in range(meta.num_row_groups):
+        rg = meta.row_group(i)
+        rows.append(rg.num_rows)
+        rg_stats: dict[str, ColumnStats] = {}
+        for j in range(rg.num_columns):
+            col = rg.column(j)
+            name = col.path_in_schema
+            if name not in dtypes:
+                continue
+            st_ = col.statistics
+            if st_ is None:
+                rg_stats[name] = ColumnStats()
+                continue
+            lo = st_.min if st_.has_min_max else None
+            hi = st_.max if st_.has_min_max else None
+            nulls = int(st_.null_count) if st_.has_null_count else None
+            rg_stats[name] = ColumnStats(lo, hi, nulls)
+        stats.append(rg_stats)
+    for name, dt in list(dtypes.items()):
+        if dt == "float64" or dt.startswith("float"):
+            continue
+        if any((s.get(name) or ColumnStats()).null_count for s in stats):
+            dtypes[name] = "float64"  # integers / booleans with nulls come back as float NaN
+    return ParquetFileInfo(local, size, mtime_ns, dtypes, others, tuple(rows), tuple(stats))
+
+
+@dataclass(frozen=True)
+class ParquetChunkSpec:
+    """Everything a task needs to read one chunk: picklable, no handle.
+
+    Attributes
+    ----------
+    path, size, mtime_ns
+        The file version this chunk was planned on (a changed file is refused).
+    row_groups
+        Row-group ids read together.
+    columns
+        Output columns, in order; those the file lacks come back as NaN.
+    dtypes
+        numpy dtype per output column.
+    n_rows
+        Rows the chunk returns (known at graph-build time).
+    filter_column, filter_range
+        When set, rows with ``filter_column`` outside ``[lo, hi)`` are dropped.
+    present
+        The output columns the file has.
+    """
+
+    path: str
+    size: int
+    mtime_ns: int
+    row_groups: tuple[int, ...]
+    columns: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    n_rows: int
+    present: tuple[str, ...]
+    filter_column: str | None = None
+    filter_range: tuple[float, float] | None = None
+
+
+class _Footer:
+    """A cached footer in the per-process pool (the pool wants something it can close)."""
+
+    def __init__(self, metadata: pq.FileMetaData) -> None:
+        self.metadata = metadata
+
+    def close(self) -> None:
+        """Nothing to close: a footer is plain memory."""
+
+
+_FOOTERS = HandlePool(maxsize=256)
+_COUNT_LOCK = threading.Lock()
+
+
+def _footer(spec_path: str, size: int, mtime_ns: int) -> pq.FileMetaData:
+    def load() -> _Footer:
+        with open_file(spec_path, "rb") as fh:
+            return _Footer(pq.read_metadata(fh))
+
+    holder, _ = _FOOTERS.acquire(("parquet-footer", spec_path, size, mtime_ns), load)
+    return holder.metadata
+
+
+def _check_unchanged(spec: ParquetChunkSpec) -> None:
+    if is_url(spec.path):
+        return
+    try:
+        st = os.stat(spec.path)
+    except FileNotFoundError as exc:
+        from neurocube.errors import DataNotFoundError
+
+        raise DataNotFoundError(f"{spec.path}: file vanished after the dataset was opened") from exc
+    if (st.st_size, st.st_mtime_ns) != (spec.size, spec.mtime_ns):
+        raise FormatError(
+            f"{spec.path}: file changed since it was opened "
+            f"(size/mtime {spec.size}/{spec.mtime_ns} "
+            f"-> {st.st_size}/{st.st_mtime_ns}); open the dataset again."
+        )
+
+
+def read_table(spec: ParquetChunkSpec, columns: Sequence[str]) -> pa.Table:
+    """Read ``columns`` of the spec's row groups as an Arrow table (one open of the file)."""
+    _check_unchanged(spec)
+    meta = _footer(spec.path, spec.size, spec.mtime_ns)
+    wanted = [c for c in columns]
+    with open_file(spec.path, "rb") as fh:
+        pf = pq.ParquetFile(fh, metadata=meta, pre_buffer=True)
+        table = pf.read_row_groups(list(spec.row_groups), columns=wanted, use_threads=False)
+    names = set(wanted)
+    nbytes = 0
+    for i in spec.row_groups:
+        rg = meta.row_group(i)
+        for j in range(rg.num_columns):
+            col = rg.column(j)
+            if col.path_in_schema in names:
+                nbytes += col.total_compressed_size
+    IO_STATS.add_bytes(nbytes)
+    return table
+
+
+def _to_numpy(column: pa.ChunkedArray, dtype: np.dtype[Any], name: str, path: str) -> np.ndarray:
+    if column.null_count and dtype.kind in "iub":
+        raise FormatError(
+            f"{path}: column {name!r} holds nulls but its footer statistics announced none, so it "
+            f"was typed {dtype}; rewrite the file with statistics (pyarrow does by default)."
+        )
+    values = (
+        column.to_numpy()
+        if column.num_chunks != 1
+        else column.chunk(0).to_numpy(zero_copy_only=False)
+    )
+    return np.asarray(values).astype(dtype, copy=False)
+
+
+def read_chunk(spec: ParquetChunkSpec) -> dict[str, np.ndarray]:
+    """Read one chunk: ``{column: 1-D array of length spec.n_rows}``.
+
+    Raises
+    ------
+    FormatError
+        If the file changed since the chunk was planned, or the exact filter
+        finds another number of rows than planned.
+    """
+    read_cols = list(spec.present)
+    if spec.filter_column is not None and spec.filter_column not in read_cols:
+        read_cols.append(spec.filter_column)
+    table = read_table(spec, read_cols)
+    keep: np.ndarray | None = None
+    if spec.filter_column is not None and spec.filter_range is not None:
+        lo, hi = spec.filter_range
+        frames = table.column(spec.filter_column).to_numpy(zero_copy_only=False)
+        keep = (frames >= lo) & (frames < hi)
+    out: dict[str, np.ndarray] = {}
+    n_rows = table.num_rows if keep is None else int(keep.sum())
+    if n_rows != spec.n_rows:
+        raise FormatError(
+            f"{spec.path}: row groups {list(spec.row_groups)} gave {n_rows} rows, "
+            f"{spec.n_rows} were planned from the footer; the file changed or its statistics "
+            "are wrong. Reopen the dataset."
+        )
+    for name, dt in zip(spec.columns, spec.dtypes, strict=True):
+        dtype = np.dtype(dt)
+        if name not in spec.present:
+            out[name] = np.full(n_rows, np.nan, dtype=dtype)
+            continue
+        values = _to_numpy(table.column(name), dtype, name, spec.path)
+        out[name] = values[keep] if keep is not None else values
+    return out
+
+
+def _rows_in_range(info: ParquetFileInfo, row_group: int, column: str, lo: float, hi: float) -> int:
+    spec = ParquetChunkSpec(
+        info.path,
+        info.size,
+        info.mtime_ns,
+        (row_group,),
+        (column,),
+        (info.dtypes[column],),
+        info.row_group_rows[row_group],
+        (column,),
+    )
+    values = read_table(spec, [column]).column(column).to_numpy(zero_copy_only=False)
+    return int(((values >= lo) & (values < hi)).sum())
+
+
+def plan_chunks(
+    info: ParquetFileInfo,
+    columns: Sequence[str],
+    dtypes: Sequence[str],
+    *,
+    filter_column: str | None = None,
+    filter_range: tuple[float | None, float | None] | None = None,
+    exact: bool = False,
+    min_chunk_rows: int = 65536,
+) -> list[ParquetChunkSpec]:
+    """Plan the chunks of one file: which row groups, how many rows, what filter.
+
+    Parameters
+    ----------
+    info
+        The file's footer information.
+    columns, dtypes
+        Output columns and their numpy dtypes (columns the file lacks become NaN).
+    filter_column, filter_range
+        Keep rows with ``lo <= filter_column < hi`` (either bound may be None).
+        Row groups outside the range (by their statistics) are dropped.
+    exact
+        Filter boundary row groups exactly (reads their ``filter_column`` now,
+        see the module notes); otherwise keep them whole.
+    min_chunk_rows
+        Consecutive whole row groups are merged into one chunk until it holds at
+        least this many rows (1 gives one chunk per row group).
+    """
+    lo, hi = filter_range if filter_range is not None else (None, None)
+    filtering = filter_column is not None and (lo is not None or hi is not None)
+    lo_v = -np.inf if lo is None else lo
+    hi_v = np.inf if hi is None else hi
+    present = tuple(c for c in columns if c in info.dtypes)
+    base: dict[str, Any] = {
+        "path": info.path,
+        "size": info.size,
+        "mtime_ns": info.mtime_ns,
+        "columns": tuple(columns),
+        "dtypes": tuple(dtypes),
+        "present": present,
+    }
+    specs: list[ParquetChunkSpec] = []
+    run: list[int] = []
+    run_rows = 0
+
+    def flush() -> None:
+        nonlocal run, run_rows
+        if run:
+            specs.append(ParquetChunkSpec(row_groups=tuple(run), n_rows=run_rows, **base))
+        run, run_rows = [], 0
+
+    for i, n in enumerate(info.row_group_rows):
+        if n == 0:
+            continue
+        inside = True
+        if filtering:
+            assert filter_column is not None
+            st = info.stats[i].get(filter_column)
+            if st is not None and st.min is not None and st.max is not None:
+                if st.max < lo_v or st.min >= hi_v:
+                    continue  # pushdown: no row of this group is in range
+                inside = st.min >= lo_v and st.max < hi_v
+            else:
+                inside = False
+        if inside or not exact:
+            run.append(i)
+            run_rows += n
+            if run_rows >= min_chunk_rows:
+                flush()
+            continue
+        flush()
+        assert filter_column is not None
+        count = _rows_in_range(info, i, filter_column, lo_v, hi_v)
+        if count:
+            specs.append(
+                ParquetChunkSpec(
+                    row_groups=(i,),
+                    n_rows=count,
+                    filter_column=filter_column,
+                    filter_range=(float(lo_v), float(hi_v)),
+                    **base,
+                )
+            )
+    flush()
+    return specs
+
+
+def _pick(chunk: dict[str, np.ndarray], name: str) -> np.ndarray:
+    return chunk[name]
+
+
+def lazy_columns(
+    specs: Sequence[ParquetChunkSpec],
+    columns: Sequence[str],
+    dtypes: Sequence[str],
+    *,
+    name: str = "parquet",
+) -> dict[str, da.Array]:
+    """Return one 1-D Dask array per column over all ``specs`` (concatenated in order).
+
+    Each spec is one chunk; one read task per chunk feeds every column. Names
+    are derived from the specs (path, size, mtime, row groups, columns, filter),
+    so the same inputs give the same graph keys.
+    """
+    token = tokenize(name, list(specs), list(columns), list(dtypes))
+    read_name = f"{name}-read-{token}"
+    read_layer: dict[Any, Any] = {
+        (read_name, i): (read_chunk, spec) for i, spec in enumerate(specs)
+    }
+    chunks = (tuple(spec.n_rows for spec in specs),) if specs else ((0,),)
+    arrays: dict[str, da.Array] = {}
+    for col, dt in zip(columns, dtypes, strict=True):
+        col_name = f"{name}-{col}-{token}"
+        if not specs:
+            arrays[col] = da.from_array(np.empty(0, dtype=dt), name=col_name)
+            continue
+        layer: dict[Any, Any] = {
+            (col_name, i): (_pick, (read_name, i), col) for i in range(len(specs))
+        }
+        graph = HighLevelGraph(
+            {read_name: read_layer, col_name: layer},
+            {read_name: set(), col_name: {read_name}},
+        )
+        arrays[col] = da.Array(graph, col_name, chunks, dtype=np.dtype(dt))
+    return arrays
+
+
+def common_dtypes(infos: Iterable[ParquetFileInfo], columns: Sequence[str]) -> list[str]:
+    """Return each column's dtype over several files (promoted; float if a file lacks it)."""
+    infos = list(infos)
+    out = []
+    for col in columns:
+        found = [np.dtype(i.dtypes[col]) for i in infos if col in i.dtypes]
+        if not found:
+            raise FormatError(f"column {col!r} is in none of the files")
+        dt = np.result_type(*found)
+        if len(found) < len(infos) and dt.kind in "iub":
+            dt = np.dtype("float64")
+        out.append(str(dt))
+    return out
