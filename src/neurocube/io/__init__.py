@@ -25,6 +25,7 @@ _LAZY: dict[str, str] = {
     # behaviour datasets (mosaic layout)
     "save_manifest": "neurocube.io.behavior",
     "write_index_csv": "neurocube.io.behavior",
+    "save_tracks": "neurocube.io.behavior",
     "index_tracks_raw": "neurocube.io.behavior",
     "convert_tracks": "neurocube.io.behavior",
 }
