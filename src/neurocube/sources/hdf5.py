@@ -61,6 +61,7 @@ TARGET_CHUNK_BYTES = 64 * 2**20
 HDF5_POOL = HandlePool(maxsize=32)
 
 _OPEN_LOCK = threading.Lock()
+_CURRENT_KEY: dict[str, tuple[str, str, int, int]] = {}
 
 
 def is_hdf5(path: str | os.PathLike[str]) -> bool:
@@ -148,6 +149,11 @@ def pooled_file(path: str, size: int, mtime_ns: int) -> Iterator[h5py.File]:
     since (an atomic rewrite) gets a fresh handle instead of a stale one.
     """
     key = ("hdf5", path, size, mtime_ns)
+    with _OPEN_LOCK:
+        previous = _CURRENT_KEY.get(path)
+        _CURRENT_KEY[path] = key
+    if previous is not None and previous != key and previous[3] < mtime_ns:
+        HDF5_POOL.discard(previous)  # the file was replaced: free the old inode's handle
     handle, lock = HDF5_POOL.acquire(key, lambda: open_hdf5(path))
     with lock:
         yield handle
