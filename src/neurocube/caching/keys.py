@@ -105,8 +105,9 @@ def fingerprint(obj: xr.Dataset | xr.DataArray, *, stacklevel: int = 2) -> Finge
     Warns
     -----
     NeurocubeWarning
-        If the object names no source files: the key then rests on the Dask
-        token alone and a source file changed on disk cannot be noticed.
+        If the object has no ``attrs["neurocube_sources"]`` (an empty list
+        says "made from no files" and does not warn): the key then rests on the
+        Dask token alone and a source file changed on disk cannot be noticed.
 
     Raises
     ------
@@ -114,7 +115,7 @@ def fingerprint(obj: xr.Dataset | xr.DataArray, *, stacklevel: int = 2) -> Finge
         If the object cannot be tokenised deterministically.
     """
     paths = source_paths(obj)
-    if not paths:
+    if "neurocube_sources" not in obj.attrs:
         warnings.warn(
             "this object has no attrs['neurocube_sources']: its cache key rests on the Dask "
             "token alone, so a change of the files it came from cannot be detected. "
