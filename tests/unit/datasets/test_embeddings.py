@@ -1,0 +1,386 @@
+"""open_embeddings / write_combined_tables / open_combined_table against numpy.load and pyarrow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import dask
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import neurocube
+import neurocube.sources.npz as npz_source
+from neurocube.datasets.embeddings import aggregate_mean, open_combined_table, write_combined_tables
+from neurocube.errors import DataNotFoundError, FormatError, SelectionError
+from neurocube.sources.files import IO_STATS
+from tests.fixtures.embeddings_tree import make_tree, recording_values, token_values, window_values
+
+SAMPLE = Path(__file__).parents[2] / "data" / "coco_pipe" / "eeg_foundation_embeddings"
+
+
+@pytest.fixture
+def no_array_reads(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("array data was read")
+
+    monkeypatch.setattr(npz_source, "_fill", forbidden)
+    monkeypatch.setattr(npz_source, "_inflate", forbidden)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    recordings = make_tree(tmp_path)
+    return tmp_path, recordings
+
+
+def _sample_paths(kind="embedding"):
+    suffix = "_embedding.npz" if kind == "embedding" else "_tokens.npz"
+    return sorted(SAMPLE.rglob(f"*{suffix}"))
+
+
+# --------------------------------------------------------------------------- real sample
+
+
+def test_sample_recording_matches_numpy_load():
+    ds = neurocube.open_embeddings(SAMPLE)
+    expected = np.stack([np.load(p)["recording_embedding"] for p in _sample_paths()])
+    assert ds.embedding.dims == ("recording", "feature")
+    assert ds.embedding.dtype == np.float32
+    np.testing.assert_array_equal(ds.embedding.values, expected)
+    assert list(ds.subject.values) == ["0001", "0001", "0002", "0002"]
+    assert list(ds.recording_id.values) == [
+        json.loads(p.with_suffix(".json").read_text())["recording_id"] for p in _sample_paths()
+    ]
+    assert list(ds.feature.values) == [f"embedding_{i:04d}" for i in range(4)]
+    assert ds.attrs["neurocube_sources"] == [str(p.resolve()) for p in _sample_paths()]
+    json.dumps(ds.attrs)
+
+
+def test_sample_epoch_matches_numpy_load_and_combined_table():
+    ds = neurocube.open_embeddings(SAMPLE, "epoch")
+    loads = [np.load(p) for p in _sample_paths()]
+    np.testing.assert_array_equal(
+        ds.embedding.values, np.concatenate([z["window_embeddings"] for z in loads])
+    )
+    for key in ("window_index", "window_start", "window_stop"):
+        np.testing.assert_array_equal(ds[key].values, np.concatenate([z[key] for z in loads]))
+    # the table coco-pipe's merge step wrote holds the same rows
+    table = pq.read_table(SAMPLE / "combined" / "cbramod_EO_epoch_embeddings.parquet").to_pandas()
+    features = [c for c in table.columns if c.startswith("embedding_")]
+    np.testing.assert_array_equal(ds.embedding.values, table[features].to_numpy())
+    np.testing.assert_array_equal(ds.recording_id.values, table["recording_id"].to_numpy(str))
+    np.testing.assert_array_equal(ds.window_index.values, table["window_index"].to_numpy())
+
+
+def test_sample_tokens_keep_native_axes():
+    ds = neurocube.open_embeddings(SAMPLE, "token")
+    assert ds.embedding.dims == ("epoch", "channel", "patch", "feature")
+    expected = np.concatenate([np.load(p)["token_embeddings"] for p in _sample_paths("token")])
+    np.testing.assert_array_equal(ds.embedding.values, expected)
+
+
+def test_sample_open_reads_no_arrays(no_array_reads):
+    IO_STATS.reset()
+    ds = neurocube.open_embeddings(SAMPLE, "epoch")
+    ds = ds.sel(feature=["embedding_0001", "embedding_0003"]).isel(epoch=slice(2, 9))
+    _, nbytes = IO_STATS.snapshot()
+    total = sum(p.stat().st_size for p in _sample_paths())
+    assert nbytes <= total + 10_000  # small files are read whole once while the directory is parsed
+    with pytest.raises(AssertionError, match="array data was read"):
+        _ = ds.embedding.values
+
+
+# --------------------------------------------------------------------------- generated trees
+
+
+def test_generated_recording_values(tree):
+    root, recordings = tree
+    ds = neurocube.open_embeddings(root, model_key="CBRAMOD", condition="EO")
+    chosen = [r for r in recordings if r.model_key == "cbramod" and r.condition == "EO"]
+    chosen.sort(key=lambda r: str(r.path))
+    assert ds.sizes == {"recording": 6, "feature": 6}
+    expected = np.stack([recording_values(r.number, 6) for r in chosen])
+    np.testing.assert_array_equal(ds.embedding.values, expected)
+    np.testing.assert_array_equal(
+        ds.embedding.values, np.stack([np.load(r.path)["recording_embedding"] for r in chosen])
+    )
+    assert list(ds.subject.values) == [r.subject for r in chosen]
+    assert list(ds.session.values) == [r.session for r in chosen]
+    assert ds.sfreq.dtype == np.float64 and ds.n_channels.dtype == np.int64
+    assert ds.normalize_embeddings.dtype == bool
+    assert list(ds.n_windows.values) == [r.n_windows for r in chosen]
+    assert "embedding_shape" not in ds.coords  # lists are not coordinates
+
+
+def test_generated_epoch_values_many_chunks(tree):
+    root, recordings = tree
+    ds = neurocube.open_embeddings(root, "epoch", "labram", files_per_chunk=4)
+    chosen = sorted((r for r in recordings if r.model_key == "Labram"), key=lambda r: str(r.path))
+    assert ds.embedding.data.chunks[0] == tuple(
+        sum(r.n_windows for r in chosen[i : i + 4]) for i in range(0, len(chosen), 4)
+    )
+    expected = np.concatenate([window_values(r.number, r.n_windows, 8) for r in chosen])
+    np.testing.assert_array_equal(ds.embedding.values, expected)
+    np.testing.assert_array_equal(
+        ds.window_start.values, np.concatenate([np.arange(r.n_windows) * 500 for r in chosen])
+    )
+    assert list(ds.recording_id.values) == [
+        f"subject-{r.subject}_session-{r.session}_run-01"
+        for r in chosen
+        for _ in range(r.n_windows)
+    ]
+
+
+def test_generated_tokens_float16(tree):
+    root, recordings = tree
+    ds = neurocube.open_embeddings(root, "token", model_key="cbramod", condition="EC")
+    chosen = sorted(
+        (r for r in recordings if r.model_key == "cbramod" and r.condition == "EC"),
+        key=lambda r: str(r.token_path),
+    )
+    assert ds.embedding.dtype == np.float16
+    assert ds.embedding.dims == ("epoch", "channel", "patch", "feature")
+    expected = np.concatenate([token_values(r.number, r.n_windows, (3, 2, 5)) for r in chosen])
+    np.testing.assert_array_equal(ds.embedding.values, expected)
+
+
+def test_stored_archives_are_memory_mapped(tmp_path, monkeypatch):
+    recordings = make_tree(tmp_path, models=("cbramod",), conditions=("EO",), compressed=False)
+    calls = []
+    real = np.memmap
+
+    def counting_memmap(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(npz_source.np, "memmap", counting_memmap)
+    ds = neurocube.open_embeddings(tmp_path, "epoch")
+    values = ds.embedding.values
+    assert len(calls) == len(recordings)
+    ordered = sorted(recordings, key=lambda r: str(r.path))
+    np.testing.assert_array_equal(
+        values, np.concatenate([window_values(r.number, r.n_windows, 6) for r in ordered])
+    )
+
+
+def test_mixed_models_refused(tree):
+    root, _ = tree
+    with pytest.raises(
+        FormatError,
+        match=r"several foundation models .*'cbramod': .*_embedding\.npz \(12 files\); 'labram'",
+    ):
+        neurocube.open_embeddings(root)
+
+
+def test_mixed_widths_refused(tmp_path):
+    make_tree(
+        tmp_path / "a",
+        models=("m",),
+        conditions=("EO",),
+        subjects=("01",),
+        n_features={"m": 4},
+        failed_record=False,
+    )
+    make_tree(
+        tmp_path / "b",
+        models=("m",),
+        conditions=("EO",),
+        subjects=("02",),
+        n_features={"m": 5},
+        failed_record=False,
+    )
+    paths = sorted((tmp_path / "a").rglob("*_embedding.npz")) + sorted(
+        (tmp_path / "b").rglob("*_embedding.npz")
+    )
+    with pytest.raises(
+        FormatError, match=r"different embedding widths: \(4,\): .*sub-01.*\(5,\): .*sub-02"
+    ):
+        neurocube.open_embeddings(paths)
+
+
+def test_nothing_found_and_bad_arguments(tmp_path, tree):
+    root, _ = tree
+    with pytest.raises(DataNotFoundError, match=r"No embedding artifacts found .*model_key='nope'"):
+        neurocube.open_embeddings(root, model_key="nope")
+    with pytest.raises(SelectionError, match=r"representation must be one of .*'subject'"):
+        neurocube.open_embeddings(root, "subject", model_key="cbramod")
+    with pytest.raises(SelectionError, match=r"aggregate_by='window_index' is read lazily"):
+        neurocube.open_embeddings(root, "epoch", "cbramod", aggregate_by="window_index")
+    with pytest.raises(
+        SelectionError, match=r"aggregate_by='age' is not a coordinate along 'epoch'"
+    ):
+        neurocube.open_embeddings(root, "epoch", "cbramod", aggregate_by="age")
+    with pytest.raises(DataNotFoundError, match=r"no such derivative folder"):
+        neurocube.open_embeddings(tmp_path / "missing")
+
+
+def test_graph_is_deterministic_and_lazy(tree, no_array_reads):
+    root, _ = tree
+    first = neurocube.open_embeddings(root, "epoch", "cbramod", "EO")
+    second = neurocube.open_embeddings(root, "epoch", "cbramod", "EO")
+    assert first.embedding.data.name == second.embedding.data.name
+    assert first.window_index.data.name == second.window_index.data.name
+    other = neurocube.open_embeddings(root, "epoch", "cbramod", "EC")
+    assert other.embedding.data.name != first.embedding.data.name
+    assert all(not np.isnan(c).any() for c in first.embedding.data.chunks)
+    agg = neurocube.open_embeddings(root, "epoch", "cbramod", "EO", aggregate_by="subject")
+    assert agg.embedding.shape == (3, 6)
+
+
+def test_subject_aggregation_is_mean_of_epoch_rows(tree):
+    root, recordings = tree
+    ds = neurocube.open_embeddings(root, "epoch", "labram", "EC", aggregate_by="subject")
+    chosen = [r for r in recordings if r.model_key == "Labram" and r.condition == "EC"]
+    assert list(ds.subject.values) == ["01", "02", "03"]
+    for i, subject in enumerate(ds.subject.values):
+        rows = np.concatenate(
+            [window_values(r.number, r.n_windows, 8) for r in chosen if r.subject == subject]
+        )
+        np.testing.assert_allclose(ds.embedding.values[i], rows.mean(axis=0), rtol=1e-6)
+        assert ds.row_count.values[i] == len(rows)
+    assert set(ds.condition.values) == {"EC"} and "session" not in ds.coords
+    # several keys: one row per (condition, subject)
+    both = neurocube.open_embeddings(root, "epoch", "labram", aggregate_by=["condition", "subject"])
+    assert both.sizes["group"] == 6
+    np.testing.assert_allclose(
+        both.embedding.values[(both.condition == "EC").values], ds.embedding.values, rtol=1e-6
+    )
+
+
+def test_aggregation_ignores_nan_like_the_original(tmp_path):
+    recordings = make_tree(
+        tmp_path, models=("m",), conditions=("EO",), subjects=("01",), sessions=("01", "02")
+    )
+    with np.load(recordings[0].path) as payload:
+        arrays = dict(payload)
+    arrays["window_embeddings"][0, 0] = np.nan
+    arrays["window_embeddings"][:, 1] = np.nan
+    np.savez_compressed(recordings[0].path, **arrays)
+    ds = aggregate_mean(neurocube.open_embeddings(tmp_path, "epoch"), "subject")
+    rows = np.concatenate([np.load(r.path)["window_embeddings"] for r in recordings])
+    np.testing.assert_allclose(ds.embedding.values[0], np.nanmean(rows, axis=0), rtol=1e-6)
+
+
+def test_matches_coco_pipe_loader(tree):
+    coco = pytest.importorskip("coco_pipe.io.embeddings")
+    root, _ = tree
+    for representation in ("recording", "epoch"):
+        original = coco.load_embedding_derivatives(root, representation, model_key="cbramod")
+        ours = neurocube.open_embeddings(root, representation, "cbramod")
+        np.testing.assert_array_equal(ours.embedding.values, np.asarray(original.X))
+    original = coco.load_embedding_derivatives(
+        root, "epoch", model_key="cbramod", aggregate_by="subject"
+    )
+    ours = neurocube.open_embeddings(root, "epoch", "cbramod", aggregate_by="subject")
+    np.testing.assert_allclose(ours.embedding.values, np.asarray(original.X), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- combined tables
+
+
+def test_combined_tables_reproduce_the_sample(tmp_path):
+    root = tmp_path / "d"
+    shutil.copytree(SAMPLE, root)
+    written = write_combined_tables(root, "cbramod", representations=("epoch", "recording"))
+    assert [p.name for p in written] == [
+        "cbramod_EO_epoch_embeddings.parquet",
+        "cbramod_EO_recording_embeddings.parquet",
+    ]
+    for path in written:
+        ours = pq.read_table(path)
+        original = pq.read_table(SAMPLE / "combined" / path.name)
+        assert ours.schema.remove_metadata().equals(original.schema.remove_metadata())
+        assert ours.to_pandas().equals(original.to_pandas())
+
+
+def test_combined_tables_row_groups_and_roundtrip(tree):
+    root, _ = tree
+    written = write_combined_tables(root, "cbramod", chunk_bytes=60, parallel_chunks=2)
+    assert len(written) == 6  # 2 conditions x 3 levels
+    for condition in ("EC", "EO"):
+        for level in ("epoch", "recording", "subject"):
+            path = root / "combined" / f"cbramod_{condition}_{level}_embeddings.parquet"
+            lazy = (
+                neurocube.open_embeddings(
+                    root, "epoch", "cbramod", condition, aggregate_by="subject"
+                )
+                if level == "subject"
+                else neurocube.open_embeddings(root, level, "cbramod", condition)
+            )
+            table = open_combined_table(root, "cbramod", condition, level)
+            assert table.embedding.dims == (level, "feature")
+            metadata = pq.read_metadata(path)
+            assert table.embedding.data.chunks[0] == tuple(
+                metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)
+            )
+            if level != "subject":
+                assert metadata.num_row_groups > 1
+            np.testing.assert_array_equal(table.embedding.values, lazy.embedding.values)
+            plain = pq.read_table(path).to_pandas()
+            features = [c for c in plain.columns if c.startswith("embedding_")]
+            np.testing.assert_array_equal(table.embedding.values, plain[features].to_numpy())
+            np.testing.assert_array_equal(table.subject.values, plain["subject"].to_numpy(str))
+
+
+def test_combined_table_open_is_lazy(tree, monkeypatch):
+    root, _ = tree
+    write_combined_tables(root, "cbramod", ["EO"], ["recording"])
+    import neurocube.sources.table as table_source
+
+    def forbidden(spec):
+        raise AssertionError("feature columns were read")
+
+    monkeypatch.setattr(table_source, "read_feature_rowgroup", forbidden)
+    ds = open_combined_table(root, "cbramod", "EO", "recording")
+    again = open_combined_table(root, "cbramod", "EO", "recording")
+    assert ds.embedding.data.name == again.embedding.data.name
+    assert ds.sizes == {"recording": 6, "feature": 6}
+
+
+def test_combined_table_missing(tree):
+    root, _ = tree
+    write_combined_tables(root, "cbramod", ["EO"], ["recording"])
+    with pytest.raises(
+        DataNotFoundError,
+        match=r"cbramod_EC_recording_embeddings\.parquet: combined table not found "
+        r".*cbramod_EO_recording",
+    ):
+        open_combined_table(root, "cbramod", "EC", "recording")
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+@pytest.fixture(scope="module")
+def cluster_client():
+    distributed = pytest.importorskip("distributed")
+    with (
+        distributed.LocalCluster(
+            n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        yield client
+
+
+def test_local_cluster_matches_threads(tree, cluster_client):
+    root, _ = tree
+    ds = neurocube.open_embeddings(root, "epoch", "labram", files_per_chunk=3)
+    agg = neurocube.open_embeddings(root, "epoch", "labram", "EO", aggregate_by="subject")
+    with dask.config.set(scheduler="threads"):
+        threaded = ds.embedding.values
+        threaded_agg = agg.embedding.values
+    distributed_values, distributed_agg = dask.compute(
+        ds.embedding.data, agg.embedding.data, scheduler=cluster_client.get
+    )
+    np.testing.assert_array_equal(distributed_values, threaded)
+    np.testing.assert_array_equal(distributed_agg, threaded_agg)
+    write_combined_tables(root, "labram", ["EO"], ["recording"])
+    table = open_combined_table(root, "labram", "EO", "recording")
+    np.testing.assert_array_equal(
+        cluster_client.compute(table.embedding.data).result(),
+        neurocube.open_embeddings(root, "recording", "labram", "EO").embedding.values,
+    )
