@@ -189,7 +189,7 @@ def test_queries_and_metadata(tmp_path):
     assert list(meta["loop"]) == ["loop1"] * 4
     assert list(meta["sequence_safe"]) == ["speed1__loop1", "speed2__loop1"] * 2
     short = cat.sequence_metadata(level_names=["fish", "rest"])
-    assert list(short["rest"])[0] == "speed1__loop1"
+    assert short["rest"].iloc[0] == "speed1__loop1"
     longer = cat.sequence_metadata(level_names=["a", "b", "c", "d"])
     assert list(longer["d"]) == [""] * 4
 
