@@ -58,7 +58,7 @@ def _tqdm(**kwargs: Any) -> Any:
 
     kwargs.setdefault("file", sys.stderr)
     kwargs.setdefault("dynamic_ncols", True)
-    kwargs.setdefault("leave", False)
+    kwargs.setdefault("leave", True)
     return tqdm(**kwargs)
 
 

@@ -180,7 +180,10 @@ def cache(
             **layout,
         }
         root.write_json(written, MARKER_NAME, new_marker)  # last: completes the copy
-        published = root.publish(written, entry_key, replace=marker is not None or overwrite)
+        # Replace what sits under the final name unless it is a complete, current entry
+        # (a racing writer may publish one meanwhile; then publish() keeps it).
+        replace = overwrite or stale or (marker is None and root.has_entry(entry))
+        published = root.publish(written, entry_key, replace=replace)
     except BaseException:
         root.discard(written)
         raise

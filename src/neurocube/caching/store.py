@@ -112,6 +112,10 @@ class CacheRoot(ABC):
         """Return what ``to_zarr`` / ``open_zarr`` accept for ``entry``."""
 
     @abstractmethod
+    def has_entry(self, entry: str) -> bool:
+        """Return True if something (complete or not) exists under the entry's name."""
+
+    @abstractmethod
     def begin_write(self, key: str) -> str:
         """Return where a new copy of entry ``key`` is written (a temporary name if possible)."""
 
@@ -164,6 +168,10 @@ class LocalRoot(CacheRoot):
     def zarr_store(self, entry: str) -> Any:
         """Return the entry folder's path."""
         return entry
+
+    def has_entry(self, entry: str) -> bool:
+        """Return True if the entry folder exists."""
+        return Path(entry).exists()
 
     def begin_write(self, key: str) -> str:
         """Create the root if needed; return a fresh temporary folder name for ``key``."""
@@ -289,6 +297,10 @@ class RemoteRoot(CacheRoot):
     def zarr_store(self, entry: str) -> Any:
         """Return the entry URL (xarray opens it through fsspec)."""
         return entry
+
+    def has_entry(self, entry: str) -> bool:
+        """Return True if any object exists under the entry's prefix."""
+        return bool(self.fs.exists(self._fs_path(entry)))
 
     def begin_write(self, key: str) -> str:
         """Remove any unfinished copy and return the entry URL itself (written in place)."""
