@@ -1,0 +1,208 @@
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import dask
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from neurocube.errors import DataNotFoundError, FormatError
+from neurocube.sources import parquet as source
+from neurocube.sources.files import IO_STATS
+from neurocube.sources.parquet import (
+    common_dtypes,
+    lazy_columns,
+    plan_chunks,
+    read_chunk,
+    read_parquet_info,
+)
+
+SAMPLE = next(
+    (Path(__file__).resolve().parents[2] / "data" / "mosaic" / "tracks").glob("*/*.parquet")
+)
+
+
+def write(path, n=100, row_group_size=10, **extra):
+    frame = np.arange(n, dtype=np.int64)
+    table = pa.table({"frame": frame, "v": frame * 2.0, "s": [f"r{i}" for i in range(n)], **extra})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return table
+
+
+def compute(specs, columns, dtypes):
+    arrays = lazy_columns(specs, columns, dtypes)
+    return dict(zip(columns, dask.compute(*[arrays[c] for c in columns]), strict=True))
+
+
+def test_sample_footer(tmp_path):
+    IO_STATS.reset()
+    info = read_parquet_info(SAMPLE)
+    opens, nbytes = IO_STATS.snapshot()
+    assert opens == 1 and nbytes == 0
+    assert info.row_group_rows == (40,)
+    assert info.dtypes["frame"] == "int64" and info.dtypes["poseX0"] == "float64"
+    assert info.other_columns == {"group": "large_string", "sequence": "large_string"}
+    assert info.column_range("frame") == (0, 19)
+    assert info.column_range("id") == (0, 1)
+    cols = ["frame", "poseY5", "label"]
+    out = compute(
+        plan_chunks(info, cols, [info.dtypes[c] for c in cols]),
+        cols,
+        [info.dtypes[c] for c in cols],
+    )
+    ref = pq.read_table(SAMPLE, columns=cols)
+    for c in cols:
+        np.testing.assert_array_equal(out[c], ref.column(c).to_numpy())
+
+
+def test_not_parquet_and_missing(tmp_path):
+    bad = tmp_path / "x.parquet"
+    bad.write_bytes(b"NOPE" + b"\0" * 20)
+    with pytest.raises(FormatError, match=r"not a parquet file \(starts with b'NOPE'"):
+        read_parquet_info(bad)
+    with pytest.raises(DataNotFoundError, match="no such file"):
+        read_parquet_info(tmp_path / "missing.parquet")
+    trunc = tmp_path / "t.parquet"
+    write(tmp_path / "ok.parquet")
+    trunc.write_bytes((tmp_path / "ok.parquet").read_bytes()[:-30])
+    with pytest.raises(FormatError, match="unreadable parquet footer"):
+        read_parquet_info(trunc)
+
+
+def test_chunk_plan_merges_small_row_groups(tmp_path):
+    path = tmp_path / "a.parquet"
+    write(path, n=95, row_group_size=10)
+    info = read_parquet_info(path)
+    specs = plan_chunks(info, ["v"], ["float64"], min_chunk_rows=25)
+    assert [s.row_groups for s in specs] == [(0, 1, 2), (3, 4, 5), (6, 7, 8), (9,)]
+    assert [s.n_rows for s in specs] == [30, 30, 30, 5]
+    one = plan_chunks(info, ["v"], ["float64"], min_chunk_rows=1)
+    assert len(one) == 10
+    out = compute(specs, ["v"], ["float64"])
+    np.testing.assert_array_equal(out["v"], np.arange(95) * 2.0)
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(25, 47), (None, 13), (90, None), (30, 40), (200, 300)])
+def test_pushdown_exact_and_row_groups(tmp_path, lo, hi):
+    path = tmp_path / "a.parquet"
+    write(path)
+    info = read_parquet_info(path)
+    lo_v, hi_v = -np.inf if lo is None else lo, np.inf if hi is None else hi
+    exact = plan_chunks(
+        info,
+        ["frame", "v"],
+        ["int64", "float64"],
+        filter_column="frame",
+        filter_range=(lo, hi),
+        exact=True,
+        min_chunk_rows=1,
+    )
+    out = compute(exact, ["frame", "v"], ["int64", "float64"])
+    expected = np.arange(100)[(np.arange(100) >= lo_v) & (np.arange(100) < hi_v)]
+    np.testing.assert_array_equal(out["frame"], expected)
+    np.testing.assert_array_equal(out["v"], expected * 2.0)
+    loose = plan_chunks(info, ["frame"], ["int64"], filter_column="frame", filter_range=(lo, hi))
+    groups = {g for s in loose for g in s.row_groups}
+    expected_groups = {g for g in range(10) if g * 10 + 9 >= lo_v and g * 10 < hi_v}
+    assert groups == expected_groups
+
+
+def test_build_reads_nothing_without_exact(tmp_path, monkeypatch):
+    path = tmp_path / "a.parquet"
+    write(path)
+    info = read_parquet_info(path)
+
+    def boom(*a, **k):
+        raise AssertionError("read while planning")
+
+    monkeypatch.setattr(source, "read_table", boom)
+    IO_STATS.reset()
+    specs = plan_chunks(info, ["v"], ["float64"], filter_column="frame", filter_range=(5, 55))
+    arrays = lazy_columns(specs, ["v"], ["float64"])
+    assert IO_STATS.snapshot() == (0, 0)
+    assert arrays["v"].chunks == ((60,),)
+    with pytest.raises(AssertionError, match="read while planning"):
+        plan_chunks(
+            info, ["v"], ["float64"], filter_column="frame", filter_range=(5, 55), exact=True
+        )
+
+
+def test_column_projection_and_bytes(tmp_path, monkeypatch):
+    path = tmp_path / "a.parquet"
+    write(path, w=np.ones(100))
+    info = read_parquet_info(path)
+    seen = []
+    original = pq.ParquetFile.read_row_groups
+
+    def spy(self, row_groups, columns=None, **kw):
+        seen.append(list(columns))
+        return original(self, row_groups, columns=columns, **kw)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", spy)
+    IO_STATS.reset()
+    specs = plan_chunks(info, ["w"], ["float64"], min_chunk_rows=1000)
+    compute(specs, ["w"], ["float64"])
+    assert seen == [["w"]]
+    meta = pq.read_metadata(path)
+    w_bytes = sum(meta.row_group(i).column(3).total_compressed_size for i in range(10))
+    assert IO_STATS.snapshot()[1] == w_bytes
+
+
+def test_missing_columns_fill_nan_and_dtypes(tmp_path):
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    write(a, n=10, extra=np.arange(10))
+    write(b, n=5)
+    infos = [read_parquet_info(a), read_parquet_info(b)]
+    dtypes = common_dtypes(infos, ["extra", "v"])
+    assert dtypes == ["float64", "float64"]
+    specs = [s for i in infos for s in plan_chunks(i, ["extra", "v"], dtypes)]
+    out = compute(specs, ["extra", "v"], dtypes)
+    np.testing.assert_array_equal(out["extra"][:10], np.arange(10.0))
+    assert np.isnan(out["extra"][10:]).all()
+
+
+def test_integer_nulls_become_float_nan(tmp_path):
+    path = tmp_path / "n.parquet"
+    pq.write_table(pa.table({"id": pa.array([1, None, 3], pa.int64())}), path)
+    info = read_parquet_info(path)
+    assert info.dtypes["id"] == "float64"
+    out = compute(plan_chunks(info, ["id"], ["float64"]), ["id"], ["float64"])
+    np.testing.assert_array_equal(out["id"], [1.0, np.nan, 3.0])
+    # a writer without statistics: nulls are found at read time and reported
+    nostats = tmp_path / "ns.parquet"
+    pq.write_table(
+        pa.table({"id": pa.array([1, None], pa.int64())}), nostats, write_statistics=False
+    )
+    info = read_parquet_info(nostats)
+    assert info.dtypes["id"] == "int64"
+    with pytest.raises(FormatError, match="holds nulls but its footer statistics announced none"):
+        read_chunk(plan_chunks(info, ["id"], ["int64"])[0])
+
+
+def test_spec_pickles_and_names_are_deterministic(tmp_path):
+    path = tmp_path / "a.parquet"
+    write(path)
+    info = read_parquet_info(path)
+    specs = plan_chunks(info, ["v"], ["float64"], min_chunk_rows=1)
+    assert pickle.loads(pickle.dumps(specs[3])) == specs[3]
+    a = lazy_columns(specs, ["v"], ["float64"])["v"]
+    b = lazy_columns(
+        plan_chunks(read_parquet_info(path), ["v"], ["float64"], min_chunk_rows=1),
+        ["v"],
+        ["float64"],
+    )["v"]
+    assert a.name == b.name
+    c = lazy_columns(specs[:5], ["v"], ["float64"])["v"]
+    assert c.name != a.name
+
+
+def test_changed_file_refused(tmp_path):
+    path = tmp_path / "a.parquet"
+    write(path)
+    specs = plan_chunks(read_parquet_info(path), ["v"], ["float64"])
+    write(path, n=50)
+    with pytest.raises(FormatError, match="changed since it was opened"):
+        read_chunk(specs[0])
