@@ -1,0 +1,1230 @@
+"""Single-trial fMRI betas buckets (the ``laion_fmri`` layout) as lazy xarray Datasets.
+
+A bucket holds, per subject and session, a 4-D betas NIfTI (one volume per
+trial), its trial table, noise ceilings, brain masks, ROIs and the stimuli the
+trials showed (FORMATS.md §1). :func:`open_subject` scans the bucket (names
+only) and returns a :class:`Subject`; its :meth:`Subject.betas` builds one lazy
+``(trial, voxel)`` Dataset over any number of sessions, reading only headers,
+masks, noise ceilings and TSVs until computed.
+
+Voxel selection follows FORMATS.md §1, in this order: ROI union within the
+brain mask (or a custom mask instead, never both), AND ``NC >= nc_threshold``;
+then trials are filtered by shared / unique. **With several sessions and a
+noise-ceiling threshold, a voxel is kept only if it passes the threshold in
+every requested session** (the intersection of the per-session NC masks), so
+all sessions share one voxel axis and concatenate along ``trial``.
+
+Examples
+--------
+>>> import tempfile, neurocube
+>>> from neurocube.synthetic.bucket import make_bucket
+>>> root = tempfile.mkdtemp()
+>>> _ = make_bucket(root, subjects=1, sessions=2, trials=12, grid=(6, 7, 5))
+>>> sub = neurocube.open_subject(root, "sub-01")
+>>> ds = sub.betas(["ses-01", "ses-02"], roi="face", nc_threshold=10)
+>>> ds.betas.dims
+('trial', 'voxel')
+>>> ds.sizes["trial"]
+24
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from neurocube.catalog.fmri import natural_key, scan_bucket, subject_ids
+from neurocube.errors import (
+    DataNotDownloadedError,
+    FormatError,
+    GridMismatchError,
+    SelectionError,
+)
+from neurocube.ops import roi as roi_ops
+
+__all__ = ["Subject", "open_subject", "open_subjects", "roi_means"]
+
+MASK_SOURCES = ("anatomical", "rsquare")
+STIMULI_FILTERS = ("shared", "unique")
+_LABEL_PREFIX = re.compile(r"^(shared|unique)_(.+)$")
+
+
+def _download_hint(what: str) -> str:
+    hints = {
+        "anatomical": "download the anatomical derivatives (include_anatomical=True in laion_fmri)",
+        "freesurfer": "download the FreeSurfer recon (include_freesurfer=True in laion_fmri)",
+        "stimuli": "download the stimuli folder (HDF5 and CSV files) into <root>/stimuli/",
+    }
+    return hints.get(what, "download it into the bucket, keeping the bucket's folder layout")
+
+
+class Subject:
+    """One subject of a betas bucket; array accessors return lazy xarray objects.
+
+    Use :func:`open_subject` to make one. Masks, noise ceilings and trial
+    tables are small and read eagerly (and cached) when a selection needs them;
+    betas, embeddings, images and segmentations are read only when computed.
+
+    Parameters
+    ----------
+    root
+        Bucket root.
+    subject_id
+        ``"sub-XX"``.
+    catalog
+        The scan of the bucket (:func:`neurocube.catalog.fmri.scan_bucket`);
+        scanned here when None.
+    chunks
+        Default chunking of betas along ``trial`` (see :func:`neurocube.open_nifti`).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        subject_id: str,
+        *,
+        catalog: pd.DataFrame | None = None,
+        chunks: Any = "auto",
+    ) -> None:
+        self.root = Path(root).expanduser().resolve()
+        table = scan_bucket(self.root) if catalog is None else catalog
+        known = subject_ids(table)
+        if subject_id not in known:
+            raise SelectionError(
+                f"{self.root}: no subject {subject_id!r}; the bucket has {known}. Subjects are "
+                "named 'sub-XX' (or pass an integer index)."
+            )
+        self._subject_id = subject_id
+        self._files = table[table["subject"] == subject_id].reset_index(drop=True)
+        self._stimuli_files = table[table["subject"] == ""].reset_index(drop=True)
+        self.chunks = chunks
+        self._lock = threading.Lock()
+        self._volumes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._metadata: pd.DataFrame | None = None
+        sessions = self._files[self._files["kind"].isin(["betas", "trials"])]["session"]
+        self._sessions = sorted(set(sessions.tolist()), key=natural_key)
+
+    # ------------------------------------------------------------------ identity
+
+    @property
+    def subject_id(self) -> str:
+        """The BIDS subject id (``"sub-03"``)."""
+        return self._subject_id
+
+    @property
+    def sessions(self) -> list[str]:
+        """Sessions with a betas file or a trial table, in natural order."""
+        return list(self._sessions)
+
+    @property
+    def files(self) -> pd.DataFrame:
+        """Rows of the bucket catalog that belong to this subject."""
+        return self._files.copy()
+
+    def __repr__(self) -> str:
+        return f"Subject({self._subject_id!r}, sessions={self._sessions}, root='{self.root}')"
+
+    # ------------------------------------------------------------------ files
+
+    def _rows(self, kind: str, **match: str) -> pd.DataFrame:
+        rows = self._files[self._files["kind"] == kind]
+        for column, value in match.items():
+            rows = rows[rows[column] == value]
+        return rows
+
+    def _one(self, kind: str, what: str, expected: str, hint: str = "", **match: str) -> str:
+        rows = self._rows(kind, **match)
+        if rows.empty:
+            raise DataNotDownloadedError(
+                f"{self._subject_id}: {what} is not on disk; expected {self.root / expected}. "
+                f"To get it: {_download_hint(hint)}."
+            )
+        return str(rows["path"].iloc[0])
+
+    def _session(self, session: str) -> str:
+        if session not in self._sessions:
+            raise SelectionError(
+                f"{self._subject_id}: no session {session!r} in {self.root}; sessions on disk: "
+                f"{self._sessions}"
+            )
+        return session
+
+    def _sessions_arg(self, session: str | Sequence[str] | None) -> list[str]:
+        if session is None or (isinstance(session, str) and session == "all"):
+            return self.sessions
+        chosen = [session] if isinstance(session, str) else list(session)
+        if not chosen:
+            raise SelectionError(f"{self._subject_id}: empty session list")
+        if len(set(chosen)) != len(chosen):
+            raise SelectionError(f"{self._subject_id}: sessions repeated in {chosen}")
+        return [self._session(s) for s in chosen]
+
+    def betas_path(self, session: str) -> str:
+        """Path of the 4-D betas file of ``session``.
+
+        Raises
+        ------
+        DataNotDownloadedError
+            If the session's trial table exists but its betas file does not.
+        """
+        session = self._session(session)
+        glm = f"derivatives/glmsingle-tedana/{self._subject_id}/{session}/func"
+        name = (
+            f"{self._subject_id}_{session}_task-images_space-T1w_stat-effect_"
+            "desc-SingletrialBetas_statmap.nii.gz"
+        )
+        return self._one("betas", f"the betas of {session}", f"{glm}/{name}", session=session)
+
+    def trials_path(self, session: str) -> str:
+        """Path of the trial table (TSV) of ``session``."""
+        session = self._session(session)
+        glm = f"derivatives/glmsingle-tedana/{self._subject_id}/{session}/func"
+        name = f"{self._subject_id}_{session}_task-images_desc-SingletrialBetas_trials.tsv"
+        return self._one("trials", f"the trial table of {session}", f"{glm}/{name}",
+                         session=session)
+
+    def _volume(self, path: str) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            cached = self._volumes.get(path)
+        if cached is None:
+            cached = roi_ops.read_small_volume(path)
+            with self._lock:
+                self._volumes[path] = cached
+        return cached
+
+    # ------------------------------------------------------------------ availability
+
+    def has_anatomical(self) -> bool:
+        """Return True if the anatomical derivatives (brain masks, T1w/T2w) are on disk."""
+        return not self._rows("brain_mask").empty or not self._rows("anatomical").empty
+
+    def has_freesurfer(self) -> bool:
+        """Return True if the subject's FreeSurfer recon folder is on disk."""
+        return not self._rows("freesurfer").empty
+
+    def has_stimuli(self) -> bool:
+        """Return True if the stimuli metadata CSV and images HDF5 are on disk."""
+        kinds = set(self._stimuli_files["kind"])
+        return {"stimuli_metadata", "stimuli_images"} <= kinds
+
+    def anatomical_dir(self) -> Path:
+        """Folder of the anatomical derivatives.
+
+        Raises
+        ------
+        DataNotDownloadedError
+            If it is not on disk.
+        """
+        folder = self.root / "derivatives/anatomical" / self._subject_id
+        if not folder.is_dir():
+            raise DataNotDownloadedError(
+                f"{folder}: the anatomical derivatives of {self._subject_id} are not on disk. "
+                f"To get them: {_download_hint('anatomical')}."
+            )
+        return folder
+
+    def freesurfer_dir(self) -> Path:
+        """Folder of the FreeSurfer recon (raises :class:`DataNotDownloadedError` if absent)."""
+        rows = self._rows("freesurfer")
+        if rows.empty:
+            raise DataNotDownloadedError(
+                f"{self.root / 'derivatives/freesurfer' / self._subject_id}: the FreeSurfer recon "
+                f"of {self._subject_id} is not on disk. To get it: {_download_hint('freesurfer')}."
+            )
+        return Path(rows["path"].iloc[0])
+
+    def t1w_path(self, res: str | None = None) -> str:
+        """Path of the T1w volume (``res="1pt8"`` for the functional grid, None for full)."""
+        res_value = _res(res)
+        return self._one(
+            "anatomical", f"the T1w volume (res={res!r})",
+            f"derivatives/anatomical/{self._subject_id}/ses-PrismaAnat/anat/",
+            "anatomical", desc="T1w", res=res_value,
+        )
+
+    # ------------------------------------------------------------------ brain masks
+
+    def brain_mask_path(self, source: str = "anatomical", res: str | None = "1pt8") -> str:
+        """Path of the brain mask file for ``source`` (``"anatomical"`` or ``"rsquare"``)."""
+        source = _mask_source(source)
+        if source == "rsquare":
+            rows = self._rows("r2mean")
+            if rows.empty:
+                rows = self._rows("r2mask_legacy")
+            if rows.empty:
+                name = f"{self._subject_id}_task-images_space-T1w_stat-rsquare_desc-R2mean_statmap"
+                raise DataNotDownloadedError(
+                    f"{self._subject_id}: the R2mean map (mask_source='rsquare') is not on disk; "
+                    f"expected {self.root}/derivatives/glmsingle-tedana/{self._subject_id}/"
+                    f"{name}.nii.gz. Download it, or use mask_source='anatomical'."
+                )
+            return str(rows["path"].iloc[0])
+        res_value = _res(res)
+        suffix = f"_res-{res_value}" if res_value else ""
+        return self._one(
+            "brain_mask",
+            f"the anatomical brain mask (res={res!r})",
+            f"derivatives/anatomical/{self._subject_id}/ses-PrismaAnat/anat/"
+            f"{self._subject_id}_ses-PrismaAnat_space-T1w{suffix}_desc-brain_mask.nii.gz",
+            "anatomical",
+            res=res_value,
+        )
+
+    def _brain(self, source: str, res: str | None = "1pt8") -> tuple[np.ndarray, np.ndarray]:
+        volume, affine = self._volume(self.brain_mask_path(source, res))
+        return roi_ops.nonzero_mask(volume), affine
+
+    def brain_mask(self, source: str = "anatomical", res: str | None = "1pt8") -> np.ndarray:
+        """Return the brain mask as a flat boolean array over the whole grid (C order).
+
+        Parameters
+        ----------
+        source
+            ``"anatomical"`` (``..._res-1pt8_desc-brain_mask``) or ``"rsquare"``
+            (voxels where the subject's R2mean map is non-zero, NaN outside).
+        res
+            ``"1pt8"`` (the functional grid) or None (full resolution,
+            anatomical only; does not align with betas).
+        """
+        return self._brain(source, res)[0].reshape(-1)
+
+    def n_voxels(self, source: str = "anatomical", res: str | None = "1pt8") -> int:
+        """Return the number of voxels in the brain mask (see :meth:`brain_mask`)."""
+        return int(self._brain(source, res)[0].sum())
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        """The functional grid, taken from the R2mean map or the anatomical 1pt8 mask."""
+        return self._functional_grid()[0]
+
+    def _functional_grid(self) -> tuple[tuple[int, int, int], np.ndarray]:
+        for source in ("rsquare", "anatomical"):
+            try:
+                volume, affine = self._brain(source)
+            except DataNotDownloadedError:
+                continue
+            return (int(volume.shape[0]), int(volume.shape[1]), int(volume.shape[2])), affine
+        raise DataNotDownloadedError(
+            f"{self._subject_id}: neither the R2mean map nor the anatomical brain mask is on disk; "
+            f"one is needed to define the voxel axis. To get it: {_download_hint('anatomical')}."
+        )
+
+    # ------------------------------------------------------------------ ROIs
+
+    def roi_categories(self, fmt: str = "volume") -> dict[str, list[str]]:
+        """Return ``{category: [roi names]}`` of ROIs available as ``fmt`` files.
+
+        ``fmt="volume"`` lists volume ROIs on the functional grid (``res-1pt8``
+        or the older ``derivatives/atlases`` layout); ``"any"`` lists every ROI.
+        """
+        rows = self._rows("roi")
+        if fmt == "volume":
+            rows = rows[rows["fmt"].isin(["nii.gz", "nii"]) & rows["res"].isin(["1pt8", ""])]
+        categories: dict[str, list[str]] = {}
+        for category, label in zip(rows["category"], rows["label"], strict=True):
+            names = categories.setdefault(category, [])
+            if label not in names:
+                names.append(label)
+        return {c: sorted(n, key=natural_key) for c, n in sorted(categories.items())}
+
+    def _roi_volume(self, category: str, name: str) -> np.ndarray:
+        rows = self._rows("roi", category=category, label=name)
+        rows = rows[rows["fmt"].isin(["nii.gz", "nii"]) & rows["res"].isin(["1pt8", ""])]
+        path = str(rows.sort_values("res", ascending=False)["path"].iloc[0])
+        volume, _ = self._volume(path)
+        return volume
+
+    def _roi_grid_mask(self, query: roi_ops.RoiQuery, brain: np.ndarray) -> np.ndarray:
+        categories = self.roi_categories("volume")
+        if not categories:
+            raise DataNotDownloadedError(
+                f"{self._subject_id}: no volume ROI on disk; expected files under "
+                f"{self.root}/derivatives/rois/{self._subject_id}/<category>/. Download the ROIs."
+            )
+        pairs = roi_ops.resolve_roi_query(query, categories, where=self._subject_id)
+        volumes = []
+        for category, name in pairs:
+            volume = self._roi_volume(category, name)
+            if volume.shape != brain.shape:
+                raise GridMismatchError(
+                    f"{self._subject_id}: ROI {name!r} ({category}) has grid {volume.shape}, the "
+                    f"brain mask {brain.shape}; expected ROIs on the functional grid (res-1pt8)."
+                )
+            volumes.append(volume)
+        return roi_ops.roi_union(volumes, brain)
+
+    def roi_mask(self, query: roi_ops.RoiQuery, mask_source: str = "anatomical") -> np.ndarray:
+        """Return the union of the ROIs named by ``query`` as a flat bool over brain-mask voxels.
+
+        ``query`` is a ROI name, a category, ``"all"`` or a list of those
+        (see :func:`neurocube.ops.roi.resolve_roi_query`).
+        """
+        brain, _ = self._brain(mask_source)
+        return self._roi_grid_mask(query, brain)[brain]
+
+    def roi_masks(
+        self, queries: roi_ops.RoiQuery, mask_source: str = "anatomical"
+    ) -> dict[str, np.ndarray]:
+        """Return ``{query: roi_mask(query)}`` keyed by the caller's strings."""
+        items = [queries] if isinstance(queries, str) else list(queries)
+        return {str(q): self.roi_mask(q, mask_source=mask_source) for q in items}
+
+    def roi_data(
+        self,
+        query: roi_ops.RoiQuery,
+        format: str | None = None,
+        hemi: str | None = None,
+        mask_source: str = "anatomical",
+    ) -> dict[str, dict[str, Any]]:
+        """Return ROI files' content per ROI: volume mask and per-hemisphere surface data.
+
+        Parameters
+        ----------
+        query
+            ROI grammar, resolved over every ROI on disk (any format).
+        format
+            ``"all"``/None, ``"volume"`` (or ``"nii.gz"``), ``"gii"`` (func.gii and
+            label), ``"func.gii"`` or ``"label"``.
+        hemi
+            ``"L"``, ``"R"`` or ``"all"``/None.
+        mask_source
+            Brain mask the volume mask is indexed within.
+
+        Returns
+        -------
+        dict
+            ``{roi: {"volume": bool over brain voxels, "gii": {"hemi-L": {"func.gii":
+            float array, "label": int vertex ids}, ...}}}``, pruned by the filters.
+        """
+        fmt = "all" if format is None else format
+        allowed = {
+            "all": {"volume", "func.gii", "label"},
+            "volume": {"volume"},
+            "nii.gz": {"volume"},
+            "gii": {"func.gii", "label"},
+            "func.gii": {"func.gii"},
+            "label": {"label"},
+        }
+        if fmt not in allowed:
+            raise SelectionError(
+                f"format={format!r}: expected one of {sorted(allowed)} or None"
+            )
+        hemis = {"L", "R"} if hemi in (None, "all") else {hemi}
+        if not hemis <= {"L", "R"}:
+            raise SelectionError(f"hemi={hemi!r}: expected 'L', 'R', 'all' or None")
+        pairs = roi_ops.resolve_roi_query(query, self.roi_categories("any"), where=self._subject_id)
+        wanted = allowed[fmt]
+        out: dict[str, dict[str, Any]] = {}
+        for category, name in pairs:
+            entry = out.setdefault(name, {})
+            if "volume" in wanted and not self._rows("roi", category=category, label=name)[
+                "fmt"
+            ].isin(["nii.gz", "nii"]).empty:
+                brain, _ = self._brain(mask_source)
+                try:
+                    entry["volume"] = roi_ops.roi_union(
+                        [self._roi_volume(category, name)], brain
+                    )[brain]
+                except IndexError:
+                    pass  # only a non-functional-grid volume exists
+            for h in sorted(hemis):
+                for kind in ("func.gii", "label"):
+                    if kind not in wanted:
+                        continue
+                    rows = self._rows("roi", category=category, label=name, hemi=h, fmt=kind)
+                    if rows.empty:
+                        continue
+                    path = str(rows["path"].iloc[0])
+                    value = _read_func_gii(path) if kind == "func.gii" else _read_label(path)
+                    entry.setdefault("gii", {}).setdefault(f"hemi-{h}", {})[kind] = value
+        return out
+
+    # ------------------------------------------------------------------ selection
+
+    def voxel_selection(
+        self,
+        session: str | Sequence[str] | None = None,
+        *,
+        roi: roi_ops.RoiQuery | None = None,
+        mask: Any = None,
+        nc_threshold: float | None = None,
+        mask_source: str = "anatomical",
+    ) -> np.ndarray:
+        """Return the selected voxels as a 3-D bool volume (FORMATS.md §1 order).
+
+        With several sessions and ``nc_threshold``, a voxel must pass the
+        threshold in every session (intersection).
+        """
+        brain, _ = self._brain(mask_source)
+        roi_mask = None if roi is None else self._roi_grid_mask(roi, brain)
+        if roi is not None and mask is not None:
+            raise SelectionError(
+                f"{self._subject_id}: give either roi= or mask=, not both: a custom mask replaces "
+                "the ROI selection (intersect them yourself if you need both)"
+            )
+        custom = None
+        if mask is not None:
+            if isinstance(mask, (str, os.PathLike)):
+                volume, _ = self._volume(str(mask))
+                custom = roi_ops.coerce_selection_mask(volume, brain, source=str(mask))
+            else:
+                custom = roi_ops.coerce_selection_mask(mask, brain, source=self._subject_id)
+        ncs: list[np.ndarray] = []
+        if nc_threshold is not None:
+            if session is None:
+                raise SelectionError("nc_threshold needs the session(s) whose noise ceiling to use")
+            for ses in self._sessions_arg(session):
+                ncs.append(self._volume(self._nc_session_path(ses))[0])
+        return roi_ops.select_voxels(
+            brain, roi_mask=roi_mask, custom_mask=custom, noise_ceilings=ncs,
+            nc_threshold=nc_threshold,
+        )
+
+    def _nc_session_path(self, session: str) -> str:
+        glm = f"derivatives/glmsingle-tedana/{self._subject_id}/{session}/func"
+        name = (
+            f"{self._subject_id}_{session}_task-images_space-T1w_desc-Noiseceiling_statmap.nii.gz"
+        )
+        return self._one(
+            "noise_ceiling_session", f"the noise ceiling of {session}", f"{glm}/{name}",
+            session=session,
+        )
+
+    def voxel_coordinates(
+        self,
+        roi: roi_ops.RoiQuery | None = None,
+        mask: Any = None,
+        mask_source: str = "anatomical",
+    ) -> pd.DataFrame:
+        """Return grid indices ``i, j, k`` and scanner ``x, y, z`` (mm) of the selected voxels."""
+        selection = self.voxel_selection(roi=roi, mask=mask, mask_source=mask_source)
+        _, affine = self._brain(mask_source)
+        coords = _voxel_coords(selection, affine)
+        return pd.DataFrame({name: values for name, (_, values) in coords.items()})
+
+    # ------------------------------------------------------------------ trial table
+
+    @property
+    def metadata(self) -> pd.DataFrame:
+        """Trial table of every session, indexed by the global trial index (``trial``).
+
+        Columns: the TSV columns, plus ``session, session_trial, image_name,
+        stim_idx, unique_or_shared, dataset``. ``stim_idx`` is the row of the
+        stimuli metadata CSV (-1 when the image is not listed or the CSV is not
+        on disk).
+        """
+        if self._metadata is None:
+            self._metadata = self._build_metadata()
+        return self._metadata.copy()
+
+    def _build_metadata(self) -> pd.DataFrame:
+        stimuli = self._stimulus_table(required=False)
+        frames = []
+        for session in self._sessions:
+            frames.append(_read_trial_table(self.trials_path(session), session))
+        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        if table.empty:
+            return table
+        table = _annotate_trials(table, stimuli, self.trials_path(self._sessions[0]))
+        table.index = pd.RangeIndex(len(table), name="trial")
+        return table
+
+    def n_stimuli(self, stimuli: str | None = None) -> int:
+        """Return the number of images in the stimuli CSV (optionally shared or unique only)."""
+        table = self._stimulus_table(required=True)
+        assert table is not None
+        if stimuli is None:
+            return len(table)
+        _stimuli_filter(stimuli)
+        return int((table["unique_or_shared"] == stimuli).sum())
+
+    def _stimuli_file(self, kind: str, expected: str, **match: str) -> str:
+        rows = self._stimuli_files[self._stimuli_files["kind"] == kind]
+        for column, value in match.items():
+            rows = rows[rows[column].str.lower() == value.lower()]
+        if rows.empty:
+            legacy = self._stimuli_files[self._stimuli_files["kind"] == "stimuli_table_legacy"]
+            if kind == "stimuli_metadata" and not legacy.empty:
+                raise FormatError(
+                    f"{legacy['path'].iloc[0]}: an older bucket layout (stimuli/stimuli.tsv) that "
+                    "neurocube does not read; expected stimuli/task-images_metadata.csv "
+                    "(image_name, dataset, participant, unique_or_shared, n_reps). Download the "
+                    "current stimuli folder."
+                )
+            raise DataNotDownloadedError(
+                f"{self.root / 'stimuli' / expected}: not on disk. To get it: "
+                f"{_download_hint('stimuli')}."
+            )
+        return str(rows["path"].iloc[0])
+
+    def _stimulus_table(self, *, required: bool) -> pd.DataFrame | None:
+        try:
+            path = self._stimuli_file("stimuli_metadata", "task-images_metadata.csv")
+        except DataNotDownloadedError:
+            if required:
+                raise
+            return None
+        return _read_csv(path)
+
+    # ------------------------------------------------------------------ betas
+
+    def betas(
+        self,
+        session: str | Sequence[str] | None,
+        roi: roi_ops.RoiQuery | None = None,
+        mask: Any = None,
+        nc_threshold: float | None = None,
+        stimuli: str | None = None,
+        mask_source: str = "anatomical",
+        *,
+        chunks: Any = None,
+    ) -> Any:
+        """Return single-trial betas of one or several sessions as one lazy Dataset.
+
+        Parameters
+        ----------
+        session
+            A session id, a list of them (concatenated along ``trial`` in the
+            given order), or None / ``"all"`` for every session.
+        roi
+            ROI query (name, category, ``"all"``, list): union within the brain mask.
+        mask
+            Custom voxel mask replacing ``roi`` (3-D, flat over the grid, flat
+            over brain-mask voxels, or a NIfTI path). ``roi`` and ``mask``
+            together are an error.
+        nc_threshold
+            Keep voxels whose session noise ceiling is >= this (percent) in
+            every requested session; NaN is dropped.
+        stimuli
+            ``"shared"`` or ``"unique"`` keeps only those trials.
+        mask_source
+            ``"anatomical"`` or ``"rsquare"`` brain mask.
+        chunks
+            Volumes per chunk (see :func:`neurocube.open_nifti`); default: the
+            subject's ``chunks``.
+
+        Returns
+        -------
+        xarray.Dataset
+            ``betas`` (``trial``, ``voxel``), float32 for float32 or scaled-int
+            files; NaN where the GLM gave no estimate. ``trial`` holds the
+            global trial index (the index of :attr:`metadata`) and carries
+            ``subject, session, session_trial, image_name, stim_idx,
+            unique_or_shared, dataset`` and every trial-table column;
+            ``voxel`` carries ``i, j, k, x, y, z``.
+
+        Raises
+        ------
+        SelectionError
+            Unknown session / ROI, both ``roi`` and ``mask``, or a bad ``stimuli``.
+        DataNotDownloadedError
+            A needed file (betas, mask, noise ceiling) is not on disk.
+        FormatError
+            A betas file's volume count differs from its trial table.
+        GridMismatchError
+            Betas and brain mask on different grids.
+        """
+        import dask.array as da
+        import xarray as xr
+
+        from neurocube.sources.nifti import open_nifti
+
+        sessions = self._sessions_arg(session)
+        keep_kind = None if stimuli is None else _stimuli_filter(stimuli)
+        selection = self.voxel_selection(
+            sessions, roi=roi, mask=mask, nc_threshold=nc_threshold, mask_source=mask_source
+        )
+        brain_path = self.brain_mask_path(mask_source)
+        _, affine = self._brain(mask_source)
+        flat = selection.reshape(-1)
+        metadata = self.metadata
+        arrays = []
+        rows = []
+        sources = []
+        for ses in sessions:
+            path = self.betas_path(ses)
+            try:
+                ds = open_nifti(path, mask=flat, chunks=self.chunks if chunks is None else chunks)
+            except GridMismatchError as exc:
+                raise GridMismatchError(
+                    f"{path}: its grid differs from the {mask_source} brain mask {brain_path} "
+                    f"({exc}). Use mask_source='rsquare' or check the subject's files."
+                ) from exc
+            data = ds["data"].data
+            table = metadata[metadata["session"] == ses]
+            if data.shape[0] != len(table):
+                raise FormatError(
+                    f"{path}: {data.shape[0]} volumes, but its trial table "
+                    f"{self.trials_path(ses)} has {len(table)} rows; expected one row per volume."
+                )
+            if keep_kind is not None:
+                keep = (table["unique_or_shared"] == keep_kind).to_numpy()
+                if not keep.all():
+                    data = data[np.flatnonzero(keep)]
+                    table = table[keep]
+            arrays.append(data)
+            rows.append(table)
+            sources += [path, self.trials_path(ses)]
+            if nc_threshold is not None:
+                sources.append(self._nc_session_path(ses))
+        data = arrays[0] if len(arrays) == 1 else da.concatenate(arrays, axis=0)
+        trials = pd.concat(rows)
+        coords: dict[str, Any] = {"trial": trials.index.to_numpy(dtype=np.int64)}
+        coords.update(_trial_coords(trials, self._subject_id))
+        coords.update(_voxel_coords(selection, affine))
+        attrs: dict[str, Any] = {
+            "subject": self._subject_id,
+            "sessions": list(sessions),
+            "mask_source": mask_source,
+            "voxel_rule": "intersection of per-session noise-ceiling masks",
+            "affine": np.asarray(affine).tolist(),
+            "grid_shape": [int(n) for n in selection.shape],
+            "units": "percent signal change",
+            "neurocube_sources": [brain_path, *sources],
+        }
+        if roi is not None:
+            attrs["roi"] = [roi] if isinstance(roi, str) else [str(r) for r in roi]
+        if nc_threshold is not None:
+            attrs["nc_threshold"] = float(nc_threshold)
+        if stimuli is not None:
+            attrs["stimuli"] = stimuli
+        return xr.Dataset({"betas": (("trial", "voxel"), data)}, coords=coords, attrs=attrs)
+
+    # ------------------------------------------------------------------ noise ceilings
+
+    def noise_ceiling(
+        self,
+        session: str | Sequence[str] | None = None,
+        desc: str | Sequence[str] | None = None,
+        roi: roi_ops.RoiQuery | None = None,
+        mask: Any = None,
+        mask_source: str = "anatomical",
+    ) -> Any:
+        """Return a noise-ceiling map (percent, 0-100) over the selected voxels, lazily.
+
+        Exactly one of ``session`` (per-session map) and ``desc`` (subject-level
+        ``desc-Noiseceiling<token>`` map; ``"12rep"`` or ``"Noiseceiling12rep"``,
+        any case) is given. A single value gives a ``noise_ceiling`` DataArray
+        ``(voxel,)``; a list gives a Dataset with a ``session`` or ``desc`` dim.
+        """
+        import xarray as xr
+
+        from neurocube.sources.nifti import open_nifti
+
+        if (session is None) == (desc is None):
+            raise SelectionError(
+                "noise_ceiling: give exactly one of session= (per-session map) and desc= "
+                "(subject-level map)"
+            )
+        if session is not None:
+            dim = "session"
+            keys = self._sessions_arg(session)
+            paths = [self._nc_session_path(s) for s in keys]
+            single = isinstance(session, str) and session != "all"
+        else:
+            assert desc is not None
+            dim = "desc"
+            keys = [desc] if isinstance(desc, str) else list(desc)
+            paths = [self._nc_desc_path(d) for d in keys]
+            single = isinstance(desc, str)
+        selection = self.voxel_selection(roi=roi, mask=mask, mask_source=mask_source)
+        _, affine = self._brain(mask_source)
+        flat = selection.reshape(-1)
+        maps = []
+        for key, path in zip(keys, paths, strict=True):
+            ds = open_nifti(path, mask=flat)
+            values = ds["data"].isel(trial=0, drop=True) if "trial" in ds["data"].dims else ds[
+                "data"
+            ]
+            maps.append(
+                xr.DataArray(
+                    values.data, dims=("voxel",), coords=_voxel_coords(selection, affine),
+                    name="noise_ceiling",
+                    attrs={"units": "percent", "source": path, dim: key},
+                )
+            )
+        if single:
+            out = maps[0]
+            out.attrs["neurocube_sources"] = [paths[0]]
+            return out
+        stacked = xr.concat(maps, dim=dim, combine_attrs="drop")
+        stacked = stacked.assign_coords({dim: np.asarray(keys, dtype=str)})
+        return stacked.to_dataset(name="noise_ceiling").assign_attrs(
+            subject=self._subject_id, units="percent", neurocube_sources=list(paths)
+        )
+
+    def _nc_desc_path(self, desc: str) -> str:
+        rows = self._rows("noise_ceiling_subject")
+        wanted = desc.lower()
+        for value, path in zip(rows["desc"], rows["path"], strict=True):
+            if value.lower() in (wanted, f"noiseceiling{wanted}"):
+                return str(path)
+        raise SelectionError(
+            f"{self._subject_id}: no subject-level noise ceiling desc-{desc}; on disk: "
+            f"{sorted(rows['desc'])}"
+        )
+
+    # ------------------------------------------------------------------ writing back
+
+    def to_nifti(
+        self,
+        values: Any,
+        path: str | os.PathLike[str],
+        roi: roi_ops.RoiQuery | None = None,
+        mask: Any = None,
+        mask_source: str = "anatomical",
+    ) -> Path:
+        """Scatter per-voxel values back onto the grid and write a 3-D NIfTI (atomically).
+
+        ``values`` is a DataArray with ``i, j, k`` voxel coords (e.g. a
+        ``betas(...).betas.mean("trial")``), or a 1-D array over the voxels
+        selected by ``roi`` / ``mask`` / ``mask_source``. Voxels not given are NaN.
+        """
+        import nibabel as nib
+
+        from neurocube.io._atomic import atomic_path
+
+        _, affine = self._brain(mask_source)
+        grid = self.grid_shape
+        volume = np.full(grid, np.nan, dtype=np.float32)
+        coords = getattr(values, "coords", None)
+        if coords is not None and {"i", "j", "k"} <= set(coords) and roi is None and mask is None:
+            if values.ndim != 1:
+                raise SelectionError(
+                    f"to_nifti: values must be 1-D over voxels, got dims {values.dims}; reduce "
+                    "the other dims first (e.g. .mean('trial'))"
+                )
+            i, j, k = (np.asarray(values[c].values, dtype=np.int64) for c in ("i", "j", "k"))
+            volume[i, j, k] = np.asarray(values.values, dtype=np.float32)
+        else:
+            selection = self.voxel_selection(roi=roi, mask=mask, mask_source=mask_source)
+            flat_values = np.asarray(values, dtype=np.float32).reshape(-1)
+            if flat_values.size != int(selection.sum()):
+                raise GridMismatchError(
+                    f"to_nifti: {flat_values.size} values for {int(selection.sum())} selected "
+                    f"voxels (mask_source={mask_source!r}, roi={roi!r}); pass one value per voxel"
+                )
+            volume[selection] = flat_values
+        out = Path(path)
+        suffix = ".nii.gz" if out.name.endswith(".gz") else ".nii"
+        with atomic_path(out) as tmp:
+            target = tmp if tmp.name.endswith(suffix) else tmp.with_name(tmp.name + suffix)
+            nib.Nifti1Image(volume, np.asarray(affine)).to_filename(target)
+            if target != tmp:
+                os.replace(target, tmp)
+        return out
+
+    # ------------------------------------------------------------------ stimuli
+
+    def stimulus_embeddings(self, model: str, *, trials_per_chunk: int = 1024) -> Any:
+        """Return per-trial embeddings of ``model`` as a lazy ``(trial, feature)`` Dataset.
+
+        Rows follow :attr:`metadata` (repeated images repeat their row); the
+        float16 values are read from ``task-images_desc-<model>_embeddings.h5``
+        when computed, looked up by ``image_ids``. Trials whose image the file
+        does not list are NaN. ``embedding_valid`` (per trial) copies the file's
+        ``valid`` flag.
+        """
+        import xarray as xr
+
+        from neurocube.sources.stimuli import open_trial_embeddings
+
+        rows = self._stimuli_files[self._stimuli_files["kind"] == "embeddings"]
+        models = sorted(rows["label"])
+        path = self._stimuli_file(
+            "embeddings", f"task-images_desc-{model}_embeddings.h5 (models on disk: {models})",
+            label=model,
+        )
+        metadata = self.metadata
+        values, valid = open_trial_embeddings(
+            path, metadata["image_name"].to_numpy(dtype=str), trials_per_chunk=trials_per_chunk
+        )
+        coords: dict[str, Any] = {"trial": metadata.index.to_numpy(dtype=np.int64)}
+        coords.update(_trial_coords(metadata, self._subject_id))
+        coords["embedding_valid"] = ("trial", valid)
+        model_name = str(rows[rows["label"].str.lower() == model.lower()]["label"].iloc[0])
+        return xr.Dataset(
+            {"embedding": (("trial", "feature"), values)},
+            coords=coords,
+            attrs={"model": model_name, "subject": self._subject_id, "neurocube_sources": [path]},
+        )
+
+    @property
+    def images(self) -> Any:
+        """Per-trial stimulus JPEG bytes, read lazily (a ``TrialImages``)."""
+        from neurocube.sources.stimuli import TrialImages
+
+        path = self._stimuli_file("stimuli_images", "task-images_stimuli.h5")
+        metadata = self.metadata
+        return TrialImages(path, metadata["stim_idx"].to_numpy(dtype=np.int64))
+
+    @property
+    def captions(self) -> pd.DataFrame:
+        """Captions table (``task-images_desc-captions.csv``), every cell as text."""
+        return _read_csv(self._stimuli_file("captions", "task-images_desc-captions.csv"))
+
+    @property
+    def segmentations(self) -> Any:
+        """Segmentation masks: lazy ``masks (mask, height, width)`` with metadata coords."""
+        from neurocube.sources.stimuli import open_segmentations
+
+        path = self._stimuli_file("segmentations", "task-images_desc-segmentations.h5")
+        meta_path = self._stimuli_file(
+            "segmentations_metadata", "task-images_desc-segmentations_metadata.csv"
+        )
+        return open_segmentations(path, meta_path)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _res(res: str | None) -> str:
+    if res in (None, "", "full"):
+        return ""
+    if res not in ("1pt8", "1pt5"):
+        raise SelectionError(f"res={res!r}: expected '1pt8', '1pt5' or None (full resolution)")
+    return str(res)
+
+
+def _mask_source(source: str) -> str:
+    if source not in MASK_SOURCES:
+        raise SelectionError(f"mask_source={source!r}: expected one of {list(MASK_SOURCES)}")
+    return source
+
+
+def _stimuli_filter(stimuli: str) -> str:
+    if stimuli not in STIMULI_FILTERS:
+        raise SelectionError(f"stimuli={stimuli!r}: expected 'shared', 'unique' or None")
+    return stimuli
+
+
+def _read_csv(path: str, sep: str = ",") -> pd.DataFrame:
+    from neurocube.sources.files import open_file
+
+    with open_file(path) as handle:
+        try:
+            return pd.read_csv(handle, sep=sep, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise FormatError(f"{path}: not a readable {'TSV' if sep == chr(9) else 'CSV'} ({exc})"
+                              ) from exc
+
+
+_INT_COLUMNS = ("run", "beta_index")
+
+
+def _read_trial_table(path: str, session: str) -> pd.DataFrame:
+    table = _read_csv(path, sep="\t")
+    if "label" not in table.columns and "stimulus_id" not in table.columns:
+        raise FormatError(
+            f"{path}: a trial table needs a 'label' column (or 'stimulus_id' in older buckets); "
+            f"found columns {list(table.columns)}"
+        )
+    for column in _INT_COLUMNS:
+        if column in table.columns:
+            try:
+                table[column] = table[column].astype(np.int64)
+            except ValueError as exc:
+                raise FormatError(f"{path}: column {column!r} must hold integers ({exc})") from exc
+    if "session" in table.columns and not table.empty:
+        bad = set(table["session"]) - {session}
+        if bad:
+            raise FormatError(
+                f"{path}: its 'session' column says {sorted(bad)}, but the file is in folder "
+                f"{session}; expected {session!r} on every row"
+            )
+    table["session"] = session
+    table["session_trial"] = np.arange(len(table), dtype=np.int64)
+    return table
+
+
+def _annotate_trials(table: pd.DataFrame, stimuli: pd.DataFrame | None, where: str) -> pd.DataFrame:
+    names_known: dict[str, int] = {}
+    if stimuli is not None:
+        names_known = {name: i for i, name in enumerate(stimuli["image_name"].tolist())}
+    image_names: list[str] = []
+    kinds: list[str] = []
+    if "label" in table.columns:
+        for label in table["label"].tolist():
+            match = _LABEL_PREFIX.match(label)
+            kind, rest = (match.group(1), match.group(2)) if match else ("", label)
+            candidates = [rest, os.path.splitext(rest)[0], label]
+            name = next((c for c in candidates if c in names_known), rest)
+            image_names.append(name)
+            kinds.append(kind)
+    else:  # older trial tables: stimulus_id joined against the metadata CSV
+        if stimuli is None:
+            raise FormatError(
+                f"{where}: an older trial table (stimulus_id, no label) needs "
+                "stimuli/task-images_metadata.csv to know each trial's image; it is not on disk"
+            )
+        for sid in table["stimulus_id"].tolist():
+            if sid in names_known:
+                image_names.append(sid)
+            elif sid.isdigit() and int(sid) < len(stimuli):
+                image_names.append(str(stimuli["image_name"].iloc[int(sid)]))
+            else:
+                raise FormatError(
+                    f"{where}: stimulus_id {sid!r} is neither an image_name nor a row of the "
+                    "stimuli metadata CSV"
+                )
+            kinds.append("")
+    out = table.copy()
+    out["image_name"] = image_names
+    out["stim_idx"] = np.array([names_known.get(n, -1) for n in image_names], dtype=np.int64)
+    if stimuli is not None:
+        by_row = out["stim_idx"].to_numpy()
+        meta_kind = np.asarray([*stimuli["unique_or_shared"].tolist(), ""], dtype=object)
+        meta_dataset = np.asarray([*stimuli["dataset"].tolist(), ""], dtype=object)
+        kinds = [k or str(meta_kind[r]) for k, r in zip(kinds, by_row, strict=True)]
+        out["dataset"] = [str(v) for v in meta_dataset[by_row]]
+    else:
+        out["dataset"] = ""
+    out["unique_or_shared"] = kinds
+    return out
+
+
+def _trial_coords(trials: pd.DataFrame, subject: str) -> dict[str, Any]:
+    coords: dict[str, Any] = {"subject": ("trial", np.full(len(trials), subject, dtype=str))}
+    for column in trials.columns:
+        values = trials[column]
+        if values.dtype.kind in "iub":
+            array = values.to_numpy()
+        elif values.dtype.kind == "f":
+            array = values.to_numpy(dtype=np.float64)
+        else:
+            array = np.asarray([str(v) for v in values.tolist()], dtype=str)
+            if array.size == 0:
+                array = array.astype("<U1")
+        coords[str(column)] = ("trial", array)
+    return coords
+
+
+def _voxel_coords(selection: np.ndarray, affine: np.ndarray) -> dict[str, Any]:
+    i, j, k = np.nonzero(selection)
+    xyz = np.asarray(affine, dtype=np.float64) @ np.vstack(
+        [i, j, k, np.ones_like(i)]
+    ).astype(np.float64)
+    return {
+        "i": ("voxel", i.astype(np.int32)),
+        "j": ("voxel", j.astype(np.int32)),
+        "k": ("voxel", k.astype(np.int32)),
+        "x": ("voxel", xyz[0]),
+        "y": ("voxel", xyz[1]),
+        "z": ("voxel", xyz[2]),
+    }
+
+
+def _read_func_gii(path: str) -> np.ndarray:
+    import nibabel as nib
+
+    from neurocube.sources.files import open_file
+
+    with open_file(path) as handle:
+        raw = handle.read()
+    try:
+        image = nib.GiftiImage.from_bytes(raw)
+    except Exception as exc:
+        raise FormatError(f"{path}: not a GIFTI file ({exc})") from exc
+    if not image.darrays:
+        raise FormatError(f"{path}: a GIFTI file without data arrays; expected a vertex mask")
+    return np.asarray(image.darrays[0].data)
+
+
+def _read_label(path: str) -> np.ndarray:
+    from neurocube.sources.files import open_file
+
+    with open_file(path) as handle:
+        lines = handle.read().decode("ascii", errors="replace").splitlines()
+    try:
+        count = int(lines[1].strip())
+        vertices = [int(line.split()[0]) for line in lines[2 : 2 + count]]
+    except (IndexError, ValueError) as exc:
+        raise FormatError(
+            f"{path}: not a FreeSurfer ASCII label (expected a comment line, a count, then "
+            f"'vertex x y z value' rows): {exc}"
+        ) from exc
+    if len(vertices) != count:
+        raise FormatError(f"{path}: header announces {count} vertices, {len(vertices)} found")
+    return np.asarray(vertices, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------- opening
+
+
+def open_subject(
+    root: str | os.PathLike[str],
+    subject: str | int,
+    *,
+    chunks: Any = "auto",
+    catalog: pd.DataFrame | None = None,
+) -> Subject:
+    """Open one subject of a betas bucket (reads file names only).
+
+    Parameters
+    ----------
+    root
+        Bucket root (holding ``derivatives/`` and ``stimuli/``).
+    subject
+        ``"sub-03"``, or an int: the n-th subject in sorted order.
+    chunks
+        Default betas chunking along ``trial`` (see :func:`neurocube.open_nifti`).
+    catalog
+        A scan of the bucket to reuse.
+
+    Raises
+    ------
+    DataNotFoundError
+        If ``root`` is not a folder.
+    SelectionError
+        If the subject is unknown or the index out of range.
+    """
+    table = scan_bucket(root) if catalog is None else catalog
+    if isinstance(subject, (int, np.integer)) and not isinstance(subject, bool):
+        known = subject_ids(table)
+        if not -len(known) <= int(subject) < len(known):
+            raise SelectionError(
+                f"{root}: subject index {subject} out of range; the bucket has {len(known)} "
+                f"subjects {known}"
+            )
+        subject = known[int(subject)]
+    if not isinstance(subject, str):
+        raise SelectionError(f"subject must be 'sub-XX' or an int, got {subject!r}")
+    return Subject(root, subject, catalog=table, chunks=chunks)
+
+
+def open_subjects(
+    root: str | os.PathLike[str],
+    subjects: Sequence[str | int] | None = None,
+    *,
+    chunks: Any = "auto",
+) -> list[Subject]:
+    """Open several subjects of one bucket (one scan shared by all); None opens every subject."""
+    table = scan_bucket(root)
+    chosen: Sequence[str | int] = subject_ids(table) if subjects is None else subjects
+    if isinstance(chosen, (str, int)):
+        chosen = [chosen]
+    return [open_subject(root, s, chunks=chunks, catalog=table) for s in chosen]
+
+
+def roi_means(
+    subjects: Sequence[Subject] | Mapping[str, Subject],
+    roi: roi_ops.RoiQuery,
+    *,
+    session: str | Sequence[str] | None = None,
+    nc_threshold: float | None = None,
+    stimuli: str | None = None,
+    mask_source: str = "anatomical",
+    by_image: bool = False,
+) -> Any:
+    """Mean betas over a ROI's voxels for several subjects, lazily.
+
+    Subjects lie on different grids, so they are compared per ROI: each
+    subject's ROI (its own files) is reduced to its mean over voxels (NaN
+    voxels skipped) per trial.
+
+    Parameters
+    ----------
+    subjects
+        Subjects from :func:`open_subjects` (a list or a dict).
+    roi
+        ROI query, resolved per subject.
+    session, nc_threshold, stimuli, mask_source
+        As in :meth:`Subject.betas` (``session=None``: every session).
+    by_image
+        Average repeated presentations: dims ``(subject, image_name)`` over the
+        union of the subjects' images (NaN where a subject did not see one).
+
+    Returns
+    -------
+    xarray.Dataset
+        ``roi_mean`` with dims ``(subject, trial)``: ``trial`` is the position
+        within each subject's selection, padded with NaN to the longest
+        subject; per-trial coords become ``(subject, trial)`` arrays (``""`` /
+        -1 where padded). With ``by_image``: ``(subject, image_name)``, plus
+        ``n_trials`` (presentations averaged).
+    """
+    import dask.array as da
+    import xarray as xr
+
+    subs = list(subjects.values()) if isinstance(subjects, Mapping) else list(subjects)
+    if not subs:
+        raise SelectionError("roi_means: no subject given")
+    means = []
+    sources: list[str] = []
+    for sub in subs:
+        ds = sub.betas(
+            session, roi=roi, nc_threshold=nc_threshold, stimuli=stimuli, mask_source=mask_source
+        )
+        if ds.sizes["voxel"] == 0:
+            raise SelectionError(
+                f"{sub.subject_id}: ROI {roi!r} keeps no voxel (nc_threshold={nc_threshold}); "
+                "lower the threshold or pick another ROI"
+            )
+        means.append(ds["betas"].mean("voxel", skipna=True))
+        sources += [p for p in ds.attrs["neurocube_sources"] if p not in sources]
+    names = np.asarray([s.subject_id for s in subs], dtype=str)
+    attrs: dict[str, Any] = {
+        "roi": [roi] if isinstance(roi, str) else [str(r) for r in roi],
+        "mask_source": mask_source,
+        "neurocube_sources": sources,
+    }
+    if nc_threshold is not None:
+        attrs["nc_threshold"] = float(nc_threshold)
+    if by_image:
+        per_image = []
+        counts = []
+        for mean in means:
+            keep = mean.drop_vars([c for c in mean.coords if c not in ("trial", "image_name")])
+            grouped = keep.groupby("image_name")
+            per_image.append(grouped.mean())
+            counts.append(grouped.count())
+        values = xr.concat(per_image, dim="subject", join="outer", fill_value=np.nan)
+        n_trials = xr.concat(counts, dim="subject", join="outer", fill_value=0)
+        out = xr.Dataset({"roi_mean": values, "n_trials": n_trials.astype(np.int64)})
+        out = out.assign_coords(
+            subject=names, image_name=np.asarray(out["image_name"].values, dtype=str)
+        )
+        return out.assign_attrs(attrs)
+    longest = max(m.sizes["trial"] for m in means)
+    padded = []
+    trial_coords: dict[str, list[np.ndarray]] = {}
+    for mean in means:
+        n = mean.sizes["trial"]
+        data = mean.data
+        if n < longest:
+            data = da.concatenate(
+                [data, da.full((longest - n,), np.nan, dtype=data.dtype, chunks=longest - n)]
+            )
+        padded.append(data)
+        for name, coord in mean.coords.items():
+            if name == "subject" or coord.dims != ("trial",):
+                continue
+            trial_coords.setdefault(str(name), []).append(_pad(np.asarray(coord.values), longest))
+    coords: dict[str, Any] = {"subject": names, "trial": np.arange(longest, dtype=np.int64)}
+    for name, columns in trial_coords.items():
+        if len(columns) != len(means):
+            continue  # a column only some subjects have
+        stacked = np.vstack(columns)
+        coords["global_trial" if name == "trial" else name] = (("subject", "trial"), stacked)
+    values = da.stack(padded, axis=0)
+    return xr.Dataset({"roi_mean": (("subject", "trial"), values)}, coords=coords, attrs=attrs)
+
+
+def _pad(values: np.ndarray, length: int) -> np.ndarray:
+    """Pad a 1-D coordinate to ``length``: ``""`` for text, -1 for ints, NaN for floats."""
+    if values.size == length:
+        return values.astype(str) if values.dtype.kind in "USO" else values
+    if values.dtype.kind in "USO":
+        return np.asarray([*(str(v) for v in values), *[""] * (length - values.size)], dtype=str)
+    if values.dtype.kind in "iu":
+        return np.concatenate([values, np.full(length - values.size, -1, dtype=values.dtype)])
+    out = np.full(length, np.nan, dtype=np.float64)
+    out[: values.size] = values
+    return out

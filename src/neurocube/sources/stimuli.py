@@ -1,0 +1,253 @@
+"""Lazy stimulus files of a betas bucket: embeddings, images, segmentations (HDF5).
+
+Built on the generic lazy HDF5 layer (:mod:`neurocube.sources.hdf5`: picklable
+specs, one pool of read-only handles per process). What this module adds is
+the *trial* alignment: a subject's trials show images in any order, with
+repeats, while the HDF5 files hold one row per image. h5py reads only
+increasing, unique row lists, so each chunk task reads the sorted unique rows
+it needs (a contiguous span when that is cheaper) and expands them to trial
+order in memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from neurocube.errors import FormatError
+
+__all__ = [
+    "TrialImages",
+    "open_segmentations",
+    "open_trial_embeddings",
+    "read_rows",
+]
+
+
+def _spec(path: str | os.PathLike[str], dataset: str) -> Any:
+    from neurocube.sources.hdf5 import HDF5DatasetSpec, pooled_file, stat_key
+
+    key = stat_key(path)
+    with pooled_file(*key) as h5:
+        if dataset not in h5:
+            raise FormatError(
+                f"{key[0]}: no dataset {dataset!r}; found {sorted(h5.keys())}. Expected the "
+                "stimuli layout of FORMATS.md §1."
+            )
+        return HDF5DatasetSpec.from_dataset(h5[dataset], key)
+
+
+def read_rows(spec: Any, rows: np.ndarray) -> np.ndarray:
+    """Read rows ``rows`` (any order, repeats, -1 for "missing") of an HDF5 dataset.
+
+    Missing rows come back as NaN (floats) or zeros. Only the unique rows are
+    read: a contiguous span when it is at most twice their number, else an
+    increasing index list (what h5py accepts).
+    """
+    from neurocube.sources.hdf5 import read_selection
+
+    rows = np.asarray(rows, dtype=np.int64)
+    dtype = np.dtype(spec.dtype)
+    tail = tuple(spec.shape[1:])
+    out = np.empty((rows.size, *tail), dtype=dtype)
+    if dtype.kind == "f":
+        out.fill(np.nan)
+    else:
+        out.fill(0)
+    present = rows >= 0
+    if not present.any():
+        return out
+    unique, inverse = np.unique(rows[present], return_inverse=True)
+    low, high = int(unique[0]), int(unique[-1]) + 1
+    if high - low <= 2 * unique.size:
+        block = read_selection(spec, slice(low, high))
+        values = block[unique - low]
+    else:
+        values = read_selection(spec, list(unique.tolist()))
+    out[present] = values[inverse]
+    return out
+
+
+def _rows_chunk(spec: Any, rows: np.ndarray) -> np.ndarray:
+    return read_rows(spec, rows)
+
+
+def _rows_array(spec: Any, rows: np.ndarray, per_chunk: int, prefix: str) -> Any:
+    """Dask array of ``dataset[rows]`` in chunks of ``per_chunk`` rows (deterministic name)."""
+    import dask.array as da
+    from dask.base import tokenize
+
+    n = int(rows.size)
+    per = max(1, int(per_chunk))
+    bounds = [*list(range(0, n, per)), n]
+    sizes = tuple(b - a for a, b in itertools.pairwise(bounds)) or (0,)
+    tail = tuple(spec.shape[1:])
+    name = f"{prefix}-{tokenize(spec, rows, per)}"
+    graph: dict[Any, Any] = {}
+    for index, (start, stop) in enumerate(itertools.pairwise(bounds)):
+        graph[(name, index) + (0,) * len(tail)] = (_rows_chunk, spec, rows[start:stop])
+    if n == 0:
+        graph[(name, 0) + (0,) * len(tail)] = (_rows_chunk, spec, rows[:0])
+    chunks = (sizes, *((s,) for s in tail))
+    return da.Array(graph, name, chunks=chunks, dtype=np.dtype(spec.dtype))
+
+
+def open_trial_embeddings(
+    path: str | os.PathLike[str], image_names: np.ndarray, *, trials_per_chunk: int = 1024
+) -> tuple[Any, np.ndarray]:
+    """Return ``(embedding, valid)`` aligned with ``image_names`` (one row per trial).
+
+    ``embedding`` is a lazy Dask array ``(trial, feature)`` in the file's dtype
+    (float16); ``valid`` is a bool array (False where the file flags the row
+    invalid or does not list the image). ``image_ids`` and ``valid`` are read
+    here (small); the embedding matrix only when computed.
+
+    Raises
+    ------
+    FormatError
+        If ``embedding`` / ``image_ids`` are missing or their lengths disagree.
+    """
+    from neurocube.sources.hdf5 import pooled_file, stat_key
+
+    spec = _spec(path, "embedding")
+    key = stat_key(path)
+    with pooled_file(*key) as h5:
+        if "image_ids" not in h5:
+            raise FormatError(
+                f"{key[0]}: no dataset 'image_ids'; an embeddings file needs it to find the row "
+                "of each image"
+            )
+        ids = [v.decode() if isinstance(v, bytes) else str(v) for v in h5["image_ids"][()]]
+        valid_rows = np.asarray(h5["valid"][()], dtype=bool) if "valid" in h5 else None
+    if len(spec.shape) != 2 or len(ids) != spec.shape[0]:
+        raise FormatError(
+            f"{key[0]}: 'embedding' has shape {spec.shape} and 'image_ids' {len(ids)} rows; "
+            "expected a 2-D (N, D) matrix with one id per row"
+        )
+    row_of = {name: i for i, name in enumerate(ids)}
+    rows = np.asarray([row_of.get(str(n), -1) for n in image_names], dtype=np.int64)
+    valid = rows >= 0
+    if valid_rows is not None:
+        valid &= np.where(rows >= 0, valid_rows[np.maximum(rows, 0)], False)
+    return _rows_array(spec, rows, trials_per_chunk, "stimulus-embedding"), valid
+
+
+class TrialImages:
+    """Per-trial stimulus images (JPEG bytes), read from ``task-images_stimuli.h5`` on access.
+
+    Indexing by a global trial index (the index of ``Subject.metadata``) reads
+    one row; :meth:`to_dask` gives a lazy object array for bulk work. Holds a
+    path and row numbers only, so it pickles.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], rows: np.ndarray) -> None:
+        self._spec = _spec(path, "images")
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.path = self._spec.path
+
+    def __len__(self) -> int:
+        return int(self.rows.size)
+
+    def __getitem__(self, trial: int) -> bytes:
+        from neurocube.sources.hdf5 import read_selection
+
+        row = int(self.rows[int(trial)])
+        if row < 0:
+            raise KeyError(f"trial {trial}: its image is not listed in the stimuli metadata CSV")
+        return bytes(np.asarray(read_selection(self._spec, row), dtype=np.uint8).tobytes())
+
+    def __iter__(self) -> Iterator[bytes]:
+        for trial in range(len(self)):
+            yield self[trial]
+
+    def to_pil(self, trial: int) -> Any:
+        """Decode one trial's image with Pillow."""
+        import io
+
+        from PIL import Image
+
+        return Image.open(io.BytesIO(self[trial]))
+
+    def to_dask(self, trials_per_chunk: int = 256) -> Any:
+        """Return a lazy 1-D object array of ``bytes`` per trial."""
+        import dask.array as da
+        from dask.base import tokenize
+
+        n = len(self)
+        per = max(1, trials_per_chunk)
+        bounds = [*list(range(0, n, per)), n]
+        name = f"stimulus-images-{tokenize(self._spec, self.rows, per)}"
+        graph = {
+            (name, i): (_image_chunk, self._spec, self.rows[a:b])
+            for i, (a, b) in enumerate(itertools.pairwise(bounds))
+        }
+        sizes = tuple(b - a for a, b in itertools.pairwise(bounds))
+        return da.Array(graph, name, chunks=(sizes,), dtype=object)
+
+    def __repr__(self) -> str:
+        return f"TrialImages({self.path!r}, {len(self)} trials)"
+
+
+def _image_chunk(spec: Any, rows: np.ndarray) -> np.ndarray:
+    from neurocube.sources.hdf5 import read_selection
+
+    out = np.empty(rows.size, dtype=object)
+    for i, row in enumerate(rows.tolist()):
+        out[i] = (
+            b"" if row < 0 else bytes(np.asarray(read_selection(spec, row), np.uint8).tobytes())
+        )
+    return out
+
+
+def open_segmentations(
+    path: str | os.PathLike[str], metadata_path: str | os.PathLike[str]
+) -> Any:
+    """Open segmentation masks lazily: Dataset ``masks (mask, height, width)`` + metadata coords.
+
+    The CSV's columns become coordinates along ``mask`` (text as ``str``;
+    integer-looking columns as int64).
+
+    Raises
+    ------
+    FormatError
+        If ``masks`` is not 3-D or the CSV's row count differs from it.
+    """
+    import pandas as pd
+    import xarray as xr
+
+    from neurocube.sources.files import open_file
+    from neurocube.sources.hdf5 import hdf5_dask_array
+
+    spec = _spec(path, "masks")
+    if len(spec.shape) != 3:
+        raise FormatError(f"{spec.path}: 'masks' has shape {spec.shape}; expected (N, H, W)")
+    with open_file(metadata_path) as handle:
+        table = pd.read_csv(handle, dtype=str, keep_default_na=False)
+    if len(table) != spec.shape[0]:
+        raise FormatError(
+            f"{metadata_path}: {len(table)} rows, but {spec.path} holds {spec.shape[0]} masks; "
+            "expected one metadata row per mask"
+        )
+    per = max(1, (64 * 2**20) // max(1, spec.shape[1] * spec.shape[2]))
+    chunks = (min(per, max(spec.shape[0], 1)), spec.shape[1], spec.shape[2])
+    if spec.chunks:
+        step = spec.chunks[0]
+        chunks = (max(step, (chunks[0] // step) * step), spec.shape[1], spec.shape[2])
+    masks = hdf5_dask_array(spec, chunks=chunks)
+    coords: dict[str, Any] = {}
+    for column in table.columns:
+        values = table[column]
+        numeric = pd.to_numeric(values, errors="coerce")
+        if len(values) and numeric.notna().all() and (numeric % 1 == 0).all():
+            coords[str(column)] = ("mask", numeric.to_numpy(dtype=np.int64))
+        else:
+            coords[str(column)] = ("mask", values.to_numpy(dtype=str))
+    return xr.Dataset(
+        {"masks": (("mask", "height", "width"), masks)},
+        coords=coords,
+        attrs={"neurocube_sources": [spec.path, os.path.abspath(metadata_path)]},
+    )
