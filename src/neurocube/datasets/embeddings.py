@@ -301,7 +301,7 @@ def open_embeddings(
         else:
             dims = (row_dim, "feature")
         repeats = np.asarray([m.shape[0] for m in members], dtype=np.int64)
-    dtype = np.result_type(*{np.dtype(m.dtype).newbyteorder("=") for m in members})
+    dtype = np.result_type(*{m.numpy_dtype.newbyteorder("=") for m in members})
     per_file = max(int(r) for r in repeats) * math.prod(row_shape) * dtype.itemsize
     fpc = _files_per_chunk(per_file, files_per_chunk, chunk_bytes)
     data = _member_array(

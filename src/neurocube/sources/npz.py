@@ -28,6 +28,7 @@ Examples
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -64,9 +65,11 @@ _DEFLATED = 8
 _EOCD_SIZE = 22
 _MAX_COMMENT = 65535
 # Files up to this size are read whole in one call while the directory is parsed.
-_SMALL_FILE = 256 * 1024
+_SMALL_FILE = 8 * 1024
 # How much of a member's start is read (and inflated) to parse its .npy header.
-_HEADER_PROBE = 4096
+_HEADER_PROBE = 1024
+# First guess of the tail that holds the end-of-directory record and the directory.
+_TAIL_GUESS = 2048
 
 
 @dataclass(frozen=True)
@@ -104,16 +107,29 @@ class NpzMember:
     uncompressed_size: int
     npy_header_size: int
     crc32: int
+    structured_header: bytes = b""
+
+    @property
+    def numpy_dtype(self) -> np.dtype[Any]:
+        """The member's dtype (structured dtypes are rebuilt from the saved ``.npy`` header)."""
+        if self.structured_header:
+            return _dtype_from_header(self.structured_header)
+        return np.dtype(self.dtype)
 
     @property
     def nbytes(self) -> int:
         """Bytes of array data (header excluded)."""
-        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape) * self.numpy_dtype.itemsize
 
     @property
     def is_stored(self) -> bool:
         """True if the member is stored uncompressed (memory-mappable)."""
         return self.compression == _STORED
+
+
+@functools.lru_cache(maxsize=256)
+def _dtype_from_header(header: bytes) -> np.dtype[Any]:
+    return _parse_npy_header(header, "<cached>", "<cached>")[1]
 
 
 def is_zip_file(path: str | os.PathLike[str]) -> bool:
@@ -151,6 +167,7 @@ class _Reader:
                 f"{self.path}: corrupt ZIP structure (negative offset {offset}); "
                 "the NPZ file is damaged, rewrite it."
             )
+        length = max(0, min(length, self.size - offset))
         end = offset + length
         if (
             self.buffer
@@ -171,10 +188,15 @@ def _truncated(path: str, what: str) -> TruncatedFileError:
 
 def _find_end_of_directory(reader: _Reader) -> tuple[int, int, int]:
     """Return (entry count, central directory size, central directory offset)."""
-    tail_len = min(reader.size, _EOCD_SIZE + _MAX_COMMENT)
+    tail_len = min(reader.size, _TAIL_GUESS)
     tail_start = reader.size - tail_len
     tail = reader.read_at(tail_start, tail_len)
     pos = tail.rfind(_EOCD_SIG)
+    if pos < 0 and tail_len < reader.size:  # a long archive comment: look further back
+        tail_len = min(reader.size, _EOCD_SIZE + _MAX_COMMENT)
+        tail_start = reader.size - tail_len
+        tail = reader.read_at(tail_start, tail_len)
+        pos = tail.rfind(_EOCD_SIG)
     if pos < 0 or len(tail) - pos < _EOCD_SIZE:
         raise _truncated(reader.path, "no end-of-central-directory record")
     (_, _, _, _, n_entries, cd_size, cd_offset, _) = struct.unpack(
@@ -250,28 +272,44 @@ def _parse_npy_header(
     return tuple(int(s) for s in shape), dtype, bool(fortran_order), start + header_len
 
 
-def _member_prefix(reader: _Reader, data_offset: int, csize: int, method: int) -> bytes:
-    """Return the first uncompressed bytes of a member (enough for its .npy header)."""
-    probe = min(csize, _HEADER_PROBE)
-    raw = reader.read_at(data_offset, probe)
-    if len(raw) < probe:
-        raise _truncated(reader.path, "a member's data runs past the end of the file")
-    if method == _STORED:
-        return raw
-    inflater = zlib.decompressobj(-15)
+def _npy_prefix_length(prefix: bytes) -> int | None:
+    """Return how many bytes the .npy header needs, or None if that is not known yet."""
+    if len(prefix) < 12:
+        return None
+    if not prefix.startswith(_NPY_MAGIC):
+        return 0  # not .npy: let the parser report it
+    if prefix[6] == 1:
+        return 10 + int(struct.unpack("<H", prefix[8:10])[0])
+    return 12 + int(struct.unpack("<I", prefix[8:12])[0])
+
+
+def _member_prefix(
+    reader: _Reader, data_offset: int, csize: int, method: int, first: bytes
+) -> bytes:
+    """Return the first uncompressed bytes of a member, enough for its .npy header.
+
+    ``first`` holds the member's first (compressed) bytes already read; more are
+    read only if the header is longer than they cover.
+    """
+    raw = first[:csize]
+    got = len(raw)
+    inflater = zlib.decompressobj(-15) if method == _DEFLATED else None
+    out = b""
     try:
-        out = inflater.decompress(raw, 65536 + 16)
-        got = probe
-        while len(out) < 12 and got < csize:  # pathological: header beyond the probe
-            more = reader.read_at(data_offset + got, min(csize - got, _HEADER_PROBE))
-            got += len(more)
-            out += inflater.decompress(more, 65536 + 16)
+        while True:
+            out += inflater.decompress(raw) if inflater is not None else raw
+            need = _npy_prefix_length(out)
+            if (need is not None and len(out) >= need) or got >= csize:
+                return out
+            raw = reader.read_at(data_offset + got, min(csize - got, _HEADER_PROBE))
+            if not raw:
+                raise _truncated(reader.path, "a member's data runs past the end of the file")
+            got += len(raw)
     except zlib.error as exc:
         raise FormatError(
             f"{reader.path}: a deflated member is corrupt ({exc}); "
             "the NPZ file is damaged, rewrite it."
         ) from exc
-    return out
 
 
 def read_npz_directory(path: str | os.PathLike[str]) -> dict[str, NpzMember]:
@@ -347,7 +385,8 @@ def read_npz_directory(path: str | os.PathLike[str]) -> dict[str, NpzMember]:
                     f"{local}: member {filename!r} uses ZIP compression method {method}; "
                     "only stored (0) and deflated (8) members are supported (what numpy writes)."
                 )
-            local_header = reader.read_at(local_offset, 30)
+            block = reader.read_at(local_offset, 30 + 512 + _HEADER_PROBE)
+            local_header = block[:30]
             if len(local_header) < 30 or local_header[:4] != ZIP_MAGIC:
                 raise _truncated(
                     local, f"member {filename!r} has no local header at {local_offset}"
@@ -360,7 +399,8 @@ def read_npz_directory(path: str | os.PathLike[str]) -> dict[str, NpzMember]:
                     f"member {filename!r} needs bytes up to {data_offset + csize}, file has {size}",
                 )
             name = filename[:-4] if filename.endswith(".npy") else filename
-            prefix = _member_prefix(reader, data_offset, csize, method)
+            first = block[data_offset - local_offset :]
+            prefix = _member_prefix(reader, data_offset, csize, method, first)
             shape, dtype, fortran, header_size = _parse_npy_header(prefix, local, name)
             if dtype.hasobject:
                 raise UnsafeDataError(
@@ -380,6 +420,7 @@ def read_npz_directory(path: str | os.PathLike[str]) -> dict[str, NpzMember]:
                 uncompressed_size=usize,
                 npy_header_size=header_size,
                 crc32=crc,
+                structured_header=b"" if np.dtype(dtype.str) == dtype else prefix[:header_size],
             )
             if usize != header_size + member.nbytes:
                 raise FormatError(
@@ -407,7 +448,7 @@ def open_member_memmap(member: NpzMember) -> np.memmap[Any, Any]:
     with open_file(member.path) as fh:
         mapped = np.memmap(
             fh,
-            dtype=np.dtype(member.dtype),
+            dtype=member.numpy_dtype,
             mode="r",
             offset=member.data_offset + member.npy_header_size,
             shape=member.shape,
@@ -440,7 +481,7 @@ def _inflate(member: NpzMember, fh: Any) -> bytes:
 
 def _fill(member: NpzMember, fh: Any, out: np.ndarray) -> None:
     """Read the whole of ``member`` into ``out`` (C-ordered, shape ``member.shape``)."""
-    dtype = np.dtype(member.dtype)
+    dtype = member.numpy_dtype
     order: Literal["C", "F"] = "F" if member.fortran_order else "C"
     if member.is_stored:
         if member.nbytes == 0:
@@ -466,7 +507,7 @@ def _fill(member: NpzMember, fh: Any, out: np.ndarray) -> None:
 
 def read_member(member: NpzMember) -> np.ndarray:
     """Read one member whole into a new (native byte order, C-ordered) array."""
-    out = np.empty(member.shape, dtype=np.dtype(member.dtype).newbyteorder("="))
+    out = np.empty(member.shape, dtype=member.numpy_dtype.newbyteorder("="))
     with open_file(member.path) as fh:
         _fill(member, fh, out)
     return out
