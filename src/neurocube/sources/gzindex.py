@@ -131,21 +131,37 @@ _STATE_LOCK = threading.Lock()
 class _Stream:
     """One sequential reader of a ``.gz`` that records seek points as it goes."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, prefer_rapidgzip: bool = True) -> None:
         self.path = path
         self.kind: str
+        self.handle: Any
         try:
+            if not prefer_rapidgzip:
+                raise ImportError
             import rapidgzip
 
-            self.handle: Any = rapidgzip.open(path, parallelization=1)
+            self.handle = rapidgzip.open(path, parallelization=1)
             self.kind = "rapidgzip"
-        except ImportError:  # pragma: no cover - rapidgzip is a dependency, kept optional here
+        except ImportError:
             import indexed_gzip
 
             self.handle = indexed_gzip.IndexedGzipFile(path, spacing=SPACING)
             self.kind = "indexed_gzip"
         self.exported = False
         self.closed = False
+
+    def use_indexed_gzip(self) -> None:
+        """Switch to indexed_gzip (after rapidgzip failed on a damaged file).
+
+        rapidgzip gives up on a truncated or corrupt stream as a whole, where
+        indexed_gzip inflates up to the damage: the volumes before it stay
+        readable and the error names the right place.
+        """
+        self.handle.close()
+        import indexed_gzip
+
+        self.handle = indexed_gzip.IndexedGzipFile(self.path, spacing=SPACING)
+        self.kind = "indexed_gzip"
 
     def seek(self, offset: int) -> None:
         self.handle.seek(offset)
@@ -259,7 +275,13 @@ def read_range(spec: GzipIndexSpec, start: int, view: memoryview, *, data_end: i
     with lock:
         if stream.closed:  # another thread finished the index and retired this stream
             return read_range(spec, start, view, data_end=data_end)
-        _readinto_exact(stream, view, start, spec.path)
+        try:
+            _readinto_exact(stream, view, start, spec.path)
+        except TruncatedFileError:
+            if stream.kind != "rapidgzip":
+                raise
+            stream.use_indexed_gzip()
+            _readinto_exact(stream, view, start, spec.path)
         IO_STATS.add_bytes(len(view))
         if (
             index_path is not None

@@ -202,6 +202,10 @@ def read_header(path: str | os.PathLike[str]) -> NiftiInfo:
             f"with the 'n+1'/'n+2' magic, found first bytes {head[:8]!r}. Is this the right file?"
         )
     header_cls = nib.Nifti1Header if version == 1 else nib.Nifti2Header
+    hdr_size = 348 if version == 1 else 540
+    # Extensions are skipped (their bytes lie before vox_offset): clear the extension flag so
+    # the header parser does not look for them in the prefix read here.
+    head = head[:hdr_size] + b"\0\0\0\0"
     try:
         hdr = header_cls.from_fileobj(_BytesReader(head), check=False)
     except Exception as exc:  # nibabel raises a variety of errors on bad headers
