@@ -259,7 +259,10 @@ def read_range(spec: GzipIndexSpec, start: int, view: memoryview, *, data_end: i
     """
     index_path = spec.index_path
     if index_path is not None and os.path.exists(index_path):
-        handle, lock = _INDEXED.acquire((spec.path, index_path, threading.get_ident()), lambda: _open_indexed(spec.path, index_path))
+        handle, lock = _INDEXED.acquire(
+            (spec.path, index_path, threading.get_ident()),
+            lambda: _open_indexed(spec.path, index_path),
+        )
         with lock:
             _readinto_exact(handle, view, start, spec.path)
         IO_STATS.add_bytes(len(view))
