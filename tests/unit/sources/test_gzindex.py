@@ -1,0 +1,147 @@
+"""Gzip seek indexes: built on the first read, reused, invalidated, optional, never beside data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+
+import dask
+import nibabel as nib
+import numpy as np
+import pytest
+
+import neurocube
+from neurocube.errors import IndexMismatchError
+from neurocube.sources import gzindex
+from neurocube.sources.gzindex import IndexWriteWarning
+
+SHAPE = (6, 7, 8, 60)
+
+
+@pytest.fixture
+def gz_file(nifti_factory):
+    return nifti_factory("sess.nii.gz", shape=SHAPE)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_handles():
+    gzindex.reset_handles()
+    yield
+    gzindex.reset_handles()
+
+
+def index_files(cache):
+    folder = cache / "gzindex"
+    return sorted(p.name for p in folder.glob("*.gzidx")) if folder.exists() else []
+
+
+def test_first_read_builds_index_in_cache_not_beside_data(gz_file, tmp_path):
+    cache = tmp_path / "cache"
+    before = sorted(os.listdir(gz_file.parent))  # the cache folder is created later
+    ds = neurocube.open_nifti(gz_file, chunks=7, cache_dir=cache)
+    assert index_files(cache) == []  # opening builds nothing
+    np.testing.assert_allclose(ds.data.values, nib.load(str(gz_file)).get_fdata())
+    assert len(index_files(cache)) == 1
+    assert sorted(os.listdir(gz_file.parent)) == sorted([*before, "cache"])
+    assert not list(gz_file.parent.glob("*.gzidx"))
+
+
+def test_later_reads_seek_through_the_index(gz_file, tmp_path):
+    cache = tmp_path / "cache"
+    neurocube.open_nifti(gz_file, chunks=7, cache_dir=cache).compute()
+    gzindex.reset_handles()
+    expected = nib.load(str(gz_file)).get_fdata()
+    ds = neurocube.open_nifti(gz_file, chunks=7, cache_dir=cache)
+    last = ds.data.isel(trial=-1).values  # random access: no stream from the start
+    np.testing.assert_allclose(last, expected[..., -1])
+    assert len(gzindex._STREAMS) == 0 and len(gzindex._INDEXED) == 1
+
+
+def test_threads_and_processes_read_through_the_index(gz_file, tmp_path):
+    cache = tmp_path / "cache"
+    mask = np.zeros(SHAPE[:3], bool)
+    mask[1:5, 2:6, ::2] = True
+    expected = nib.load(str(gz_file)).get_fdata()[mask].T
+    neurocube.open_nifti(gz_file, chunks=5, cache_dir=cache).compute()
+    ds = neurocube.open_nifti(gz_file, mask=mask, chunks=5, cache_dir=cache)
+    with dask.config.set(scheduler="threads", num_workers=4):
+        np.testing.assert_allclose(ds.data.values, expected)
+    assert len(gzindex._INDEXED) >= 1
+    with dask.config.set(scheduler="processes", num_workers=2):
+        np.testing.assert_allclose(ds.data.values, expected)
+
+
+def test_concurrent_first_reads_are_correct(gz_file, tmp_path):
+    cache = tmp_path / "cache"
+    ds = neurocube.open_nifti(gz_file, chunks=3, cache_dir=cache)
+    with dask.config.set(scheduler="threads", num_workers=6):
+        got = ds.data.isel(trial=slice(None, None, -1)).values  # out of order
+    np.testing.assert_allclose(got, nib.load(str(gz_file)).get_fdata()[..., ::-1])
+    assert len(index_files(cache)) == 1
+
+
+def test_changed_file_gets_a_new_index(gz_file, tmp_path, nifti_factory):
+    cache = tmp_path / "cache"
+    neurocube.open_nifti(gz_file, cache_dir=cache).compute()
+    first = index_files(cache)
+    other = nifti_factory("other.nii.gz", shape=SHAPE, dtype="float64")
+    shutil.copyfile(other, gz_file)  # same path, new content
+    gzindex.reset_handles()
+    ds = neurocube.open_nifti(gz_file, cache_dir=cache)
+    np.testing.assert_allclose(ds.data.values, nib.load(str(gz_file)).get_fdata())
+    second = index_files(cache)
+    assert len(second) == 2 and set(first) < set(second)
+
+
+def test_index_false_streams_and_writes_nothing(gz_file, tmp_path):
+    cache = tmp_path / "cache"
+    ds = neurocube.open_nifti(gz_file, chunks=7, index=False, cache_dir=cache)
+    np.testing.assert_allclose(ds.data.values, nib.load(str(gz_file)).get_fdata())
+    assert index_files(cache) == []
+
+
+def test_unwritable_cache_falls_back_to_streaming_with_a_warning(gz_file, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    with pytest.warns(IndexWriteWarning, match="cannot be created or written; reading this"):
+        ds = neurocube.open_nifti(gz_file, chunks=7, cache_dir=blocker / "cache")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_allclose(ds.data.values, nib.load(str(gz_file)).get_fdata())
+
+
+def test_explicit_index_path(gz_file, tmp_path, nifti_factory):
+    cache = tmp_path / "cache"
+    neurocube.open_nifti(gz_file, cache_dir=cache).compute()
+    (built,) = (cache / "gzindex").glob("*.gzidx")
+    mine = tmp_path / "my.gzidx"
+    shutil.copyfile(built, mine)
+    gzindex.reset_handles()
+    ds = neurocube.open_nifti(gz_file, index=mine)
+    np.testing.assert_allclose(ds.data.isel(trial=[0, 59]).values,
+                               nib.load(str(gz_file)).get_fdata()[..., [0, 59]])
+
+    other = nifti_factory("bigger.nii.gz", shape=(6, 7, 8, 80))
+    with pytest.raises(IndexMismatchError, match=r"built for a file of \d+ compressed bytes, but"):
+        neurocube.open_nifti(other, index=mine)
+    junk = tmp_path / "junk.gzidx"
+    junk.write_bytes(b"not an index at all")
+    with pytest.raises(IndexMismatchError, match=r"junk\.gzidx: not a gzip seek index"):
+        neurocube.open_nifti(gz_file, index=junk)
+    with pytest.raises(IndexMismatchError, match=r"absent\.gzidx: gzip index not found"):
+        neurocube.open_nifti(gz_file, index=tmp_path / "absent.gzidx")
+
+
+def test_same_size_rewrite_is_caught_by_the_content_hash(gz_file, tmp_path):
+    cache = tmp_path / "cache"
+    neurocube.open_nifti(gz_file, cache_dir=cache).compute()
+    (built,) = (cache / "gzindex").glob("*.gzidx")
+    keep = tmp_path / "keep.gzidx"
+    shutil.copyfile(built, keep)
+    shutil.copyfile(built.with_suffix(".json"), keep.with_suffix(".json"))
+    data = bytearray(gz_file.read_bytes())
+    data[-9] ^= 0xFF  # same size, other bytes (in the CRC trailer)
+    gz_file.write_bytes(bytes(data))
+    with pytest.raises(IndexMismatchError, match="first/last MiB differ"):
+        neurocube.open_nifti(gz_file, index=keep)
