@@ -64,7 +64,9 @@ _NONE_TEXTS = {"", "None", "null", "Null", "NULL", "~"}
 _TRUE_TEXTS = {"True", "true", "TRUE"}
 _FALSE_TEXTS = {"False", "false", "FALSE"}
 _INT_RE = re.compile(r"[-+]?(0|[1-9][0-9]*)")
-_FLOAT_RE = re.compile(r"[-+]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][-+]?[0-9]+)?")
+_FLOAT_RE = re.compile(
+    r"[-+]?((0|[1-9][0-9]*)\.[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?|[-+]?(0|[1-9][0-9]*)[eE][-+]?[0-9]+"
+)
 _SPECIAL_FLOATS = {
     ".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan,
     "inf": math.inf, "+inf": math.inf, "-inf": -math.inf, "nan": math.nan,
@@ -194,8 +196,8 @@ def encode_attr(value: Any, stored: str | None = None) -> str:
         ``''`` for None (YAML's empty scalar), ``True``/``False``, ``str(int)``,
         floats as YAML floats (``1000.0``, ``1.0e-05``, ``.inf``, ``.nan``),
         strings as themselves unless they would read back as something else
-        (then JSON-quoted, which YAML also reads), lists as ``str(list)`` when
-        that reads back, else JSON.
+        (then a YAML double-quoted line), lists as ``str(list)`` when
+        that reads back, else a YAML flow list.
     """
     value = _plain(value)
     if stored is not None and _same(decode_attr(stored), value):
@@ -216,20 +218,19 @@ def encode_attr(value: Any, stored: str | None = None) -> str:
             return text
         return str(yaml.safe_dump(value)).splitlines()[0]
     if isinstance(value, str):
-        if _same(decode_attr(value), value) and "\n" not in value and (
-            _yaml_reads(value, value) or not _looks_structured(value)
+        if _same(decode_attr(value), value) and (
+            _yaml_reads(value, value) or _yaml_reads_as_date(value)
         ):
             return value
-        return json.dumps(value, ensure_ascii=False)
+        quoted = yaml.safe_dump(value, default_style='"', allow_unicode=True, width=math.inf)
+        return str(quoted).rstrip("\n")  # one YAML double-quoted line, escapes included
     if isinstance(value, (list, dict)):
         value = _plain_nested(value)
         text = str(value)
         if _same(decode_attr(text), value) and _yaml_reads(text, value):
             return text
-        try:
-            return json.dumps(value, ensure_ascii=False, allow_nan=False)
-        except ValueError:
-            return text
+        flow = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=math.inf)
+        return str(flow).strip().removesuffix("...").strip()
     return encode_attr(str(value), stored)
 
 
@@ -242,12 +243,14 @@ def _plain_nested(value: Any) -> Any:
     return value
 
 
-def _looks_structured(text: str) -> bool:
-    """Whether a YAML loader might read ``text`` as a non-string (mapping, list, tag, ...)."""
-    stripped = text.strip()
-    return bool(stripped) and (
-        stripped[0] in "[{&*!|>'\"%@`#-?:," or ": " in stripped or " #" in stripped
-    )
+def _yaml_reads_as_date(text: str) -> bool:
+    """Whether YAML reads ``text`` as a date (the original writes dates plain; keep them so)."""
+    import datetime
+
+    try:
+        return isinstance(yaml.safe_load(text), (datetime.date, datetime.datetime))
+    except yaml.YAMLError:
+        return False
 
 
 # -- scanning a file -------------------------------------------------------------------
@@ -609,7 +612,7 @@ def _example(traces: Iterable[TraceEntry], predicate: Any) -> str:
 
 
 def _channel_labels(catalog: TraceCatalog, n_channels: int) -> np.ndarray:
-    found = set()
+    found: set[tuple[str, ...] | None] = set()
     for origin in catalog.origins:
         labels = decode_attr(catalog.origin_attrs[origin].get("channel_labels", ""))
         if isinstance(labels, list) and all(isinstance(x, str) for x in labels):
