@@ -51,6 +51,7 @@ from neurocube.sources.parquet import (
     ParquetChunkSpec,
     ParquetFileInfo,
     common_dtypes,
+    group_chunks,
     lazy_columns,
     plan_chunks,
     read_parquet_info,
@@ -424,8 +425,10 @@ class BehaviorDataset:
                 if "frame" not in f.info.dtypes:
                     raise FormatError(f"{f.path}: no 'frame' column; cannot filter by frame")
         specs: list[ParquetChunkSpec] = []
-        owners: list[TrackFile] = []
+        owner_of: dict[str, TrackFile] = {}
+        scaled_columns = tuple(c for c in out_columns if _POSITION_RE.match(c))
         for f in files:
+            owner_of[f.path] = f
             file_specs = plan_chunks(
                 f.info,
                 out_columns,
@@ -435,14 +438,15 @@ class BehaviorDataset:
                 exact=exact,
                 min_chunk_rows=min_chunk_rows,
             )
+            if f.scale != 1.0:
+                file_specs = [replace(s, scale=f.scale, scaled=scaled_columns) for s in file_specs]
             specs += file_specs
-            owners += [f] * len(file_specs)
-        arrays = lazy_columns(specs, out_columns, dtypes, name="tracks")
-        scaled = _scale_arrays(arrays, specs, owners)
+        chunks = group_chunks(specs, min_chunk_rows)
+        scaled = lazy_columns(chunks, out_columns, dtypes, name="tracks")
         coords: dict[str, Any] = {k: ("row", scaled[k]) for k in keys}
         for key in STRING_KEYS:
-            values = [getattr(f, key) for f in owners]
-            coords[key] = ("row", _constant_strings(values, [s.n_rows for s in specs], key))
+            pieces = [[(getattr(owner_of[s.path], key), s.n_rows) for s in c] for c in chunks]
+            coords[key] = ("row", _constant_strings(pieces, key))
         data_vars = {c: ("row", scaled[c]) for c in data_columns}
         ds = xr.Dataset(data_vars, coords=coords)
         attrs: dict[str, Any] = {
@@ -733,10 +737,13 @@ class BehaviorDataset:
             arr = da.Array(graph, name, (chunks, *((t,) for t in tail)), dtype=np.dtype(dt))
             out[var] = (("event", "pair") if tail else ("event",), arr)
         coords: dict[str, Any] = {
-            "group": ("event", _constant_strings([s.group for s in specs], list(chunks), "group")),
+            "group": (
+                "event",
+                _constant_strings([[(s.group, s.n_events)] for s in specs], "group"),
+            ),
             "sequence": (
                 "event",
-                _constant_strings([s.sequence for s in specs], list(chunks), "sequence"),
+                _constant_strings([[(s.sequence, s.n_events)] for s in specs], "sequence"),
             ),
             "label_id": np.asarray(sorted(label_map), dtype=np.int64),
         }
@@ -1030,49 +1037,26 @@ def _choose_columns(files: list[TrackFile], columns: Sequence[str] | None) -> li
     return chosen
 
 
-def _scale_chunk(values: np.ndarray, factor: float) -> np.ndarray:
-    return values * factor if factor != 1.0 else values
+def _fill_strings(pieces: tuple[tuple[str, int], ...], dtype: str) -> np.ndarray:
+    if len(pieces) == 1:
+        return np.full(pieces[0][1], pieces[0][0], dtype=dtype)
+    return np.concatenate([np.full(n, v, dtype=dtype) for v, n in pieces])
 
 
-def _scale_arrays(
-    arrays: dict[str, da.Array], specs: list[ParquetChunkSpec], owners: list[TrackFile]
-) -> dict[str, da.Array]:
-    if all(f.scale == 1.0 for f in owners):
-        return arrays
-    out = dict(arrays)
-    factors = [f.scale for f in owners]
-    for col, arr in arrays.items():
-        if not _POSITION_RE.match(col):
-            continue
-        pieces = [
-            arr.blocks[i].map_blocks(_scale_chunk, factors[i], dtype=np.float64)
-            if factors[i] != 1.0
-            else arr.blocks[i].astype(np.float64)
-            for i in range(len(specs))
-        ]
-        out[col] = da.concatenate(pieces) if pieces else arr
-    return out
-
-
-def _fill_strings(n: int, value: str, dtype: str) -> np.ndarray:
-    return np.full(n, value, dtype=dtype)
-
-
-def _constant_strings(values: Sequence[str], sizes: Sequence[int], what: str) -> da.Array:
-    width = max([len(v) for v in values] + [1])
+def _constant_strings(chunks: Sequence[Sequence[tuple[str, int]]], what: str) -> da.Array:
+    """Build a lazy string coordinate: chunk i is its (value, count) pieces, no I/O."""
+    width = max([len(v) for c in chunks for v, _ in c] + [1])
     dtype = f"<U{width}"
-    token = tokenize(list(values), list(sizes), dtype)
+    frozen = [tuple((str(v), int(n)) for v, n in c) for c in chunks]
+    token = tokenize(frozen, dtype)
     name = f"{what}-{token}"
-    if not sizes:
+    if not frozen:
         return da.from_array(np.empty(0, dtype=dtype), name=name)
-    layer: dict[Any, Any] = {
-        (name, i): (_fill_strings, n, v, dtype)
-        for i, (v, n) in enumerate(zip(values, sizes, strict=True))
-    }
+    layer: dict[Any, Any] = {(name, i): (_fill_strings, c, dtype) for i, c in enumerate(frozen)}
     return da.Array(
         HighLevelGraph.from_collections(name, layer, dependencies=()),
         name,
-        (tuple(sizes),),
+        (tuple(sum(n for _, n in c) for c in frozen),),
         dtype=np.dtype(dtype),
     )
 

@@ -46,9 +46,12 @@ __all__ = [
     "ParquetChunkSpec",
     "ParquetFileInfo",
     "is_parquet",
+    "common_dtypes",
+    "group_chunks",
     "lazy_columns",
     "plan_chunks",
     "read_chunk",
+    "read_chunks",
     "read_parquet_info",
 ]
 
@@ -80,7 +83,8 @@ class ParquetFileInfo:
     row_group_rows
         Number of rows in each row group.
     stats
-        One ``{column: ColumnStats}`` per row group, numeric columns only.
+        One ``{column: ColumnStats}`` per row group: the key columns asked for
+        and integer / boolean columns.
     """
 
     path: str
@@ -134,8 +138,13 @@ def _numpy_dtype(arrow_type: pa.DataType) -> str | None:
     return None
 
 
-def read_parquet_info(path: str | os.PathLike[str]) -> ParquetFileInfo:
+def read_parquet_info(
+    path: str | os.PathLike[str], stats_columns: Iterable[str] = ("frame", "time", "id")
+) -> ParquetFileInfo:
     """Read the footer of a parquet file (nothing else) into a :class:`ParquetFileInfo`.
+
+    Statistics are kept for ``stats_columns`` and for every integer / boolean
+    column (to see nulls); float columns need none (NaN is their null).
 
     Raises
     ------
@@ -175,6 +184,7 @@ def read_parquet_info(path: str | os.PathLike[str]) -> ParquetFileInfo:
             others[fld.name] = str(fld.type)
         else:
             dtypes[fld.name] = np_dtype
+    stats_columns = set(stats_columns)
     stats: list[dict[str, ColumnStats]] = []
     rows: list[int] = []
     for i in range(meta.num_row_groups):
@@ -184,7 +194,9 @@ def read_parquet_info(path: str | os.PathLike[str]) -> ParquetFileInfo:
         for j in range(rg.num_columns):
             col = rg.column(j)
             name = col.path_in_schema
-            if name not in dtypes:
+            if name not in stats_columns and not (
+                name in dtypes and not dtypes[name].startswith("float")
+            ):
                 continue
             st_ = col.statistics
             if st_ is None:
@@ -223,6 +235,8 @@ class ParquetChunkSpec:
         When set, rows with ``filter_column`` outside ``[lo, hi)`` are dropped.
     present
         The output columns the file has.
+    scale, scaled
+        Columns in ``scaled`` are multiplied by ``scale`` (unit conversion).
     """
 
     path: str
@@ -235,6 +249,8 @@ class ParquetChunkSpec:
     present: tuple[str, ...]
     filter_column: str | None = None
     filter_range: tuple[float, float] | None = None
+    scale: float = 1.0
+    scaled: tuple[str, ...] = ()
 
 
 class _Footer:
@@ -343,8 +359,42 @@ def read_chunk(spec: ParquetChunkSpec) -> dict[str, np.ndarray]:
             out[name] = np.full(n_rows, np.nan, dtype=dtype)
             continue
         values = _to_numpy(table.column(name), dtype, name, spec.path)
-        out[name] = values[keep] if keep is not None else values
+        if keep is not None:
+            values = values[keep]
+        if spec.scale != 1.0 and name in spec.scaled:
+            values = values * spec.scale
+        out[name] = values
     return out
+
+
+def read_chunks(specs: tuple[ParquetChunkSpec, ...]) -> dict[str, np.ndarray]:
+    """Read several consecutive specs (possibly of several files) as one chunk."""
+    if len(specs) == 1:
+        return read_chunk(specs[0])
+    parts = [read_chunk(spec) for spec in specs]
+    return {name: np.concatenate([p[name] for p in parts]) for name in specs[0].columns}
+
+
+def group_chunks(
+    specs: Sequence[ParquetChunkSpec], min_chunk_rows: int
+) -> list[tuple[ParquetChunkSpec, ...]]:
+    """Merge consecutive specs (across files too) into chunks of at least ``min_chunk_rows`` rows.
+
+    Small files (a few thousand rows each) would otherwise make one tiny task
+    each; a spec is never split, so a chunk still reads whole row groups.
+    """
+    chunks: list[tuple[ParquetChunkSpec, ...]] = []
+    run: list[ParquetChunkSpec] = []
+    rows = 0
+    for spec in specs:
+        run.append(spec)
+        rows += spec.n_rows
+        if rows >= min_chunk_rows:
+            chunks.append(tuple(run))
+            run, rows = [], 0
+    if run:
+        chunks.append(tuple(run))
+    return chunks
 
 
 def _rows_in_range(info: ParquetFileInfo, row_group: int, column: str, lo: float, hi: float) -> int:
@@ -454,38 +504,38 @@ def _pick(chunk: dict[str, np.ndarray], name: str) -> np.ndarray:
 
 
 def lazy_columns(
-    specs: Sequence[ParquetChunkSpec],
+    chunks: Sequence[ParquetChunkSpec | tuple[ParquetChunkSpec, ...]],
     columns: Sequence[str],
     dtypes: Sequence[str],
     *,
     name: str = "parquet",
 ) -> dict[str, da.Array]:
-    """Return one 1-D Dask array per column over all ``specs`` (concatenated in order).
+    """Return one 1-D Dask array per column over all ``chunks`` (concatenated in order).
 
-    Each spec is one chunk; one read task per chunk feeds every column. Names
-    are derived from the specs (path, size, mtime, row groups, columns, filter),
-    so the same inputs give the same graph keys.
+    Each item is one chunk: a spec, or a tuple of consecutive specs (see
+    :func:`group_chunks`). One read task per chunk feeds every column. Names
+    are derived from the specs (path, size, mtime, row groups, columns,
+    filter), so the same inputs give the same graph keys.
     """
-    token = tokenize(name, list(specs), list(columns), list(dtypes))
+    groups = [c if isinstance(c, tuple) else (c,) for c in chunks]
+    token = tokenize(name, groups, list(columns), list(dtypes))
     read_name = f"{name}-read-{token}"
-    read_layer: dict[Any, Any] = {
-        (read_name, i): (read_chunk, spec) for i, spec in enumerate(specs)
-    }
-    chunks = (tuple(spec.n_rows for spec in specs),) if specs else ((0,),)
+    read_layer: dict[Any, Any] = {(read_name, i): (read_chunks, g) for i, g in enumerate(groups)}
+    sizes = (tuple(sum(s.n_rows for s in g) for g in groups),) if groups else ((0,),)
     arrays: dict[str, da.Array] = {}
     for col, dt in zip(columns, dtypes, strict=True):
         col_name = f"{name}-{col}-{token}"
-        if not specs:
+        if not groups:
             arrays[col] = da.from_array(np.empty(0, dtype=dt), name=col_name)
             continue
         layer: dict[Any, Any] = {
-            (col_name, i): (_pick, (read_name, i), col) for i in range(len(specs))
+            (col_name, i): (_pick, (read_name, i), col) for i in range(len(groups))
         }
         graph = HighLevelGraph(
             {read_name: read_layer, col_name: layer},
             {read_name: set(), col_name: {read_name}},
         )
-        arrays[col] = da.Array(graph, col_name, chunks, dtype=np.dtype(dt))
+        arrays[col] = da.Array(graph, col_name, sizes, dtype=np.dtype(dt))
     return arrays
 
 

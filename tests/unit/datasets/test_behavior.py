@@ -185,7 +185,13 @@ def test_multi_sequence_long_form_values(gen):
         meta = pq.read_metadata(gen.files[("fish01", seq)])
         expected += [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
     assert small["X"].chunks[0] == tuple(expected)
-    assert tracks["X"].chunks[0] == (80, 74)
+    assert tracks["X"].chunks[0] == (154,)  # small files merge into one chunk
+    # row groups merge up to >= 50 rows inside a file, then small tails merge across files
+    mid = ds.tracks(groups="fish01", min_chunk_rows=50)
+    assert mid["X"].chunks[0] == (60, 20 + 60, 14)
+    out_mid = mid.compute()
+    np.testing.assert_array_equal(out_mid["sequence"].values, ref["sequence"].to_numpy())
+    np.testing.assert_array_equal(out_mid["poseY1"].values, ref["poseY1"].to_numpy())
     assert len(tracks.attrs["neurocube_sources"]) == 2
 
 
