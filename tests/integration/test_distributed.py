@@ -1,0 +1,159 @@
+"""Dask distributed end to end: the NIfTI reader and the Zarr cache on process-based workers.
+
+One ``LocalCluster`` (2 worker processes, 1 thread each, a memory limit per
+worker) serves the whole module. Tasks carry paths and specs; each worker opens
+the files itself.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dask
+import nibabel as nib
+import numpy as np
+import pytest
+import xarray as xr
+
+import neurocube
+from neurocube.caching.keys import fingerprint
+from tests.fixtures.nifti import AFFINE, analytic_values, write_nifti
+
+distributed = pytest.importorskip("distributed")
+
+# Per-worker memory limit. A worker that has imported numpy, pandas, xarray, dask and zarr
+# already holds ~185 MB here, so this leaves each worker ~65 MB for data in flight.
+WORKER_MEMORY_LIMIT = 250_000_000
+SHAPE = (6, 5, 4, 11)
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    """A 2-process cluster whose workers share this module's cache folder."""
+    cache_dir = tmp_path_factory.mktemp("cluster-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NEUROCUBE_CACHE_DIR", str(cache_dir))  # inherited by the worker processes
+        mp.setenv("NEUROCUBE_PROGRESS", "0")
+        with (
+            distributed.LocalCluster(
+                n_workers=2,
+                processes=True,
+                threads_per_worker=1,
+                memory_limit=WORKER_MEMORY_LIMIT,
+                dashboard_address=None,
+            ) as cluster,
+            distributed.Client(cluster) as cluster_client,
+        ):
+            yield cluster_client
+
+
+def _mask() -> np.ndarray:
+    mask = np.zeros(SHAPE[:3], bool)
+    mask[1:5, 0:4, 1:3] = True
+    mask[0, 0, 0] = True
+    return mask
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_nifti_on_the_cluster_matches_threads_and_oracle(client, tmp_path, suffix, masked):
+    values = analytic_values(SHAPE).astype(np.float32)
+    path = write_nifti(tmp_path / f"betas{suffix}", values, affine=AFFINE)
+    mask = _mask() if masked else None
+    ds = neurocube.open_nifti(path, mask=mask, chunks=3)
+
+    on_cluster = ds.compute()  # the module's client is the default scheduler
+    threaded = ds.compute(scheduler="threads")
+    xr.testing.assert_identical(on_cluster, threaded)
+    expected = values[mask].T if masked else values
+    np.testing.assert_array_equal(on_cluster.data.values, expected)
+    # The graph ran on the workers: both did some of it.
+    assert len(client.scheduler_info()["workers"]) == 2
+
+
+def test_nifti_mask_given_as_a_path_on_the_cluster(client, tmp_path):
+    values = analytic_values(SHAPE).astype(np.float32)
+    path = write_nifti(tmp_path / "betas.nii.gz", values, affine=AFFINE)
+    mask_path = tmp_path / "mask.nii.gz"
+    nib.Nifti1Image(_mask().astype(np.float32), AFFINE).to_filename(mask_path)
+    ds = neurocube.open_nifti(path, mask=mask_path, chunks=4)
+    np.testing.assert_array_equal(ds.data.values, values[_mask()].T)
+
+
+def test_cache_on_the_cluster_then_reuse(client, tmp_path):
+    values = analytic_values(SHAPE).astype(np.float32)
+    path = write_nifti(tmp_path / "betas.nii.gz", values, affine=AFFINE)
+    ds = neurocube.open_nifti(path, mask=_mask(), chunks=2)
+    cached = neurocube.cache(ds)  # written by the workers, into the shared cache folder
+    root = Path(os.environ["NEUROCUBE_CACHE_DIR"]) / "zarr"
+    assert (root / f"{fingerprint(ds).key}.zarr").is_dir()
+    np.testing.assert_array_equal(cached.data.values, values[_mask()].T)  # read on the cluster
+    xr.testing.assert_identical(cached.compute(scheduler="threads"), ds.compute())
+    again = neurocube.cache(neurocube.open_nifti(path, mask=_mask(), chunks=2))
+    assert again.data.data.name == cached.data.data.name
+    assert neurocube.cache_info()["hits"].tolist() == [2]
+
+
+def test_cache_progress_on_the_cluster(client, tmp_path, capsys):
+    values = analytic_values(SHAPE).astype(np.float32)
+    path = write_nifti(tmp_path / "betas.nii", values, affine=AFFINE)
+    ds = neurocube.open_nifti(path, chunks=2)
+    cached = neurocube.cache(ds, store=tmp_path / "c", progress=True)
+    captured = capsys.readouterr()
+    assert "caching" in captured.err
+    assert "100%" in captured.out + captured.err  # distributed's text progress bar
+    np.testing.assert_array_equal(cached.data.values, values)
+
+
+# --- bounded memory: a masked dataset about twice the cluster's total memory limit --------
+
+BIG_GRID = (64, 64, 32)
+BIG_TRIALS = 1900
+
+
+def _write_big_nifti(path: Path) -> Path:
+    """A float32 4-D NIfTI of ~1 GB written volume by volume (value = C index + (t % 97) / 2)."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((*BIG_GRID, BIG_TRIALS))
+    header.set_data_dtype(np.float32)
+    header.set_sform(AFFINE, code=1)
+    header.set_qform(AFFINE, code=1)
+    header.set_data_offset(352)
+    base = np.arange(np.prod(BIG_GRID), dtype=np.float32).reshape(BIG_GRID).ravel(order="F")
+    with open(path, "wb") as fh:
+        header.write_to(fh)
+        fh.write(b"\0" * (352 - fh.tell()))
+        for t in range(BIG_TRIALS):
+            fh.write((base + np.float32((t % 97) * 0.5)).astype("<f4").tobytes())
+    return path
+
+
+def test_caching_twice_the_cluster_memory_completes_with_exact_values(client, tmp_path):
+    path = _write_big_nifti(tmp_path / "big.nii")
+    mask = np.ones(BIG_GRID, bool)
+    mask[:, :, 0] = False
+    ds = neurocube.open_nifti(path, mask=mask, chunks="8MiB")
+    total_limit = WORKER_MEMORY_LIMIT * len(client.scheduler_info()["workers"])
+    assert ds.data.nbytes > 1.9 * total_limit
+    workers_before = set(client.scheduler_info()["workers"])
+
+    cached = neurocube.cache(ds, store=tmp_path / "c")
+
+    # No worker was killed and restarted (a restarted worker comes back on a new address),
+    # and none is left paused.
+    info = client.scheduler_info()["workers"]
+    assert set(info) == workers_before
+    assert all(w.get("status", "running") == "running" for w in info.values())
+    # The stored values equal the oracle, checked chunk by chunk in this process.
+    voxel_index = np.flatnonzero(mask.ravel())  # C order, as the reader's voxel axis
+    with dask.config.set(scheduler="synchronous"):
+        start = 0
+        for size in cached.data.chunks[0]:
+            block = cached.data.isel(trial=slice(start, start + size)).values
+            offsets = ((np.arange(start, start + size) % 97) * 0.5).astype(np.float32)
+            expected = voxel_index.astype(np.float32)[None, :] + offsets[:, None]
+            if not np.array_equal(block, expected):  # fast path; the assert explains a failure
+                np.testing.assert_array_equal(block, expected)
+            start += size
+    assert start == BIG_TRIALS
