@@ -46,6 +46,7 @@ __all__ = [
 
 GZIP_MAGIC = b"\x1f\x8b"
 DEFAULT_CHUNK_BYTES = 32 << 20  # "tens of MB" of voxel data per chunk
+READ_BLOCK = 8 << 20  # masked chunks read their volumes in pieces of at most this size
 
 
 # --- header -------------------------------------------------------------------------------
@@ -455,10 +456,15 @@ class VolumeArray:
         lo, hi, inner = self._trial_range(key[0], spec.n_volumes)
         if hi <= lo:
             return np.empty((0, self.shape[1]), dtype=self.dtype)[:, key[1]]
-        raw = spec.read_volumes(lo, hi)
-        picked = np.take(raw, self.voxels, axis=1)
-        del raw
-        out = spec.scale(picked)
+        # Read in sub-blocks so a task holds at most READ_BLOCK bytes of whole volumes
+        # besides its (masked, much smaller) output.
+        out = np.empty((hi - lo, self.voxels.size), dtype=self.dtype)
+        step = max(1, READ_BLOCK // max(spec.volume_bytes, 1))
+        for a in range(lo, hi, step):
+            b = min(hi, a + step)
+            raw = spec.read_volumes(a, b)
+            out[a - lo : b - lo] = spec.scale(np.take(raw, self.voxels, axis=1))
+            del raw
         if isinstance(inner, int):
             return out[inner][key[1]]
         if not isinstance(inner, slice):

@@ -1,0 +1,106 @@
+"""Peak memory of a masked read is the output plus a few chunks, never the 4-D file."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+GRID = (64, 64, 64)
+BOUND = 200 * 2**20
+
+MEASURE = textwrap.dedent(
+    """
+    import json, resource, sys
+    import dask, numpy as np, neurocube
+
+    def rss():
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+
+    path, mask_path, scheduler = sys.argv[1:4]
+    ds = neurocube.open_nifti(path, mask=np.load(mask_path))
+    base = rss()
+    with dask.config.set(scheduler=scheduler, num_workers=2):
+        out = ds.data.values
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"base": base, "peak": peak, "out": out.nbytes,
+                      "checksum": float(np.nansum(out[:, ::97], dtype=np.float64))}))
+    """
+)
+
+
+def make_session(folder, n_trials, *, gz=False):
+    """A .nii (or .nii.gz) of float32 volumes: trial t holds t + 0.5 inside the mask, 0 outside."""
+    rng = np.random.default_rng(0)
+    mask = np.zeros(GRID, bool)
+    mask[16:48, 16:48, 20:44] = rng.random((32, 32, 24)) < 0.3  # ~7.4k voxels
+    path = folder / ("session.nii.gz" if gz else "session.nii")
+    # write the header for n_trials volumes, then the volumes one at a time
+    import nibabel as nib
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((*GRID, n_trials))
+    hdr.set_data_dtype(np.float32)
+    hdr.set_data_offset(352)
+    raw = folder / "session.nii"
+    with open(raw, "wb") as fh:
+        hdr.write_to(fh)
+        fh.write(b"\0" * (352 - fh.tell()))
+        vol = np.zeros(GRID, np.float32)
+        for t in range(n_trials):
+            vol[mask] = t + 0.5
+            fh.write(vol.tobytes(order="F"))
+    if gz:
+        with open(raw, "rb") as src, gzip.open(path, "wb", compresslevel=1) as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+        raw.unlink()
+    np.save(folder / "mask.npy", mask)
+    return path, folder / "mask.npy", mask
+
+
+def measure(path, mask_path, scheduler="threads"):
+    proc = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(path), str(mask_path), scheduler],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def expected_checksum(mask, n_trials):
+    t = np.arange(n_trials, dtype=np.float64) + 0.5
+    cols = np.arange(0, int(mask.sum()), 97).size
+    return float(t.sum() * cols)
+
+
+@pytest.mark.parametrize("n_trials", [1200])
+def test_masked_read_of_a_large_nii_stays_within_output_plus_200mb(tmp_path, n_trials):
+    path, mask_path, mask = make_session(tmp_path, n_trials)
+    file_bytes = path.stat().st_size
+    result = measure(path, mask_path)
+    growth = result["peak"] - result["base"]
+    assert file_bytes > 4 * (result["out"] + BOUND)  # the file is several times the bound
+    assert growth <= result["out"] + BOUND, (
+        f"peak grew by {growth / 2**20:.0f} MiB for an output of {result['out'] / 2**20:.0f} MiB"
+    )
+    assert result["checksum"] == pytest.approx(expected_checksum(mask, n_trials))
+
+
+@pytest.mark.slow
+def test_masked_read_of_a_large_nii_gz_stays_within_output_plus_200mb(tmp_path):
+    n_trials = 1200
+    path, mask_path, mask = make_session(tmp_path, n_trials, gz=True)
+    first = measure(path, mask_path)  # no index yet: streams and builds it
+    again = measure(path, mask_path)  # through the index, threads in parallel
+    for result in (first, again):
+        growth = result["peak"] - result["base"]
+        assert growth <= result["out"] + BOUND
+        assert result["checksum"] == pytest.approx(expected_checksum(mask, n_trials))
