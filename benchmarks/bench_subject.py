@@ -1,0 +1,255 @@
+"""Benchmark: masked multi-session betas with neurocube vs the reference library's two approaches.
+
+The bucket is generated (``neurocube.synthetic.bucket.make_bucket``): one subject, 2 sessions of
+81x96x81 x N trials (float32 ``.nii.gz``, zeros outside an ellipsoid brain; default N=100, so
+about 250 MB uncompressed per session, ~0.5 GB in all). The query is
+``betas(["ses-01", "ses-02"], roi="face", nc_threshold=10)``.
+
+Contenders, each run in its own subprocess (wall time of the work only; peak RSS of the process
+above its RSS after imports), median of ``--repeats`` runs, all in the same run:
+
+- ``neurocube (first read)``: Subject.betas(...).compute() with an empty cache folder, so the gzip
+  seek index is built during the read;
+- ``neurocube (indexed)``: the same with the index present (parallel inflate through it);
+- ``bulk``: the reference library's default (nibabel loads the whole 4-D array, then masks);
+- ``streaming``: the reference library's low-memory mode, re-implemented from FORMATS.md: one
+  sequential gzip stream per session, volume by volume, the combined mask applied inline.
+
+Run: ``python benchmarks/bench_subject.py [--trials 100] [--repeats 5]``. Writes
+``benchmarks/results/subject.json``. The machine is shared (2 noisy cores): compare ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+GRID = (81, 96, 81)
+
+_PRELUDE = """
+import json, os, resource, sys, time
+import numpy as np
+import dask.array, nibabel, pandas, xarray  # imported before the baseline by every contender
+root = sys.argv[1]
+def rss_now():
+    with open('/proc/self/statm') as fh:
+        return int(fh.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+"""
+
+NEUROCUBE = _PRELUDE + textwrap.dedent(
+    """
+    import neurocube
+    base = rss_now()
+    t0 = time.perf_counter()
+    sub = neurocube.open_subject(root, "sub-01")
+    ds = sub.betas(["ses-01", "ses-02"], roi="face", nc_threshold=10)
+    values = ds.betas.data.compute(scheduler="threads", num_workers=2)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"wall": wall, "peak": peak - base, "shape": list(values.shape),
+                      "checksum": float(np.nansum(values, dtype=np.float64))}))
+    """
+)
+
+# The selection (brain & ROI union & NC >= 10 in both sessions) is computed with nibabel in the
+# plain scripts too, so they do the same work as neurocube.
+_SELECTION = textwrap.dedent(
+    """
+    import glob, gzip
+    import nibabel as nib
+    def vol(p):
+        return np.asarray(nib.load(p).get_fdata(dtype=np.float64))
+    def inside(v):
+        return (v != 0) & ~np.isnan(v)
+    anat_dir = f"{root}/derivatives/anatomical/sub-01/ses-PrismaAnat/anat"
+    anat = glob.glob(anat_dir + "/*res-1pt8_desc-brain_mask.nii.gz")[0]
+    sel = inside(vol(anat))
+    roi = np.zeros_like(sel)
+    for p in sorted(glob.glob(f"{root}/derivatives/rois/sub-01/face/*_mask.nii.gz")):
+        roi |= inside(vol(p))
+    sel &= roi
+    sessions = ["ses-01", "ses-02"]
+    func = {s: f"{root}/derivatives/glmsingle-tedana/sub-01/{s}/func" for s in sessions}
+    for s in sessions:
+        nc = vol(glob.glob(func[s] + "/*desc-Noiseceiling_statmap.nii.gz")[0])
+        with np.errstate(invalid="ignore"):
+            sel &= nc >= 10
+    betas = {s: glob.glob(func[s] + "/*SingletrialBetas_statmap.nii.gz")[0] for s in sessions}
+    """
+)
+
+BULK = _PRELUDE + textwrap.dedent(
+    """
+    base = rss_now()
+    t0 = time.perf_counter()
+    """
+) + _SELECTION + textwrap.dedent(
+    """
+    parts = []
+    for s in sessions:
+        data = np.asarray(nib.load(betas[s]).dataobj, dtype=np.float32)  # whole 4-D array
+        parts.append(data[sel].T.copy())
+        del data
+    values = np.concatenate(parts)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"wall": wall, "peak": peak - base, "shape": list(values.shape),
+                      "checksum": float(np.nansum(values, dtype=np.float64))}))
+    """
+)
+
+STREAMING = _PRELUDE + textwrap.dedent(
+    """
+    base = rss_now()
+    t0 = time.perf_counter()
+    """
+) + _SELECTION + textwrap.dedent(
+    """
+    i, j, k = np.nonzero(sel)
+    X, Y, Z = sel.shape
+    fortran = i + X * (j + Y * k)
+    parts = []
+    for s in sessions:
+        image = nib.load(betas[s])  # header only; img.header is a copy with offset reset
+        n = int(image.shape[3])
+        dtype = image.get_data_dtype()
+        offset = int(image.dataobj.offset)
+        vol_bytes = X * Y * Z * dtype.itemsize
+        out = np.empty((n, fortran.size), dtype=np.float32)
+        with gzip.open(betas[s], "rb") as fh:  # one sequential stream, one core
+            fh.read(offset)
+            for t in range(n):
+                raw = np.frombuffer(fh.read(vol_bytes), dtype=dtype)
+                out[t] = raw[fortran]
+        parts.append(out)
+    values = np.concatenate(parts)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"wall": wall, "peak": peak - base, "shape": list(values.shape),
+                      "checksum": float(np.nansum(values, dtype=np.float64))}))
+    """
+)
+
+
+def run(script: str, root: Path, env: dict[str, str]) -> dict[str, float]:
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(root)], capture_output=True, text=True, env=env,
+        check=False, timeout=900,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--keep", action="store_true", help="keep the generated bucket")
+    args = parser.parse_args()
+
+    from neurocube.synthetic.bucket import make_bucket
+
+    work = Path(tempfile.mkdtemp(prefix="bench-subject-", dir=HERE / "data"
+                                 if (HERE / "data").is_dir() else None))
+    root = work / "bucket"
+    t0 = time.perf_counter()
+    make_bucket(root, subjects=1, sessions=2, trials=args.trials, grid=GRID, vary_grid=False,
+                stimuli=False, surface_rois=False, full_resolution=False, freesurfer=False,
+                nan_fraction=0.01, compresslevel=1, seed=1)
+    generated = time.perf_counter() - t0
+    glm = root / "derivatives/glmsingle-tedana/sub-01"
+    betas = sorted(glm.glob("ses-*/func/*Betas_statmap.nii.gz"))
+    compressed = sum(p.stat().st_size for p in betas)
+    uncompressed = 2 * args.trials * GRID[0] * GRID[1] * GRID[2] * 4
+    print(f"bucket: 2 sessions x {args.trials} trials on {GRID}; {uncompressed / 1e6:.0f} MB "
+          f"uncompressed, {compressed / 1e6:.0f} MB gzip; generated in {generated:.1f} s")
+
+    cache = work / "cache"
+    env = dict(os.environ, NEUROCUBE_CACHE_DIR=str(cache), NEUROCUBE_PROGRESS="0")
+    contenders = {
+        "neurocube (first read)": NEUROCUBE,
+        "neurocube (indexed)": NEUROCUBE,
+        "bulk (nibabel 4-D, then mask)": BULK,
+        "streaming (1 gzip stream/session)": STREAMING,
+    }
+    results: dict[str, dict[str, object]] = {}
+    checksums = set()
+    for name, script in contenders.items():
+        walls, peaks = [], []
+        for _ in range(args.repeats):
+            if name == "neurocube (first read)":
+                shutil.rmtree(cache, ignore_errors=True)
+            elif name == "neurocube (indexed)" and not cache.exists():
+                run(script, root, env)  # build the index once
+            out = run(script, root, env)
+            walls.append(out["wall"])
+            peaks.append(out["peak"])
+            checksums.add(round(out["checksum"], 1))
+            print(f"  {name}: {out['wall']:.2f} s, checksum {out['checksum']:.1f}", flush=True)
+            shape = out["shape"]
+        results[name] = {
+            "wall_s_median": statistics.median(walls),
+            "wall_s_all": walls,
+            "peak_rss_growth_mb_median": statistics.median(peaks) / 1e6,
+            "shape": shape,
+        }
+    if len(checksums) != 1:
+        raise SystemExit(f"contenders disagree on the result: checksums {checksums}")
+
+    nc_first = results["neurocube (first read)"]
+    nc_index = results["neurocube (indexed)"]
+    ratios = {
+        "bulk_time_over_neurocube_indexed": results["bulk (nibabel 4-D, then mask)"][
+            "wall_s_median"] / nc_index["wall_s_median"],
+        "streaming_time_over_neurocube_indexed": results["streaming (1 gzip stream/session)"][
+            "wall_s_median"] / nc_index["wall_s_median"],
+        "streaming_time_over_neurocube_first_read": results["streaming (1 gzip stream/session)"][
+            "wall_s_median"] / nc_first["wall_s_median"],
+        "bulk_peak_over_neurocube_peak": results["bulk (nibabel 4-D, then mask)"][
+            "peak_rss_growth_mb_median"] / max(nc_index["peak_rss_growth_mb_median"], 1e-9),
+    }
+    out_mb = shape[0] * shape[1] * 4 / 1e6
+    print(f"\nquery: betas([ses-01, ses-02], roi='face', nc_threshold=10) -> {shape} "
+          f"({out_mb:.1f} MB); median of {args.repeats}\n")
+    print(f"{'contender':<36}{'wall (s)':>10}{'peak RSS growth (MB)':>24}")
+    for name, res in results.items():
+        print(f"{name:<36}{res['wall_s_median']:>10.2f}{res['peak_rss_growth_mb_median']:>24.0f}")
+    print()
+    for key, value in ratios.items():
+        print(f"{key}: {value:.2f}")
+    record = {
+        "benchmark": "subject",
+        "grid": list(GRID),
+        "trials_per_session": args.trials,
+        "sessions": 2,
+        "uncompressed_mb": uncompressed / 1e6,
+        "compressed_mb": compressed / 1e6,
+        "output_shape": shape,
+        "output_mb": out_mb,
+        "repeats": args.repeats,
+        "results": results,
+        "ratios": ratios,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "note": "2 shared, noisy cores; compare ratios within one run",
+    }
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "subject.json").write_text(json.dumps(record, indent=2) + "\n")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
