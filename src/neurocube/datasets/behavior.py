@@ -244,7 +244,7 @@ class BehaviorDataset:
                 f"sequences={sequences!r}) matches no tracks"
             )
         files = []
-        for _, row in table.iterrows():
+        for row in table.to_dict("records"):
             path = self.catalog.resolve_path(row["abs_path"])
             if not path.is_file():
                 raise DataNotFoundError(

@@ -130,12 +130,20 @@ def is_parquet(path: str | os.PathLike[str]) -> bool:
         return False
 
 
+_DTYPE_CACHE: dict[str, str | None] = {}
+
+
 def _numpy_dtype(arrow_type: pa.DataType) -> str | None:
+    key = str(arrow_type)
+    if key in _DTYPE_CACHE:
+        return _DTYPE_CACHE[key]
+    result: str | None = None
     if pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type):
-        return str(np.dtype(arrow_type.to_pandas_dtype()))
-    if pa.types.is_boolean(arrow_type):
-        return "bool"
-    return None
+        result = str(np.dtype(arrow_type.to_pandas_dtype()))
+    elif pa.types.is_boolean(arrow_type):
+        result = "bool"
+    _DTYPE_CACHE[key] = result
+    return result
 
 
 def read_parquet_info(
@@ -184,21 +192,26 @@ def read_parquet_info(
             others[fld.name] = str(fld.type)
         else:
             dtypes[fld.name] = np_dtype
-    stats_columns = set(stats_columns)
+    wanted = set(stats_columns)
+    # column chunk positions whose statistics we keep (top-level columns only)
+    leaf_paths = (
+        meta.schema.names
+        if len(meta.schema.names) == meta.num_columns
+        else [meta.schema.column(j).path for j in range(meta.num_columns)]
+    )
+    positions = [
+        (j, name)
+        for j, name in enumerate(leaf_paths)
+        if name in dtypes and (name in wanted or not dtypes[name].startswith("float"))
+    ]
     stats: list[dict[str, ColumnStats]] = []
     rows: list[int] = []
     for i in range(meta.num_row_groups):
         rg = meta.row_group(i)
         rows.append(rg.num_rows)
         rg_stats: dict[str, ColumnStats] = {}
-        for j in range(rg.num_columns):
-            col = rg.column(j)
-            name = col.path_in_schema
-            if name not in stats_columns and not (
-                name in dtypes and not dtypes[name].startswith("float")
-            ):
-                continue
-            st_ = col.statistics
+        for j, name in positions:
+            st_ = rg.column(j).statistics
             if st_ is None:
                 rg_stats[name] = ColumnStats()
                 continue
