@@ -382,9 +382,6 @@ def test_missing_files_raise_data_not_downloaded(bucket, tmp_path):
     root = _copy_subject(bucket, tmp_path)
     shutil.rmtree(root / "derivatives/anatomical/sub-01")
     (root / "stimuli/task-images_desc-CLIP_embeddings.h5").unlink()
-    betas = next((root / "derivatives/glmsingle-tedana/sub-01/ses-02/func").glob("*statmap.nii.gz"))
-    betas_name = betas.name
-    betas.unlink() if "SingletrialBetas" in betas_name else None
     for f in (root / "derivatives/glmsingle-tedana/sub-01/ses-02/func").glob("*Singletrial*nii*"):
         f.unlink()
     sub = neurocube.open_subject(root, "sub-01")
