@@ -426,7 +426,8 @@ class TraceStackProxy:
         indices = np.arange(self.shape[0])[trace_key]
         scalar = np.ndim(indices) == 0
         indices = np.atleast_1d(indices)
-        block = np.full((len(indices), *self.shape[1:]), np.nan, dtype=self.dtype)
+        fill = np.nan if np.issubdtype(self.dtype, np.inexact) else 0  # ints are never padded
+        block = np.full((len(indices), *self.shape[1:]), fill, dtype=self.dtype)
         spec = self.spec
         nbytes = 0
         with pooled_file(spec.path, spec.size, spec.mtime_ns) as h5:
