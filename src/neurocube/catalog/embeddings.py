@@ -20,7 +20,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,14 +107,15 @@ def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
         If it is not valid JSON or not a JSON object.
     """
     side = sidecar_path(path)
-    if not side.exists():
+    try:
+        with open_file(side) as fh:
+            raw = fh.read()
+    except DataNotFoundError as exc:
         raise DataNotFoundError(
             f"{side}: missing embedding sidecar for {Path(path).name}. Every artifact NPZ needs "
             "a JSON sidecar with the same stem; re-export the artifact with "
             "neurocube.io.save_embedding_derivative."
-        )
-    with open_file(side) as fh:
-        raw = fh.read()
+        ) from exc
     IO_STATS.add_bytes(len(raw))
     try:
         metadata = json.loads(raw)
@@ -149,11 +150,10 @@ def guess_npz_embedding(path: str | os.PathLike[str]) -> bool:
 
 
 def _inside(root: Path, path: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-    except ValueError:
-        return False
-    return True
+    """Lexical containment check (no file-system calls: manifests list thousands of files)."""
+    base = os.path.normpath(os.path.abspath(root))
+    target = os.path.normpath(os.path.abspath(path))
+    return target == base or target.startswith(base.rstrip(os.sep) + os.sep)
 
 
 def read_manifest_artifacts(root: str | os.PathLike[str]) -> list[Path]:
@@ -194,6 +194,7 @@ def read_manifest_artifacts(root: str | os.PathLike[str]) -> list[Path]:
         candidate = Path(str(record["artifact_path"]))
         if not candidate.is_absolute():
             candidate = base / candidate
+        candidate = Path(os.path.normpath(candidate))
         if not _inside(base, candidate):
             warnings.warn(
                 f"{manifest}: record artifact_path {record['artifact_path']!r} points outside the "
@@ -207,11 +208,25 @@ def read_manifest_artifacts(root: str | os.PathLike[str]) -> list[Path]:
     return paths
 
 
-def _model_of(path: Path) -> str | None:
-    try:
-        return str(read_sidecar(path).get("model_key", ""))
-    except (DataNotFoundError, FormatError):
-        return None
+def _read_sidecars(
+    paths: Sequence[Path], cache: dict[str, dict[str, Any] | None], max_workers: int = 8
+) -> None:
+    """Fill ``cache[str(path)]`` with each sidecar (None if missing or unreadable)."""
+    todo = [p for p in paths if str(p) not in cache]
+
+    def load(path: Path) -> dict[str, Any] | None:
+        try:
+            return read_sidecar(path)
+        except (DataNotFoundError, FormatError):
+            return None
+
+    if len(todo) < 16:
+        results = [load(p) for p in todo]
+    else:
+        with ThreadPoolExecutor(max_workers=max_workers) as pool:
+            results = list(pool.map(load, todo))
+    for path, metadata in zip(todo, results, strict=True):
+        cache[str(path)] = metadata
 
 
 def discover_embedding_artifacts(
@@ -235,6 +250,15 @@ def discover_embedding_artifacts(
     SelectionError
         If ``kind`` is unknown.
     """
+    return _discover(root, model_key, kind, {})
+
+
+def _discover(
+    root: str | os.PathLike[str],
+    model_key: str | None,
+    kind: str,
+    sidecars: dict[str, dict[str, Any] | None],
+) -> list[Path]:
     if kind not in ARTIFACT_SUFFIX:
         raise SelectionError(f"kind must be one of {sorted(ARTIFACT_SUFFIX)}, got {kind!r}.")
     base = Path(root)
@@ -249,8 +273,13 @@ def discover_embedding_artifacts(
         return paths
     wanted = model_key.lower()
 
-    def select(candidates: Iterable[Path]) -> list[Path]:
-        return [p for p in candidates if (_model_of(p) or "").lower() == wanted]
+    def select(candidates: list[Path]) -> list[Path]:
+        _read_sidecars(candidates, sidecars)
+        return [
+            p
+            for p in candidates
+            if str((sidecars[str(p)] or {}).get("model_key", "")).lower() == wanted
+        ]
 
     selected = select(paths)
     if selected:
@@ -370,8 +399,12 @@ def _check_token_contract(path: str, metadata: Mapping[str, Any], ndim: int) -> 
         )
 
 
-def scan_artifact(path: str | os.PathLike[str]) -> EmbeddingArtifact:
+def scan_artifact(
+    path: str | os.PathLike[str], metadata: dict[str, Any] | None = None
+) -> EmbeddingArtifact:
     """Read one artifact's sidecar and NPZ directory (headers only) and check them.
+
+    ``metadata``, if given, is the sidecar already read (it is not read again).
 
     Raises
     ------
@@ -381,12 +414,13 @@ def scan_artifact(path: str | os.PathLike[str]) -> EmbeddingArtifact:
         For a corrupt archive, a broken array contract, a non-object sidecar or an
         object-dtype member; every message names the file.
     """
-    local = Path(path).resolve()
+    local = Path(os.path.abspath(path))
     try:
         st = local.stat()
     except FileNotFoundError as exc:
         raise DataNotFoundError(f"{local}: no such embedding artifact.") from exc
-    metadata = read_sidecar(local)
+    if metadata is None:
+        metadata = read_sidecar(local)
     members = read_npz_directory(local)
     kind = check_artifact(str(local), members, metadata)
     return EmbeddingArtifact(
@@ -400,13 +434,23 @@ def scan_artifact(path: str | os.PathLike[str]) -> EmbeddingArtifact:
 
 
 def scan_artifacts(
-    paths: Sequence[str | os.PathLike[str]], max_workers: int = 8
+    paths: Sequence[str | os.PathLike[str]],
+    max_workers: int = 8,
+    sidecars: Mapping[str, dict[str, Any] | None] | None = None,
 ) -> list[EmbeddingArtifact]:
-    """:func:`scan_artifact` over many files with a thread pool (order kept)."""
+    """:func:`scan_artifact` over many files with a thread pool (order kept).
+
+    ``sidecars`` maps ``str(path)`` to sidecars already read.
+    """
+    known = sidecars or {}
+
+    def scan(path: str | os.PathLike[str]) -> EmbeddingArtifact:
+        return scan_artifact(path, known.get(str(path)))
+
     if len(paths) < 16 or max_workers <= 1:
-        return [scan_artifact(p) for p in paths]
+        return [scan(p) for p in paths]
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
-        return list(pool.map(scan_artifact, paths))
+        return list(pool.map(scan, paths))
 
 
 def _scalar(value: Any) -> bool:
@@ -464,17 +508,23 @@ def _select(
     condition: str | None,
 ) -> list[EmbeddingArtifact]:
     """Discover (or take) artifact paths, scan them, filter by condition."""
+    sidecars: dict[str, dict[str, Any] | None] = {}
     if isinstance(root, (str, os.PathLike)):
         candidate = Path(root)
         if candidate.is_dir():
-            paths: list[Path] = discover_embedding_artifacts(candidate, model_key, kind=kind)
+            paths: list[Path] = _discover(candidate, model_key, kind, sidecars)
         elif candidate.exists():
             paths = [candidate]
         else:
             raise DataNotFoundError(f"{candidate}: no such derivative folder or artifact file.")
     else:
         paths = [Path(p) for p in root]
-    artifacts = scan_artifacts(paths)
     if condition is not None:
-        artifacts = [a for a in artifacts if str(a.metadata.get("condition")) == condition]
-    return artifacts
+        _read_sidecars(paths, sidecars)
+        paths = [
+            p
+            for p in paths
+            if sidecars[str(p)] is None  # reported by the scan below
+            or str(sidecars[str(p)].get("condition")) == condition  # type: ignore[union-attr]
+        ]
+    return scan_artifacts(paths, sidecars=sidecars)

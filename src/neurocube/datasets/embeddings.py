@@ -17,6 +17,7 @@ Examples
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Hashable, Sequence
@@ -112,12 +113,17 @@ def _read_chunk(
     return read_members_into(members, out, stack=stack)
 
 
-def _files_per_chunk(bytes_per_file: int, files_per_chunk: int | None, chunk_bytes: int) -> int:
+def _files_per_chunk(
+    bytes_per_file: int, n_files: int, files_per_chunk: int | None, chunk_bytes: int
+) -> int:
+    """Files per chunk: about ``chunk_bytes`` each, and enough chunks to keep every core busy."""
     if files_per_chunk is not None:
         if files_per_chunk < 1:
             raise SelectionError(f"files_per_chunk must be >= 1, got {files_per_chunk}.")
         return int(files_per_chunk)
-    return int(max(1, min(MAX_FILES_PER_CHUNK, chunk_bytes // max(1, bytes_per_file))))
+    by_size = chunk_bytes // max(1, bytes_per_file)
+    by_cores = math.ceil(n_files / (4 * (os.cpu_count() or 1)))
+    return int(max(1, min(MAX_FILES_PER_CHUNK, by_size, by_cores)))
 
 
 def _member_array(
@@ -137,7 +143,12 @@ def _member_array(
         tuple(members[i : i + files_per_chunk]) for i in range(0, len(members), files_per_chunk)
     ]
     rows = [len(g) if stack else sum(m.shape[0] for m in g) for g in groups]
-    identity = [(m.path, m.name, m.data_offset, m.compressed_size, m.crc32) for m in members]
+    digest = hashlib.sha1(usedforsecurity=False)
+    for m in members:
+        digest.update(
+            f"{m.path}\0{m.name}\0{m.data_offset}\0{m.compressed_size}\0{m.crc32}\n".encode()
+        )
+    identity = digest.hexdigest()
     name = f"neurocube-npz-{label}-" + tokenize(
         identity, stack, dtype.str, row_shape, files_per_chunk
     )
@@ -303,7 +314,7 @@ def open_embeddings(
         repeats = np.asarray([m.shape[0] for m in members], dtype=np.int64)
     dtype = np.result_type(*{m.numpy_dtype.newbyteorder("=") for m in members})
     per_file = max(int(r) for r in repeats) * math.prod(row_shape) * dtype.itemsize
-    fpc = _files_per_chunk(per_file, files_per_chunk, chunk_bytes)
+    fpc = _files_per_chunk(per_file, len(artifacts), files_per_chunk, chunk_bytes)
     data = _member_array(
         members,
         stack=stack,

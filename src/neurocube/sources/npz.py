@@ -36,7 +36,6 @@ import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -259,17 +258,24 @@ def _parse_npy_header(
         raise FormatError(f"{path}: member {name!r} has unsupported .npy format version {major}.")
     if len(prefix) < start + header_len:
         raise _truncated(path, f"member {name!r} ends inside its .npy header")
-    stream = io.BytesIO(prefix[: start + header_len])
-    stream.seek(8)
     try:
-        # numpy's own header parser (ast.literal_eval of a dict literal; never eval).
-        if major == 1:
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
-        else:
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+        shape, dtype, fortran_order = _decode_header(bytes(prefix[: start + header_len]), major)
     except ValueError as exc:
         raise FormatError(f"{path}: member {name!r} has a malformed .npy header: {exc}") from exc
-    return tuple(int(s) for s in shape), dtype, bool(fortran_order), start + header_len
+    return shape, dtype, fortran_order, start + header_len
+
+
+@functools.lru_cache(maxsize=1024)
+def _decode_header(header: bytes, major: int) -> tuple[tuple[int, ...], np.dtype[Any], bool]:
+    """Decode a whole .npy header (memoised: thousands of artifacts share a few headers)."""
+    stream = io.BytesIO(header)
+    stream.seek(8)
+    # numpy's own header parser (ast.literal_eval of a dict literal; never eval).
+    if major == 1:
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+    else:
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+    return tuple(int(s) for s in shape), dtype, bool(fortran_order)
 
 
 def _npy_prefix_length(prefix: bytes) -> int | None:
@@ -339,7 +345,7 @@ def read_npz_directory(path: str | os.PathLike[str]) -> dict[str, NpzMember]:
     UnsafeDataError
         If a member holds an object dtype (loading it would need pickle).
     """
-    local = str(Path(path).resolve())
+    local = os.path.abspath(path)
     with open_file(local) as fh:
         size = os.fstat(fh.fileno()).st_size
         if size < _EOCD_SIZE:
