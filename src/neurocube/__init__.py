@@ -34,6 +34,7 @@ _LAZY: dict[str, str] = {
     "open_embeddings": "neurocube.datasets.embeddings",
     "open_combined_table": "neurocube.datasets.embeddings",
     "write_combined_tables": "neurocube.datasets.embeddings",
+    "catalog_embeddings": "neurocube.catalog.embeddings",
     # Behaviour tracking datasets
     "open_behavior": "neurocube.datasets.behavior",
     "BehaviorDataset": "neurocube.datasets.behavior",
