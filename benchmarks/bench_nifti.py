@@ -1,0 +1,339 @@
+"""Masked single-trial-betas reads from a .nii.gz: neurocube vs the tools a user has instead.
+
+Generates a session-like file (81x96x81x300 float32 by default: ~750 MB
+uncompressed, a third of the grid inside the brain, zeros outside) and
+measures, in one run and each in a fresh subprocess (so peak RSS is its own):
+
+- neurocube masked read, first read (no index yet; builds it) and with the index;
+- nibabel: per-volume loop over ``dataobj[..., t]`` (indexed_gzip), and ``get_fdata()`` + mask;
+- nilearn's ``NiftiMasker`` (if installed: ``pip install -e ".[bench]"``);
+- the laion_fmri streaming approach: one sequential gzip stream, one volume at a time;
+- limits: single-core zlib streaming of the file, and all cores reading through the index
+  with no masking;
+- one random trial: the first and the last trial alone, through the index.
+
+Throughput is MB/s of *uncompressed 4-D data* (the work every method must do).
+Each figure is the median of ``--repeats`` runs; ratios compare methods measured
+in this same run. Writes ``benchmarks/results/nifti.json`` and prints a table.
+
+    python benchmarks/bench_nifti.py              # full size (a few minutes)
+    python benchmarks/bench_nifti.py --quick      # tiny, seconds (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+# --------------------------------------------------------------------------- workers
+# Each worker runs in its own process: `python bench_nifti.py --worker NAME ...`.
+
+
+def _rss_peak() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _rss_now() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def worker(name: str, path: str, mask_path: str, cache: str, threads: int) -> dict:
+    import numpy as np
+
+    mask = np.load(mask_path)
+    out_bytes = 0
+    # Warm up what every method pays once per session (imports; dask's first compute imports
+    # distributed to look for a client), so the clock measures the read itself.
+    import dask
+    import dask.array as da
+    import nibabel  # noqa: F401
+    import xarray  # noqa: F401
+
+    import neurocube
+    from neurocube.sources import nifti  # noqa: F401
+
+    da.ones(4, chunks=2).sum().compute()
+    base = _rss_now()
+    t0 = time.perf_counter()
+    if name in ("neurocube_first", "neurocube_indexed"):
+        ds = neurocube.open_nifti(path, mask=mask, cache_dir=cache)
+        with dask.config.set(scheduler="threads", num_workers=threads):
+            out = ds.data.values
+        out_bytes = out.nbytes
+    elif name in ("neurocube_trial_first", "neurocube_trial_last"):
+        ds = neurocube.open_nifti(path, mask=mask, cache_dir=cache, chunks=1)
+        t = 0 if name.endswith("first") else -1
+        t0 = time.perf_counter()  # time the read only
+        out = ds.data.isel(trial=t).values
+        out_bytes = out.nbytes
+    elif name == "nibabel_volume_loop":
+        import nibabel as nib
+
+        img = nib.load(path, keep_file_open=True)
+        n = img.shape[3]
+        out = np.empty((n, int(mask.sum())), np.float32)
+        for t in range(n):
+            out[t] = np.asarray(img.dataobj[..., t])[mask]
+        out_bytes = out.nbytes
+    elif name == "nibabel_get_fdata":
+        import nibabel as nib
+
+        data = nib.load(path).get_fdata(dtype=np.float32)
+        out = data[mask].T.copy()
+        del data
+        out_bytes = out.nbytes
+    elif name == "nilearn_masker":
+        import nibabel as nib
+        from nilearn.maskers import NiftiMasker
+
+        img = nib.load(path)
+        masker = NiftiMasker(mask_img=nib.Nifti1Image(mask.astype(np.uint8), img.affine))
+        out = masker.fit_transform(img)
+        out_bytes = out.nbytes
+    elif name == "laion_streaming":
+        out = _laion_streaming(path, mask)
+        out_bytes = out.nbytes
+    elif name == "limit_zlib_stream":
+        import zlib
+
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                inflater.decompress(block)
+    elif name == "limit_parallel_inflate":
+        _parallel_inflate(path, cache, threads)
+    else:
+        raise SystemExit(f"unknown worker {name}")
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "peak_rss": _rss_peak(), "base_rss": base, "out_bytes": out_bytes}
+
+
+def _laion_streaming(path: str, mask):
+    """The existing loader's streaming mode (FORMATS.md §1): one sequential gzip stream,
+    header parsed, then one volume at a time with the mask applied inline; no scaling."""
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+
+    with gzip.open(path, "rb") as fh:
+        head = fh.read(352)
+        hdr = nib.Nifti1Header.from_fileobj(__import__("io").BytesIO(head + b"\0" * 4))
+        shape = hdr.get_data_shape()
+        dtype = hdr.get_data_dtype()
+        fh.read(int(hdr.get_data_offset()) - 352)
+        vol_bytes = int(np.prod(shape[:3])) * dtype.itemsize
+        flat = mask.ravel(order="F")
+        out = np.empty((shape[3], int(mask.sum())), np.float32)
+        order = np.argsort(np.ravel_multi_index(np.nonzero(mask), shape[:3], order="F"))
+        inv = np.empty_like(order)
+        inv[order] = np.arange(order.size)
+        for t in range(shape[3]):
+            vol = np.frombuffer(fh.read(vol_bytes), dtype=dtype)
+            out[t] = vol[flat][inv]  # back to C order of the grid
+    return out
+
+
+def _parallel_inflate(path: str, cache: str, threads: int) -> None:
+    """All cores inflating the same file through its index, no masking (the machine's limit)."""
+    import threading
+
+    import indexed_gzip
+
+    from neurocube.sources import gzindex
+
+    index = gzindex.auto_index_path(path, cache)
+    size = _uncompressed_size(path, str(index))
+    bounds = [size * i // threads for i in range(threads + 1)]
+
+    def run(lo: int, hi: int) -> None:
+        fh = indexed_gzip.IndexedGzipFile(path, index_file=str(index), buffer_size=4 << 20)
+        buf = bytearray(8 << 20)
+        fh.seek(lo)
+        left = hi - lo
+        while left > 0:
+            left -= fh.readinto(memoryview(buf)[: min(left, len(buf))])
+        fh.close()
+
+    pool = [threading.Thread(target=run, args=(bounds[i], bounds[i + 1])) for i in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+
+
+def _uncompressed_size(path: str, index: str) -> int:
+    import struct
+
+    with open(index, "rb") as fh:
+        return struct.unpack("<Q", fh.read(23)[15:23])[0]
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_worker(name, path, mask_path, cache, threads):
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", name, str(path), str(mask_path), str(cache),
+         str(threads)],
+        capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny file, one repeat (smoke test)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--data", type=Path, default=HERE / "data" / "nifti")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "nifti.json")
+    parser.add_argument("--worker", nargs=5, metavar=("NAME", "PATH", "MASK", "CACHE", "THREADS"))
+    args = parser.parse_args()
+    if args.worker:
+        name, path, mask_path, cache, threads = args.worker
+        print(json.dumps(worker(name, path, mask_path, cache, int(threads))))
+        return 0
+
+    import numpy as np
+
+    from neurocube.synthetic.session import make_session
+
+    grid, n_trials = ((20, 24, 20), 30) if args.quick else ((81, 96, 81), 300)
+    repeats = 1 if args.quick else args.repeats
+    threads = os.cpu_count() or 2
+    folder = args.data / ("quick" if args.quick else "full")
+    session_file = folder / "session.json"
+    if not session_file.exists():
+        print(f"generating {grid} x {n_trials} session in {folder} ...", flush=True)
+        s = make_session(folder, grid=grid, n_trials=n_trials, nan_fraction=0.01)
+        import nibabel as nib
+
+        np.save(folder / "mask.npy", nib.load(str(s.brain_mask)).get_fdata() > 0)
+        session_file.write_text(json.dumps({"betas": str(s.betas)}))
+    betas = Path(json.loads(session_file.read_text())["betas"])
+    mask_path = folder / "mask.npy"
+    cache = folder / "cache"
+    raw_bytes = int(np.prod(grid)) * n_trials * 4
+    gz_bytes = betas.stat().st_size
+    with open(betas, "rb") as fh:  # warm the page cache: every method reads from RAM
+        while fh.read(64 << 20):
+            pass
+
+    methods = [
+        "limit_zlib_stream",
+        "neurocube_first",  # (cache cleared before each repeat)
+        "limit_parallel_inflate",
+        "neurocube_indexed",
+        "neurocube_trial_first",
+        "neurocube_trial_last",
+        "nibabel_volume_loop",
+        "nibabel_get_fdata",
+        "laion_streaming",
+    ]
+    try:
+        import nilearn  # noqa: F401
+
+        methods.append("nilearn_masker")
+    except ImportError:
+        print("nilearn not installed: skipping NiftiMasker (pip install -e '.[bench]')")
+
+    results: dict[str, dict] = {}
+    for name in methods:
+        runs = []
+        for _ in range(repeats):
+            if name == "neurocube_first":
+                shutil.rmtree(cache, ignore_errors=True)
+            if name in ("limit_parallel_inflate", "neurocube_indexed") and not (
+                cache / "gzindex"
+            ).exists():
+                run_worker("neurocube_first", betas, mask_path, cache, threads)
+            runs.append(run_worker(name, betas, mask_path, cache, threads))
+        secs = [r["seconds"] for r in runs]
+        med = statistics.median(secs)
+        results[name] = {
+            "seconds_median": med,
+            "seconds_all": secs,
+            "mb_per_s": raw_bytes / 1e6 / med,
+            "peak_rss_mb": statistics.median(r["peak_rss"] for r in runs) / 1e6,
+            "rss_growth_mb": statistics.median(r["peak_rss"] - r["base_rss"] for r in runs) / 1e6,
+            "out_mb": runs[0]["out_bytes"] / 1e6,
+        }
+        print(f"  {name:24s} {med:8.3f} s  {results[name]['mb_per_s']:8.1f} MB/s  "
+              f"peak {results[name]['peak_rss_mb']:7.0f} MB", flush=True)
+
+    r = results
+    out_mb = r["neurocube_indexed"]["out_mb"]
+    ratios = {
+        "indexed_vs_parallel_inflate": r["neurocube_indexed"]["mb_per_s"]
+        / r["limit_parallel_inflate"]["mb_per_s"],
+        "indexed_vs_nibabel_volume_loop": r["neurocube_indexed"]["mb_per_s"]
+        / r["nibabel_volume_loop"]["mb_per_s"],
+        "first_read_vs_zlib_stream": r["neurocube_first"]["mb_per_s"]
+        / r["limit_zlib_stream"]["mb_per_s"],
+        "indexed_vs_laion_streaming": r["neurocube_indexed"]["mb_per_s"]
+        / r["laion_streaming"]["mb_per_s"],
+        "last_trial_vs_first_trial_time": r["neurocube_trial_last"]["seconds_median"]
+        / r["neurocube_trial_first"]["seconds_median"],
+        "indexed_rss_growth_minus_output_mb": r["neurocube_indexed"]["rss_growth_mb"] - out_mb,
+        "first_rss_growth_minus_output_mb": r["neurocube_first"]["rss_growth_mb"] - out_mb,
+    }
+    targets = {
+        "indexed_vs_parallel_inflate": (">=", 0.8),
+        "indexed_vs_nibabel_volume_loop": (">=", 3.0),
+        "first_read_vs_zlib_stream": (">=", 0.8),
+        "last_trial_vs_first_trial_time": ("<=", 2.0),
+        "indexed_rss_growth_minus_output_mb": ("<=", 200.0),
+        "first_rss_growth_minus_output_mb": ("<=", 200.0),
+    }
+    print("\n| method | median s | MB/s (uncompressed) | peak RSS MB | RSS growth MB |")
+    print("|---|---:|---:|---:|---:|")
+    for name, v in r.items():
+        print(f"| {name} | {v['seconds_median']:.3f} | {v['mb_per_s']:.1f} | "
+              f"{v['peak_rss_mb']:.0f} | {v['rss_growth_mb']:.0f} |")
+    print("\n| ratio | value | target | met |")
+    print("|---|---:|---|---|")
+    verdicts = {}
+    for key, value in ratios.items():
+        op, bound = targets.get(key, ("", None))
+        met = None if bound is None else (value >= bound if op == ">=" else value <= bound)
+        verdicts[key] = met
+        print(f"| {key} | {value:.2f} | {op} {bound if bound is not None else ''} | "
+              f"{'' if met is None else ('yes' if met else 'NO')} |")
+    report = {
+        "benchmark": "nifti",
+        "file": {"grid": list(grid), "trials": n_trials, "uncompressed_mb": raw_bytes / 1e6,
+                 "gzip_mb": gz_bytes / 1e6, "output_mb": out_mb},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "load_avg_at_end": os.getloadavg()},
+        "repeats": repeats,
+        "results": r,
+        "ratios": ratios,
+        "targets_met": verdicts,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
