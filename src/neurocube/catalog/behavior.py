@@ -531,8 +531,12 @@ class BehaviorCatalog:
         SelectionError
             If ``run_id`` is given and no row has it; the message lists the runs.
         """
-        table = self.read_index("tracks")
-        return _select_runs(table, run_id, self.index_path("tracks"))
+        cache_key = f"tracks#run={run_id}"
+        cached = self._index_cache.get(cache_key)
+        if cached is None:
+            cached = _select_runs(self.read_index("tracks"), run_id, self.index_path("tracks"))
+            self._index_cache[cache_key] = cached
+        return cached.copy()
 
     def labels_table(self, kind: str = "behavior", run_id: str | None = None) -> pd.DataFrame:
         """Return one ``labels/<kind>/index.csv`` row per (group, sequence), newest run first."""
@@ -723,15 +727,6 @@ class BehaviorCatalog:
         return report
 
 
-def _order_key(table: pd.DataFrame) -> list[tuple[str, int]]:
-    stamps = []
-    for pos in range(len(table)):
-        row = table.iloc[pos]
-        stamp = str(row.get("finished_at", "") or "") or str(row.get("started_at", "") or "")
-        stamps.append((stamp, pos))
-    return stamps
-
-
 def _select_runs(table: pd.DataFrame, run_id: str | None, index_file: Path) -> pd.DataFrame:
     if run_id is not None:
         chosen = table[table["run_id"] == run_id]
@@ -742,17 +737,21 @@ def _select_runs(table: pd.DataFrame, run_id: str | None, index_file: Path) -> p
                 + (" (and legacy rows with a blank run_id)" if "" in set(table["run_id"]) else "")
             )
         table = chosen
-    if table.empty:
-        return table.reset_index(drop=True)
     table = table.reset_index(drop=True)
-    keys = _order_key(table)
-    newest: dict[tuple[str, str], int] = {}
-    for pos, (group, sequence) in enumerate(zip(table["group"], table["sequence"], strict=True)):
-        pair = (group, sequence)
-        if pair not in newest or keys[pos] >= keys[newest[pair]]:
-            newest[pair] = pos
-    rows = sorted(newest.values(), key=lambda p: (table["group"][p], table["sequence"][p]))
-    return table.iloc[rows].reset_index(drop=True)
+    if table.empty:
+        return table
+    blank = pd.Series([""] * len(table), index=table.index, dtype=object)
+    finished = table["finished_at"] if "finished_at" in table.columns else blank
+    started = table["started_at"] if "started_at" in table.columns else blank
+    stamp = [f or s for f, s in zip(finished.astype(str), started.astype(str), strict=True)]
+    order = pd.DataFrame(
+        {"group": table["group"], "sequence": table["sequence"], "stamp": stamp,
+         "pos": range(len(table))}
+    )  # fmt: skip
+    # newest = greatest (stamp, position): a later row wins a tie or a missing stamp
+    newest = order.sort_values(["stamp", "pos"]).groupby(["group", "sequence"], sort=True).tail(1)
+    newest = newest.sort_values(["group", "sequence"])
+    return table.iloc[newest["pos"].to_numpy()].reset_index(drop=True)
 
 
 def _as_set(value: str | Iterable[str] | None) -> set[str] | None:
