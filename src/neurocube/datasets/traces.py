@@ -336,15 +336,70 @@ def _origin_groups(h5: Any, path: str) -> list[tuple[str, Any]]:
     return groups
 
 
-def scan_traces(path: str | os.PathLike[str]) -> TraceCatalog:
+def _catalog_cache_file(local: str) -> Any:
+    from neurocube.config import cache_dir
+    from neurocube.sources.files import file_identity
+
+    return cache_dir() / "hdf5-traces" / f"{file_identity(local).digest}.json"
+
+
+def _load_cached_catalog(local: str, size: int, mtime_ns: int) -> TraceCatalog | None:
+    try:
+        entry = _catalog_cache_file(local)
+        if not entry.exists():
+            return None
+        saved = json.loads(entry.read_text(encoding="utf-8"))
+        traces = [
+            TraceEntry(t[0], t[1], tuple(t[2]), t[3], attrs=t[4]) for t in saved["traces"]
+        ]
+        return TraceCatalog(local, size, mtime_ns, saved["origins"], saved["origin_attrs"], traces)
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def _store_catalog(catalog: TraceCatalog) -> None:
+    """Save the catalog as JSON in neurocube's cache (only when every attribute is a str)."""
+    from neurocube.io._atomic import atomic_path
+
+    everything = [a for t in catalog.traces for a in t.attrs.values()]
+    everything += [a for o in catalog.origin_attrs.values() for a in o.values()]
+    if not all(isinstance(a, str) for a in everything):
+        return
+    saved = {
+        "origins": catalog.origins,
+        "origin_attrs": catalog.origin_attrs,
+        "traces": [[t.origin, t.name, list(t.shape), t.dtype, t.attrs] for t in catalog.traces],
+    }
+    try:
+        with atomic_path(_catalog_cache_file(catalog.path)) as tmp:
+            tmp.write_text(json.dumps(saved), encoding="utf-8")
+    except OSError:
+        pass  # a read-only cache folder only costs speed
+
+
+def scan_traces(path: str | os.PathLike[str], *, use_cache: bool = False) -> TraceCatalog:
     """Read the catalog of a trace cache: origins, trace names, shapes and raw attributes.
 
-    Reads no trace data. Raises :class:`~neurocube.errors.FormatError` if the
-    file is not in the offspect layout.
+    Reads no trace data. With ``use_cache``, the catalog is kept as JSON in
+    neurocube's cache folder, keyed by the file's identity (path, size, mtime,
+    hash of its first and last MiB), so a second open of an unchanged file
+    skips reading thousands of HDF5 attributes. Raises
+    :class:`~neurocube.errors.FormatError` if the file is not in the offspect layout.
     """
+    key = stat_key(path)
+    if use_cache:
+        cached = _load_cached_catalog(*key)
+        if cached is not None:
+            return cached
+    catalog = _scan_file(key)
+    if use_cache:
+        _store_catalog(catalog)
+    return catalog
+
+
+def _scan_file(key: tuple[str, int, int]) -> TraceCatalog:
     import h5py
 
-    key = stat_key(path)
     local = key[0]
     with pooled_file(*key) as h5:
         groups = _origin_groups(h5, local)
@@ -473,6 +528,7 @@ def open_traces(
     *,
     traces_per_chunk: int | None = None,
     ragged: str = "pad",
+    use_cache: bool = True,
 ) -> xr.Dataset:
     """Open a TMS trace cache lazily.
 
@@ -487,6 +543,11 @@ def open_traces(
         What to do when traces differ in length: ``"pad"`` (default) pads the
         shorter ones with NaN (integer data becomes float64) and the true
         lengths are in the ``n_samples`` coord; ``"error"`` refuses.
+    use_cache
+        Keep the attribute catalog (raw strings) as JSON in neurocube's cache
+        folder, keyed by the file's identity, so reopening an unchanged file
+        does not read every HDF5 attribute again (the slow part of opening a
+        10,000-trace cache). Any edit changes the identity.
 
     Returns
     -------
@@ -513,7 +574,7 @@ def open_traces(
     """
     if ragged not in ("pad", "error"):
         raise ValueError(f"ragged must be 'pad' or 'error', got {ragged!r}")
-    catalog = scan_traces(path)
+    catalog = scan_traces(path, use_cache=use_cache)
     return dataset_from_catalog(catalog, traces_per_chunk=traces_per_chunk, ragged=ragged)
 
 

@@ -531,3 +531,22 @@ def test_writers_never_disturb_a_reader_nor_each_other(editable):
     assert nct.get_attrs(editable, 0)["onset_shift"] == 30  # no lost update
     with h5py.File(editable, "r", libver="latest", swmr=True) as h5:  # as offspect opens it
         assert h5["template_R001.xdf/traces/0"].attrs["onset_shift"] == "30"
+
+
+def test_catalog_cache_skips_attribute_reads_and_follows_edits(editable, monkeypatch):
+    import neurocube.datasets.traces as traces_module
+
+    first = neurocube.open_traces(editable)  # scans the file and stores the catalog
+
+    def refuse(key):
+        raise AssertionError("the HDF5 attributes were read again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(traces_module, "_scan_file", refuse)
+        again = neurocube.open_traces(editable)
+    assert again.identical(first)
+    attrs = nct.get_attrs(editable, 1)
+    attrs["onset_shift"] = 7
+    nct.set_attrs(editable, 1, attrs)  # new identity: the cached catalog no longer applies
+    assert list(neurocube.open_traces(editable).onset_shift.values) == [-1, 7]
+    assert list(neurocube.open_traces(editable, use_cache=False).onset_shift.values) == [-1, 7]
