@@ -259,8 +259,6 @@ def open_embeddings(
     SelectionError
         For an unknown representation or ``aggregate_by`` coordinate.
     """
-    import xarray as xr
-
     if representation not in REPRESENTATIONS:
         raise SelectionError(
             f"representation must be one of {list(REPRESENTATIONS)}, got {representation!r} "
@@ -291,6 +289,22 @@ def open_embeddings(
             f"{representation!r} ({len(wrong_kind)} such files)."
         )
     _check_compatible(artifacts, representation)
+
+    return _dataset_from_artifacts(
+        artifacts, representation, condition, aggregate_by, files_per_chunk, chunk_bytes
+    )
+
+
+def _dataset_from_artifacts(
+    artifacts: Sequence[EmbeddingArtifact],
+    representation: str,
+    condition: str | None,
+    aggregate_by: str | Sequence[str] | None,
+    files_per_chunk: int | None,
+    chunk_bytes: int,
+) -> Any:
+    """Build the lazy Dataset of checked, compatible artifacts (no file is read)."""
+    import xarray as xr
 
     file_coords = _file_coordinates(artifacts)
     if representation == "recording":
@@ -509,12 +523,14 @@ def combined_table_path(
     return Path(root) / "combined" / f"{model_key}_{condition}_{label}.parquet"
 
 
-def _table_for(root: Any, model_key: str, condition: str, level: str, chunk_bytes: int) -> Any:
-    if level == "subject":
-        return open_embeddings(
-            root, "epoch", model_key, condition, aggregate_by="subject", chunk_bytes=chunk_bytes
-        )
-    return open_embeddings(root, level, model_key, condition, chunk_bytes=chunk_bytes)
+def _table_for(
+    artifacts: Sequence[EmbeddingArtifact], condition: str, level: str, chunk_bytes: int
+) -> Any:
+    representation = "epoch" if level == "subject" else level
+    aggregate_by = "subject" if level == "subject" else None
+    return _dataset_from_artifacts(
+        artifacts, representation, condition, aggregate_by, None, chunk_bytes
+    )
 
 
 def write_combined_tables(
@@ -566,26 +582,34 @@ def write_combined_tables(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from neurocube.catalog.embeddings import catalog_embeddings
-
     for level in representations:
         if level not in COMBINED_TABLE_LABELS:
             raise SelectionError(
                 f"representation must be among {sorted(COMBINED_TABLE_LABELS)}, got {level!r}."
             )
+    artifacts = _select(root, model_key, "embedding", None)
+    artifacts = [
+        a for a in artifacts if str(a.metadata.get("model_key", "")).lower() == model_key.lower()
+    ]
+    if not artifacts:
+        raise DataNotFoundError(f"No artifacts of model {model_key!r} under {root}.")
+    _check_compatible(artifacts, "epoch")
+    by_condition: dict[str, list[EmbeddingArtifact]] = {}
+    for art in artifacts:
+        by_condition.setdefault(str(art.metadata.get("condition", "")), []).append(art)
     if conditions is None:
-        table = catalog_embeddings(root, model_key)
-        if table.empty:
-            raise DataNotFoundError(f"No artifacts of model {model_key!r} under {root}.")
-        if "condition" not in table:
-            raise FormatError(f"Artifacts under {root} have no 'condition' in their sidecars.")
-        conditions = sorted({str(c) for c in table["condition"]})
+        conditions = sorted(by_condition)
     target = Path(output_dir) if output_dir is not None else Path(root) / "combined"
     n_parallel = parallel_chunks or os.cpu_count() or 1
     written: list[Path] = []
     for condition in conditions:
         for level in representations:
-            ds = _table_for(root, model_key, condition, level, chunk_bytes)
+            if condition not in by_condition:
+                raise DataNotFoundError(
+                    f"No artifacts of model {model_key!r} and condition {condition!r} under "
+                    f"{root} (conditions found: {sorted(by_condition)})."
+                )
+            ds = _table_for(by_condition[condition], condition, level, chunk_bytes)
             path = target / combined_table_path(".", model_key, condition, level).name
             id_columns = SUBJECT_ID_COLUMNS if level == "subject" else ID_COLUMNS
             row_dim = ds["embedding"].dims[0]
@@ -701,8 +725,10 @@ def open_combined_table(
         )
         for i in range(len(layout.row_group_rows))
     }
-    rows = layout.row_group_rows or (0,)
-    data = da.Array(graph, name, (tuple(rows), (len(features),)), dtype=dtype)
+    if layout.row_group_rows:
+        data = da.Array(graph, name, (layout.row_group_rows, (len(features),)), dtype=dtype)
+    else:  # a table with no rows has no row group
+        data = da.zeros((0, len(features)), dtype=dtype, chunks=(1, len(features)))
     coords: dict[Hashable, Any] = {"feature": ("feature", np.asarray(features))}
     for col, values in ids.items():
         arr = np.asarray(values)
