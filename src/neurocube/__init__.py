@@ -45,6 +45,7 @@ _LAZY: dict[str, str] = {
     "cache_info": "neurocube.caching",
     "clear_cache": "neurocube.caching",
     "evict_cache": "neurocube.caching",
+    "open_cached": "neurocube.caching",
 }
 
 # Submodules reachable as attributes (neurocube.io.save_spectral, neurocube.traces.get_attrs, ...).
