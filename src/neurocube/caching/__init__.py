@@ -13,7 +13,7 @@ the ``.neuro`` xarray accessor (``ds.neuro.cache()``).
 
 from __future__ import annotations
 
-from neurocube.caching.core import cache
+from neurocube.caching.core import cache, open_cached
 from neurocube.caching.keys import CACHE_FORMAT_VERSION, fingerprint
 from neurocube.caching.manage import (
     CacheEntry,
@@ -32,6 +32,7 @@ __all__ = [
     "clear_cache",
     "evict_cache",
     "fingerprint",
+    "open_cached",
 ]
 
 import neurocube.accessor  # noqa: F401  (registers ds.neuro / da.neuro)

@@ -16,7 +16,7 @@ import numpy as np
 import xarray as xr
 
 from neurocube import __version__
-from neurocube.caching.keys import CACHE_FORMAT_VERSION, Fingerprint, fingerprint
+from neurocube.caching.keys import CACHE_FORMAT_VERSION, Fingerprint, fingerprint, source_identity
 from neurocube.caching.store import (
     LAST_USE_NAME,
     MARKER_NAME,
@@ -24,10 +24,10 @@ from neurocube.caching.store import (
     open_root,
     validate_key,
 )
-from neurocube.errors import CacheError
+from neurocube.errors import CacheError, DataNotFoundError
 from neurocube.progress import compute
 
-__all__ = ["ZSTD_LEVEL", "cache", "read_marker", "touch_entry"]
+__all__ = ["ZSTD_LEVEL", "cache", "open_cached", "read_marker", "touch_entry"]
 
 #: zstd level of cached chunks: fast to write, about as small as level 3 on float betas.
 ZSTD_LEVEL = 1
@@ -197,6 +197,66 @@ def cache(
     return _reopen(root, entry, final_marker)  # type: ignore[return-value]
 
 
+def open_cached(
+    key: str,
+    *,
+    store: str | os.PathLike[str] | None = None,
+    check_sources: bool = True,
+) -> xr.Dataset | xr.DataArray:
+    """Reopen a cache entry by its key, without rebuilding what produced it.
+
+    The fastest way back to cached data in a new session: no source file is
+    opened and no graph is built, only the identities of the sources recorded
+    in the entry are checked (size, mtime, hash of the file ends).
+
+    Parameters
+    ----------
+    key
+        The entry's key: the name given as ``cache(..., key=...)``, or a derived
+        key as listed by :func:`neurocube.cache_info`.
+    store
+        Cache root (folder or fsspec URL); default ``<neurocube cache folder>/zarr``.
+    check_sources
+        Refuse an entry whose source files changed or disappeared since it was
+        written. False serves it anyway (e.g. after deleting the raw files on purpose).
+
+    Returns
+    -------
+    xarray.Dataset or xarray.DataArray
+        As :func:`cache` returns it.
+
+    Raises
+    ------
+    CacheError
+        No complete entry under that key, or a source file changed or is gone.
+    """
+    root = open_root(store)
+    entry = root.entry_url(validate_key(key))
+    marker = read_marker(root, entry)
+    if marker is None:
+        raise CacheError(
+            f"{entry}: no complete cache entry named {key!r}. neurocube.cache_info() "
+            "lists the entries; neurocube.cache(obj, key=...) creates one."
+        )
+    if check_sources:
+        for recorded in marker.get("sources", []):
+            path = str(recorded.get("path"))
+            try:
+                current = source_identity(path)
+            except (DataNotFoundError, FileNotFoundError) as exc:
+                raise CacheError(
+                    f"cache entry {key!r} was made from {path}, which is gone. Pass "
+                    "check_sources=False to use the entry anyway."
+                ) from exc
+            if current != recorded:
+                raise CacheError(
+                    f"cache entry {key!r} is stale: {path} changed since it was cached "
+                    f"(recorded {recorded}, now {current}). Rebuild it with neurocube.cache(...)."
+                )
+    touch_entry(root, entry)
+    return _reopen(root, entry, marker)
+
+
 def _fingerprint_for(obj: xr.Dataset | xr.DataArray, *, user_key: bool) -> Fingerprint | None:
     if not user_key:
         return fingerprint(obj, stacklevel=4)  # point at the caller of neurocube.cache
@@ -211,20 +271,24 @@ def _fingerprint_for(obj: xr.Dataset | xr.DataArray, *, user_key: bool) -> Finge
 
 
 def _already_cached(obj: xr.Dataset | xr.DataArray, root: CacheRoot) -> str | None:
-    """Return the key if ``obj`` is exactly what this process reopened from ``root``."""
+    """Return the key if ``obj``'s data are what this process reopened from ``root``."""
     if not _REOPENED:
         return None
-    try:
-        token = str(dask.base.tokenize(obj))
-    except RuntimeError:
-        return None
+    if any(getattr(v.data, "name", None) is None for v in _data_variables(obj)):
+        return None  # some data are not (only) read from an entry
     with _REOPENED_LOCK:
-        found = _REOPENED.get(token)
+        found = _REOPENED.get(_identity_of(obj))
     if found is None or found[0] != root.url:
         return None
     if read_marker(root, root.entry_url(found[1])) is None:  # cleared meanwhile
         return None
     return found[1]
+
+
+def _data_variables(obj: xr.Dataset | xr.DataArray) -> list[xr.Variable]:
+    if isinstance(obj, xr.DataArray):
+        return [obj.variable]
+    return [v.variable for v in obj.data_vars.values()]
 
 
 def _prepare(
@@ -286,9 +350,12 @@ def _reopen(root: CacheRoot, entry: str, marker: dict[str, Any]) -> xr.Dataset |
     for name, dtype in marker.get("string_dtypes", {}).items():
         if name in dataset.variables:
             restored[name] = dataset[name].variable.astype(np.dtype(dtype))
-    for name in marker.get("in_memory_coords", []):
-        if name in dataset.variables:
-            restored[name] = restored.get(name, dataset[name].variable).load()
+    # Coordinates that were in memory come back in memory, loaded in one pass.
+    to_load = [n for n in marker.get("in_memory_coords", []) if n in dataset.variables]
+    lazy = [restored.get(n, dataset[n].variable) for n in to_load]
+    loaded = dask.compute(*[v.data for v in lazy], scheduler="synchronous")
+    for name, variable, values in zip(to_load, lazy, loaded, strict=True):
+        restored[name] = variable.copy(data=values)
     coords = {n: v for n, v in restored.items() if n in dataset.coords}
     data_vars = {n: v for n, v in restored.items() if n not in dataset.coords}
     if coords:
@@ -298,10 +365,18 @@ def _reopen(root: CacheRoot, entry: str, marker: dict[str, Any]) -> xr.Dataset |
     result: xr.Dataset | xr.DataArray = dataset
     if marker.get("kind") == "DataArray":
         result = dataset[_DATAARRAY_VARIABLE].rename(marker.get("dataarray_name"))
-    token = str(dask.base.tokenize(result))
     with _REOPENED_LOCK:
-        _REOPENED[token] = (root.url, str(marker["key"]))
+        _REOPENED[_identity_of(result)] = (root.url, str(marker["key"]))
     return result
+
+
+def _identity_of(obj: xr.Dataset | xr.DataArray) -> str:
+    """Return a cheap identity of the data: names and Dask names of the data variables."""
+    if isinstance(obj, xr.DataArray):
+        parts = [(str(obj.name), obj.dims, getattr(obj.data, "name", None))]
+    else:
+        parts = [(str(n), v.dims, getattr(v.data, "name", None)) for n, v in obj.data_vars.items()]
+    return str(dask.base.tokenize(sorted(parts, key=str)))
 
 
 def _is_dask(variable: xr.Variable) -> bool:

@@ -30,7 +30,7 @@ import xarray as xr
 from neurocube.errors import CacheError, NeurocubeWarning
 from neurocube.sources.files import file_identity, is_url
 
-__all__ = ["CACHE_FORMAT_VERSION", "Fingerprint", "fingerprint", "source_paths"]
+__all__ = ["CACHE_FORMAT_VERSION", "Fingerprint", "fingerprint", "source_identity", "source_paths"]
 
 #: Bump when the layout of a cache entry changes; old entries are then ignored.
 CACHE_FORMAT_VERSION = 1
@@ -66,7 +66,8 @@ def source_paths(obj: xr.Dataset | xr.DataArray) -> list[str]:
     return [str(p) for p in value]
 
 
-def _identity(path: str) -> dict[str, Any]:
+def source_identity(path: str) -> dict[str, Any]:
+    """Return the JSON-ready identity of a source file (local path or fsspec URL)."""
     if is_url(path) and not path.startswith("file://"):
         import fsspec
 
@@ -123,7 +124,7 @@ def fingerprint(obj: xr.Dataset | xr.DataArray, *, stacklevel: int = 2) -> Finge
             NeurocubeWarning,
             stacklevel=stacklevel + 1,
         )
-    sources = [_identity(p) for p in paths]
+    sources = [source_identity(p) for p in paths]
     token = _graph_token(obj)
     payload = json.dumps(
         {"format": CACHE_FORMAT_VERSION, "sources": sources, "token": token},

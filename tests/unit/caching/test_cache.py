@@ -279,3 +279,31 @@ def test_a_failed_compute_leaves_no_entry(tmp_path):
     with pytest.raises(RuntimeError, match="chunk failed"):
         neurocube.cache(ds, store=tmp_path, key="fails")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_open_cached_by_key_checks_the_sources(tmp_path, brain_mask):
+    path = make_betas(tmp_path / "b.nii")
+    ds = neurocube.open_nifti(path, mask=brain_mask)
+    cached = neurocube.cache(ds, store=tmp_path / "c", key="sub01-brain")
+    reopened = neurocube.open_cached("sub01-brain", store=tmp_path / "c")
+    xr.testing.assert_identical(reopened.compute(), cached.compute())
+    assert neurocube.cache_info(store=tmp_path / "c")["hits"].tolist() == [2]
+    # A derived key works too.
+    derived = neurocube.cache(ds, store=tmp_path / "d")
+    key = fingerprint(ds).key
+    assert neurocube.open_cached(key, store=tmp_path / "d").data.data.name == derived.data.data.name
+
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(CacheError, match=r"'sub01-brain' is stale: .*b\.nii changed"):
+        neurocube.open_cached("sub01-brain", store=tmp_path / "c")
+    path.unlink()
+    with pytest.raises(CacheError, match=r"b\.nii, which is gone.*check_sources=False"):
+        neurocube.open_cached("sub01-brain", store=tmp_path / "c")
+    served = neurocube.open_cached("sub01-brain", store=tmp_path / "c", check_sources=False)
+    np.testing.assert_array_equal(served.data.values, oracle_masked(SHAPE, brain_mask))
+
+
+def test_open_cached_unknown_key(tmp_path):
+    with pytest.raises(CacheError, match="no complete cache entry named 'nope'"):
+        neurocube.open_cached("nope", store=tmp_path)
