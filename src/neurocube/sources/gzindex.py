@@ -211,15 +211,19 @@ def _readinto_exact(handle: Any, view: memoryview, start: int, path: str) -> Non
         try:
             n = handle.readinto(view[got:])
         except (OSError, EOFError, ValueError) as exc:
-            raise TruncatedFileError(
+            err = TruncatedFileError(
                 f"{path}: the gzip stream is corrupt or truncated before uncompressed byte "
                 f"{start + got} ({exc}). Re-download or re-write the file."
-            ) from exc
+            )
+            err.offset = start + got  # type: ignore[attr-defined]
+            raise err from exc
         if not n:
-            raise TruncatedFileError(
+            err = TruncatedFileError(
                 f"{path}: the gzip stream ends at uncompressed byte {start + got}, but "
                 f"{start + total} bytes were expected. The file is truncated: re-download it."
             )
+            err.offset = start + got  # type: ignore[attr-defined]
+            raise err
         got += n
 
 

@@ -365,8 +365,15 @@ class NiftiSpec:
                     data_end=self.vox_offset + self.n_volumes * self.volume_bytes,
                 )
             except TruncatedFileError as exc:
+                where = getattr(exc, "offset", None)
+                bad = (
+                    start
+                    if where is None
+                    else max(start, (where - self.vox_offset) // self.volume_bytes)
+                )
                 raise TruncatedFileError(
-                    f"{exc} (while reading volumes {start}..{stop - 1} of {self.n_volumes})"
+                    f"{exc} Volume {bad} of {self.n_volumes} (0-based) is the first that cannot "
+                    f"be read (while reading volumes {start}..{stop - 1})."
                 ) from exc
         else:
             _read_plain(self.path, offset, buf, start, stop, self.n_volumes)
@@ -646,16 +653,67 @@ def open_nifti(
     name = ("nifti-masked-" if arr.voxels is not None else "nifti-") + tokenize(
         parts.identity, arr, parts.chunks
     )
-    data = da.from_array(
-        arr,
-        chunks=parts.chunks,
-        name=name,
-        asarray=False,
-        fancy=False,
-        lock=False,
-        meta=np.empty((0,) * len(parts.dims), dtype=arr.dtype),
-    )
+    meta = np.empty((0,) * len(parts.dims), dtype=arr.dtype)
+    gz = arr.spec.gzip
+    if gz is not None and (gz.index_path is None or not os.path.exists(gz.index_path)):
+        data = _streaming_array(arr, parts.chunks, parts.dims, name, meta)
+    else:
+        data = da.from_array(
+            arr, chunks=parts.chunks, name=name, asarray=False, fancy=False, lock=False, meta=meta
+        )
     return xr.Dataset({"data": (parts.dims, data)}, coords=parts.coords, attrs=parts.attrs)
+
+
+def _read_after(arr: VolumeArray, key: tuple[slice, ...], _previous: Any) -> np.ndarray:
+    """Read ``arr[key]`` once the previous chunk of the same stream has been read."""
+    return arr[key]
+
+
+def _chunk_done(_chunk: Any) -> None:
+    """Mark that the chunk this task depends on has been read (returns nothing)."""
+    return None
+
+
+def _streaming_array(
+    arr: VolumeArray,
+    chunks: tuple[tuple[int, ...], ...],
+    dims: tuple[str, ...],
+    name: str,
+    meta: np.ndarray,
+) -> Any:
+    """Build a Dask array whose chunks are read in file order (a ``.gz`` with no index yet).
+
+    Dask's local schedulers start independent chunk tasks from the *last* one;
+    on a gzip stream without seek points that inflates the whole file to reach
+    it, and then every other chunk again. Chaining each chunk after a marker of
+    the previous one makes the first read one sequential pass, during which the
+    seek index is recorded. The array name is the same as the parallel graph's,
+    so tokens (and cache keys) do not depend on whether an index existed.
+    """
+    import dask.array as da
+    from dask.highlevelgraph import HighLevelGraph
+
+    trial_axis = dims.index("trial") if "trial" in dims else None
+    if trial_axis is None:  # a 3-D image is one chunk: nothing to order
+        return da.from_array(arr, chunks=chunks, name=name, asarray=False, fancy=False,
+                             lock=False, meta=meta)
+    source_key = f"volumes-{name}"
+    graph: dict[Any, Any] = {source_key: arr}
+    previous: Any = None
+    start = 0
+    for idx, size in enumerate(chunks[trial_axis]):
+        key_slices = tuple(
+            slice(start, start + size) if ax == trial_axis else slice(0, n[0])
+            for ax, n in enumerate(chunks)
+        )
+        block_index = tuple(idx if ax == trial_axis else 0 for ax in range(len(chunks)))
+        chunk_key = (name, *block_index)
+        graph[chunk_key] = (_read_after, source_key, key_slices, previous)
+        previous = (f"read-{name}", idx)
+        graph[previous] = (_chunk_done, chunk_key)
+        start += size
+    hlg = HighLevelGraph.from_collections(name, graph, dependencies=[])
+    return da.Array(hlg, name, chunks=chunks, meta=meta)
 
 
 @dataclass
