@@ -16,7 +16,8 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_nifti.py"
 def test_bench_nifti_quick(tmp_path):
     out = tmp_path / "nifti.json"
     subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--data", str(tmp_path / "data"), "--out", str(out)],
+        [sys.executable, str(BENCH), "--quick", "--data", str(tmp_path / "data"),
+         "--out", str(out)],
         check=True, capture_output=True, text=True,
     )
     report = json.loads(out.read_text())
