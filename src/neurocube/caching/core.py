@@ -68,7 +68,7 @@ def touch_entry(root: CacheRoot, entry: str) -> None:
         "hits": int(previous.get("hits", 0)) + 1,
     }
     with contextlib.suppress(OSError):  # a read-only cache still serves hits
-        root.write_json(entry, LAST_USE_NAME, record)
+        root.write_json(entry, LAST_USE_NAME, record, durable=False)
 
 
 def cache(

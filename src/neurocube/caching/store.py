@@ -97,15 +97,22 @@ class CacheRoot(ABC):
             return None
         return value if isinstance(value, dict) else None
 
-    def write_json(self, entry: str, name: str, value: dict[str, Any]) -> None:
-        """Write ``value`` as JSON to ``name`` inside ``entry`` (atomically where possible)."""
-        self._write_bytes(f"{entry}/{name}", json.dumps(value, indent=1, sort_keys=True).encode())
+    def write_json(
+        self, entry: str, name: str, value: dict[str, Any], *, durable: bool = True
+    ) -> None:
+        """Write ``value`` as JSON to ``name`` inside ``entry`` (atomically where possible).
+
+        ``durable=False`` skips the flush to disk (for the last-use record, rewritten
+        on every hit: losing it in a power cut costs nothing).
+        """
+        data = json.dumps(value, indent=1, sort_keys=True).encode()
+        self._write_bytes(f"{entry}/{name}", data, durable=durable)
 
     @abstractmethod
     def _read_bytes(self, path: str) -> bytes | None: ...
 
     @abstractmethod
-    def _write_bytes(self, path: str, data: bytes) -> None: ...
+    def _write_bytes(self, path: str, data: bytes, *, durable: bool) -> None: ...
 
     @abstractmethod
     def zarr_store(self, entry: str) -> Any:
@@ -161,9 +168,19 @@ class LocalRoot(CacheRoot):
         except (FileNotFoundError, NotADirectoryError):
             return None
 
-    def _write_bytes(self, path: str, data: bytes) -> None:
-        with atomic_path(path) as tmp:
+    def _write_bytes(self, path: str, data: bytes, *, durable: bool) -> None:
+        if durable:
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(data)
+            return
+        final = Path(path)
+        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
             tmp.write_bytes(data)
+            os.replace(tmp, final)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
 
     def zarr_store(self, entry: str) -> Any:
         """Return the entry folder's path."""
@@ -291,7 +308,7 @@ class RemoteRoot(CacheRoot):
         except FileNotFoundError:
             return None
 
-    def _write_bytes(self, path: str, data: bytes) -> None:
+    def _write_bytes(self, path: str, data: bytes, *, durable: bool) -> None:
         self.fs.pipe_file(self._fs_path(path), data)
 
     def zarr_store(self, entry: str) -> Any:
