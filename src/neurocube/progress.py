@@ -54,7 +54,12 @@ class _SilentBar:
 
 
 def _tqdm(**kwargs: Any) -> Any:
-    from tqdm.auto import tqdm
+    import warnings
+
+    with warnings.catch_warnings():
+        # In a notebook without ipywidgets, tqdm warns and falls back to a text bar: fine.
+        warnings.simplefilter("ignore")
+        from tqdm.auto import tqdm
 
     kwargs.setdefault("file", sys.stderr)
     kwargs.setdefault("dynamic_ncols", True)

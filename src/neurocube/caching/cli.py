@@ -28,6 +28,7 @@ def register(subparsers: Any) -> None:
         return sub
 
     ls = add("ls", "list entries, most recently used first")
+    ls.add_argument("-l", "--long", action="store_true", help="list each entry's source files")
     ls.set_defaults(func=_ls)
     du = add("du", "print the total size of the cache on disk")
     du.set_defaults(func=_du)
@@ -69,11 +70,13 @@ def _ls(args: argparse.Namespace) -> int:
         return 0
     print(f"{'key':<40}  {'status':<10}  {'on disk':>10}  {'last used':<25}  {'hits':>4}  sources")
     for e in entries:
-        sources = ", ".join(e.sources) if e.sources else "-"
         print(
             f"{e.key:<40}  {e.status:<10}  {format_bytes(e.size_bytes):>10}  "
-            f"{e.last_used or '-':<25}  {e.hits:>4}  {sources}"
+            f"{e.last_used or '-':<25}  {e.hits:>4}  {len(e.sources)} files"
         )
+        if args.long:
+            for source in e.sources:
+                print(f"    {source}")
     return 0
 
 

@@ -165,7 +165,11 @@ def cache(
                 encoding=encoding,
                 compute=False,
             )
-        compute(delayed, description=f"caching {entry_key[:12]}", progress=progress)
+        compute(
+            delayed,
+            description=f"caching {entry_key if len(entry_key) <= 24 else entry_key[:12]}",
+            progress=progress,
+        )
         now = time.time()
         new_marker = {
             "format": CACHE_FORMAT_VERSION,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 
 import dask.array as da
@@ -140,7 +141,15 @@ def test_cli_ls_du_evict_clear(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"cache root: {tmp_path}" in out
     assert out.index("second") < out.index("first")  # most recent first
-    assert "complete" in out
+    assert "complete" in out and "0 files" in out
+
+    path = make_betas(tmp_path / "b.nii")
+    neurocube.cache(neurocube.open_nifti(path), store=tmp_path, key="with-source")
+    assert _run(["cache", "ls", "--long", "--store", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"1 files\n    {path.resolve()}\n" in out
+    assert neurocube.clear_cache(tmp_path, older_than="1d") == []
+    shutil.rmtree(tmp_path / "with-source.zarr")
 
     assert _run(["cache", "du", "--store", str(tmp_path)]) == 0
     assert "2 entries" in capsys.readouterr().out
