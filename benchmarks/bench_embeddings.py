@@ -43,7 +43,12 @@ HERE = Path(__file__).resolve().parent
 def generate(root: Path, n_recordings: int, n_windows: int, n_features: int) -> None:
     marker = root / ".complete.json"
     spec = {"recordings": n_recordings, "windows": n_windows, "features": n_features}
+    table = root / "combined" / "bench_EO_epoch_embeddings.parquet"
     if marker.exists() and json.loads(marker.read_text()) == spec:
+        if not table.exists():
+            import neurocube
+
+            neurocube.write_combined_tables(root, "bench", ["EO"], ["epoch"])
         return
     import shutil
 

@@ -143,21 +143,26 @@ def is_zip_file(path: str | os.PathLike[str]) -> bool:
 
 
 class _Reader:
-    """Positional reads from one open file, served from a prefetched buffer when possible."""
+    """Positional reads from one open file, served from blocks already read when possible.
+
+    The directory parse reads the file's tail and one small block per member; the
+    tail usually holds the last (small) members too, and one member's block the
+    next small members, so each byte is read from the file at most once.
+    """
 
     def __init__(self, fh: Any, path: str, size: int) -> None:
         self.fh = fh
         self.path = path
         self.size = size
-        self.buffer = b""
-        self.buffer_start = 0
+        self.blocks: list[tuple[int, bytes]] = []
         if size <= _SMALL_FILE:
-            self.buffer = self._raw(0, size)
+            self._raw(0, size)
 
     def _raw(self, offset: int, length: int) -> bytes:
         self.fh.seek(offset)
         data: bytes = self.fh.read(length)
         IO_STATS.add_bytes(len(data))
+        self.blocks.append((offset, data))
         return data
 
     def read_at(self, offset: int, length: int) -> bytes:
@@ -168,13 +173,9 @@ class _Reader:
             )
         length = max(0, min(length, self.size - offset))
         end = offset + length
-        if (
-            self.buffer
-            and offset >= self.buffer_start
-            and end <= self.buffer_start + len(self.buffer)
-        ):
-            start = offset - self.buffer_start
-            return self.buffer[start : start + length]
+        for start, block in self.blocks:
+            if start <= offset and end <= start + len(block):
+                return block[offset - start : end - start]
         return self._raw(offset, length)
 
 
@@ -303,9 +304,19 @@ def _member_prefix(
     out = b""
     try:
         while True:
-            out += inflater.decompress(raw) if inflater is not None else raw
+            pending = b""
+            if inflater is not None:
+                out += inflater.decompress(inflater.unconsumed_tail + raw, _HEADER_PROBE)
+                pending = inflater.unconsumed_tail
+            else:
+                out += raw
             need = _npy_prefix_length(out)
-            if (need is not None and len(out) >= need) or got >= csize:
+            if need is not None and len(out) >= need:
+                return out
+            if pending:  # inflate what was read before reading more
+                raw = b""
+                continue
+            if got >= csize:
                 return out
             raw = reader.read_at(data_offset + got, min(csize - got, _HEADER_PROBE))
             if not raw:

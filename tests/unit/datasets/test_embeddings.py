@@ -10,6 +10,8 @@ import dask
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import neurocube
 import neurocube.sources.npz as npz_source
@@ -407,3 +409,28 @@ def test_single_file_and_zarr_roundtrip(tmp_path):
         back = xr.open_zarr(store)
         np.testing.assert_array_equal(back.embedding.values, ds.embedding.values)
         assert list(back.subject.values) == list(ds.subject.values)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    groups=st.lists(st.sampled_from(["a", "b", "c", "d"]), min_size=1, max_size=40),
+    chunk=st.integers(1, 7),
+    nan_fraction=st.sampled_from([0.0, 0.3]),
+)
+def test_property_group_mean_matches_pandas(groups, chunk, nan_fraction):
+    import dask.array as da
+    import pandas as pd
+    import xarray as xr
+
+    rng = np.random.default_rng(len(groups) * 10 + chunk)
+    values = rng.standard_normal((len(groups), 3)).astype(np.float32)
+    values[rng.random(values.shape) < nan_fraction] = np.nan
+    ds = xr.Dataset(
+        {"embedding": (("epoch", "feature"), da.from_array(values, chunks=(chunk, 3)))},
+        coords={"subject": ("epoch", np.asarray(groups))},
+    )
+    got = aggregate_mean(ds, "subject")
+    expected = pd.DataFrame(values).groupby(np.asarray(groups), sort=False).mean()
+    assert list(got.subject.values) == list(expected.index)
+    np.testing.assert_allclose(got.embedding.values, expected.to_numpy(), rtol=1e-6)
+    assert list(got.row_count.values) == list(pd.Series(groups).value_counts(sort=False))
