@@ -52,10 +52,27 @@ def _open_nifti_lazy(path: str, **kwargs: Any) -> Any:
     return xr.Dataset({"data": var}, coords=parts.coords, attrs=parts.attrs)
 
 
-def _readers() -> list[tuple[str, str, str]]:
-    """(name, sniffing function, opening function) of every single-file reader, as dotted paths."""
+def _open_embedding_file(path: str, **kwargs: Any) -> Any:
+    from neurocube.datasets.embeddings import open_embeddings
+
+    default = "token" if path.endswith("_tokens.npz") else "recording"
+    return open_embeddings(path, representation=kwargs.pop("representation", default), **kwargs)
+
+
+def _readers() -> list[tuple[str, str, str, tuple[str, ...]]]:
+    """Every single-file reader: (name, sniffing function, opener, keyword arguments it takes).
+
+    Sniffers look at magic bytes and layout, never at the suffix alone.
+    """
     return [
-        ("nifti", "neurocube.sources.nifti:sniff_nifti", "neurocube.backend:_open_nifti_lazy"),
+        ("nifti", "neurocube.sources.nifti:sniff_nifti", "neurocube.backend:_open_nifti_lazy",
+         ("mask", "index", "chunks", "cache_dir")),
+        ("spectral (HDF5)", "neurocube.datasets.spectral:guess_spectral",
+         "neurocube.datasets.spectral:open_spectral", ("strict", "chunks")),
+        ("TMS traces (HDF5)", "neurocube.datasets.traces:guess_traces",
+         "neurocube.datasets.traces:open_traces", ("traces_per_chunk", "ragged", "use_cache")),
+        ("embedding (NPZ + JSON)", "neurocube.catalog.embeddings:guess_npz_embedding",
+         "neurocube.backend:_open_embedding_file", ("representation", "files_per_chunk")),
     ]
 
 
@@ -71,15 +88,15 @@ class NeurocubeBackendEntrypoint(BackendEntrypoint):
 
     description = "Lazy NIfTI (.nii, .nii.gz) and neuroscience HDF5/NPZ files via neurocube"
     url = "https://github.com/neurocube/neurocube"
-    open_dataset_parameters = ("filename_or_obj", "drop_variables", "mask", "index")
+    open_dataset_parameters = ("filename_or_obj", "drop_variables")
 
     def guess_can_open(self, filename_or_obj: Any) -> bool:
-        """Sniff magic bytes first; fall back to the suffix for files that don't exist yet."""
+        """Sniff magic bytes and layout; fall back to the suffix for files that don't exist."""
         if not isinstance(filename_or_obj, (str, os.PathLike)):
             return False
         path = str(filename_or_obj)
         if os.path.isfile(path):
-            return any(bool(_load(sniff)(path)) for _, sniff, _ in _readers())
+            return any(bool(_load(sniff)(path)) for _, sniff, _, _ in _readers())
         return path.endswith((".nii", ".nii.gz"))
 
     def open_dataset(
@@ -87,29 +104,37 @@ class NeurocubeBackendEntrypoint(BackendEntrypoint):
         filename_or_obj: Any,
         *,
         drop_variables: str | Iterable[str] | None = None,
-        mask: Any = None,
-        index: Any = "auto",
         **kwargs: Any,
     ) -> Any:
-        """Open ``filename_or_obj`` with the first neurocube reader that recognises it."""
+        """Open ``filename_or_obj`` with the first neurocube reader that recognises it.
+
+        Keyword arguments go to that reader (``mask=``/``index=`` for NIfTI,
+        ``strict=`` for spectral caches, ``representation=`` for embeddings...).
+        """
         path = os.fspath(filename_or_obj)
-        for _name, sniff, opener in _readers():
-            if _load(sniff)(path):
-                ds = _load(opener)(path, mask=mask, index=index, **kwargs)
-                if drop_variables is not None:
-                    dropped = (
-                        [drop_variables]
-                        if isinstance(drop_variables, str)
-                        else list(drop_variables)
-                    )
-                    ds = ds.drop_vars(dropped, errors="ignore")
-                return ds
+        for name, sniff, opener, accepted in _readers():
+            if not _load(sniff)(path):
+                continue
+            unknown = sorted(set(kwargs) - set(accepted))
+            if unknown:
+                raise TypeError(
+                    f"{path}: the {name} reader takes {', '.join(accepted) or 'no options'}; "
+                    f"got {', '.join(unknown)}"
+                )
+            ds = _load(opener)(path, **kwargs)
+            if drop_variables is not None:
+                dropped = (
+                    [drop_variables] if isinstance(drop_variables, str) else list(drop_variables)
+                )
+                ds = ds.drop_vars(dropped, errors="ignore")
+            return ds
         if not os.path.exists(path):
             from neurocube.errors import DataNotFoundError
 
             raise DataNotFoundError(f"{path}: no such file")
-        names = ", ".join(name for name, _, _ in _readers())
+        names = ", ".join(name for name, _, _, _ in _readers())
         raise ReaderNotFoundError(
-            f"{path}: no neurocube reader recognises this file (by its magic bytes). Readers: "
-            f"{names}. For other formats use xarray's own engines (netcdf4, h5netcdf, zarr)."
+            f"{path}: no neurocube reader recognises this file (by its magic bytes and layout). "
+            f"Readers: {names}. For other formats use xarray's own engines (netcdf4, h5netcdf, "
+            "zarr)."
         )
