@@ -152,6 +152,9 @@ def cache(
         touch_entry(root, entry)
         return _reopen(root, entry, marker)  # type: ignore[return-value]
 
+    # Something unusable under the final name (no marker, other format) is replaced;
+    # a complete entry that a racing writer publishes meanwhile is not.
+    replace = overwrite or stale or (marker is None and root.has_entry(entry))
     root.sweep_leftovers()
     dataset, encoding, layout = _prepare(obj)
     written = root.begin_write(entry_key)
@@ -184,9 +187,10 @@ def cache(
             **layout,
         }
         root.write_json(written, MARKER_NAME, new_marker)  # last: completes the copy
-        # Replace what sits under the final name unless it is a complete, current entry
-        # (a racing writer may publish one meanwhile; then publish() keeps it).
-        replace = overwrite or stale or (marker is None and root.has_entry(entry))
+        if replace and not overwrite and fp is not None:
+            current = read_marker(root, entry)
+            if current is not None and current.get("fingerprint") == fp.key:
+                replace = False  # a racing writer published the same entry: keep theirs
         published = root.publish(written, entry_key, replace=replace)
     except BaseException:
         root.discard(written)
