@@ -144,7 +144,7 @@ def test_caching_twice_the_cluster_memory_completes_with_exact_values(client, tm
     # and none is left paused.
     info = client.scheduler_info()["workers"]
     assert set(info) == workers_before
-    assert all(w.get("status", "running") == "running" for w in info.values())
+    assert [w["status"] for w in info.values()] == ["running", "running"]
     # The stored values equal the oracle, checked chunk by chunk in this process.
     voxel_index = np.flatnonzero(mask.ravel())  # C order, as the reader's voxel axis
     with dask.config.set(scheduler="synchronous"):
