@@ -48,6 +48,7 @@ from neurocube.errors import (
     SelectionError,
 )
 from neurocube.ops import roi as roi_ops
+from neurocube.ops.masks import voxel_coords
 
 __all__ = ["Subject", "open_subject", "open_subjects", "roi_means"]
 
@@ -506,7 +507,7 @@ class Subject:
         """Return grid indices ``i, j, k`` and scanner ``x, y, z`` (mm) of the selected voxels."""
         selection = self.voxel_selection(roi=roi, mask=mask, mask_source=mask_source)
         _, affine = self._brain(mask_source)
-        coords = _voxel_coords(selection, affine)
+        coords = voxel_coords(selection, affine)
         return pd.DataFrame({name: values for name, (_, values) in coords.items()})
 
     # ------------------------------------------------------------------ trial table
@@ -678,7 +679,7 @@ class Subject:
         trials = pd.concat(rows)
         coords: dict[str, Any] = {"trial": trials.index.to_numpy(dtype=np.int64)}
         coords.update(_trial_coords(trials, self._subject_id))
-        coords.update(_voxel_coords(selection, affine))
+        coords.update(voxel_coords(selection, affine))
         attrs: dict[str, Any] = {
             "subject": self._subject_id,
             "sessions": list(sessions),
@@ -745,7 +746,7 @@ class Subject:
             ]
             maps.append(
                 xr.DataArray(
-                    values.data, dims=("voxel",), coords=_voxel_coords(selection, affine),
+                    values.data, dims=("voxel",), coords=voxel_coords(selection, affine),
                     name="noise_ceiling",
                     attrs={"units": "percent", "source": path, dim: key},
                 )
@@ -991,7 +992,7 @@ def _annotate_trials(table: pd.DataFrame, stimuli: pd.DataFrame | None, where: s
 
 
 def _trial_coords(trials: pd.DataFrame, subject: str) -> dict[str, Any]:
-    coords: dict[str, Any] = {"subject": ("trial", np.full(len(trials), subject, dtype=str))}
+    coords: dict[str, Any] = {"subject": ("trial", np.asarray([subject] * len(trials), dtype=str))}
     for column in trials.columns:
         values = trials[column]
         if values.dtype.kind in "iub":
@@ -1004,21 +1005,6 @@ def _trial_coords(trials: pd.DataFrame, subject: str) -> dict[str, Any]:
                 array = array.astype("<U1")
         coords[str(column)] = ("trial", array)
     return coords
-
-
-def _voxel_coords(selection: np.ndarray, affine: np.ndarray) -> dict[str, Any]:
-    i, j, k = np.nonzero(selection)
-    xyz = np.asarray(affine, dtype=np.float64) @ np.vstack(
-        [i, j, k, np.ones_like(i)]
-    ).astype(np.float64)
-    return {
-        "i": ("voxel", i.astype(np.int32)),
-        "j": ("voxel", j.astype(np.int32)),
-        "k": ("voxel", k.astype(np.int32)),
-        "x": ("voxel", xyz[0]),
-        "y": ("voxel", xyz[1]),
-        "z": ("voxel", xyz[2]),
-    }
 
 
 def _read_func_gii(path: str) -> np.ndarray:
@@ -1178,18 +1164,32 @@ def roi_means(
     if nc_threshold is not None:
         attrs["nc_threshold"] = float(nc_threshold)
     if by_image:
-        per_image = []
-        counts = []
+        images = sorted(
+            {str(n) for m in means for n in np.asarray(m["image_name"].values).tolist()},
+            key=natural_key,
+        )
+        position = {name: g for g, name in enumerate(images)}
+        rows_mean = []
+        rows_count = []
         for mean in means:
-            keep = mean.drop_vars([c for c in mean.coords if c not in ("trial", "image_name")])
-            grouped = keep.groupby("image_name")
-            per_image.append(grouped.mean())
-            counts.append(grouped.count())
-        values = xr.concat(per_image, dim="subject", join="outer", fill_value=np.nan)
-        n_trials = xr.concat(counts, dim="subject", join="outer", fill_value=0)
-        out = xr.Dataset({"roi_mean": values, "n_trials": n_trials.astype(np.int64)})
-        out = out.assign_coords(
-            subject=names, image_name=np.asarray(out["image_name"].values, dtype=str)
+            # (image, trial) indicator: each image's mean is one small matrix product, so the
+            # result stays one chunk per subject whatever the number of images.
+            groups = np.asarray([position[str(n)] for n in mean["image_name"].values])
+            indicator = np.zeros((len(images), groups.size), dtype=np.float32)
+            indicator[groups, np.arange(groups.size)] = 1.0
+            values = mean.data
+            finite = ~da.isnan(values)
+            total = da.dot(indicator, da.where(finite, values, 0).astype(np.float32))
+            count = da.dot(indicator, finite.astype(np.float32))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                rows_mean.append(total / da.where(count > 0, count, np.nan))
+            rows_count.append(indicator.sum(axis=1).astype(np.int64))
+        out = xr.Dataset(
+            {
+                "roi_mean": (("subject", "image_name"), da.stack(rows_mean, axis=0)),
+                "n_trials": (("subject", "image_name"), np.vstack(rows_count)),
+            },
+            coords={"subject": names, "image_name": np.asarray(images, dtype=str)},
         )
         return out.assign_attrs(attrs)
     longest = max(m.sizes["trial"] for m in means)

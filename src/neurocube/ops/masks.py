@@ -15,7 +15,7 @@ import numpy as np
 
 from neurocube.errors import FormatError, GridMismatchError
 
-__all__ = ["as_mask", "read_volume"]
+__all__ = ["as_mask", "read_volume", "voxel_coords"]
 
 _AFFINE_TOL = 1e-3  # mm; affines written by different tools differ by float noise
 
@@ -108,3 +108,23 @@ def as_mask(
         f"{name}: shape {arr.shape} fits neither the data grid {grid_shape} nor its flat form "
         f"({size},){where}. A mask must be on the same grid as the data."
     )
+
+
+def voxel_coords(selection: np.ndarray, affine: Any) -> dict[str, Any]:
+    """Coordinates along ``voxel`` for the voxels of a 3-D boolean ``selection``, in C order.
+
+    Returns ``i, j, k`` (int32 grid indices) and ``x, y, z`` (scanner mm through
+    ``affine``), each as ``("voxel", values)`` ready for an xarray object.
+    """
+    i, j, k = np.nonzero(selection)
+    xyz = np.asarray(affine, dtype=np.float64) @ np.vstack([i, j, k, np.ones_like(i)]).astype(
+        np.float64
+    )
+    return {
+        "i": ("voxel", i.astype(np.int32)),
+        "j": ("voxel", j.astype(np.int32)),
+        "k": ("voxel", k.astype(np.int32)),
+        "x": ("voxel", xyz[0]),
+        "y": ("voxel", xyz[1]),
+        "z": ("voxel", xyz[2]),
+    }

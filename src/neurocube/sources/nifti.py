@@ -52,8 +52,48 @@ READ_BLOCK = 8 << 20  # masked chunks read their volumes in pieces of at most th
 # --- header -------------------------------------------------------------------------------
 
 
+class _VolumeGeometry:
+    """Sizes and offsets from a NIfTI's shape, dtype and scaling (header and spec share them)."""
+
+    shape: tuple[int, ...]
+    dtype: Any  # np.dtype or its string
+    vox_offset: int
+    slope: float | None
+    inter: float | None
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        """The spatial grid ``(X, Y, Z)``."""
+        return (self.shape[0], self.shape[1], self.shape[2])
+
+    @property
+    def n_volumes(self) -> int:
+        """Number of volumes (1 for a 3-D image)."""
+        return self.shape[3] if len(self.shape) == 4 else 1
+
+    @property
+    def volume_elems(self) -> int:
+        """Voxels in one volume."""
+        return int(np.prod(self.grid_shape))
+
+    @property
+    def volume_bytes(self) -> int:
+        """Bytes of one volume on disk."""
+        return self.volume_elems * np.dtype(self.dtype).itemsize
+
+    @property
+    def data_end(self) -> int:
+        """Offset just past the last voxel byte."""
+        return self.vox_offset + self.volume_bytes * self.n_volumes
+
+    @property
+    def out_dtype(self) -> np.dtype:
+        """The dtype of values after scaling (native byte order)."""
+        return _output_dtype(np.dtype(self.dtype), self.slope, self.inter)
+
+
 @dataclass(frozen=True)
-class NiftiInfo:
+class NiftiInfo(_VolumeGeometry):
     """What a NIfTI header says, in plain Python values.
 
     Attributes
@@ -86,31 +126,6 @@ class NiftiInfo:
     inter: float | None
     affine: np.ndarray = field(compare=False)
     compressed: bool
-
-    @property
-    def grid_shape(self) -> tuple[int, int, int]:
-        """The spatial grid ``(X, Y, Z)``."""
-        return (self.shape[0], self.shape[1], self.shape[2])
-
-    @property
-    def n_volumes(self) -> int:
-        """Number of volumes (1 for a 3-D image)."""
-        return self.shape[3] if len(self.shape) == 4 else 1
-
-    @property
-    def volume_bytes(self) -> int:
-        """Bytes of one volume on disk."""
-        return int(np.prod(self.grid_shape)) * self.dtype.itemsize
-
-    @property
-    def data_end(self) -> int:
-        """Offset just past the last voxel byte."""
-        return self.vox_offset + self.volume_bytes * self.n_volumes
-
-    @property
-    def out_dtype(self) -> np.dtype:
-        """The dtype of values after scaling (native byte order)."""
-        return _output_dtype(self.dtype, self.slope, self.inter)
 
 
 def _output_dtype(stored: np.dtype, slope: float | None, inter: float | None) -> np.dtype:
@@ -295,7 +310,7 @@ class _BytesReader:
 
 
 @dataclass(frozen=True)
-class NiftiSpec:
+class NiftiSpec(_VolumeGeometry):
     """Everything a task needs to read volumes of one file: paths and numbers only."""
 
     path: str
@@ -320,31 +335,6 @@ class NiftiSpec:
             compressed=info.compressed,
             gzip=gzip_spec,
         )
-
-    @property
-    def grid_shape(self) -> tuple[int, int, int]:
-        """The spatial grid ``(X, Y, Z)``."""
-        return (self.shape[0], self.shape[1], self.shape[2])
-
-    @property
-    def n_volumes(self) -> int:
-        """Number of volumes (1 for a 3-D image)."""
-        return self.shape[3] if len(self.shape) == 4 else 1
-
-    @property
-    def volume_elems(self) -> int:
-        """Voxels in one volume."""
-        return int(np.prod(self.grid_shape))
-
-    @property
-    def volume_bytes(self) -> int:
-        """Bytes of one volume on disk."""
-        return self.volume_elems * np.dtype(self.dtype).itemsize
-
-    @property
-    def out_dtype(self) -> np.dtype:
-        """Dtype of values after scaling (native byte order)."""
-        return _output_dtype(np.dtype(self.dtype), self.slope, self.inter)
 
     def read_volumes(self, start: int, stop: int) -> np.ndarray:
         """Return volumes ``[start, stop)`` as raw on-disk values, shape ``(n, X*Y*Z)``.
@@ -738,7 +728,7 @@ def build_parts(
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> NiftiParts:
     """Read the header (and mask) of ``path``; return lazy array, dims, chunks, coords, attrs."""
-    from neurocube.ops.masks import as_mask
+    from neurocube.ops.masks import as_mask, voxel_coords
 
     info = read_header(path)
     gzip_spec = _gzip_spec(info, index, cache_dir) if info.compressed else None
@@ -775,16 +765,7 @@ def build_parts(
     fortran_pos = (i + x_n * (j + y_n * k)).astype(np.int64)
     arr = VolumeArray(spec, fortran_pos)
     chunk_spec = (_chunk_tuple(info.n_volumes, per), (int(fortran_pos.size),))
-    xyz = info.affine @ np.vstack([i, j, k, np.ones_like(i)]).astype(np.float64)
-    coords = {
-        "trial": np.arange(info.n_volumes),
-        "i": ("voxel", i.astype(np.int32)),
-        "j": ("voxel", j.astype(np.int32)),
-        "k": ("voxel", k.astype(np.int32)),
-        "x": ("voxel", xyz[0]),
-        "y": ("voxel", xyz[1]),
-        "z": ("voxel", xyz[2]),
-    }
+    coords = {"trial": np.arange(info.n_volumes), **voxel_coords(grid, info.affine)}
     attrs["n_voxels"] = int(fortran_pos.size)
     if isinstance(mask, (str, os.PathLike)):
         attrs["mask_source"] = str(Path(mask).expanduser().resolve())
