@@ -29,15 +29,16 @@ from neurocube.progress import compute
 
 __all__ = ["ZSTD_LEVEL", "cache", "open_cached", "read_marker", "touch_entry"]
 
-#: zstd level of cached chunks: fast to write, about as small as level 3 on float betas.
+#: zstd level of cached chunks. Float betas barely compress (~92 % of raw on synthetic betas at
+#: level 1 or 3 alike); level 1 writes ~1.4x faster than level 3.
 ZSTD_LEVEL = 1
 
 _DATAARRAY_VARIABLE = "__neurocube_dataarray__"
 
 Cacheable = TypeVar("Cacheable", xr.Dataset, xr.DataArray)
 
-# token of an object this process returned from the cache -> (root url, key), so that
-# caching an already cached object returns it instead of writing a second copy.
+# identity (data variable names and Dask names) of an object this process returned from the
+# cache -> (root url, key), so that caching a cached object returns it, not a second copy.
 _REOPENED: dict[str, tuple[str, str]] = {}
 _REOPENED_LOCK = threading.Lock()
 
