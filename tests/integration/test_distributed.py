@@ -157,3 +157,14 @@ def test_caching_twice_the_cluster_memory_completes_with_exact_values(client, tm
                 np.testing.assert_array_equal(block, expected)
             start += size
     assert start == BIG_TRIALS
+
+
+def test_subject_betas_on_the_cluster_match_threads(client, tmp_path):
+    from neurocube.synthetic.bucket import make_bucket
+
+    make_bucket(tmp_path / "bucket", subjects=1, sessions=2, trials=10, grid=(9, 10, 8), seed=3)
+    sub = neurocube.open_subject(tmp_path / "bucket", "sub-01")
+    ds = sub.betas(["ses-01", "ses-02"], roi="face", nc_threshold=10, chunks=4)
+    xr.testing.assert_identical(ds.compute(), ds.compute(scheduler="threads"))
+    cached = neurocube.cache(ds, store=tmp_path / "c")
+    xr.testing.assert_identical(cached.compute(), ds.compute(scheduler="threads"))
