@@ -31,8 +31,7 @@ def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     info = read_header(path)
     if len(info.shape) == 4 and info.shape[3] != 1:
         raise FormatError(
-            f"{info.path}: expected a 3-D volume (a mask or a map), found a 4-D image of "
-            f"shape {info.shape}."
+            f"{info.path}: expected a 3-D volume (a mask or a map), found shape {info.shape}."
         )
     from neurocube.sources.gzindex import GzipIndexSpec
 

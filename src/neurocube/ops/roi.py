@@ -21,14 +21,13 @@ is inside. Flat masks are in C order of the (X, Y, Z) grid.
 from __future__ import annotations
 
 import difflib
-import gzip
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from neurocube.errors import FormatError, GridMismatchError, SelectionError
+from neurocube.errors import GridMismatchError, SelectionError
 
 __all__ = [
     "coerce_selection_mask",
@@ -239,8 +238,8 @@ def select_voxels(
 def read_small_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     """Read a small 3-D NIfTI eagerly (masks, ROIs, noise ceilings, R² maps).
 
-    Scaling is applied (float64 result); the file is opened through
-    :func:`neurocube.sources.files.open_file`.
+    Scaling is applied (float64 result); the file is read by neurocube's own
+    NIfTI reader (:func:`neurocube.ops.masks.read_volume`).
 
     Returns
     -------
@@ -252,30 +251,7 @@ def read_small_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndar
     FormatError
         If the file is not a NIfTI-1/2 image or is not 3-D.
     """
-    import nibabel as nib
+    from neurocube.ops.masks import read_volume
 
-    from neurocube.sources.files import IO_STATS, open_file
-
-    with open_file(path) as handle:
-        raw = handle.read()
-    IO_STATS.add_bytes(len(raw))
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise FormatError(f"{path}: corrupt gzip stream ({exc}); re-download the file") from exc
-    try:
-        image: Any = nib.Nifti1Image.from_bytes(raw)
-    except Exception:
-        try:
-            image = nib.Nifti2Image.from_bytes(raw)
-        except Exception as exc:
-            raise FormatError(
-                f"{path}: not a NIfTI image (expected a NIfTI-1/2 header, {len(raw)} bytes found)"
-            ) from exc
-    volume = np.asarray(image.get_fdata(dtype=np.float64))
-    if volume.ndim == 4 and volume.shape[3] == 1:
-        volume = volume[..., 0]
-    if volume.ndim != 3:
-        raise FormatError(f"{path}: expected a 3-D volume, found shape {volume.shape}")
-    return volume, np.asarray(image.affine, dtype=np.float64)
+    volume, affine = read_volume(path)
+    return volume.astype(np.float64, copy=False), affine

@@ -168,10 +168,16 @@ def test_custom_mask_forms_and_conflicts(bucket):
 def test_building_betas_reads_no_voxel_data(bucket, monkeypatch):
     from neurocube.sources import nifti
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("voxel data was read while the graph was built")
+    original = nifti.NiftiSpec.read_volumes
 
-    monkeypatch.setattr(nifti.NiftiSpec, "read_volumes", refuse)
+    def refuse_betas(spec, start, stop):
+        # small 3-D maps (brain mask, ROIs, noise ceilings) are read to build the voxel
+        # selection; the 4-D betas must not be
+        if len(spec.shape) == 4 and spec.shape[3] > 1:
+            raise AssertionError("voxel data was read while the graph was built")
+        return original(spec, start, stop)
+
+    monkeypatch.setattr(nifti.NiftiSpec, "read_volumes", refuse_betas)
     with dask.config.set(scheduler=lambda *a, **k: pytest.fail("computed during build")):
         sub = neurocube.open_subject(bucket.root, "sub-01")
         ds = sub.betas(SESSIONS, roi="face", nc_threshold=10, stimuli="shared")

@@ -139,9 +139,9 @@ def test_read_small_volume(tmp_path):
     assert affine[0, 0] == 2.0
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(gzip.compress(b"not a nifti at all" * 30))
-    with pytest.raises(FormatError, match="not a NIfTI image"):
+    with pytest.raises(FormatError, match=r"bad\.nii\.gz: a gzip file whose content is not"):
         read_small_volume(bad)
     four_d = tmp_path / "4d.nii"
     nib.Nifti1Image(np.zeros((2, 2, 2, 3), np.float32), np.eye(4)).to_filename(four_d)
-    with pytest.raises(FormatError, match=r"expected a 3-D volume, found shape \(2, 2, 2, 3\)"):
+    with pytest.raises(FormatError, match=r"expected a 3-D volume.*found shape \(2, 2, 2, 3\)"):
         read_small_volume(four_d)
