@@ -27,6 +27,9 @@ smaller, so the cache's advantage here is conservative). Three measurements, in 
    threads_per_worker=1, memory_limit=250 MB)``: wall time, throughput, peak process memory per
    worker (sampled every 100 ms), restarts.
 
+``--scaling 380`` adds a second session of 380 trials (958 MB raw) timed for the gzip read and
+``open_cached`` only, to show how the ratio grows with the session.
+
 Run: ``python benchmarks/bench_cache.py [--trials 200] [--repeats 5]`` (about 5 minutes here,
 mostly fresh Python processes; data under ``benchmarks/data/``, removed at the end). Writes
 ``benchmarks/results/cache.json``. The machine is shared (2 noisy cores): compare ratios.
@@ -274,6 +277,24 @@ def write_big_nifti(path: Path, grid: tuple[int, int, int], trials: int) -> Path
     return path
 
 
+def scaling_point(work: Path, trials: int, repeats: int, env: dict[str, str]) -> dict[str, float]:
+    """Time the gzip read and open_cached of FFA1 on a session with ``trials`` trials."""
+    from neurocube.synthetic.bucket import make_bucket
+
+    root, store = work / f"bucket-{trials}", work / f"zarr-{trials}"
+    make_bucket(root, subjects=1, sessions=1, trials=trials, grid=GRID, vary_grid=False,
+                stimuli=False, surface_rois=False, full_resolution=False, freesurfer=False,
+                nan_fraction=0.01, compresslevel=1, seed=2)  # fmt: skip
+    for script in (GZIP_ROI, CACHE_ROI):  # build the index and the entry
+        run(script, str(root), str(store), env=env)
+    point: dict[str, float] = {"trials": trials}
+    for label, script in (("gzip_warm_s", GZIP_ROI), ("open_cached_warm_s", OPEN_CACHED_ROI)):
+        outs = [run(script, str(root), str(store), env=env) for _ in range(repeats)]
+        point[label] = statistics.median(o["warm"] for o in outs)
+    shutil.rmtree(root, ignore_errors=True)
+    return point
+
+
 def summarise(name: str, outs: list[dict[str, float]]) -> dict[str, object]:
     walls = [o["wall"] for o in outs]
     peaks = [o.get("peak", 0.0) for o in outs]
@@ -294,6 +315,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dist-trials", type=int, default=1900)
     parser.add_argument("--worker-memory", type=int, default=250_000_000)
+    parser.add_argument(
+        "--scaling",
+        type=int,
+        default=None,
+        metavar="TRIALS",
+        help="also time gzip vs open_cached on a second session with this many trials",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the generated data")
     args = parser.parse_args()
 
@@ -343,6 +371,13 @@ def main() -> None:
             r["speedup_vs_gzip"] = gzip_cold / float(r["wall_median_s"])
             r["warm_speedup_vs_gzip"] = gzip_warm / float(r["warm_median_s"])
         results["reopen_roi"] = reopen
+        if args.scaling:
+            results["scaling"] = [
+                {"trials": args.trials, "gzip_warm_s": gzip_warm,
+                 "open_cached_warm_s": reopen[3]["warm_median_s"]},
+                scaling_point(work, args.scaling, args.repeats, env),
+            ]  # fmt: skip
+            print(f"  scaling: {results['scaling']}", flush=True)
 
         # 2. write throughput
         writes = []
@@ -403,6 +438,10 @@ def print_table(results: dict[str, object]) -> None:
     for r in results["write"]:  # type: ignore[union-attr]
         print(f"{r['name']:<34} {r['throughput_mb_s']:>8.0f} MB/s "
               f"({r['nbytes'] / 1e6:.0f} MB in {r['wall_median_s']:.2f} s)")  # fmt: skip
+    for point in results.get("scaling", []):  # type: ignore[attr-defined]
+        print(f"scaling: {point['trials']} trials: gzip {point['gzip_warm_s']:.3f} s, "
+              f"open_cached {point['open_cached_warm_s']:.3f} s, "
+              f"{point['gzip_warm_s'] / point['open_cached_warm_s']:.1f} x")  # fmt: skip
     d: dict = results["distributed"]  # type: ignore[assignment]
     print("\nDistributed (2 workers)")
     print(f"{d['data_mb']:.0f} MB cached with {d['memory_limit_per_worker_mb']:.0f} MB per worker "
