@@ -22,8 +22,8 @@ from tests.fixtures.nifti import AFFINE, analytic_values, write_nifti
 
 distributed = pytest.importorskip("distributed")
 
-# Per-worker memory limit. A worker that has imported numpy, pandas, xarray, dask and zarr
-# already holds ~185 MB here, so this leaves each worker ~65 MB for data in flight.
+# Per-worker memory limit. A worker that has imported numpy, pandas, xarray, dask and zarr and
+# run a few tasks holds ~190 MB here, so this leaves each worker ~60 MB for data in flight.
 WORKER_MEMORY_LIMIT = 250_000_000
 SHAPE = (6, 5, 4, 11)
 
