@@ -72,7 +72,8 @@ def _ls(args: argparse.Namespace) -> int:
     for e in entries:
         print(
             f"{e.key:<40}  {e.status:<10}  {format_bytes(e.size_bytes):>10}  "
-            f"{e.last_used or '-':<25}  {e.hits:>4}  {len(e.sources)} files"
+            f"{e.last_used or '-':<25}  {e.hits:>4}  "
+            f"{len(e.sources)} file{'' if len(e.sources) == 1 else 's'}"
         )
         if args.long:
             for source in e.sources:

@@ -147,7 +147,7 @@ def test_cli_ls_du_evict_clear(tmp_path, capsys):
     neurocube.cache(neurocube.open_nifti(path), store=tmp_path, key="with-source")
     assert _run(["cache", "ls", "--long", "--store", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert f"1 files\n    {path.resolve()}\n" in out
+    assert f"1 file\n    {path.resolve()}\n" in out
     assert neurocube.clear_cache(tmp_path, older_than="1d") == []
     shutil.rmtree(tmp_path / "with-source.zarr")
 
