@@ -4,7 +4,9 @@ Generates a session-like file (81x96x81x300 float32 by default: ~750 MB
 uncompressed, a third of the grid inside the brain, zeros outside) and
 measures, in one run and each in a fresh subprocess (so peak RSS is its own):
 
-- neurocube masked read, first read (no index yet; builds it) and with the index;
+- neurocube masked read, first read (no index yet; builds it) and with the index, loaded with
+  ``neurocube.load`` (chunks stored into one output array); also with the index through plain
+  ``.values`` (dask gathers then concatenates: the output is briefly held twice);
 - nibabel: per-volume loop over ``dataobj[..., t]`` (indexed_gzip), and ``get_fdata()`` + mask;
 - nilearn's ``NiftiMasker`` (if installed: ``pip install -e ".[bench]"``);
 - the laion_fmri streaming approach: one sequential gzip stream, one volume at a time;
@@ -72,10 +74,13 @@ def worker(name: str, path: str, mask_path: str, cache: str, threads: int) -> di
     da.ones(4, chunks=2).sum().compute()
     base = _rss_now()
     t0 = time.perf_counter()
-    if name in ("neurocube_first", "neurocube_indexed"):
+    if name in ("neurocube_first", "neurocube_indexed", "neurocube_indexed_compute"):
         ds = neurocube.open_nifti(path, mask=mask, cache_dir=cache)
         with dask.config.set(scheduler="threads", num_workers=threads):
-            out = ds.data.values
+            if name == "neurocube_indexed_compute":  # dask's gather + concatenate
+                out = ds.data.values
+            else:  # chunks stored into one preallocated output
+                out = neurocube.load(ds.data, progress=False).values
         out_bytes = out.nbytes
     elif name in ("neurocube_trial_first", "neurocube_trial_last"):
         ds = neurocube.open_nifti(path, mask=mask, cache_dir=cache, chunks=1)
@@ -243,6 +248,7 @@ def main() -> int:
         "neurocube_first",  # (cache cleared before each repeat)
         "limit_parallel_inflate",
         "neurocube_indexed",
+        "neurocube_indexed_compute",
         "neurocube_trial_first",
         "neurocube_trial_last",
         "nibabel_volume_loop",
@@ -262,7 +268,7 @@ def main() -> int:
         for _ in range(repeats):
             if name == "neurocube_first":
                 shutil.rmtree(cache, ignore_errors=True)
-            if name in ("limit_parallel_inflate", "neurocube_indexed") and not (
+            if name.startswith(("limit_parallel", "neurocube_indexed")) and not (
                 cache / "gzindex"
             ).exists():
                 run_worker("neurocube_first", betas, mask_path, cache, threads)

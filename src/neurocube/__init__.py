@@ -40,6 +40,8 @@ _LAZY: dict[str, str] = {
     "BehaviorDataset": "neurocube.datasets.behavior",
     "index_tracks_raw": "neurocube.io.behavior",
     "convert_tracks": "neurocube.io.behavior",
+    # Memory-lean loading (each chunk written into place; no final concatenation)
+    "load": "neurocube.loading",
     # Zarr spill cache
     "cache": "neurocube.caching",
     "cache_info": "neurocube.caching",

@@ -46,6 +46,12 @@ class NeuroAccessor(Generic[Obj]):
 
         return cache(self._obj, store=store, key=key, overwrite=overwrite, progress=progress)
 
+    def load(self, *, progress: bool | None = None) -> Obj:
+        """Compute into memory chunk by chunk, without a second copy; see :func:`neurocube.load`."""
+        from neurocube.loading import load
+
+        return load(self._obj, progress=progress)
+
     def cache_key(self) -> str:
         """Return the key :func:`neurocube.cache` would file this object under."""
         from neurocube.caching.keys import fingerprint

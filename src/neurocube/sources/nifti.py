@@ -336,14 +336,15 @@ class NiftiSpec(_VolumeGeometry):
             gzip=gzip_spec,
         )
 
-    def read_volumes(self, start: int, stop: int) -> np.ndarray:
+    def read_volumes(self, start: int, stop: int, buffer: np.ndarray | None = None) -> np.ndarray:
         """Return volumes ``[start, stop)`` as raw on-disk values, shape ``(n, X*Y*Z)``.
 
-        Each row is one volume in file order (x fastest).
+        Each row is one volume in file order (x fastest). ``buffer`` (uint8, at
+        least that many bytes) is filled and viewed instead of a new allocation.
         """
         n = stop - start
         nbytes = n * self.volume_bytes
-        buf = np.empty(nbytes, dtype=np.uint8)
+        buf = np.empty(nbytes, dtype=np.uint8) if buffer is None else buffer[:nbytes]
         offset = self.vox_offset + start * self.volume_bytes
         if self.compressed:
             assert self.gzip is not None
@@ -372,12 +373,16 @@ class NiftiSpec(_VolumeGeometry):
     def scale(self, raw: np.ndarray) -> np.ndarray:
         """Convert raw values to output values (native byte order, scaling applied)."""
         out = raw.astype(self.out_dtype, copy=True)
+        self.scale_inplace(out)
+        return out
+
+    def scale_inplace(self, values: np.ndarray) -> None:
+        """Apply ``scl_slope``/``scl_inter`` to output-typed ``values`` in place."""
         if self.slope is not None:
             if self.slope != 1.0:
-                out *= self.out_dtype.type(self.slope)
+                values *= values.dtype.type(self.slope)
             if self.inter:
-                out += self.out_dtype.type(self.inter)
-        return out
+                values += values.dtype.type(self.inter)
 
 
 def _read_plain(path: str, offset: int, buf: np.ndarray, start: int, stop: int, n_vol: int) -> None:
@@ -453,15 +458,21 @@ class VolumeArray:
         lo, hi, inner = self._trial_range(key[0], spec.n_volumes)
         if hi <= lo:
             return np.empty((0, self.shape[1]), dtype=self.dtype)[:, key[1]]
-        # Read in sub-blocks so a task holds at most READ_BLOCK bytes of whole volumes
-        # besides its (masked, much smaller) output.
+        # Read in sub-blocks into this thread's reusable buffer (fresh pages cost page faults
+        # on every call), gathering the masked voxels straight into the output.
         out = np.empty((hi - lo, self.voxels.size), dtype=self.dtype)
         step = max(1, READ_BLOCK // max(spec.volume_bytes, 1))
+        scratch = _scratch(step * spec.volume_bytes)
+        raw_dtype = np.dtype(spec.dtype)
         for a in range(lo, hi, step):
             b = min(hi, a + step)
-            raw = spec.read_volumes(a, b)
-            out[a - lo : b - lo] = spec.scale(np.take(raw, self.voxels, axis=1))
-            del raw
+            raw = spec.read_volumes(a, b, scratch)
+            rows = out[a - lo : b - lo]
+            if raw_dtype == self.dtype:  # native float32/float64 (the usual betas)
+                np.take(raw, self.voxels, axis=1, out=rows)
+            else:
+                rows[...] = np.take(raw, self.voxels, axis=1)  # byte swap / int -> float
+            spec.scale_inplace(rows)
         if isinstance(inner, int):
             return out[inner][key[1]]
         if not isinstance(inner, slice):
@@ -481,6 +492,18 @@ class VolumeArray:
         raw = spec.read_volumes(lo, hi)
         block = spec.scale(raw).reshape(hi - lo, z, y, x).transpose(3, 2, 1, 0)
         return block[key[0], key[1], key[2], inner]
+
+
+_THREAD_STATE = threading.local()
+
+
+def _scratch(nbytes: int) -> np.ndarray:
+    """Return the calling thread's reusable read buffer, at least ``nbytes`` long."""
+    buf: np.ndarray | None = getattr(_THREAD_STATE, "buffer", None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = np.empty(nbytes, dtype=np.uint8)
+        _THREAD_STATE.buffer = buf
+    return buf
 
 
 # --- chunking --------------------------------------------------------------------------------
@@ -637,6 +660,8 @@ def open_nifti(
     import dask.array as da
     import xarray as xr
     from dask.base import tokenize
+
+    import neurocube.accessor  # noqa: F401  (registers ds.neuro)
 
     parts = build_parts(path, mask=mask, chunks=chunks, index=index, cache_dir=cache_dir)
     arr = parts.array
