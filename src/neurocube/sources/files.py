@@ -125,7 +125,7 @@ class FileIdentity:
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-_IDENTITY_CACHE: dict[tuple[str, int, int], FileIdentity] = {}
+_IDENTITY_CACHE: dict[tuple[str, int, int, int], FileIdentity] = {}
 _IDENTITY_LOCK = threading.Lock()
 _END_BYTES = 1 << 20
 
@@ -135,14 +135,15 @@ def file_identity(path: str | os.PathLike[str]) -> FileIdentity:
 
     The hash covers the first and the last MiB, so it is cheap on a 12 GB file
     and still notices a file rewritten in place with the same size and mtime.
-    Results are memoised per (path, size, mtime).
+    Results are memoised per (path, size, mtime, ctime).
     """
     local = _local(path).resolve()
     try:
         st = local.stat()
     except FileNotFoundError as exc:
         raise DataNotFoundError(f"{local}: no such file") from exc
-    key = (str(local), st.st_size, st.st_mtime_ns)
+    # ctime changes with any rewrite, even one that restores size and mtime
+    key = (str(local), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     with _IDENTITY_LOCK:
         cached = _IDENTITY_CACHE.get(key)
     if cached is not None:

@@ -10,9 +10,9 @@ data:
   per process (rapidgzip when installed: faster than single-core zlib; else
   indexed_gzip), which records seek points as it goes; when the stream has
   passed the end of the data the index is exported atomically;
-- later reads: every thread opens its own indexed_gzip handle on the index and
-  seeks straight to the bytes it needs, so chunks inflate in parallel (the
-  libraries release the GIL) and in any order.
+- later reads: every thread opens its own reader on the index (rapidgzip, or
+  indexed_gzip without it) and seeks straight to the bytes it needs, so chunks
+  inflate in parallel (both libraries release the GIL) and in any order.
 
 Index files are keyed by the file's identity (path, size, mtime, hash of its
 first and last MiB): a changed file gets a new index. A cache folder that
@@ -169,6 +169,13 @@ class _Stream:
             self.kind = "indexed_gzip"
         self.exported = False
         self.closed = False
+        self._high_water = 0
+        self._bars = contextlib.ExitStack()
+        from neurocube.progress import progress_bar
+
+        self.bar = self._bars.enter_context(
+            progress_bar(uncompressed_size or None, f"indexing {Path(path).name}")
+        )
 
     def use_indexed_gzip(self) -> None:
         """Switch to indexed_gzip (after rapidgzip failed on a damaged file).
@@ -187,7 +194,12 @@ class _Stream:
         self.handle.seek(offset)
 
     def readinto(self, view: memoryview) -> int:
-        return int(self.handle.readinto(view))
+        n = int(self.handle.readinto(view))
+        position = int(self.handle.tell())
+        if position > self._high_water:  # inflated for the first time: count it once
+            self.bar.update(position - self._high_water)
+            self._high_water = position
+        return n
 
     def at_eof(self) -> bool:
         """Read the (small) rest of the stream; True once the whole file has been inflated."""
@@ -207,14 +219,28 @@ class _Stream:
 
     def close(self) -> None:
         self.closed = True
+        self._bars.close()
         self.handle.close()
 
 
 def _open_indexed(path: str, index_path: str) -> Any:
-    import indexed_gzip
+    """Open a random-access reader of ``path`` through its GZIDX index (one per thread).
 
+    rapidgzip reads the index and keeps its inflate state between calls;
+    indexed_gzip restarts from a seek point on every read call (measured ~4 ms
+    per call at 4 MiB spacing: 2 MiB reads ran at half speed), so it is only
+    the fallback.
+    """
     IO_STATS.add_open()
-    return indexed_gzip.IndexedGzipFile(path, index_file=index_path, buffer_size=4 << 20)
+    try:
+        import rapidgzip
+    except ImportError:  # pragma: no cover - rapidgzip is a dependency
+        import indexed_gzip
+
+        return indexed_gzip.IndexedGzipFile(path, index_file=index_path, buffer_size=4 << 20)
+    handle = rapidgzip.RapidgzipFile(path, parallelization=1)
+    handle.import_index(index_path)
+    return handle
 
 
 def _readinto_exact(handle: Any, view: memoryview, start: int, path: str) -> None:

@@ -145,3 +145,13 @@ def test_same_size_rewrite_is_caught_by_the_content_hash(gz_file, tmp_path):
     gz_file.write_bytes(bytes(data))
     with pytest.raises(IndexMismatchError, match="first/last MiB differ"):
         neurocube.open_nifti(gz_file, index=keep)
+
+
+def test_first_read_shows_an_indexing_progress_bar(gz_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NEUROCUBE_PROGRESS", "1")
+    neurocube.open_nifti(gz_file, chunks=7, cache_dir=tmp_path / "cache").compute()
+    assert "indexing sess.nii.gz" in capsys.readouterr().err
+    monkeypatch.setenv("NEUROCUBE_PROGRESS", "0")
+    gzindex.reset_handles()
+    neurocube.open_nifti(gz_file, chunks=7, cache_dir=tmp_path / "other").compute()
+    assert "indexing" not in capsys.readouterr().err
