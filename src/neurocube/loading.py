@@ -4,7 +4,8 @@
 array, so for a moment the result exists twice. :func:`load` allocates each
 output once and lets every chunk write into its place as soon as it is
 computed (``dask.array.store``), so peak memory is the output plus the chunks
-in flight.
+in flight. An untransformed masked ``open_nifti`` array skips even that copy:
+each chunk's volumes are gathered straight into their rows of the output.
 """
 
 from __future__ import annotations
@@ -56,8 +57,13 @@ def load(obj: Any, *, progress: bool | None = None) -> Any:
     sources: list[Any] = []
     targets: list[np.ndarray] = []
     replaced: dict[Any, xr.Variable] = {}
+    direct = _direct_loader()
     for name, variable in dataset.variables.items():
         if isinstance(variable.data, da.Array):
+            loaded_directly = direct(variable.data) if direct is not None else None
+            if loaded_directly is not None:
+                replaced[name] = variable.copy(data=loaded_directly)
+                continue
             target = np.empty(variable.shape, dtype=variable.dtype)
             sources.append(variable.data)
             targets.append(target)
@@ -72,3 +78,11 @@ def load(obj: Any, *, progress: bool | None = None) -> Any:
     for name, variable in replaced.items():
         loaded[name] = variable
     return obj._from_temp_dataset(loaded) if isinstance(obj, xr.DataArray) else loaded
+
+
+def _direct_loader() -> Any:
+    """Return the NIfTI reader's in-place loader, if that reader is in use in this process."""
+    import sys
+
+    module = sys.modules.get("neurocube.sources.nifti")
+    return None if module is None else module.direct_load

@@ -10,9 +10,9 @@ data:
   per process (rapidgzip when installed: faster than single-core zlib; else
   indexed_gzip), which records seek points as it goes; when the stream has
   passed the end of the data the index is exported atomically;
-- later reads: every thread opens its own reader on the index (rapidgzip, or
-  indexed_gzip without it) and seeks straight to the bytes it needs, so chunks
-  inflate in parallel (both libraries release the GIL) and in any order.
+- later reads: every thread opens its own indexed_gzip reader on the index and
+  seeks straight to the bytes it needs, so chunks inflate in parallel (the
+  libraries release the GIL) and in any order.
 
 Index files are keyed by the file's identity (path, size, mtime, hash of its
 first and last MiB): a changed file gets a new index. A cache folder that
@@ -47,6 +47,7 @@ __all__ = [
 
 _MAGIC = b"GZIDX"
 SPACING = 4 << 20  # one seek point per 4 MiB of uncompressed data
+INDEXED_READ_BLOCK = 32 << 20  # bytes per read call through an index (one call per chunk)
 STREAM_THREADS = max(1, min(os.cpu_count() or 1, 4))  # rapidgzip's own inflate threads
 DECODED_CHUNK = 4 << 20
 
@@ -226,21 +227,22 @@ class _Stream:
 def _open_indexed(path: str, index_path: str) -> Any:
     """Open a random-access reader of ``path`` through its GZIDX index (one per thread).
 
-    rapidgzip reads the index and keeps its inflate state between calls;
-    indexed_gzip restarts from a seek point on every read call (measured ~4 ms
-    per call at 4 MiB spacing: 2 MiB reads ran at half speed), so it is only
-    the fallback.
+    indexed_gzip holds ~10-20 MB per handle; rapidgzip reads faster per call
+    but its decoded-chunk cache grew to ~95 MB per handle under random seeks
+    (measured), which two threads cannot afford under the memory bound.
+    indexed_gzip restarts inflation from a seek point on every read call
+    (~4 ms at 4 MiB spacing), so callers read a whole chunk per call
+    (:data:`INDEXED_READ_BLOCK`).
     """
-    IO_STATS.add_open()
-    try:
-        import rapidgzip
-    except ImportError:  # pragma: no cover - rapidgzip is a dependency
-        import indexed_gzip
+    import indexed_gzip
 
-        return indexed_gzip.IndexedGzipFile(path, index_file=index_path, buffer_size=4 << 20)
-    handle = rapidgzip.RapidgzipFile(path, parallelization=1)
-    handle.import_index(index_path)
-    return handle
+    IO_STATS.add_open()
+    return indexed_gzip.IndexedGzipFile(path, index_file=index_path, buffer_size=4 << 20)
+
+
+def has_index(spec: GzipIndexSpec | None) -> bool:
+    """Return True if reads of this file will seek through a stored index."""
+    return spec is not None and spec.index_path is not None and os.path.exists(spec.index_path)
 
 
 def _readinto_exact(handle: Any, view: memoryview, start: int, path: str) -> None:

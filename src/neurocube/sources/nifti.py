@@ -11,6 +11,7 @@ distributed workers, each opening files itself.
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import re
@@ -47,6 +48,8 @@ __all__ = [
 GZIP_MAGIC = b"\x1f\x8b"
 DEFAULT_CHUNK_BYTES = 32 << 20  # "tens of MB" of voxel data per chunk
 READ_BLOCK = 8 << 20  # masked chunks read their volumes in pieces of at most this size
+# (through a gzip index: gzindex.INDEXED_READ_BLOCK, since each read call there restarts
+# inflation from a seek point)
 
 
 # --- header -------------------------------------------------------------------------------
@@ -458,10 +461,25 @@ class VolumeArray:
         lo, hi, inner = self._trial_range(key[0], spec.n_volumes)
         if hi <= lo:
             return np.empty((0, self.shape[1]), dtype=self.dtype)[:, key[1]]
-        # Read in sub-blocks into this thread's reusable buffer (fresh pages cost page faults
-        # on every call), gathering the masked voxels straight into the output.
         out = np.empty((hi - lo, self.voxels.size), dtype=self.dtype)
-        step = max(1, READ_BLOCK // max(spec.volume_bytes, 1))
+        self.read_masked_into(out, lo, hi)
+        if isinstance(inner, int):
+            return out[inner][key[1]]
+        if not isinstance(inner, slice):
+            out = out[inner]
+        return out[:, key[1]]
+
+    def read_masked_into(self, out: np.ndarray, lo: int, hi: int) -> None:
+        """Fill ``out`` (``(hi - lo, n_voxels)``, C-contiguous rows) with masked volumes.
+
+        Volumes are read in sub-blocks into this thread's reusable buffer (fresh
+        pages cost page faults on every call) and the masked voxels are gathered
+        straight into ``out``.
+        """
+        spec = self.spec
+        assert self.voxels is not None
+        block = gzindex.INDEXED_READ_BLOCK if gzindex.has_index(spec.gzip) else READ_BLOCK
+        step = max(1, block // max(spec.volume_bytes, 1))
         scratch = _scratch(step * spec.volume_bytes)
         raw_dtype = np.dtype(spec.dtype)
         for a in range(lo, hi, step):
@@ -473,11 +491,6 @@ class VolumeArray:
             else:
                 rows[...] = np.take(raw, self.voxels, axis=1)  # byte swap / int -> float
             spec.scale_inplace(rows)
-        if isinstance(inner, int):
-            return out[inner][key[1]]
-        if not isinstance(inner, slice):
-            out = out[inner]
-        return out[:, key[1]]
 
     def _get_grid(self, key: tuple[Any, ...]) -> np.ndarray:
         spec = self.spec
@@ -504,6 +517,57 @@ def _scratch(nbytes: int) -> np.ndarray:
         buf = np.empty(nbytes, dtype=np.uint8)
         _THREAD_STATE.buffer = buf
     return buf
+
+
+# --- direct loading ------------------------------------------------------------------------
+
+_DIRECT: collections.OrderedDict[str, tuple[VolumeArray, tuple[tuple[int, ...], ...]]] = (
+    collections.OrderedDict()
+)
+_DIRECT_LOCK = threading.Lock()
+
+
+def _register_direct(name: str, arr: VolumeArray, chunks: tuple[tuple[int, ...], ...]) -> None:
+    with _DIRECT_LOCK:
+        _DIRECT[name] = (arr, chunks)
+        _DIRECT.move_to_end(name)
+        while len(_DIRECT) > 64:
+            _DIRECT.popitem(last=False)
+
+
+def direct_load(data: Any, num_workers: int | None = None) -> np.ndarray | None:
+    """Load an untransformed masked ``open_nifti`` array with each chunk read into place.
+
+    Returns None when ``data`` is anything else (a selection, a sum, a
+    ``.nii.gz`` whose index does not exist yet, ...): the caller then uses
+    Dask. Dask computes each chunk into a new array and copies it into the
+    output; here each chunk's volumes are gathered straight into its rows.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import dask
+
+    name = getattr(data, "name", None)
+    with _DIRECT_LOCK:
+        entry = _DIRECT.get(name) if isinstance(name, str) else None
+    if entry is None:
+        return None
+    arr, chunks = entry
+    if tuple(data.chunks) != chunks or arr.voxels is None:
+        return None
+    if arr.spec.gzip is not None and not gzindex.has_index(arr.spec.gzip):
+        return None  # first read: the ordered streaming graph builds the index
+    out = np.empty(arr.shape, dtype=arr.dtype)
+    bounds = np.cumsum((0, *chunks[0]))
+    workers = num_workers or dask.config.get("num_workers", None) or os.cpu_count() or 1
+
+    def read(i: int) -> None:
+        lo, hi = int(bounds[i]), int(bounds[i + 1])
+        arr.read_masked_into(out[lo:hi], lo, hi)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(read, range(len(chunks[0]))))
+    return out
 
 
 # --- chunking --------------------------------------------------------------------------------
@@ -676,6 +740,8 @@ def open_nifti(
         data = da.from_array(
             arr, chunks=parts.chunks, name=name, asarray=False, fancy=False, lock=False, meta=meta
         )
+    if arr.voxels is not None:
+        _register_direct(name, arr, parts.chunks)
     return xr.Dataset({"data": (parts.dims, data)}, coords=parts.coords, attrs=parts.attrs)
 
 
