@@ -8,7 +8,7 @@ about 250 MB uncompressed per session, ~0.5 GB in all). The query is
 Contenders, each run in its own subprocess (wall time of the work only; peak RSS of the process
 above its RSS after imports), median of ``--repeats`` runs, all in the same run:
 
-- ``neurocube (first read)``: Subject.betas(...).compute() with an empty cache folder, so the gzip
+- ``neurocube (first read)``: neurocube.load(Subject.betas(...)) with an empty cache folder, so the
   seek index is built during the read;
 - ``neurocube (indexed)``: the same with the index present (parallel inflate through it);
 - ``bulk``: the reference library's default (nibabel loads the whole 4-D array, then masks);
@@ -54,7 +54,9 @@ NEUROCUBE = _PRELUDE + textwrap.dedent(
     t0 = time.perf_counter()
     sub = neurocube.open_subject(root, "sub-01")
     ds = sub.betas(["ses-01", "ses-02"], roi="face", nc_threshold=10)
-    values = ds.betas.data.compute(scheduler="threads", num_workers=2)
+    import dask
+    with dask.config.set(scheduler="threads", num_workers=2):
+        values = neurocube.load(ds.betas, progress=False).values  # chunks stored into place
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"wall": wall, "peak": peak - base, "shape": list(values.shape),

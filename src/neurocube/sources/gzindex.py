@@ -52,6 +52,30 @@ STREAM_THREADS = max(1, min(os.cpu_count() or 1, 4))  # rapidgzip's own inflate 
 DECODED_CHUNK = 4 << 20
 
 
+_STREAM_THREADS_IN_USE = 0
+_STREAM_THREADS_LOCK = threading.Lock()
+
+
+def _claim_stream_threads() -> int:
+    """Inflate threads for a new stream: what is left of STREAM_THREADS, at least one.
+
+    Each rapidgzip thread holds its own decoded chunks (~50 MB measured), so
+    streams open at the same time (several sessions read for the first time in
+    one compute) share one budget instead of each taking every core.
+    """
+    global _STREAM_THREADS_IN_USE
+    with _STREAM_THREADS_LOCK:
+        threads = max(1, STREAM_THREADS - _STREAM_THREADS_IN_USE)
+        _STREAM_THREADS_IN_USE += threads
+        return threads
+
+
+def _release_stream_threads(threads: int) -> None:
+    global _STREAM_THREADS_IN_USE
+    with _STREAM_THREADS_LOCK:
+        _STREAM_THREADS_IN_USE = max(0, _STREAM_THREADS_IN_USE - threads)
+
+
 def stream_chunk_size(compressed: int, uncompressed: int) -> int:
     """Return a rapidgzip chunk size (in *compressed* bytes) that decodes to about 4 MiB.
 
@@ -157,15 +181,17 @@ class _Stream:
         try:
             import rapidgzip
 
+            self.threads = _claim_stream_threads()
             self.handle = rapidgzip.RapidgzipFile(
                 path,
-                parallelization=STREAM_THREADS,
+                parallelization=self.threads,
                 chunk_size=stream_chunk_size(os.path.getsize(path), uncompressed_size),
             )
             self.kind = "rapidgzip"
         except ImportError:
             import indexed_gzip
 
+            self.threads = 0
             self.handle = indexed_gzip.IndexedGzipFile(path, spacing=SPACING)
             self.kind = "indexed_gzip"
         self.exported = False
@@ -190,6 +216,8 @@ class _Stream:
 
         self.handle = indexed_gzip.IndexedGzipFile(self.path, spacing=SPACING)
         self.kind = "indexed_gzip"
+        _release_stream_threads(self.threads)
+        self.threads = 0
 
     def seek(self, offset: int) -> None:
         self.handle.seek(offset)
@@ -219,9 +247,12 @@ class _Stream:
             self.handle.export_index(index_path)
 
     def close(self) -> None:
+        if self.closed:
+            return
         self.closed = True
         self._bars.close()
         self.handle.close()
+        _release_stream_threads(self.threads)
 
 
 def _open_indexed(path: str, index_path: str) -> Any:
