@@ -23,8 +23,8 @@ smaller, so the cache's advantage here is conservative). Three measurements, in 
    session, same zstd level and chunks): MB/s of data written, each in its own process.
 
 3. **Distributed, memory-limited**: an uncompressed masked session of ~1 GB (64x64x32 grid,
-   1900 trials, 31 of 32 slices in the mask) cached on ``LocalCluster(n_workers=2,
-   threads_per_worker=1, memory_limit=250 MB)``: wall time, throughput, peak process memory per
+   2800 trials, 31 of 32 slices in the mask) cached on ``LocalCluster(n_workers=2,
+   threads_per_worker=1, memory_limit=350 MB)``: wall time, throughput, peak process memory per
    worker (sampled every 100 ms), restarts.
 
 ``--scaling 380`` adds a second session of 380 trials (958 MB raw) timed for the gzip read and
@@ -313,8 +313,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dist-trials", type=int, default=1900)
-    parser.add_argument("--worker-memory", type=int, default=250_000_000)
+    parser.add_argument("--dist-trials", type=int, default=2800)
+    parser.add_argument("--worker-memory", type=int, default=350_000_000)
     parser.add_argument(
         "--scaling",
         type=int,

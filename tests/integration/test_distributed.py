@@ -22,9 +22,11 @@ from tests.fixtures.nifti import AFFINE, analytic_values, write_nifti
 
 distributed = pytest.importorskip("distributed")
 
-# Per-worker memory limit. A worker that has imported numpy, pandas, xarray, dask and zarr and
-# run a few tasks holds ~190 MB here, so this leaves each worker ~60 MB for data in flight.
-WORKER_MEMORY_LIMIT = 250_000_000
+# Per-worker memory limit. A fresh worker in a clean virtualenv holds ~192 MB once it has
+# imported numpy, pandas, xarray, dask and zarr, and dask pauses a worker at 80 % of its limit:
+# at 250 MB the workers paused before the first task (seen on a clean-clone CI run). 350 MB
+# pauses at 280 MB, leaving ~90 MB per worker for data in flight.
+WORKER_MEMORY_LIMIT = 350_000_000
 SHAPE = (6, 5, 4, 11)
 
 
@@ -109,11 +111,11 @@ def test_cache_progress_on_the_cluster(client, tmp_path, capsys):
 # --- bounded memory: a masked dataset about twice the cluster's total memory limit --------
 
 BIG_GRID = (64, 64, 32)
-BIG_TRIALS = 1900
+BIG_TRIALS = 2800  # 1.39 GB of masked data: ~2x the cluster's 700 MB
 
 
 def _write_big_nifti(path: Path) -> Path:
-    """A float32 4-D NIfTI of ~1 GB written volume by volume (value = C index + (t % 97) / 2)."""
+    """A float32 4-D NIfTI of ~1.5 GB written volume by volume (value = C index + (t % 97) / 2)."""
     header = nib.Nifti1Header()
     header.set_data_shape((*BIG_GRID, BIG_TRIALS))
     header.set_data_dtype(np.float32)
