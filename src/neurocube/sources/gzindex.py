@@ -34,11 +34,17 @@ from pathlib import Path
 from typing import Any
 
 from neurocube import config
-from neurocube.errors import IndexMismatchError, NeurocubeWarning, TruncatedFileError
+from neurocube.errors import (
+    DataNotFoundError,
+    IndexMismatchError,
+    NeurocubeWarning,
+    TruncatedFileError,
+)
 from neurocube.sources.files import IO_STATS, HandlePool, file_identity
 
 __all__ = [
     "GzipIndexSpec",
+    "IndexRebuildWarning",
     "IndexWriteWarning",
     "auto_index_path",
     "check_index",
@@ -94,6 +100,10 @@ def stream_chunk_size(compressed: int, uncompressed: int) -> int:
 
 class IndexWriteWarning(NeurocubeWarning):
     """The gzip index could not be stored; reads fall back to streaming."""
+
+
+class IndexRebuildWarning(NeurocubeWarning):
+    """A cached gzip index was damaged: it was deleted and is rebuilt by streaming."""
 
 
 @dataclass(frozen=True)
@@ -364,6 +374,40 @@ def _store_index(stream: _Stream, spec: GzipIndexSpec) -> None:
                 leftover.unlink()
 
 
+def _unusable_index(spec: GzipIndexSpec, index_path: str, exc: BaseException) -> None:
+    """Handle an index file that exists but cannot be loaded for ``spec.path``.
+
+    A caller's own index (``explicit``) is never touched: that is an
+    :class:`IndexMismatchError`. A damaged index in neurocube's cache (a
+    crash, a full disk, a hand-edited file) is deleted with a warning, so the
+    next read streams the file and stores a fresh one.
+    """
+    if not os.path.exists(spec.path):
+        raise DataNotFoundError(f"{spec.path}: no such file (it was removed after it was opened)")
+    if spec.explicit:
+        raise IndexMismatchError(
+            f"{index_path}: this gzip index cannot be loaded for {spec.path} ({exc}); expected "
+            "a complete GZIDX index of this file, found a damaged index or one of another "
+            "file. Delete it, or pass index='auto' to let neurocube build one in its cache "
+            "folder."
+        ) from exc
+    with _STATE_LOCK:
+        for stale in (Path(index_path), Path(index_path).with_suffix(".json")):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+    if os.path.exists(index_path):
+        raise IndexMismatchError(
+            f"{index_path}: the cached gzip index of {spec.path} is damaged ({exc}) and cannot "
+            "be deleted; delete it by hand, or pass index=False to stream."
+        ) from exc
+    warnings.warn(
+        f"{index_path}: the cached gzip index of {spec.path} is damaged ({exc}); it was deleted "
+        "and this read streams the file, storing a new index.",
+        IndexRebuildWarning,
+        stacklevel=4,
+    )
+
+
 def _warn_unwritable(folder: Path, exc: BaseException) -> None:
     with _STATE_LOCK:
         if str(folder) in _BROKEN_INDEX_DIRS:
@@ -387,10 +431,14 @@ def read_range(spec: GzipIndexSpec, start: int, view: memoryview, *, data_end: i
     """
     index_path = spec.index_path
     if index_path is not None and os.path.exists(index_path):
-        handle, lock = _INDEXED.acquire(
-            (spec.path, index_path, threading.get_ident()),
-            lambda: _open_indexed(spec.path, index_path),
-        )
+        try:
+            handle, lock = _INDEXED.acquire(
+                (spec.path, index_path, threading.get_ident()),
+                lambda: _open_indexed(spec.path, index_path),
+            )
+        except OSError as exc:  # indexed_gzip's ZranError: the index cannot be loaded
+            _unusable_index(spec, index_path, exc)  # raises, or deletes a damaged cached index
+            return read_range(spec, start, view, data_end=data_end)  # streams and rebuilds it
         with lock:
             _readinto_exact(handle, view, start, spec.path)
         IO_STATS.add_bytes(len(view))

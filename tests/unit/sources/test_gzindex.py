@@ -14,7 +14,7 @@ import pytest
 import neurocube
 from neurocube.errors import IndexMismatchError
 from neurocube.sources import gzindex
-from neurocube.sources.gzindex import IndexWriteWarning
+from neurocube.sources.gzindex import IndexRebuildWarning, IndexWriteWarning
 
 SHAPE = (6, 7, 8, 60)
 
@@ -155,3 +155,93 @@ def test_first_read_shows_an_indexing_progress_bar(gz_file, tmp_path, monkeypatc
     gzindex.reset_handles()
     neurocube.open_nifti(gz_file, chunks=7, cache_dir=tmp_path / "other").compute()
     assert "indexing" not in capsys.readouterr().err
+
+
+def _index_of(gz_file, cache):
+    return gzindex.auto_index_path(gz_file, cache)
+
+
+def test_touched_file_gets_a_new_index(gz_file, tmp_path):
+    cache = tmp_path / "cache"
+    neurocube.open_nifti(gz_file, cache_dir=cache).compute()
+    first = _index_of(gz_file, cache)
+    st = os.stat(gz_file)
+    os.utime(gz_file, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # mtime only
+    second = _index_of(gz_file, cache)
+    assert second != first and not second.exists()
+    gzindex.reset_handles()
+    ds = neurocube.open_nifti(gz_file, cache_dir=cache)
+    np.testing.assert_allclose(ds.data.values, nib.load(str(gz_file)).get_fdata())
+    assert second.exists()
+
+
+def test_same_size_and_mtime_rewrite_gets_a_new_index(gz_file, tmp_path):
+    cache = tmp_path / "cache"
+    neurocube.open_nifti(gz_file, cache_dir=cache).compute()
+    first = _index_of(gz_file, cache)
+    st = os.stat(gz_file)
+    data = bytearray(gz_file.read_bytes())
+    data[-9] ^= 0xFF  # same size, other bytes at its end (the CRC trailer)
+    gz_file.write_bytes(bytes(data))
+    os.utime(gz_file, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old mtime back
+    assert os.stat(gz_file).st_size == st.st_size
+    assert os.stat(gz_file).st_mtime_ns == st.st_mtime_ns
+    assert _index_of(gz_file, cache) != first  # the hash of its ends tells them apart
+
+
+def test_damaged_cached_index_is_deleted_and_rebuilt_with_a_warning(gz_file, tmp_path):
+    cache = tmp_path / "cache"
+    expected = nib.load(str(gz_file)).get_fdata()
+    neurocube.open_nifti(gz_file, chunks=7, cache_dir=cache).compute()
+    index = _index_of(gz_file, cache)
+    good = index.read_bytes()
+    index.write_bytes(good[: len(good) // 2])  # e.g. a crash or a full disk
+    gzindex.reset_handles()
+    ds = neurocube.open_nifti(gz_file, chunks=7, cache_dir=cache)
+    with pytest.warns(IndexRebuildWarning, match=r"\.gzidx: the cached gzip index of .*"
+                      r"sess\.nii\.gz is damaged .*deleted"):
+        np.testing.assert_allclose(ds.data.values, expected)
+    assert index.read_bytes() == good  # rebuilt, the same as before
+    gzindex.reset_handles()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = neurocube.open_nifti(gz_file, chunks=7, cache_dir=cache)
+        np.testing.assert_allclose(again.data.isel(trial=[-1, 0]).values, expected[..., [-1, 0]])
+    assert len(gzindex._STREAMS) == 0  # that read went through the index
+
+
+def test_damaged_explicit_index_is_a_clear_error(gz_file, tmp_path):
+    cache = tmp_path / "cache"
+    neurocube.open_nifti(gz_file, cache_dir=cache).compute()
+    mine = tmp_path / "mine.gzidx"
+    good = _index_of(gz_file, cache).read_bytes()
+    mine.write_bytes(good[: len(good) // 2])  # the header (and so check_index) is intact
+    gzindex.reset_handles()
+    ds = neurocube.open_nifti(gz_file, index=mine)
+    with pytest.raises(IndexMismatchError, match=r"mine\.gzidx: this gzip index cannot be loaded "
+                       r"for .*sess\.nii\.gz.*Delete it, or pass index='auto'"):
+        ds.data.values  # noqa: B018
+    assert mine.read_bytes() == good[: len(good) // 2]  # the caller's file is left alone
+
+
+def test_cache_unwritable_at_read_time_streams_with_a_warning(gz_file, tmp_path):
+    cache = tmp_path / "cache"
+    ds = neurocube.open_nifti(gz_file, chunks=7, cache_dir=cache)  # writable when opened
+    shutil.rmtree(cache)
+    cache.write_text("the cache folder was replaced by a file")  # ... but not when read
+    with pytest.warns(IndexWriteWarning, match=r"cannot store gzip indexes in .*cache.*streaming"):
+        np.testing.assert_allclose(ds.data.values, nib.load(str(gz_file)).get_fdata())
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_cache_folder_falls_back_to_streaming(gz_file, tmp_path):
+    cache = tmp_path / "cache"
+    (cache / "gzindex").mkdir(parents=True)
+    os.chmod(cache / "gzindex", 0o555)
+    try:
+        with pytest.warns(IndexWriteWarning, match="cannot be created or written"):
+            ds = neurocube.open_nifti(gz_file, chunks=7, cache_dir=cache)
+        np.testing.assert_allclose(ds.data.values, nib.load(str(gz_file)).get_fdata())
+        assert index_files(cache) == []
+    finally:
+        os.chmod(cache / "gzindex", 0o755)
