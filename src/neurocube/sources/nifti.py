@@ -394,10 +394,12 @@ def _read_plain(path: str, offset: int, buf: np.ndarray, start: int, stop: int, 
         fh.seek(offset)
         got = fh.readinto(memoryview(buf))  # type: ignore[attr-defined,arg-type]
     if got != buf.nbytes:
+        bad = start + got // (buf.nbytes // max(stop - start, 1))
         raise TruncatedFileError(
-            f"{path}: the file ends inside the voxel data (volumes {start}..{stop - 1} of "
-            f"{n_vol} asked, {got} of {buf.nbytes} bytes found). It was truncated after it was "
-            "opened: re-write or re-download it."
+            f"{path}: the file ends inside the voxel data: volume {bad} of {n_vol} (0-based) "
+            f"is the first that cannot be read (volumes {start}..{stop - 1} asked, {got} of "
+            f"{buf.nbytes} bytes found). It was truncated after it was opened: re-write or "
+            "re-download it."
         )
 
 

@@ -23,7 +23,7 @@ from neurocube.errors import (
 )
 from neurocube.sources import nifti
 from neurocube.sources.files import IO_STATS
-from tests.fixtures.nifti import AFFINE, write_nifti
+from tests.fixtures.nifti import AFFINE, analytic_values, stored_for, write_nifti
 
 SHAPE = (5, 6, 7, 9)
 FIXTURE_OK = [HealthCheck.function_scoped_fixture]  # the module-scoped file is read-only
@@ -198,6 +198,70 @@ def masked_gz_file(tmp_path_factory):
     return path, oracle(path)[brain_mask()].T
 
 
+
+_VARIANT_FILES: dict[tuple, tuple] = {}
+
+
+@pytest.fixture(scope="module")
+def variant_folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("variants")
+
+
+def variant_file(folder, version, endian, dtype, ext, scaled, extension, nan):
+    """One file per variant (written on first use), with nibabel's eager values as the oracle."""
+    key = (version, endian, dtype, ext, scaled, extension, nan)
+    if key not in _VARIANT_FILES:
+        values = analytic_values(SHAPE)
+        if nan and dtype.startswith("float"):
+            values[1, 2, 3] = np.nan
+            values[0, 0, :4] = np.nan
+        stored, slope, inter = stored_for(dtype, values)
+        if scaled and slope is None:
+            slope, inter = (2.0, -1.0) if dtype.startswith("float") else (0.25, 0.5)
+        name = "-".join(str(part) for part in key[:3]) + f"-{len(_VARIANT_FILES)}{ext}"
+        path = write_nifti(
+            folder / name, stored, version=version, endian=endian, slope=slope, inter=inter,
+            extension=b"an extension before vox_offset " * 3 if extension else None,
+        )
+        _VARIANT_FILES[key] = (path, oracle(path))
+    return _VARIANT_FILES[key]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(
+    version=st.sampled_from([1, 2]),
+    endian=st.sampled_from(["<", ">"]),
+    dtype=st.sampled_from(["float32", "float64", "int16", "uint8"]),
+    ext=st.sampled_from([".nii", ".nii.gz"]),
+    scaled=st.booleans(),  # int16 files are always scaled (see tests/fixtures/nifti.py)
+    extension=st.booleans(),
+    nan=st.booleans(),  # float files only
+    masked=st.booleans(),
+    chunk=st.integers(1, 9),
+    trials=st.lists(st.integers(-SHAPE[3], SHAPE[3] - 1), min_size=1, max_size=10),
+    spatial=st.lists(st.integers(0, 10_000), min_size=3, max_size=3),
+    picks=st.lists(st.integers(0, 10_000), min_size=1, max_size=15),
+)
+def test_every_variant_and_selection_matches_nibabel(
+    variant_folder, version, endian, dtype, ext, scaled, extension, nan, masked, chunk, trials,
+    spatial, picks,
+):
+    path, expected = variant_file(variant_folder, version, endian, dtype, ext, scaled, extension,
+                                  nan)
+    mask = brain_mask()
+    ds = neurocube.open_nifti(path, mask=mask if masked else None, chunks=chunk)
+    if masked:
+        n_vox = int(mask.sum())
+        voxels = [p % n_vox for p in picks]
+        got = ds.data.isel(trial=trials, voxel=voxels).values
+        want = expected[mask].T[np.ix_(trials, voxels)]
+    else:  # an orthogonal selection on every axis: a few positions along x, y and z
+        xs, ys, zs = ([s0 % n for s0 in (spatial[a], *picks[:2])] for a, n in enumerate(SHAPE[:3]))
+        got = ds.data.isel(x=xs, y=ys, z=zs, trial=trials).values
+        want = expected[np.ix_(xs, ys, zs, [t % SHAPE[3] for t in trials])]
+    np.testing.assert_allclose(got, want, rtol=1e-6, equal_nan=True)
+    assert np.isnan(got).sum() == np.isnan(want).sum()
+
 def nonempty_slices(n):
     # xarray's own indexer decomposition fails on empty reversed slices (e.g. 0:0:-1) before
     # a backend is asked anything, so those are left out here.
@@ -313,6 +377,22 @@ def test_truncated_gz_names_the_volumes_on_read(nifti_factory, tmp_path):
     with pytest.raises(TruncatedFileError, match=rf"cut\.nii\.gz.*truncated.*Volume {first_bad} "):
         ds.data.isel(trial=slice(20, 30)).compute()
 
+
+
+def test_nii_truncated_after_opening_names_the_first_missing_volume(nifti_factory):
+    path = nifti_factory("late.nii", shape=(5, 6, 7, 20))
+    ds = neurocube.open_nifti(path, chunks=5)  # intact when opened
+    info = nifti.read_header(path)
+    with open(path, "r+b") as fh:
+        fh.truncate(info.vox_offset + 7 * info.volume_bytes + 3)
+    np.testing.assert_allclose(ds.data.isel(trial=slice(0, 5)).values,
+                               analytic_values((5, 6, 7, 20))[..., :5])
+    with pytest.raises(TruncatedFileError, match=r"late\.nii: the file ends inside the voxel data: "
+                       r"volume 7 of 20 \(0-based\) is the first that cannot be read"):
+        ds.data.isel(trial=slice(5, 10)).compute()
+    # opening it again fails at once, naming the same volume
+    with pytest.raises(TruncatedFileError, match=r"late\.nii.*volume 7 onwards cannot be read"):
+        neurocube.open_nifti(path, mask=brain_mask())
 
 def _intact_bytes(gz_path):
     import zlib
