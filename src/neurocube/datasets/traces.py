@@ -67,6 +67,12 @@ _INT_RE = re.compile(r"[-+]?(0|[1-9][0-9]*)")
 _FLOAT_RE = re.compile(
     r"[-+]?((0|[1-9][0-9]*)\.[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?|[-+]?(0|[1-9][0-9]*)[eE][-+]?[0-9]+"
 )
+#: What parsing an arbitrary annotation may raise besides a clean "not this syntax":
+#: YAML constructs dates and tagged scalars (``[2020-02-30]``, ``[!!int x]`` raise
+#: ValueError) and every parser recurses on deep nesting.
+_PARSE_ERRORS = (
+    yaml.YAMLError, ValueError, TypeError, SyntaxError, OverflowError, RecursionError, MemoryError
+)
 _SPECIAL_FLOATS = {
     ".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan,
     "inf": math.inf, "+inf": math.inf, "-inf": -math.inf, "nan": math.nan,
@@ -117,7 +123,7 @@ def decode_attr(text: Any) -> Any:
     if len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "'\"":
         try:
             unquoted = yaml.safe_load(stripped)
-        except yaml.YAMLError:
+        except _PARSE_ERRORS:
             return text
         return unquoted if isinstance(unquoted, str) else text
     return text
@@ -128,15 +134,15 @@ def _decode_container(text: str, stripped: str) -> Any:
         return text
     try:
         return ast.literal_eval(stripped)  # literals only: no names, calls or operators
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+    except _PARSE_ERRORS:
         pass
     try:
         return json.loads(stripped)
-    except ValueError:
+    except _PARSE_ERRORS:  # ValueError, or RecursionError on deep nesting
         pass
     try:
         loaded = yaml.safe_load(stripped)
-    except yaml.YAMLError:
+    except _PARSE_ERRORS:
         return text
     if isinstance(loaded, list):
         items = [decode_attr(item) if isinstance(item, str) else item for item in loaded]
@@ -172,7 +178,7 @@ def _yaml_reads(text: str, value: Any) -> bool:
     """Whether a YAML loader (the original library's decoder) reads ``text`` as ``value``."""
     try:
         return _same(yaml.safe_load(text), value)
-    except yaml.YAMLError:
+    except _PARSE_ERRORS:  # e.g. "2020-02-30": YAML reads a date and fails on it
         return False
 
 
@@ -249,7 +255,7 @@ def _yaml_reads_as_date(text: str) -> bool:
 
     try:
         return isinstance(yaml.safe_load(text), (datetime.date, datetime.datetime))
-    except yaml.YAMLError:
+    except _PARSE_ERRORS:
         return False
 
 

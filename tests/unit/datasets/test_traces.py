@@ -278,11 +278,39 @@ def test_guess_traces(cache):
         ("__import__('os').system('echo hacked')", "__import__('os').system('echo hacked')"),
         ("[__import__('os')]", "[__import__('os')]"),
         ("!!python/object/apply:os.system ['ls']", "!!python/object/apply:os.system ['ls']"),
+        ("[2020-02-30]", "[2020-02-30]"),  # YAML builds a date and fails: stays text
+        ("{a: 2020-02-30}", "{a: 2020-02-30}"),
+        ("[1, !!float x]", "[1, !!float x]"),
     ],
 )
 def test_decode_attr(text, expected):
     assert decode_attr(text) == expected
     assert decode_attr(text.encode()) == expected
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # every parser recurses on it
+
+
+def test_hostile_annotations_open_as_their_text(tmp_path):
+    path = tmp_path / "hostile.hdf5"
+    write_traces(path, n_per_origin=(3,), channels=None)
+    hostile = {0: DEEP, 1: "[2020-02-30]", 2: "[!!int x]"}
+    with h5py.File(path, "a") as h5:
+        for t, text in hostile.items():
+            h5[f"rec0.xdf/traces/{t}"].attrs["comment"] = text
+    ds = neurocube.open_traces(path, use_cache=False)
+    assert list(ds.comment.values) == list(hostile.values())
+    for t, text in hostile.items():
+        assert nct.get_attrs(path, t)["comment"] == text
+
+
+def test_encode_quotes_what_yaml_cannot_load():
+    # plain, YAML would read a date and fail on the 30th of February: the
+    # original library's decoder could not read the value back
+    text = encode_attr("2020-02-30")
+    assert text == '"2020-02-30"'
+    assert yaml.safe_load(text) == "2020-02-30" == decode_attr(text)
+    assert encode_attr("2020-01-01") == "2020-01-01"  # a real date stays plain, as offspect writes
 
 
 def test_decode_nan():
