@@ -915,6 +915,7 @@ class BehaviorDataset:
                     max(0, min(b, lengths[s]) - a),
                     ind,
                     tuple(label_ids),
+                    stacked,
                 )
         chunks: tuple[tuple[int, ...], ...] = (tuple(frame_chunks), (len(ind),), (len(label_ids),))
         if stacked:
@@ -1351,10 +1352,22 @@ def _dense_labels_chunk(
     n_valid: int,
     individuals: tuple[int, ...],
     label_ids: tuple[int, ...],
+    stacked: bool = False,
 ) -> np.ndarray:
     out = np.zeros((n_frames, len(individuals), len(label_ids)), dtype=bool)
-    if path is None or n_valid == 0 or not individuals:
-        return out
+    if path is not None and n_valid and individuals:
+        _mark_labels(out, path, frame_lo, n_valid, individuals, label_ids)
+    return out[np.newaxis] if stacked else out
+
+
+def _mark_labels(
+    out: np.ndarray,
+    path: str,
+    frame_lo: int,
+    n_valid: int,
+    individuals: tuple[int, ...],
+    label_ids: tuple[int, ...],
+) -> None:
     headers = read_npz_headers(path)
     ev = _read_label_events(
         _LabelSpec(path, headers["frames"][0][0] if headers["frames"][0] else 0, True, "", "")
@@ -1373,4 +1386,3 @@ def _dense_labels_chunk(
         pos = np.searchsorted(ind, a)
         if pos < len(ind) and ind[pos] == a:
             out[r, pos, lb] = True
-    return out

@@ -447,7 +447,7 @@ def cluster_client():
     cluster = distributed.LocalCluster(
         n_workers=2, processes=True, threads_per_worker=1, dashboard_address=":0"
     )
-    client = distributed.Client(cluster)
+    client = distributed.Client(cluster, set_as_default=False)  # other tests stay local
     yield client
     client.close()
     cluster.close()
@@ -463,3 +463,148 @@ def test_local_cluster_multi_sequence(gen, cluster_client):
     np.testing.assert_array_equal(remote_t["poseY2"].values, local_t["poseY2"].values)
     np.testing.assert_array_equal(remote_t["sequence"].values, local_t["sequence"].values)
     np.testing.assert_array_equal(remote_d["position"].values, local_d["position"].values)
+    ref = _reference(gen)
+    ref = ref[(ref["frame"] >= 2) & (ref["frame"] < 37)]
+    for col in ("frame", "id", "poseY2"):
+        np.testing.assert_array_equal(remote_t[col].values, ref[col].to_numpy())
+
+
+# ----------------------------------------------------------------------------- audit additions
+
+
+def test_labels_dense_stacked_matches_npz(gen):
+    """Several sequences: labels(sequence, frame, individual, label), aligned with to_dense."""
+    ds = neurocube.open_behavior(gen.root)
+    tracks = ds.to_dense(groups="fish02", frame_chunk=16)
+    dense = ds.labels_dense(groups="fish02", frame_chunk=16)
+    assert dense["labels"].dims == ("sequence", "frame", "individual", "label")
+    assert dense["labels"].chunks[:2] == tracks["position"].chunks[:2]
+    for name in ("frame", "individual", "frame_start", "n_frames", "sequence"):
+        np.testing.assert_array_equal(dense[name].values, tracks[name].values)
+    got = dense["labels"].compute().values
+    expected = np.zeros(got.shape, dtype=bool)
+    for s, seq in enumerate(tracks["sequence"].values):
+        path = gen.root / "labels" / "behavior" / "lab-run" / f"fish02__{seq}.npz"
+        with np.load(path, allow_pickle=False) as npz:
+            frames, labels, pairs = npz["frames"], npz["labels"], npz["individual_ids"]
+        start = int(tracks["frame_start"].values[s])
+        for f, lab, (a, _) in zip(frames, labels, pairs, strict=True):
+            slots = slice(None) if a == -1 else [list(tracks["individual"].values).index(a)]
+            expected[s, f - start, slots, lab] = True
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(tracks["n_frames"].values, [25, 40])
+    assert got[0, :25].any() and not got[0, 25:].any()  # padding past 25 frames holds nothing
+    assert got[1, 0, :, 1].all()  # fish02/speed2 starts at frame 5: scene event, label 5 // 3 % 3
+
+
+def test_labels_build_reads_headers_only(gen, monkeypatch):
+    ds = neurocube.open_behavior(gen.root)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("label events read while building")
+
+    monkeypatch.setattr("neurocube.datasets.behavior._read_label_events", boom)
+    with pytest.warns(NeurocubeWarning):
+        events = ds.labels()
+    dense = ds.labels_dense(groups="fish01")
+    assert events.sizes["event"] == 14 + 14 + 9 + 14  # every 3rd frame of 40, 40, 25, 40 frames
+    assert not any(np.isnan(c) for dim in events["frames"].chunks for c in dim)
+    with pytest.raises(AssertionError, match="read while building"):
+        events["frames"].compute()
+    with pytest.raises(AssertionError, match="read while building"):
+        dense["labels"].compute()
+
+
+class _Canary:
+    """Pickles as a call to ``Path.touch(path)``: unpickling it creates the file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (Path(self.path),))
+
+
+def test_untrusted_npz_is_never_unpickled(gen, tmp_path):
+    canary = tmp_path / "unpickled"
+    bomb = np.array([_Canary(canary)] * 3, dtype=object)
+    path = gen.root / "labels" / "behavior" / "lab-run" / "fish01__speed1__loop1.npz"
+    with np.load(path, allow_pickle=False) as npz:
+        members = {n: npz[n] for n in npz.files if n != "label_names"}
+    np.savez(path, **members, label_names=bomb)
+    tags_dir = gen.root / "labels" / "id_tags"
+    tags_dir.mkdir(parents=True)
+    np.savez(tags_dir / "fish01__speed1__loop1.npz", ids=bomb, focal=bomb)
+    (tags_dir / "index.csv").write_text(
+        "abs_path,group,sequence,label_kind,label_names\n"
+        "labels/id_tags/fish01__speed1__loop1.npz,fish01,speed1__loop1,id_tags,focal\n"
+    )
+    ds = neurocube.open_behavior(gen.root)
+    with pytest.warns(NeurocubeWarning, match=r"\['label_names'\].*Pass trusted=True"):
+        events = ds.labels(groups="fish01", sequences="speed1__loop1")
+    events.compute()
+    ds.labels_dense(groups="fish01", sequences="speed1__loop1").compute()
+    ds.labels_at_frame("fish01", "speed1__loop1", 3)
+    ds.labels_for_individual("fish01", "speed1__loop1", 1)
+    with pytest.warns(NeurocubeWarning, match=r"\['focal', 'ids'\].*Pass trusted=True"):
+        tags = ds.id_tags(groups="fish01")
+    assert tags[("fish01", "speed1__loop1")]["fields"] == ["focal"]
+    assert tags[("fish01", "speed1__loop1")]["labels"] == {}
+    assert not canary.exists()
+    ds.id_tags(groups="fish01", trusted=True)  # the caller's explicit trust: now it unpickles
+    assert canary.exists()
+
+
+def test_run_id_picks_an_older_run(gen):
+    """A second, newer run of one sequence wins by default; run_id= reads the older one."""
+    old = gen.files[("fish01", "speed1__loop1")]
+    newer = gen.root / "tracks" / "run-b" / old.name
+    newer.parent.mkdir()
+    table = pq.read_table(old)
+    doubled = table.set_column(
+        table.schema.get_field_index("X"), "X", pa_compute_multiply(table.column("X"), 2.0)
+    )
+    pq.write_table(doubled, newer, row_group_size=20)
+    index = gen.root / "tracks" / "index.csv"
+    lines = index.read_text().splitlines()
+    row = next(line for line in lines if line.startswith(f"tracks/convert-x.1-abc/{old.name}"))
+    newer_row = row.replace("tracks/convert-x.1-abc/", "tracks/run-b/", 1)
+    newer_row = newer_row.replace("convert-x.1-abc", "run-b").replace("2026-01-01", "2026-03-01")
+    index.write_text("\n".join([*lines, newer_row]) + "\n")
+    ds = neurocube.open_behavior(gen.root)
+    latest = ds.tracks(groups="fish01", sequences="speed1__loop1").compute()
+    assert latest.attrs["neurocube_sources"] == [str(newer.resolve())]
+    np.testing.assert_array_equal(latest["X"].values, pd.read_parquet(newer)["X"].to_numpy())
+    older = ds.tracks(groups="fish01", sequences="speed1__loop1", run_id="convert-x.1-abc")
+    np.testing.assert_array_equal(older["X"].values, pd.read_parquet(old)["X"].to_numpy())
+    pinned = neurocube.open_behavior(gen.root, run_id="convert-x.1-abc")
+    pinned_tracks = pinned.tracks(groups="fish01", sequences="speed1__loop1")
+    assert pinned_tracks.attrs["neurocube_sources"] == [str(old.resolve())]
+    with pytest.raises(SelectionError, match=r"no rows with run_id 'nope'.*run-b"):
+        ds.tracks(run_id="nope")
+
+
+def pa_compute_multiply(column, factor):
+    import pyarrow.compute as pc
+
+    return pc.multiply(column, factor)
+
+
+def test_legacy_flat_layout_values_match_pandas(tmp_path):
+    seqs = hierarchical(1, 2)
+    seqs[0].missing_frames = (0, 7)
+    seqs[1].nan_frames = (2,)
+    gen = make_dataset(tmp_path / "flat", seqs, layout="flat")
+    ds = neurocube.open_behavior(gen.root)
+    assert set(ds.catalog.tracks_table()["run_id"]) == {""}
+    out = ds.tracks().compute()
+    ref = _reference(gen)
+    for col in ("frame", "id", "X", "poseY2", "poseP1"):
+        np.testing.assert_array_equal(out[col].values, ref[col].to_numpy())
+    np.testing.assert_array_equal(out["sequence"].values, ref["sequence"].to_numpy())
+    dense = ds.to_dense().compute()
+    np.testing.assert_array_equal(dense["frame_start"].values, [1, 0])
+    assert np.isnan(dense["position"].values[0, 6]).all()  # frame 7 of seq 0 is missing
+    assert np.isnan(dense["position"].values[1, 2, :, :, 0]).all()  # NaN rows of id 0
