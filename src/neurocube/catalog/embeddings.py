@@ -321,7 +321,9 @@ def check_artifact(path: str, members: Mapping[str, NpzMember], metadata: Mappin
     Applies coco-pipe's validation rules to the member headers (no data read):
     required arrays present, 2-D window embeddings, a recording embedding as wide
     as the windows, window arrays as long as the embeddings; token files need
-    ``ndim >= 3`` and (for the native layout) a complete axis contract.
+    ``ndim >= 3`` and (for the native layout) a complete axis contract:
+    ``token_axes`` naming every axis from ``window``, ``token_observation_axes``,
+    ``token_feature_axis`` and ``token_source``.
 
     Raises
     ------
@@ -390,6 +392,14 @@ def _check_token_contract(path: str, metadata: Mapping[str, Any], ndim: int) -> 
         raise FormatError(f"{sidecar_path(path)}: token_observation_axes is missing or empty.")
     if not isinstance(feature, str) or not feature:
         raise FormatError(f"{sidecar_path(path)}: token_feature_axis is missing.")
+    source = metadata.get("token_source")
+    if not isinstance(source, str) or not source:
+        # coco-pipe's validator refuses a native token artifact without it, so its
+        # loader could not read a file written without it
+        raise FormatError(
+            f"{sidecar_path(path)}: token_source is missing; native token artifacts name the "
+            "model output their tokens come from (e.g. 'backbone')."
+        )
     if set(axes) != {"window", *observation, feature}:
         raise FormatError(
             f"{sidecar_path(path)}: every non-window token axis must be an observation axis or "

@@ -205,3 +205,16 @@ def test_guess_npz_embedding(tmp_path):
     fake.write_bytes(b"\x93NUMPY not a zip")
     fake.with_suffix(".json").write_text("{}")
     assert not guess_npz_embedding(fake)
+
+
+def test_native_token_contract_needs_token_source(tmp_path):
+    # coco-pipe's validator refuses a native token file without token_source; so do we
+    src = next(SAMPLE.rglob("*run-01_desc-cbramodEONative_tokens.npz"))
+    dst = tmp_path / src.name
+    shutil.copy(src, dst)
+    sidecar = json.loads(src.with_suffix(".json").read_text())
+    assert scan_artifact(src).kind == "token"
+    del sidecar["token_source"]
+    dst.with_suffix(".json").write_text(json.dumps(sidecar))
+    with pytest.raises(FormatError, match=r"_tokens\.json: token_source is missing"):
+        scan_artifact(dst)

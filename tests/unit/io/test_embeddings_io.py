@@ -159,7 +159,12 @@ def test_token_contract_required(tmp_path):
     meta = {"token_axes": ["window", "channel", "feature"], "token_feature_axis": "feature"}
     with pytest.raises(FormatError, match=r"token_observation_axes is missing"):
         save_embedding_derivative(arrays, path, meta)
-    meta.update(token_observation_axes=["channel"], token_source="backbone")
+    meta.update(token_observation_axes=["channel"])
+    # coco-pipe's validator refuses a native token file without token_source: never write one
+    with pytest.raises(FormatError, match=r"t_tokens\.json: token_source is missing"):
+        save_embedding_derivative(arrays, path, meta)
+    assert list(tmp_path.iterdir()) == []
+    meta.update(token_source="backbone")
     save_embedding_derivative(arrays, path, meta)
     side = json.loads(path.with_suffix(".json").read_text())
     assert side["token_dtype"] == "float16" and side["token_shape"] == [3, 2, 4]
