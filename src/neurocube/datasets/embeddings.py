@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from neurocube.catalog.embeddings import (
+    ARTIFACT_SUFFIX,
     EmbeddingArtifact,
     _select,
     guess_npz_embedding,
@@ -285,8 +286,9 @@ def open_embeddings(
     wrong_kind = [a.path for a in artifacts if a.kind != kind]
     if wrong_kind:
         raise FormatError(
-            f"{wrong_kind[0]}: is not a {kind} artifact, so it has no array for representation "
-            f"{representation!r} ({len(wrong_kind)} such files)."
+            f"{wrong_kind[0]}: is not {'a token' if kind == 'token' else 'a pooled embedding'} "
+            f"artifact, so it has no array for representation {representation!r} "
+            f"({len(wrong_kind)} such files). Pass *{ARTIFACT_SUFFIX[kind]} files for it."
         )
     _check_compatible(artifacts, representation)
 

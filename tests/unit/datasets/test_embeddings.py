@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -16,7 +18,13 @@ from hypothesis import strategies as st
 import neurocube
 import neurocube.sources.npz as npz_source
 from neurocube.datasets.embeddings import aggregate_mean, open_combined_table, write_combined_tables
-from neurocube.errors import DataNotFoundError, FormatError, SelectionError
+from neurocube.errors import (
+    DataNotFoundError,
+    FormatError,
+    SelectionError,
+    TruncatedFileError,
+    UnsafeDataError,
+)
 from neurocube.sources.files import IO_STATS
 from tests.fixtures.embeddings_tree import make_tree, recording_values, token_values, window_values
 
@@ -166,6 +174,118 @@ def test_stored_archives_are_memory_mapped(tmp_path, monkeypatch):
     np.testing.assert_array_equal(
         values, np.concatenate([window_values(r.number, r.n_windows, 6) for r in ordered])
     )
+
+
+def test_deflated_members_inflated_per_chunk(tree, monkeypatch):
+    # opening inflates nothing; computing one chunk inflates exactly that chunk's files
+    root, recordings = tree
+    inflated = []
+    real = npz_source._inflate
+
+    def spy(member, fh):
+        inflated.append((member.path, member.name))
+        return real(member, fh)
+
+    monkeypatch.setattr(npz_source, "_inflate", spy)
+    ds = neurocube.open_embeddings(root, "epoch", "cbramod", "EO", files_per_chunk=2)
+    assert inflated == []
+    chosen = sorted(
+        os.path.abspath(r.path)
+        for r in recordings
+        if r.model_key == "cbramod" and r.condition == "EO"
+    )
+    assert len(ds.embedding.data.chunks[0]) == len(chosen) // 2
+    block = ds.embedding.data.blocks[1].compute(scheduler="sync")
+    assert inflated == [(p, "window_embeddings") for p in chosen[2:4]]
+    np.testing.assert_array_equal(
+        block, np.concatenate([np.load(p)["window_embeddings"] for p in chosen[2:4]])
+    )
+
+
+def _corrupt_deflate_tail(path):
+    member = npz_source.read_npz_directory(path)["window_embeddings"]
+    assert member.compressed_size > 400  # the damage lies past the .npy header
+    raw = bytearray(path.read_bytes())
+    end = member.data_offset + member.compressed_size
+    raw[end - 120 : end - 40] = bytes(80)
+    path.write_bytes(bytes(raw))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def _drop_sidecar(path):
+    path.with_suffix(".json").unlink()
+
+
+def _list_sidecar(path):
+    path.with_suffix(".json").write_text('["not", "an", "object"]')
+
+
+def _object_member(path):
+    with np.load(path) as payload:
+        arrays = dict(payload)
+    arrays["window_start"] = arrays["window_start"].astype(object)
+    np.savez_compressed(path, **arrays)
+
+
+@pytest.mark.parametrize(
+    ("damage", "error", "message"),
+    [
+        (_truncate, TruncatedFileError, r"\.npz: not a complete NPZ"),
+        (_drop_sidecar, DataNotFoundError, r"\.json: missing embedding sidecar"),
+        (_list_sidecar, FormatError, r"\.json: expected a JSON object .* list"),
+        (_object_member, UnsafeDataError, r"\.npz: array 'window_start' has an object dtype"),
+    ],
+)
+def test_bad_artifact_in_a_tree_is_named_when_opening(tmp_path, damage, error, message):
+    recordings = make_tree(
+        tmp_path, models=("m",), conditions=("EO",), tokens=False, manifest=False
+    )
+    victim = recordings[3].path
+    damage(victim)
+    with pytest.raises(error, match=re.escape(str(victim)[: -len(".npz")]) + message):
+        neurocube.open_embeddings(tmp_path, "epoch")
+
+
+def test_corrupt_member_is_named_when_computing(tmp_path):
+    recordings = make_tree(
+        tmp_path,
+        models=("m",),
+        conditions=("EO",),
+        n_features={"m": 512},
+        windows_of=lambda n: 40,
+        tokens=False,
+        manifest=False,
+    )
+    victim = recordings[2].path
+    _corrupt_deflate_tail(victim)
+    ds = neurocube.open_embeddings(tmp_path, "epoch")  # headers are intact: opening works
+    with pytest.raises(
+        FormatError,
+        match=re.escape(victim.name) + r": array 'window_embeddings' (does not "
+        r"inflate|fails its CRC)",
+    ):
+        _ = ds.embedding.values
+
+
+def test_explicit_paths_checked_for_model_and_kind(tree):
+    _, recordings = tree
+    first = [r for r in recordings if r.condition == "EO" and r.subject == "01"]
+    paths = [r.path for r in first if r.session == "01"]  # one cbramod, one Labram
+    with pytest.raises(
+        FormatError,
+        match=r"Requested model_key='cbramod', but 1 artifacts hold another model, "
+        r"e\.g\. .*desc-LabramEOMean_embedding\.npz",
+    ):
+        neurocube.open_embeddings(paths, model_key="cbramod")
+    with pytest.raises(
+        FormatError,
+        match=r"desc-cbramodEONative_tokens\.npz: is not a pooled embedding artifact, so it "
+        r"has no array for representation 'epoch'",
+    ):
+        neurocube.open_embeddings([first[0].token_path], "epoch")
 
 
 def test_mixed_models_refused(tree):
@@ -325,6 +445,57 @@ def test_combined_tables_row_groups_and_roundtrip(tree):
             features = [c for c in plain.columns if c.startswith("embedding_")]
             np.testing.assert_array_equal(table.embedding.values, plain[features].to_numpy())
             np.testing.assert_array_equal(table.subject.values, plain["subject"].to_numpy(str))
+
+
+def test_combined_tables_stream_one_row_group_at_a_time(tmp_path, monkeypatch):
+    # each chunk is read, then written as one row group, before the next chunk is read:
+    # the writer never holds more than parallel_chunks chunks
+    recordings = make_tree(
+        tmp_path, models=("m",), conditions=("EO",), subjects=("01", "02", "03"), tokens=False
+    )
+    events: list[object] = []
+    real_inflate = npz_source._inflate
+    real_write = pq.ParquetWriter.write_table
+
+    def spy_inflate(member, fh):
+        events.append(member.name)
+        return real_inflate(member, fh)
+
+    def spy_write(self, table, *args, **kwargs):
+        events.append(table.num_rows)
+        return real_write(self, table, *args, **kwargs)
+
+    monkeypatch.setattr(npz_source, "_inflate", spy_inflate)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", spy_write)
+    # chunk_bytes=1: one file per chunk
+    written = write_combined_tables(
+        tmp_path, "m", ["EO"], ["epoch", "recording"], chunk_bytes=1, parallel_chunks=1
+    )
+    ordered = sorted(recordings, key=lambda r: str(r.path))
+    expected: list[object] = []
+    for r in ordered:  # epoch table: window_embeddings + window_index, then one row group
+        expected += [{"window_embeddings", "window_index"}, r.n_windows]
+    for _ in ordered:  # recording table
+        expected += [{"recording_embedding"}, 1]
+    got: list[object] = []
+    reads: set[str] = set()
+    for event in events:
+        if isinstance(event, str):
+            reads.add(event)
+        else:
+            got += [reads, event]
+            reads = set()
+    assert got == expected
+    for path, key in zip(written, ("window_embeddings", "recording_embedding"), strict=True):
+        metadata = pq.read_metadata(path)
+        assert metadata.num_row_groups == len(ordered)
+        plain = pq.read_table(path).to_pandas()
+        features = [c for c in plain.columns if c.startswith("embedding_")]
+        oracle = [np.load(r.path)[key] for r in ordered]
+        np.testing.assert_array_equal(
+            plain[features].to_numpy(),
+            np.concatenate(oracle) if key == "window_embeddings" else np.stack(oracle),
+        )
 
 
 def test_combined_table_open_is_lazy(tree, monkeypatch):
