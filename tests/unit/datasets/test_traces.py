@@ -506,6 +506,25 @@ def test_populate_roundtrip(tmp_path):
     assert not (tmp_path / "q.hdf5").exists()
 
 
+def test_populate_failing_part_way_leaves_no_file_or_the_old_one(tmp_path):
+    annotations = [
+        {"origin": f"rec{o}.xdf", "attrs": {"readout": "cmep"}, "traces": [{"id": 0}, {"id": 1}]}
+        for o in range(2)
+    ]
+    good = [[np.zeros(10), np.ones(10)], [np.zeros(10), np.ones(10)]]
+    bad = [good[0], [np.zeros(10), np.ones((2, 5, 2))]]  # found while writing origin 2
+    target = tmp_path / "p.hdf5"
+    with pytest.raises(FormatError, match=r"trace 1 of 'rec1\.xdf' is 3-D"):
+        nct.populate(target, annotations, bad)
+    assert list(tmp_path.iterdir()) == []
+    nct.populate(target, annotations, good)
+    before = target.read_bytes()
+    with pytest.raises(FormatError, match="is 3-D"):
+        nct.populate(target, annotations, bad)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["p.hdf5"]
+
+
 # -- two processes -------------------------------------------------------------------
 
 

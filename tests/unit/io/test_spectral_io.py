@@ -151,6 +151,79 @@ def test_failure_part_way_keeps_the_old_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["keep.h5"]
 
 
+def test_failure_while_computing_leaves_no_file(tmp_path):
+    import dask.array as da
+
+    def block(x, block_info=None):
+        if block_info[0]["chunk-location"][0] == 3:
+            raise RuntimeError("source unreadable (block 3)")
+        return x
+
+    vectors = da.ones((800, 6), chunks=(100, 6)).map_blocks(block, dtype=float)
+    with pytest.raises(RuntimeError, match="block 3"):
+        nio.save_spectral(
+            tmp_path / "never.h5", {"eigenvalues": np.ones(6), "eigenvectors": vectors}
+        )
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary sibling
+
+
+_DISK_FULL = """
+import json, resource, signal, sys
+from pathlib import Path
+import numpy as np
+import neurocube.io as nio
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of a kill
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+big = np.random.default_rng(0).normal(size=(300, 300))  # > 64 KiB in every format
+writers = {
+    "s.h5": lambda p: nio.save_spectral(p, {"eigenvalues": np.ones(3), "eigenvectors": big}),
+    "c.tsv": lambda p: nio.save_connectome(p, big),
+    "g.func.gii": lambda p: nio.save_gifti_func(p, big),
+    "a.npz": lambda p: nio.save_npz(p, a=big),
+}
+errors = {}
+for folder in sys.argv[1:]:
+    for name, write in writers.items():
+        try:
+            write(Path(folder) / name)
+            errors[f"{folder}/{name}"] = None
+        except OSError as exc:
+            errors[f"{folder}/{name}"] = exc.errno
+print(json.dumps(errors), flush=True)
+# HDF5 cannot close a file whose writes failed; its atexit clean-up of that id can crash
+# the interpreter, so leave without it (the writers' own clean-up has run by now)
+import os
+os._exit(0)
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="POSIX file-size limits")
+def test_disk_full_part_way_leaves_no_file_or_the_old_one(tmp_path):
+    """A real write failure (the file-size limit hit part way), in a child process."""
+    import errno
+    import json
+    import subprocess
+    import sys
+
+    fresh, kept = tmp_path / "fresh", tmp_path / "kept"
+    fresh.mkdir()
+    kept.mkdir()
+    names = ["s.h5", "c.tsv", "g.func.gii", "a.npz"]
+    for name in names:
+        (kept / name).write_bytes(b"the previous version")
+    result = subprocess.run(
+        [sys.executable, "-c", _DISK_FULL, str(fresh), str(kept)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    assert errors == {f"{d}/{n}": errno.EFBIG for d in (fresh, kept) for n in names}
+    assert list(fresh.iterdir()) == []
+    assert sorted(p.name for p in kept.iterdir()) == sorted(names)
+    assert all((kept / n).read_bytes() == b"the previous version" for n in names)
+
+
 def test_unknown_inputs_are_refused(tmp_path):
     with pytest.raises(FormatError, match=r"unknown arrays \['eigvals'\]"):
         nio.save_spectral(tmp_path / "x.h5", {"eigvals": np.ones(3)})
