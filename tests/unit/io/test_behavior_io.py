@@ -216,3 +216,77 @@ def test_save_tracks_validates_and_stays_inside(tmp_path):
     with pytest.raises(UnsafePathError, match="outside the dataset"):
         save_tracks(ds_root, "g", "s", table.drop(columns=["SPEED"]), run_id="r2")
     assert not (tmp_path / "escaped").exists()
+
+
+def _snapshot(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_mtime_ns) for p in folder.rglob("*"))
+
+
+def test_writers_refuse_roots_a_prefix_map_sends_outside(tmp_path):
+    """Absolute roots remapped by prefix onto a folder outside the dataset: nothing writes there."""
+    import shutil
+
+    root = (tmp_path / "ds").resolve()
+    m = Manifest.create(root)
+    for key in ("tracks", "tracks_raw"):
+        m.roots[key] = str(root / key)
+    m.save()
+    m.ensure_roots()
+    raw = tmp_path / "raw"
+    trex_export(raw / "v_fish0.npz", 0)
+    neurocube.index_tracks_raw(root, raw)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(root / "tracks_raw", elsewhere / "tracks_raw")
+    (elsewhere / "tracks").mkdir()
+    ds = neurocube.open_behavior(root)
+    path_map = {str(root): str(elsewhere)}
+    expected = {"tracks": str(elsewhere / "tracks"), "tracks_raw": str(elsewhere / "tracks_raw")}
+    assert ds.remap_roots(path_map, dry_run=True) == expected
+    assert Manifest.load(root).roots["tracks"] == str(root / "tracks")  # dry run wrote nothing
+    assert ds.remap_roots(path_map) == expected
+    assert Manifest.load(root).roots["tracks"] == str(elsewhere / "tracks")
+    before = _snapshot(elsewhere)
+    with pytest.raises(UnsafePathError, match=r"root 'tracks_raw' is .*elsewhere.*outside"):
+        neurocube.index_tracks_raw(ds, raw)
+    with pytest.raises(UnsafePathError, match=r"root 'tracks' is .*elsewhere.*outside"):
+        neurocube.convert_tracks(ds)
+    table = pd.DataFrame({c: [0] for c in ("frame", "time", "id", "X", "Y")})
+    with pytest.raises(UnsafePathError, match=r"root 'tracks' is .*outside the dataset"):
+        save_tracks(ds, "g", "s", table, run_id="r1")
+    with pytest.raises(UnsafePathError, match="outside the dataset"):
+        ds.rewrite_index_paths({str(raw.resolve()): "/moved/raw"})  # that index lies outside
+    shutil.rmtree(elsewhere / "tracks")
+    assert ds.ensure_roots() == []  # roots outside are never created
+    assert not (elsewhere / "tracks").exists()
+    assert _snapshot(elsewhere) == [e for e in before if e[0] != "tracks"]
+
+
+def test_writers_refuse_a_symlinked_root_leading_outside(tmp_path):
+    root = tmp_path / "ds"
+    Manifest.create(root).save()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "tracks").symlink_to(outside, target_is_directory=True)
+    table = pd.DataFrame({c: [0] for c in ("frame", "time", "id", "X", "Y")})
+    with pytest.raises(UnsafePathError, match="outside the dataset"):
+        save_tracks(root, "g", "s", table, run_id="r1")
+    with pytest.raises(UnsafePathError, match="outside the dataset"):
+        Manifest.load(root).set_root("features", "tracks/features")
+    assert list(outside.iterdir()) == []
+
+
+def test_convert_partial_inf_becomes_nan_row_kept(tmp_path):
+    ds_root = tmp_path / "ds"
+    Manifest.create(ds_root).save()
+    raw = tmp_path / "raw"
+    src = trex_export(raw / "v_fish3.npz", 3, lost=())
+    src["poseX1"][5] = np.inf  # one keypoint lost at frame 5, the centroid still tracked
+    src["poseY1"][5] = -np.inf
+    np.savez(raw / "v_fish3.npz", **src)
+    neurocube.index_tracks_raw(ds_root, raw)
+    table = pd.read_parquet(neurocube.convert_tracks(ds_root)[0]).set_index("frame")
+    assert len(table) == 60 and set(table["id"]) == {3}
+    assert np.isnan(table.loc[5, "poseX1"]) and np.isnan(table.loc[5, "poseY1"])
+    assert table.loc[5, "X"] == pytest.approx(src["X#wcentroid"][5] / CM_PER_PX)
+    assert table.loc[5, "poseX0"] == pytest.approx(src["poseX0"][5] / CM_PER_PX)
+    np.testing.assert_allclose(table["time"].to_numpy(), src["time"])
