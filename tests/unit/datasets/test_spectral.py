@@ -280,3 +280,38 @@ def test_many_refuses_disagreeing_shapes(tmp_path):
         neurocube.open_spectral_many(twins)
     with pytest.raises(FormatError, match="no paths"):
         neurocube.open_spectral_many([])
+
+
+@pytest.mark.slow
+def test_large_chunked_eigenvectors_match_h5py(tmp_path):
+    """A 100k x 120 float64 matrix (96 MB) with h5py's automatic chunks, gzip 4, as written
+    by the original: more than one Dask chunk, each a block of whole HDF5 chunks."""
+    path = tmp_path / "sub-01_hemi-L_spectral.h5"
+    n_vertices, n_modes = 100_000, 120
+    with h5py.File(path, "w") as h5:
+        dset = h5.create_dataset(
+            "eigenvectors", shape=(n_vertices, n_modes), dtype="f8", chunks=True,
+            compression="gzip", compression_opts=4,
+        )  # fmt: skip
+        for start in range(0, n_vertices, 25_000):
+            rows = np.arange(start, start + 25_000)[:, None]
+            dset[start : start + 25_000] = np.sin(rows * (np.arange(n_modes) + 1) * 1e-4)
+        hchunks = dset.chunks
+        h5.attrs["spectralbrain_version"] = "0.1.0"
+    ds = neurocube.open_spectral(path)
+    vecs = ds.eigenvectors.data
+    assert vecs.npartitions > 1
+    assert np.prod([max(c) for c in vecs.chunks]) * 8 <= 64 * 2**20  # about 64 MiB at most
+    for axis, hchunk in enumerate(hchunks):
+        edges = np.cumsum(vecs.chunks[axis])[:-1]
+        assert all(edge % hchunk == 0 for edge in edges), (vecs.chunks, hchunks)
+    with h5py.File(path, "r") as h5:
+        expected = h5["eigenvectors"][()]
+    np.testing.assert_array_equal(ds.eigenvectors.values, expected)
+    block = slice(40_000, 60_000)
+    np.testing.assert_array_equal(
+        ds.eigenvectors.isel(vertex=block).values, expected[block]
+    )
+    np.testing.assert_array_equal(
+        ds.eigenvectors.isel(mode=slice(0, 20)).values, expected[:, :20]
+    )
