@@ -237,7 +237,12 @@ class Manifest:
                 f"{type(data).__name__}."
             )
         version = data.get("manifest_version", MANIFEST_VERSION)
-        if not isinstance(version, int) or version > MANIFEST_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise FormatError(
+                f"{manifest_path}: manifest_version must be an integer (3), found {version!r}; "
+                "fix the manifest."
+            )
+        if version > MANIFEST_VERSION:
             raise FormatError(
                 f"{manifest_path}: manifest_version {version!r} is newer than this reader "
                 f"(knows up to {MANIFEST_VERSION}); upgrade neurocube."
@@ -394,9 +399,15 @@ class Manifest:
         return changes
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
-        """Write the manifest atomically (to ``path`` or where it was read); return the file."""
+        """Write the manifest atomically (to ``path`` or where it was read); return the file.
+
+        A manifest read without a ``manifest_version`` is written with
+        ``manifest_version: 3`` first; every other key is written as it is.
+        """
         from neurocube.io.behavior import save_manifest
 
+        if "manifest_version" not in self.data:
+            self.data = {"manifest_version": MANIFEST_VERSION, **self.data}
         target = Path(path) if path is not None else self.path
         save_manifest(self.data, target)
         return target

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -292,3 +293,67 @@ def test_missing_and_bad_indexes(tmp_path):
     (tmp_path / "tracks" / "index.csv").write_text("group,sequence\ng,s\n")
     with pytest.raises(FormatError, match="no 'abs_path' column"):
         BehaviorCatalog(tmp_path).list_groups()
+
+
+# ----------------------------------------------------------------------------- audit additions
+
+
+def test_sample_manifest_survives_a_save(sample):
+    original = yaml.safe_load((sample / "dataset.yaml").read_text())
+    m = Manifest.load(sample)
+    m.save()
+    again = yaml.safe_load((sample / "dataset.yaml").read_text())
+    assert again["manifest_version"] == 3
+    assert again["meta"] == original["meta"]
+    assert {k: again[k] for k in original} == original  # every key and value kept
+    assert list(again)[: len(original)] == list(original)  # in their order
+
+
+def test_manifest_version_written_and_checked(tmp_path):
+    (tmp_path / "dataset.json").write_text('{"name": "old", "roots": {}}')
+    m = Manifest.load(tmp_path)
+    m.save()
+    saved = json.loads((tmp_path / "dataset.json").read_text())
+    assert next(iter(saved)) == "manifest_version" and saved["manifest_version"] == 3
+    assert saved["name"] == "old"
+    (tmp_path / "dataset.json").write_text('{"manifest_version": "3"}')
+    with pytest.raises(FormatError, match=r"manifest_version must be an integer \(3\), found '3'"):
+        Manifest.load(tmp_path)
+
+
+def test_sequence_metadata_custom_separator(tmp_path):
+    write_manifest(tmp_path)
+    rows = [
+        {"abs_path": "tracks/a.parquet", "group": "exp1-arenaA", "sequence": "day2-h03"},
+        {"abs_path": "tracks/b.parquet", "group": "", "sequence": "exp2-arenaB-day1-h10"},
+    ]
+    write_index(tmp_path / "tracks" / "index.csv", TRACKS_COLUMNS, rows)
+    cat = BehaviorCatalog(tmp_path)
+    meta = cat.sequence_metadata(["experiment", "arena", "day", "hour"], separator="-")
+    assert meta[["experiment", "arena", "day", "hour"]].values.tolist() == [
+        ["exp2", "arenaB", "day1", "h10"],  # blank group: the sequence alone is split
+        ["exp1", "arenaA", "day2", "h03"],
+    ]
+    default = cat.sequence_metadata(["experiment", "rest"])  # "__" joins group and sequence
+    assert list(default["experiment"]) == ["exp2-arenaB-day1-h10", "exp1-arenaA"]
+    assert list(default["rest"]) == ["", "day2-h03"]
+    assert "experiment" not in cat.sequence_metadata().columns
+    with pytest.raises(SelectionError, match="level name 'group' clashes"):
+        cat.sequence_metadata(["group"])
+    assert cat.query_sequences(group_startswith="exp1", sequence_endswith="h03") == [
+        ("exp1-arenaA", "day2-h03")
+    ]
+    assert cat.query_sequences(group_endswith="") == [
+        ("", "exp2-arenaB-day1-h10"), ("exp1-arenaA", "day2-h03")
+    ]  # fmt: skip
+
+
+def test_resolve_path_longest_prefix_wins(tmp_path):
+    write_manifest(tmp_path / "ds")
+    path_map = {"/lab": str(tmp_path / "short"), "/lab/fast": str(tmp_path / "long")}
+    cat = BehaviorCatalog(tmp_path / "ds", path_map=path_map)
+    assert cat.resolve_path("/lab/fast/t.parquet") == tmp_path / "long" / "t.parquet"
+    assert cat.resolve_path("/lab/slow/t.parquet") == tmp_path / "short" / "slow" / "t.parquet"
+    assert cat.resolve_path("/labx/t.parquet") == Path("/labx/t.parquet")  # whole components only
+    with pytest.raises(FormatError, match="empty path in an index row"):
+        cat.resolve_path("  ")
