@@ -184,7 +184,7 @@ _STATE_LOCK = threading.Lock()
 class _Stream:
     """One sequential reader of a ``.gz`` that records seek points as it goes."""
 
-    def __init__(self, path: str, *, uncompressed_size: int = 0) -> None:
+    def __init__(self, path: str, *, uncompressed_size: int = 0, indexing: bool = True) -> None:
         self.path = path
         self.kind: str
         self.handle: Any
@@ -210,9 +210,8 @@ class _Stream:
         self._bars = contextlib.ExitStack()
         from neurocube.progress import progress_bar
 
-        self.bar = self._bars.enter_context(
-            progress_bar(uncompressed_size or None, f"indexing {Path(path).name}")
-        )
+        label = f"{'indexing' if indexing else 'reading'} {Path(path).name}"
+        self.bar = self._bars.enter_context(progress_bar(uncompressed_size or None, label))
 
     def use_indexed_gzip(self) -> None:
         """Switch to indexed_gzip (after rapidgzip failed on a damaged file).
@@ -446,7 +445,7 @@ def read_range(spec: GzipIndexSpec, start: int, view: memoryview, *, data_end: i
 
     def _open_stream() -> _Stream:
         IO_STATS.add_open()
-        return _Stream(spec.path, uncompressed_size=data_end)
+        return _Stream(spec.path, uncompressed_size=data_end, indexing=index_path is not None)
 
     stream_key = (spec.path, index_path)
     stream, lock = _STREAMS.acquire(stream_key, _open_stream)
@@ -471,8 +470,12 @@ def read_range(spec: GzipIndexSpec, start: int, view: memoryview, *, data_end: i
             stream.at_eof()
             _store_index(stream, spec)
             stream.exported = finished = True
-    if finished and os.path.exists(index_path or ""):
-        _STREAMS.discard(stream_key)  # later reads go through the index, in parallel
+        elif index_path is None and start + len(view) >= data_end:
+            finished = True  # streaming only (index=False, small maps read eagerly): done
+    if finished and (index_path is None or os.path.exists(index_path)):
+        # Later reads go through the index, in parallel; a stream kept open would also keep
+        # its inflate threads out of the budget of the next file's first read.
+        _STREAMS.discard(stream_key)
 
 
 @atexit.register

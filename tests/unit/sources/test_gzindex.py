@@ -245,3 +245,18 @@ def test_read_only_cache_folder_falls_back_to_streaming(gz_file, tmp_path):
         assert index_files(cache) == []
     finally:
         os.chmod(cache / "gzindex", 0o755)
+
+
+def test_streams_without_an_index_close_at_the_end_of_the_data(gz_file, tmp_path):
+    # A mask read from a .nii.gz (streamed, never indexed) must not keep its stream, and with
+    # it its share of the inflate threads, open for the rest of the process.
+    mask_path = tmp_path / "mask.nii.gz"
+    mask = np.zeros(SHAPE[:3], np.uint8)
+    mask[1:4, 2:6, 3:7] = 1
+    nib.Nifti1Image(mask, nib.load(str(gz_file)).affine).to_filename(str(mask_path))
+    ds = neurocube.open_nifti(gz_file, mask=mask_path, chunks=7, cache_dir=tmp_path / "cache")
+    assert len(gzindex._STREAMS) == 0 and gzindex._STREAM_THREADS_IN_USE == 0
+    np.testing.assert_allclose(ds.data.values, nib.load(str(gz_file)).get_fdata()[mask > 0].T)
+    streamed = neurocube.open_nifti(gz_file, chunks=7, index=False)
+    np.testing.assert_allclose(streamed.data.values, nib.load(str(gz_file)).get_fdata())
+    assert len(gzindex._STREAMS) == 0 and gzindex._STREAM_THREADS_IN_USE == 0
