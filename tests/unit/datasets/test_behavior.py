@@ -143,6 +143,15 @@ def test_sample_label_queries(sample):
     one = ds.labels_for_individual(SAMPLE_GROUP, SAMPLE_SEQUENCE, 1, frame_range=(0, 5))
     np.testing.assert_array_equal(one["frames"], [0, 1, 2, 3, 4])
     assert ds.labels_for_individual(SAMPLE_GROUP, SAMPLE_SEQUENCE, 7)["frames"].size == 0
+    path = sample / "labels" / "behavior" / "convert-labels-calms21_npy.0.2-66b4fd96be"
+    with np.load(next(path.glob("*.npz")), allow_pickle=False) as npz:
+        frames, labels, pairs = npz["frames"], npz["labels"], npz["individual_ids"]
+    for frame in (0, 11, 19):
+        for ident in (0, 1, 5):
+            got = ds.labels_at_frame(SAMPLE_GROUP, SAMPLE_SEQUENCE, frame, individual_id=ident)
+            keep = (frames == frame) & (pairs == ident).any(axis=1)
+            np.testing.assert_array_equal(got["labels"], labels[keep])
+            np.testing.assert_array_equal(got["individual_ids"], pairs[keep])
 
 
 def test_open_and_build_read_no_data(sample, monkeypatch):

@@ -290,3 +290,23 @@ def test_convert_partial_inf_becomes_nan_row_kept(tmp_path):
     assert table.loc[5, "X"] == pytest.approx(src["X#wcentroid"][5] / CM_PER_PX)
     assert table.loc[5, "poseX0"] == pytest.approx(src["poseX0"][5] / CM_PER_PX)
     np.testing.assert_allclose(table["time"].to_numpy(), src["time"])
+
+
+def test_tracks_index_update_is_atomic(tmp_path, monkeypatch):
+    ds_root = tmp_path / "ds"
+    Manifest.create(ds_root).save()
+    table = pd.DataFrame({c: [0, 1] for c in ("frame", "time", "id", "X", "Y")})
+    save_tracks(ds_root, "g", "s", table, run_id="r1")
+    index = ds_root / "tracks" / "index.csv"
+    before = index.read_text()
+    original = pd.DataFrame.to_csv
+
+    def crash(self, path, *args, **kwargs):
+        original(self.iloc[:1], path, *args, **kwargs)  # half the table reaches the temp file
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_tracks(ds_root, "g", "t", table, run_id="r1")
+    assert index.read_text() == before
+    assert sorted(p.name for p in index.parent.iterdir()) == ["index.csv", "r1"]
