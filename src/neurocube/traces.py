@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 
 from neurocube.datasets.traces import (
+    _origin_groups,
+    _trace_sort_key,
     attrs_token,
     decode_attr,
     encode_attr,
@@ -172,8 +174,28 @@ def set_attrs_many(
         shutil.copyfile(local, tmp)
         shutil.copymode(local, tmp)
         with h5py.File(tmp, "r+") as h5:
+            locations = _trace_locations(h5, local)  # once: a walk per update is O(n) each
+            origin_raws: dict[str, dict[str, Any]] = {}
             for index, attrs in updates.items():
-                _write_trace_attrs(h5, local, index, attrs, allow_new_keys)
+                if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not (
+                    0 <= int(index) < len(locations)
+                ):
+                    locate_trace(h5, index, local)  # raises the SelectionError that says why
+                origin, name = locations[int(index)]
+                if origin not in origin_raws:
+                    origin_raws[origin] = read_raw_attrs(h5[origin])
+                _write_trace_attrs(
+                    h5, local, index, (origin, name), origin_raws[origin], attrs, allow_new_keys
+                )
+
+
+def _trace_locations(h5: Any, local: str) -> list[tuple[str, str]]:
+    """``(origin, name)`` of every trace, in global index order (as :func:`locate_trace`)."""
+    return [
+        (origin, str(name))
+        for origin, group in _origin_groups(h5, local)
+        for name in sorted(group.keys(), key=_trace_sort_key)
+    ]
 
 
 def _check_origin_of(local: str, index: int, attrs: Mapping[str, Any]) -> None:
@@ -202,12 +224,17 @@ def _check_origin_of(local: str, index: int, attrs: Mapping[str, Any]) -> None:
 
 
 def _write_trace_attrs(
-    h5: Any, local: str, index: int, attrs: Mapping[str, Any], allow_new_keys: bool
+    h5: Any,
+    local: str,
+    index: int,
+    location: tuple[str, str],
+    origin_raw: Mapping[str, Any],
+    attrs: Mapping[str, Any],
+    allow_new_keys: bool,
 ) -> None:
-    origin, name = locate_trace(h5, index, local)
+    origin, name = location
     dset = h5[origin][_TRACES][name]
     trace_raw = read_raw_attrs(dset)
-    origin_raw = read_raw_attrs(h5[origin])
     token = attrs.get("cache_file_token")
     if token is not None and token != attrs_token(trace_raw):
         raise AttributeMismatchError(

@@ -450,6 +450,30 @@ def test_set_attrs_many_is_all_or_nothing(editable):
     assert not [p for p in editable.parent.iterdir() if p.name.endswith(".tmp.hdf5")]
 
 
+def test_set_attrs_many_across_origins_hits_the_right_datasets(cache):
+    updates = {}
+    for index in (13, 2, 10, 12):  # rec1.xdf/1, rec0.xdf/2, rec0.xdf/10, rec1.xdf/0
+        attrs = nct.get_attrs(cache, index)
+        attrs["comment"] = f"edited {index}"
+        updates[index] = attrs
+    nct.set_attrs_many(cache, updates)
+    expected = {("rec1.xdf", "1"): 13, ("rec0.xdf", "2"): 2, ("rec0.xdf", "10"): 10,
+                ("rec1.xdf", "0"): 12}  # fmt: skip
+    with h5py.File(cache, "r") as h5:
+        for origin in h5:
+            for name, dset in h5[origin]["traces"].items():
+                comment = dset.attrs["comment"]
+                if (origin, name) in expected:
+                    assert comment == f"edited {expected[origin, name]}"
+                else:
+                    assert not comment.startswith("edited"), (origin, name)
+    before = cache.read_bytes()
+    stray = {**nct.get_attrs(cache, 0), "cache_file_index": 15}
+    with pytest.raises(SelectionError, match="no trace 15; the file holds 15 traces"):
+        nct.set_attrs_many(cache, {0: nct.get_attrs(cache, 0), 15: stray})
+    assert cache.read_bytes() == before
+
+
 # -- merge / populate ----------------------------------------------------------------
 
 
