@@ -47,6 +47,7 @@ __all__ = [
     "open_hdf5",
     "pooled_file",
     "read_selection",
+    "release_file",
     "stat_key",
     "trace_stack_dask_array",
 ]
@@ -62,6 +63,7 @@ HDF5_POOL = HandlePool(maxsize=32)
 
 _OPEN_LOCK = threading.Lock()
 _CURRENT_KEY: dict[str, tuple[str, str, int, int]] = {}
+_KEYS_OF_PATH: dict[str, set[tuple[str, str, int, int]]] = {}  # every key pooled, per path
 
 
 def is_hdf5(path: str | os.PathLike[str]) -> bool:
@@ -152,11 +154,37 @@ def pooled_file(path: str, size: int, mtime_ns: int) -> Iterator[h5py.File]:
     with _OPEN_LOCK:
         previous = _CURRENT_KEY.get(path)
         _CURRENT_KEY[path] = key
+        _KEYS_OF_PATH.setdefault(path, set()).add(key)
     if previous is not None and previous != key and previous[3] < mtime_ns:
         HDF5_POOL.discard(previous)  # the file was replaced: free the old inode's handle
     handle, lock = HDF5_POOL.acquire(key, lambda: open_hdf5(path))
     with lock:
         yield handle
+
+
+def release_file(path: str | os.PathLike[str]) -> bool:
+    """Close this process's pooled read handle of ``path``, if it has one.
+
+    While HDF5 has a file open it holds a shared lock on it, so a program that
+    rewrites the file *in place* (offspect's own ``set_trace_attrs``, ``h5py``
+    in ``"r+"`` mode) fails with "unable to lock file" as long as neurocube keeps
+    its handle in :data:`HDF5_POOL`. Call this (on a cluster:
+    ``client.run(release_file, path)``) before such an edit. neurocube's own
+    writers replace files by rename and never need it. Datasets opened earlier
+    still work: their next read opens the file again.
+
+    Returns
+    -------
+    bool
+        Whether this process had opened the file through the pool.
+    """
+    local = str(Path(str(path).removeprefix("file://")).expanduser().absolute())
+    with _OPEN_LOCK:
+        _CURRENT_KEY.pop(local, None)
+        keys = _KEYS_OF_PATH.pop(local, set())
+    for key in keys:  # the current version and any older one an earlier Dataset still reads
+        HDF5_POOL.discard(key)
+    return bool(keys)
 
 
 @dataclass(frozen=True)

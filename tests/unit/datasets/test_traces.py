@@ -604,6 +604,40 @@ def test_writers_never_disturb_a_reader_nor_each_other(editable):
         assert h5["template_R001.xdf/traces/0"].attrs["onset_shift"] == "30"
 
 
+_IN_PLACE_EDIT = """
+import sys, h5py
+try:
+    with h5py.File(sys.argv[1], "r+", libver="latest", swmr=True) as h5:  # offspect's write_file
+        h5["template_R001.xdf/traces/0"].attrs["comment"] = "edited in place"
+    print("written")
+except OSError as exc:
+    print(f"refused: {exc}")
+"""
+
+
+def test_release_file_lets_an_in_place_writer_in(editable):
+    import os
+    import subprocess
+    import sys
+
+    if os.environ.get("HDF5_USE_FILE_LOCKING", "").upper() == "FALSE":
+        pytest.skip("HDF5 file locking is switched off here")
+    ds = neurocube.open_traces(editable, use_cache=False)
+    first = ds.data.values  # the pool now holds a read handle, and with it HDF5's lock
+
+    def edit_elsewhere() -> str:
+        cmd = [sys.executable, "-c", _IN_PLACE_EDIT, str(editable)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout.strip()
+
+    assert edit_elsewhere().startswith("refused: ")
+    assert "unable to lock file" in edit_elsewhere()
+    assert h5src.release_file(editable) is True
+    assert edit_elsewhere() == "written"
+    assert h5src.release_file(editable) is False  # nothing pooled any more
+    np.testing.assert_array_equal(ds.data.values, first)  # the old Dataset opens it again
+    assert neurocube.open_traces(editable).comment.values[0] == "edited in place"
+
+
 def test_catalog_cache_skips_attribute_reads_and_follows_edits(editable, monkeypatch):
     import neurocube.datasets.traces as traces_module
 
