@@ -342,14 +342,33 @@ class Subject:
         volume, _ = self._volume(path)
         return volume
 
-    def _roi_grid_mask(self, query: roi_ops.RoiQuery, brain: np.ndarray) -> np.ndarray:
+    def _roi_grid_mask(
+        self, query: roi_ops.RoiQuery, brain: np.ndarray, *, category: str | None = None
+    ) -> np.ndarray:
         categories = self.roi_categories("volume")
         if not categories:
             raise DataNotDownloadedError(
                 f"{self._subject_id}: no volume ROI on disk; expected files under "
                 f"{self.root}/derivatives/rois/{self._subject_id}/<category>/. Download the ROIs."
             )
-        pairs = roi_ops.resolve_roi_query(query, categories, where=self._subject_id)
+        if category is not None:  # one known (category, name) pair
+            pairs = [(category, str(query))]
+        else:
+            tokens = [query] if isinstance(query, str) else list(query)
+            anywhere = self.roi_categories("any")
+            known = {n for names in categories.values() for n in names} | set(categories)
+            elsewhere = [
+                t for t in tokens if isinstance(t, str) and t != "all" and t not in known
+                and (t in anywhere or any(t in names for names in anywhere.values()))
+            ]
+            if elsewhere:
+                raise SelectionError(
+                    f"{self._subject_id}: ROI {elsewhere} has no volume file on the functional "
+                    f"grid (..._res-1pt8_label-<ROI>_mask.nii.gz) under {self.root}/derivatives/"
+                    f"rois/{self._subject_id}/; only surface (.func.gii/.label) or other-"
+                    "resolution files exist. Use roi_data() for those."
+                )
+            pairs = roi_ops.resolve_roi_query(query, categories, where=self._subject_id)
         volumes = []
         for category, name in pairs:
             volume = self._roi_volume(category, name)
@@ -417,24 +436,23 @@ class Subject:
             raise SelectionError(
                 f"format={format!r}: expected one of {sorted(allowed)} or None"
             )
-        hemis = {"L", "R"} if hemi in (None, "all") else {hemi}
-        if not hemis <= {"L", "R"}:
+        if hemi in (None, "all"):
+            hemis = {"L", "R"}
+        elif isinstance(hemi, str) and hemi in ("L", "R"):
+            hemis = {hemi}
+        else:
             raise SelectionError(f"hemi={hemi!r}: expected 'L', 'R', 'all' or None")
         pairs = roi_ops.resolve_roi_query(query, self.roi_categories("any"), where=self._subject_id)
         wanted = allowed[fmt]
+        on_grid = self.roi_categories("volume")
         out: dict[str, dict[str, Any]] = {}
         for category, name in pairs:
             entry = out.setdefault(name, {})
-            if "volume" in wanted and not self._rows("roi", category=category, label=name)[
-                "fmt"
-            ].isin(["nii.gz", "nii"]).empty:
+            # A volume entry only for ROIs with a volume on the functional grid (res-1pt8 or
+            # the older atlases layout); a res-1pt5 volume does not align with the voxel axis.
+            if "volume" in wanted and name in on_grid.get(category, []):
                 brain, _ = self._brain(mask_source)
-                try:
-                    entry["volume"] = roi_ops.roi_union(
-                        [self._roi_volume(category, name)], brain
-                    )[brain]
-                except IndexError:
-                    pass  # only a non-functional-grid volume exists
+                entry["volume"] = self._roi_grid_mask(name, brain, category=category)[brain]
             for h in sorted(hemis):
                 for kind in ("func.gii", "label"):
                     if kind not in wanted:
@@ -529,11 +547,22 @@ class Subject:
         stimuli = self._stimulus_table(required=False)
         frames = []
         for session in self._sessions:
-            frames.append(_read_trial_table(self.trials_path(session), session))
+            path = self.trials_path(session)
+            # Annotated per session: sessions may follow different layouts (``label`` or the
+            # older ``stimulus_id``), and a concatenation would put NaN in the missing column.
+            frames.append(_annotate_trials(_read_trial_table(path, session), stimuli, path))
         table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         if table.empty:
             return table
-        table = _annotate_trials(table, stimuli, self.trials_path(self._sessions[0]))
+        for column in table.columns:  # a column only some sessions have: "" (text) or -1 (ints)
+            if table[column].isna().any():
+                ints = all(
+                    f[column].dtype.kind in "iu" for f in frames if column in f.columns
+                )
+                table[column] = (
+                    table[column].fillna(-1).astype(np.int64) if ints
+                    else table[column].fillna("").astype(str)
+                )
         table.index = pd.RangeIndex(len(table), name="trial")
         return table
 

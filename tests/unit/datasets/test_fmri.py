@@ -469,3 +469,179 @@ def test_sample_bucket_against_nibabel():
     data = sub.roi_data("hlvis")
     assert data["hlvis"]["gii"]["hemi-L"]["label"].tolist() == [0, 1]
     assert sub.noise_ceiling(desc="12rep").sizes["voxel"] == sub.n_voxels()
+
+
+# ------------------------------------------------------------------ audit: layouts and edge cases
+
+
+def test_older_trial_tables_with_stimulus_id(bucket, tmp_path):
+    # FORMATS.md §1: older fixtures carry stimulus_id (no label), joined against the metadata
+    # CSV's unique_or_shared. Sessions of one subject may differ: ses-01 names the image,
+    # ses-02 gives the CSV row number, ses-03 keeps the current label column.
+    root = _copy_subject(bucket, tmp_path)
+    glm = root / "derivatives/glmsingle-tedana/sub-02"
+    csv = pd.read_csv(root / "stimuli/task-images_metadata.csv")
+    row_of = {name: i for i, name in enumerate(csv.image_name)}
+    current = {s: pd.read_csv(next((glm / s / "func").glob("*_trials.tsv")), sep="\t")
+               for s in SESSIONS}
+    for ses, by_row in (("ses-01", False), ("ses-02", True)):
+        table = current[ses].copy()
+        names = table.label.str.split("_", n=1).str[1]
+        table["stimulus_id"] = [str(row_of[n]) for n in names] if by_row else names
+        tsv = next((glm / ses / "func").glob("*_trials.tsv"))
+        table.drop(columns="label").to_csv(tsv, sep="\t", index=False)
+    sub = neurocube.open_subject(root, "sub-02")
+    meta = sub.metadata
+    want_names = pd.concat([current[s].label.str.split("_", n=1).str[1] for s in SESSIONS],
+                           ignore_index=True)
+    assert meta.image_name.tolist() == want_names.tolist()
+    assert (csv.image_name.to_numpy()[meta.stim_idx.to_numpy()] == want_names.to_numpy()).all()
+    want_kind = csv.unique_or_shared.to_numpy()[meta.stim_idx.to_numpy()]
+    assert meta.unique_or_shared.tolist() == want_kind.tolist()
+    assert meta.label.tolist()[:48] == [""] * 48  # the column only ses-03 has
+    assert meta.stimulus_id.tolist()[48:] == [""] * 24
+    ds = sub.betas(SESSIONS, roi="face", stimuli="unique")
+    want, table, _ = oracle(bucket.root, "sub-02", SESSIONS, roi="face", stimuli="unique")
+    np.testing.assert_allclose(ds.betas.values, want, rtol=1e-6, equal_nan=True)
+    assert ds.image_name.values.tolist() == table.label.str.split("_", n=1).str[1].tolist()
+    # an id that is neither an image name nor a CSV row
+    tsv = next((glm / "ses-01/func").glob("*_trials.tsv"))
+    broken = pd.read_csv(tsv, sep="\t", dtype=str)
+    broken.loc[3, "stimulus_id"] = "no_such_image"
+    broken.to_csv(tsv, sep="\t", index=False)
+    with pytest.raises(FormatError, match=r"stimulus_id 'no_such_image' is neither an "
+                                          r"image_name nor a row of the stimuli metadata CSV"):
+        _ = neurocube.open_subject(root, "sub-02").metadata
+    (root / "stimuli/task-images_metadata.csv").unlink()
+    with pytest.raises(FormatError, match=r"older trial table \(stimulus_id, no label\) needs "
+                                          r"stimuli/task-images_metadata\.csv"):
+        _ = neurocube.open_subject(root, "sub-02").metadata
+
+
+def test_older_r2_mask_is_the_rsquare_source(bucket, tmp_path):
+    # FORMATS.md §1 older layout: a desc-meanR2gt15mask_mask brain mask instead of R2mean.
+    root = _copy_subject(bucket, tmp_path)
+    glm = root / "derivatives/glmsingle-tedana/sub-01"
+    r2 = next(glm.glob("*desc-R2mean_statmap.nii.gz"))
+    image = nib.load(r2)
+    values = image.get_fdata()
+    with np.errstate(invalid="ignore"):
+        legacy = (values > 0.15) & ~np.isnan(values)
+    assert 0 < legacy.sum() < _inside(values).sum()
+    nib.Nifti1Image(legacy.astype(np.uint8), image.affine).to_filename(
+        glm / "sub-01_task-images_space-T1w_desc-meanR2gt15mask_mask.nii.gz")
+    r2.unlink()
+    sub = neurocube.open_subject(root, "sub-01")
+    np.testing.assert_array_equal(sub.brain_mask("rsquare"), legacy.ravel())
+    ds = sub.betas(["ses-01", "ses-03"], roi="place", nc_threshold=10, mask_source="rsquare")
+    selection = legacy & np.logical_or(*(bucket.subjects["sub-01"].rois[n] for n in ("PPA", "OPA")))
+    for ses in ("ses-01", "ses-03"):
+        with np.errstate(invalid="ignore"):
+            selection &= bucket.subjects["sub-01"].noise_ceilings[ses] >= 10
+    blocks = [_load(bucket.subjects["sub-01"].betas_paths[s])[selection].T
+              for s in ("ses-01", "ses-03")]
+    np.testing.assert_allclose(ds.betas.values, np.concatenate(blocks), rtol=1e-6,
+                               equal_nan=True)
+
+
+def test_scaled_int16_betas(tmp_path):
+    # The existing streaming loader ignores scl_slope/scl_inter (FORMATS.md §1): neurocube
+    # must return the scaled values, as nibabel does.
+    truth = make_bucket(tmp_path, subjects=1, sessions=3, trials=10, grid=(6, 7, 5),
+                        dtype="int16", stimuli=False, seed=5)
+    path = truth.subjects["sub-01"].betas_paths["ses-02"]
+    image = nib.load(path)
+    slope = float(image.dataobj.slope)  # nibabel moves scl_slope from the header to dataobj
+    assert image.get_data_dtype() == np.int16 and slope != 1.0  # really a scaled file
+    sub = neurocube.open_subject(tmp_path, "sub-01")
+    ds = sub.betas(SESSIONS, roi="all", nc_threshold=5)
+    want, _, _ = oracle(tmp_path, "sub-01", SESSIONS, roi="all", nc=5)
+    assert ds.betas.dtype == np.float32
+    # float32 rounding of raw * slope + inter, far below one quantum (slope) of the file
+    np.testing.assert_allclose(ds.betas.values, want, rtol=1e-6, atol=1e-2 * abs(slope))
+
+
+def test_roi_formats_and_resolutions(bucket, tmp_path):
+    root = _copy_subject(bucket, tmp_path)
+    rois = root / "derivatives/rois/sub-01"
+    # a ROI published only as surface files, and one only at the anatomical 1pt5 resolution
+    (rois / "body").mkdir()
+    for hemi in "LR":
+        for src in (rois / "place").glob(f"*hemi-{hemi}*label-PPA_mask.*"):
+            shutil.copy(src, rois / "body" / src.name.replace("PPA", "EBA"))
+    ppa = next((rois / "place").glob("*res-1pt8_label-PPA_mask.nii.gz"))
+    shutil.copy(ppa, rois / "body" / "sub-01_space-T1w_res-1pt5_label-FBA_mask.nii.gz")
+    sub = neurocube.open_subject(root, "sub-01")
+    data = sub.roi_data("body")
+    assert sorted(data) == ["EBA", "FBA"]
+    assert "volume" not in data["EBA"] and sorted(data["EBA"]["gii"]) == ["hemi-L", "hemi-R"]
+    assert data["FBA"] == {}  # nothing on the functional grid, no surface file
+    assert list(sub.roi_data("PPA", format="volume")["PPA"]) == ["volume"]
+    np.testing.assert_array_equal(sub.roi_data("PPA", format="nii.gz")["PPA"]["volume"],
+                                  sub.roi_mask("PPA"))
+    with pytest.raises(SelectionError, match=r"\['EBA'\] has no volume file on the functional "
+                                             r"grid .* Use roi_data\(\)"):
+        sub.betas("ses-01", roi=["PPA", "EBA"])
+    with pytest.raises(SelectionError, match=r"format='surface': expected one of"):
+        sub.roi_data("PPA", format="surface")
+    with pytest.raises(SelectionError, match=r"hemi=\['L'\]: expected 'L', 'R', 'all' or None"):
+        sub.roi_data("PPA", hemi=["L"])  # type: ignore[arg-type]
+
+
+def test_embeddings_are_lazy_and_follow_repeats(bucket, monkeypatch):
+    from neurocube.sources import hdf5
+
+    original = hdf5.read_selection
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an HDF5 data read while the graph was built")
+
+    monkeypatch.setattr(hdf5, "read_selection", refuse)
+    sub = neurocube.open_subject(bucket.root, "sub-01")
+    emb = sub.stimulus_embeddings("CLIP", trials_per_chunk=7)
+    images = sub.images
+    segmentations = sub.segmentations
+    assert isinstance(emb.embedding.data, dask.array.Array)
+    assert isinstance(segmentations.masks.data, dask.array.Array)
+    monkeypatch.setattr(hdf5, "read_selection", original)
+    meta = sub.metadata
+    repeated = meta.image_name[meta.image_name.duplicated(keep=False)]
+    assert len(repeated) >= 2 * 6  # shared images shown more than once
+    with h5py.File(bucket.root / "stimuli/task-images_desc-CLIP_embeddings.h5") as h5:
+        ids = [v.decode() for v in h5["image_ids"][()]]
+        matrix = h5["embedding"][()]
+    rows = np.asarray([ids.index(n) for n in meta.image_name])
+    assert not (np.diff(rows) > 0).all()  # the lookup is neither sorted nor unique
+    np.testing.assert_array_equal(emb.embedding.values, matrix[rows])
+    first, second = repeated.index[0], repeated[repeated == repeated.iloc[0]].index[1]
+    np.testing.assert_array_equal(emb.embedding.sel(trial=first).values,
+                                  emb.embedding.sel(trial=second).values)
+    assert images[int(first)] == images[int(second)]
+
+
+def test_to_nifti_replaces_atomically(bucket, tmp_path):
+    sub = neurocube.open_subject(bucket.root, "sub-01")
+    target = tmp_path / "map.nii.gz"
+    n = sub.n_voxels()
+    sub.to_nifti(np.ones(n, np.float32), target)
+    before = target.read_bytes()
+    with pytest.raises(GridMismatchError, match=rf"{n - 1} values for {n} selected voxels"):
+        sub.to_nifti(np.zeros(n - 1), target)
+    assert target.read_bytes() == before  # a failed call leaves the old file
+    sub.to_nifti(np.full(n, 2.0, np.float32), target)
+    assert np.nanmax(_load(target)) == 2.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.nii.gz"]  # no temp left
+
+
+def test_noise_ceiling_selection_and_lists(bucket):
+    sub = neurocube.open_subject(bucket.root, "sub-02")
+    truth = bucket.subjects["sub-02"]
+    with pytest.raises(SelectionError, match="exactly one of session="):
+        sub.noise_ceiling(session="ses-01", desc="12rep")
+    rsq = _inside(truth.r2mean)
+    got = sub.noise_ceiling(session=["ses-02"], roi="OFA", mask_source="rsquare")
+    assert got.noise_ceiling.dims == ("session", "voxel")  # a list, even of one, gives a dim
+    np.testing.assert_allclose(got.noise_ceiling.values[0],
+                               truth.noise_ceilings["ses-02"][rsq & truth.rois["OFA"]],
+                               equal_nan=True)
+    assert np.isnan(sub.noise_ceiling(session="ses-01").values).any()  # NaN voxels stay NaN
