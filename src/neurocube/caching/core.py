@@ -35,6 +35,11 @@ ZSTD_LEVEL = 1
 
 _DATAARRAY_VARIABLE = "__neurocube_dataarray__"
 
+# Object dtype tagged as "variable-length str" (xarray's own convention). A Dask variable of
+# this dtype is written as Zarr strings chunk by chunk; a plain object dtype would make xarray
+# compute the whole variable in memory first, just to find out that it holds strings.
+_VLEN_STR = np.dtype("O", metadata={"element_type": str})
+
 Cacheable = TypeVar("Cacheable", xr.Dataset, xr.DataArray)
 
 # identity (data variable names and Dask names) of an object this process returned from the
@@ -326,7 +331,7 @@ def _prepare(
         if variable.dtype.kind == "U" or (variable.dtype == object and _all_str(variable)):
             # Variable-length strings have a stable Zarr v3 type; fixed-width '<U' does not.
             string_dtypes[name] = variable.dtype.str
-            variable = variable.astype(object)
+            variable = variable.astype(_VLEN_STR)
             replacements[name] = variable
         var_encoding: dict[str, Any] = {"compressors": [zarr.codecs.ZstdCodec(level=ZSTD_LEVEL)]}
         if _is_dask(variable):
