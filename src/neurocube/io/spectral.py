@@ -67,7 +67,11 @@ def validate_spectral_metadata(metadata: Mapping[str, Any], where: str = "") -> 
         if value is None:
             problems.append(f"{key!r}: None cannot be stored (drop the key or use a string)")
         elif isinstance(value, (str, bool, int, float)):
-            clean[key] = value
+            problem = _scalar_problem(value)
+            if problem:
+                problems.append(f"{key!r}: {problem}")
+            else:
+                clean[key] = value
         elif isinstance(value, Mapping):
             problems.append(f"{key!r}: nested dicts cannot be stored (flatten them into keys)")
         elif isinstance(value, (list, tuple, np.ndarray)):
@@ -78,6 +82,9 @@ def validate_spectral_metadata(metadata: Mapping[str, Any], where: str = "") -> 
                 problems.append(f"{key!r}: a list with None cannot be stored")
             elif any(isinstance(item, (list, tuple, dict, np.ndarray)) for item in items):
                 problems.append(f"{key!r}: nested lists cannot be stored (flatten them)")
+            elif any(_scalar_problem(item) for item in items):
+                first = next(p for p in map(_scalar_problem, items) if p)
+                problems.append(f"{key!r}: an item {first}")
             elif items and all(isinstance(item, str) for item in items):
                 clean[key] = items
             elif all(isinstance(item, (bool, int, float, np.generic)) for item in items):
@@ -93,6 +100,21 @@ def validate_spectral_metadata(metadata: Mapping[str, Any], where: str = "") -> 
             + "; ".join(problems)
         )
     return clean
+
+
+def _scalar_problem(value: Any) -> str:
+    """Why HDF5 cannot hold this scalar as an attribute ("" if it can)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "holds a NUL character, which HDF5 strings cannot store"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "is not valid Unicode (lone surrogates cannot be stored as UTF-8)"
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if not -(2**63) <= value < 2**64:  # int64, or uint64 when non-negative
+            return f"{value} does not fit in 64 bits (store it as a string or a float)"
+    return ""
 
 
 def _collect_arrays(ds_or_arrays: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

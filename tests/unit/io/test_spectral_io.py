@@ -122,6 +122,10 @@ def test_dask_arrays_are_written_chunk_by_chunk(tmp_path, monkeypatch):
         ({"mixed": [1, "a"]}, r"'mixed': a list mixing"),
         ({"x": object()}, r"'x': values of type object"),
         ({"hole": [1, None]}, r"'hole': a list with None"),
+        ({"big": 2**70}, r"'big': 1180591620717411303424 does not fit in 64 bits"),
+        ({"bigs": [1, -(2**63) - 1]}, r"'bigs': an item -9223372036854775809 does not fit"),
+        ({"nul": "a\x00b"}, r"'nul': holds a NUL character"),
+        ({"surrogate": "\udcff"}, r"'surrogate': is not valid Unicode"),
     ],
 )
 def test_bad_metadata_is_refused_before_writing(tmp_path, metadata, message):
