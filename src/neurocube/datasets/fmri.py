@@ -491,8 +491,17 @@ class Subject:
         custom = None
         if mask is not None:
             if isinstance(mask, (str, os.PathLike)):
-                volume, _ = self._volume(str(mask))
+                volume, mask_affine = self._volume(str(mask))
                 custom = roi_ops.coerce_selection_mask(volume, brain, source=str(mask))
+                _, brain_affine = self._brain(mask_source)
+                if not np.allclose(mask_affine, brain_affine, atol=1e-3):
+                    raise GridMismatchError(
+                        f"mask {mask}: same shape as the functional grid but another affine "
+                        f"than the {mask_source} brain mask {self.brain_mask_path(mask_source)}"
+                        f".\nmask affine:\n{np.round(mask_affine, 4)}\nbrain-mask affine:\n"
+                        f"{np.round(brain_affine, 4)}\nResample the mask onto the functional "
+                        "grid."
+                    )
             else:
                 custom = roi_ops.coerce_selection_mask(mask, brain, source=self._subject_id)
         ncs: list[np.ndarray] = []

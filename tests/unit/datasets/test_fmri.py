@@ -645,3 +645,22 @@ def test_noise_ceiling_selection_and_lists(bucket):
                                truth.noise_ceilings["ses-02"][rsq & truth.rois["OFA"]],
                                equal_nan=True)
     assert np.isnan(sub.noise_ceiling(session="ses-01").values).any()  # NaN voxels stay NaN
+
+
+def test_custom_mask_as_nifti_path(bucket, tmp_path):
+    sub = neurocube.open_subject(bucket.root, "sub-01")
+    truth = bucket.subjects["sub-01"]
+    rng = np.random.default_rng(8)
+    custom = np.where(rng.random(truth.grid) < 0.4, -1.0, np.nan)  # negative = inside, NaN out
+    path = tmp_path / "custom.nii.gz"
+    nib.Nifti1Image(custom.astype(np.float32), truth.affine).to_filename(path)
+    want, _, _ = oracle(bucket.root, "sub-01", ["ses-02"], custom=_inside(custom), nc=10)
+    got = sub.betas("ses-02", mask=path, nc_threshold=10)
+    np.testing.assert_allclose(got.betas.values, want, rtol=1e-6, equal_nan=True)
+    shifted = truth.affine.copy()
+    shifted[0, 3] += 5.0
+    moved = tmp_path / "moved.nii.gz"
+    nib.Nifti1Image(custom.astype(np.float32), shifted).to_filename(moved)
+    with pytest.raises(GridMismatchError, match=r"moved\.nii\.gz: same shape as the functional "
+                                                r"grid but another affine"):
+        sub.betas("ses-02", mask=moved)
