@@ -1,4 +1,4 @@
-"""Dask distributed end to end: the NIfTI reader and the Zarr cache on process-based workers.
+"""Dask distributed end to end: every reader and the Zarr cache on process-based workers.
 
 One ``LocalCluster`` (2 worker processes, 1 thread each, a memory limit per
 worker) serves the whole module. Tasks carry paths and specs; each worker opens
@@ -19,6 +19,7 @@ import xarray as xr
 import neurocube
 from neurocube.caching.keys import fingerprint
 from tests.fixtures.nifti import AFFINE, analytic_values, write_nifti
+from tests.unit.caching._reader_cases import READERS
 
 distributed = pytest.importorskip("distributed")
 
@@ -170,3 +171,24 @@ def test_subject_betas_on_the_cluster_match_threads(client, tmp_path):
     xr.testing.assert_identical(ds.compute(), ds.compute(scheduler="threads"))
     cached = neurocube.cache(ds, store=tmp_path / "c")
     xr.testing.assert_identical(cached.compute(), ds.compute(scheduler="threads"))
+
+
+def _executed_count(dask_worker) -> int:  # runs on each worker
+    return int(dask_worker.state.executed_count)
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_every_reader_on_the_cluster_matches_threads_and_caches_there(client, tmp_path, reader):
+    case = READERS[reader](tmp_path / "input")
+    ds = case.open()
+    executed_before = sum(client.run(_executed_count).values())
+
+    on_cluster = ds.compute()  # the module's client is the default scheduler
+    assert sum(client.run(_executed_count).values()) > executed_before  # the workers ran it
+    threaded = ds.compute(scheduler="threads")
+    xr.testing.assert_identical(on_cluster, threaded)
+    case.check(on_cluster)
+
+    cached = neurocube.cache(ds, store=tmp_path / "c")  # chunks written by the workers
+    xr.testing.assert_identical(cached.compute(), threaded)  # read back on the cluster
+    case.check(cached.compute(scheduler="threads"))
