@@ -704,6 +704,15 @@ class Subject:
                     f"{self.trials_path(ses)} has {len(table)} rows; expected one row per volume."
                 )
             if keep_kind is not None:
+                unknown = table["unique_or_shared"] == ""
+                if unknown.any():
+                    raise FormatError(
+                        f"{self.trials_path(ses)}: stimuli={stimuli!r} needs each trial's "
+                        f"shared/unique flag, unknown for {int(unknown.sum())} trials (e.g. label "
+                        f"{str(table['image_name'][unknown].iloc[0])!r}): expected labels "
+                        "starting with 'shared_'/'unique_' or the image listed in "
+                        "stimuli/task-images_metadata.csv. Download the stimuli folder."
+                    )
                 keep = (table["unique_or_shared"] == keep_kind).to_numpy()
                 if not keep.all():
                     data = data[np.flatnonzero(keep)]

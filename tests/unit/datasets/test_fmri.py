@@ -664,3 +664,21 @@ def test_custom_mask_as_nifti_path(bucket, tmp_path):
     with pytest.raises(GridMismatchError, match=r"moved\.nii\.gz: same shape as the functional "
                                                 r"grid but another affine"):
         sub.betas("ses-02", mask=moved)
+
+
+def test_stimuli_filter_needs_the_shared_flag(bucket, tmp_path):
+    # labels without the shared_/unique_ prefix and no metadata CSV: the flag is unknown, so
+    # filtering must refuse rather than silently drop every trial
+    root = _copy_subject(bucket, tmp_path)
+    tsv = next((root / "derivatives/glmsingle-tedana/sub-01/ses-01/func").glob("*_trials.tsv"))
+    table = pd.read_csv(tsv, sep="\t")
+    table["label"] = table.label.str.split("_", n=1).str[1]
+    table.to_csv(tsv, sep="\t", index=False)
+    sub = neurocube.open_subject(root, "sub-01")
+    assert sub.betas("ses-01", stimuli="shared").sizes["trial"] == 12  # the CSV knows the flag
+    (root / "stimuli/task-images_metadata.csv").unlink()
+    sub = neurocube.open_subject(root, "sub-01")
+    assert sub.betas("ses-01").sizes["trial"] == 24  # no filter: fine without the CSV
+    with pytest.raises(FormatError, match=r"_trials\.tsv: stimuli='shared' needs each trial's "
+                                          r"shared/unique flag, unknown for 24 trials"):
+        sub.betas("ses-01", stimuli="shared")
