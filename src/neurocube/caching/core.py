@@ -359,21 +359,33 @@ def _prepare(
 
 def _reopen(root: CacheRoot, entry: str, marker: dict[str, Any]) -> xr.Dataset | xr.DataArray:
     with _quiet_zarr():
-        dataset = xr.open_zarr(root.zarr_store(entry), consolidated=False, zarr_format=3, chunks={})
-    restored: dict[str, Any] = {}
-    for name, dtype in marker.get("string_dtypes", {}).items():
-        if name in dataset.variables:
-            restored[name] = dataset[name].variable.astype(np.dtype(dtype))
-    # Coordinates that were in memory come back in memory, loaded in one pass.
-    to_load = [n for n in marker.get("in_memory_coords", []) if n in dataset.variables]
-    lazy = [restored.get(n, dataset[n].variable) for n in to_load]
-    loaded = dask.compute(*[v.data for v in lazy], scheduler="synchronous")
-    for name, variable, values in zip(to_load, lazy, loaded, strict=True):
-        restored[name] = variable.copy(data=values)
-    coords = {n: v for n, v in restored.items() if n in dataset.coords}
-    data_vars = {n: v for n, v in restored.items() if n not in dataset.coords}
-    if coords:
-        dataset = dataset.assign_coords(coords)
+        # Opened without Dask: the coordinates that were in memory are read straight from the
+        # store (a Dask graph per small array cost twice the read itself); every other variable
+        # gets Dask chunks equal to its Zarr chunks, named after the entry and its creation, so
+        # every reopen of one entry gives the same names and a rebuilt entry new ones.
+        plain = xr.open_zarr(root.zarr_store(entry), consolidated=False, zarr_format=3, chunks=None)
+        in_memory = set(marker.get("in_memory_coords", []))
+        string_dtypes = marker.get("string_dtypes", {})
+        token = dask.base.tokenize(
+            root.url, marker.get("key"), marker.get("created_unix"), marker.get("fingerprint")
+        )
+        coords: dict[Hashable, xr.Variable] = {}
+        data_vars: dict[Hashable, xr.Variable] = {}
+        for name, variable in plain.variables.items():
+            if name in plain.indexes:
+                if name in string_dtypes:  # an index is in memory already: just its dtype
+                    coords[name] = variable.astype(np.dtype(string_dtypes[name]))
+                continue
+            if name in in_memory:
+                variable = variable.load()
+            elif variable.ndim:
+                chunks = variable.encoding.get("preferred_chunks", {})
+                dask_name = f"neurocube-cached-{name}-{dask.base.tokenize(token, name, chunks)}"
+                variable = variable.chunk(chunks, from_array_kwargs={"name": dask_name})
+            if name in string_dtypes:
+                variable = variable.astype(np.dtype(string_dtypes[name]))
+            (coords if name in plain.coords else data_vars)[name] = variable
+    dataset = plain.assign_coords(coords) if coords else plain
     if data_vars:
         dataset = dataset.assign(data_vars)
     result: xr.Dataset | xr.DataArray = dataset

@@ -195,6 +195,8 @@ def test_overwrite_rebuilds(tmp_path, betas_path):
     assert marker["created_unix"] >= created
     np.testing.assert_array_equal(again.data.values, first.data.values)
     assert len(_entries(tmp_path)) == 1
+    # A rebuilt entry gets new Dask names (no stale results from Dask's or a cluster's memory).
+    assert again.data.data.name != first.data.data.name
 
 
 def test_default_store_is_the_cache_folder(betas_path):
