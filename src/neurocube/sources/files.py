@@ -205,6 +205,15 @@ class HandlePool:
             with entry[1]:
                 _close_quietly(entry[0])
 
+    def discard_matching(self, predicate: Callable[[Hashable], bool]) -> None:
+        """Close and forget every handle whose key satisfies ``predicate``."""
+        with self._lock:
+            keys = [key for key in self._handles if predicate(key)]
+            entries = [self._handles.pop(key) for key in keys]
+        for handle, lock in entries:
+            with lock:
+                _close_quietly(handle)
+
     def clear(self) -> None:
         """Close every handle."""
         with self._lock:

@@ -15,14 +15,22 @@ data:
   libraries release the GIL) and in any order.
 
 Index files are keyed by the file's identity (path, size, mtime, hash of its
-first and last MiB): a changed file gets a new index. A cache folder that
-cannot be written falls back to streaming, with a warning.
+first and last MiB), in two steps so that opening a file reads nothing but its
+header: the index's *name* comes from the path, size and mtime (a ``stat``),
+and its JSON sidecar records the hash of the ends, which is checked against the
+file once per process and file version, inside the first read task that uses
+the index (that task reads the file anyway). A file rewritten with the same
+size and mtime thus keeps the name, fails the check, and its stale index is
+deleted with an :class:`IndexRebuildWarning`; the read streams and stores a new
+one. A cache folder that cannot be written falls back to streaming, with a
+warning.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import json
 import os
 import struct
@@ -103,7 +111,7 @@ class IndexWriteWarning(NeurocubeWarning):
 
 
 class IndexRebuildWarning(NeurocubeWarning):
-    """A cached gzip index was damaged: it was deleted and is rebuilt by streaming."""
+    """A cached gzip index was damaged or stale: it was deleted and is rebuilt by streaming."""
 
 
 @dataclass(frozen=True)
@@ -129,9 +137,26 @@ class GzipIndexSpec:
 def auto_index_path(
     path: str | os.PathLike[str], cache: str | os.PathLike[str] | None = None
 ) -> Path:
-    """Return where the index of ``path`` lives in the cache folder (keyed by its identity)."""
-    ident = file_identity(path)
-    return config.cache_dir(cache) / "gzindex" / f"{Path(ident.path).name}.{ident.digest}.gzidx"
+    """Return where the index of ``path`` lives in the cache folder.
+
+    The name comes from the resolved path, the size and the mtime (one
+    ``stat``, no read). The hash of the file's first and last MiB, the rest of
+    its identity, is recorded in the index's sidecar and checked when the
+    index is first used (:func:`read_range`).
+
+    Raises
+    ------
+    DataNotFoundError
+        If ``path`` does not exist.
+    """
+    local = Path(path).expanduser().resolve()
+    try:
+        st = local.stat()
+    except FileNotFoundError as exc:
+        raise DataNotFoundError(f"{local}: no such file") from exc
+    text = f"{local}\0{st.st_size}\0{st.st_mtime_ns}"
+    digest = hashlib.sha256(text.encode()).hexdigest()[:32]
+    return config.cache_dir(cache) / "gzindex" / f"{local.name}.{digest}.gzidx"
 
 
 def check_index(index_path: str | os.PathLike[str], gz_path: str | os.PathLike[str]) -> None:
@@ -179,6 +204,65 @@ _INDEXED = HandlePool(maxsize=32)  # key: (path, index_path, thread id) -> index
 _STREAMS = HandlePool(maxsize=8)  # key: (path, index_path) -> _Stream (shared, locked)
 _BROKEN_INDEX_DIRS: set[str] = set()
 _STATE_LOCK = threading.Lock()
+# Cached indexes whose sidecar matched the file, per (path, index, size, mtime, ctime): the ends
+# are hashed once per process and file version, not per chunk. ctime changes with any rewrite,
+# even one that puts the old size and mtime back.
+_VERIFIED: set[tuple[str, str, int, int, int]] = set()
+_VERIFY_LOCK = threading.Lock()
+
+
+def _version(path: str, index_path: str) -> tuple[str, str, int, int, int]:
+    st = os.stat(path)
+    return (path, index_path, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _cached_index_usable(spec: GzipIndexSpec, index_path: str) -> bool:
+    """Return True if the cached index at ``index_path`` belongs to ``spec.path`` as it is now.
+
+    Its sidecar must record the file's size and the hash of its first and
+    last MiB. A stale index (the file was rewritten, e.g. with the same size
+    and mtime) or one without a readable sidecar is deleted with an
+    :class:`IndexRebuildWarning` and False is returned: the caller streams and
+    stores a new one. An explicit index was checked when the file was opened.
+    """
+    if spec.explicit:
+        return True
+    try:
+        version = _version(spec.path, index_path)
+    except FileNotFoundError as exc:
+        raise DataNotFoundError(
+            f"{spec.path}: no such file (it was removed after it was opened)"
+        ) from exc
+    if version in _VERIFIED:
+        return True
+    with _VERIFY_LOCK:
+        if version in _VERIFIED:
+            return True
+        if not os.path.exists(index_path):  # another thread found it stale and deleted it
+            return False
+        sidecar = Path(index_path).with_suffix(".json")
+        try:
+            recorded = json.loads(sidecar.read_text())
+            if not isinstance(recorded, dict):
+                raise ValueError(f"expected a JSON object, found {type(recorded).__name__}")
+        except (OSError, ValueError) as exc:
+            _discard_cached_index(
+                spec, index_path, f"has no readable identity sidecar {sidecar.name} ({exc})"
+            )
+            return False
+        ident = file_identity(spec.path)
+        if recorded.get("size") != ident.size or recorded.get("ends_sha256") != ident.ends_sha256:
+            _discard_cached_index(
+                spec,
+                index_path,
+                f"is stale: it was built for a file of {recorded.get('size')} bytes whose first/"
+                f"last MiB hash to {str(recorded.get('ends_sha256'))[:12]}..., but the file now "
+                f"has {ident.size} bytes hashing to {ident.ends_sha256[:12]}... (rewritten, "
+                "possibly with the same size and modification time)",
+            )
+            return False
+        _VERIFIED.add(version)
+        return True
 
 
 class _Stream:
@@ -227,6 +311,10 @@ class _Stream:
         self.kind = "indexed_gzip"
         _release_stream_threads(self.threads)
         self.threads = 0
+
+    def untouched(self) -> bool:
+        """Return True while nothing has been read through this stream (no seek points yet)."""
+        return self._high_water == 0 and not self.exported
 
     def seek(self, offset: int) -> None:
         self.handle.seek(offset)
@@ -361,10 +449,13 @@ def _store_index(stream: _Stream, spec: GzipIndexSpec) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         stream.export(str(dense))
         thin_index(dense, tmp, SPACING)
+        version = _version(spec.path, str(target))
         target.with_suffix(".json").write_text(
             json.dumps({"format": "GZIDX", **file_identity(spec.path).as_dict()})
         )
         os.replace(tmp, target)
+        with _VERIFY_LOCK:
+            _VERIFIED.add(version)  # built from this very version: no need to hash it again
     except OSError as exc:
         _warn_unwritable(target.parent, exc)
     finally:
@@ -390,20 +481,33 @@ def _unusable_index(spec: GzipIndexSpec, index_path: str, exc: BaseException) ->
             "file. Delete it, or pass index='auto' to let neurocube build one in its cache "
             "folder."
         ) from exc
+    _discard_cached_index(spec, index_path, f"is damaged ({exc})")
+
+
+def _discard_cached_index(spec: GzipIndexSpec, index_path: str, problem: str) -> None:
+    """Delete a cached index (and its sidecar) that cannot serve ``spec.path``, with a warning.
+
+    ``problem`` completes "the cached gzip index of <file> ...". Raises
+    :class:`IndexMismatchError` if the index cannot be deleted (never reads
+    through it).
+    """
     with _STATE_LOCK:
         for stale in (Path(index_path), Path(index_path).with_suffix(".json")):
             with contextlib.suppress(OSError):
                 stale.unlink()
+    _INDEXED.discard_matching(  # readers that loaded the old index (or hold the old file)
+        lambda key: isinstance(key, tuple) and key[:2] == (spec.path, index_path)
+    )
     if os.path.exists(index_path):
         raise IndexMismatchError(
-            f"{index_path}: the cached gzip index of {spec.path} is damaged ({exc}) and cannot "
-            "be deleted; delete it by hand, or pass index=False to stream."
-        ) from exc
+            f"{index_path}: the cached gzip index of {spec.path} {problem} and cannot be "
+            "deleted; delete it by hand, or pass index=False to stream."
+        )
     warnings.warn(
-        f"{index_path}: the cached gzip index of {spec.path} is damaged ({exc}); it was deleted "
-        "and this read streams the file, storing a new index.",
+        f"{index_path}: the cached gzip index of {spec.path} {problem}; it was deleted and "
+        "this read streams the file, storing a new index.",
         IndexRebuildWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
 
 
@@ -427,9 +531,16 @@ def read_range(spec: GzipIndexSpec, start: int, view: memoryview, *, data_end: i
     With a usable index this seeks directly (one handle per thread, parallel).
     Without one it reads through the shared per-process stream, which records
     seek points; once the stream has passed ``data_end`` the index is stored.
+    A cached index is checked against the file (the hash of its ends, in its
+    sidecar) the first time this process uses it for this version of the
+    file; a stale one is deleted with a warning and this read streams.
     """
     index_path = spec.index_path
-    if index_path is not None and os.path.exists(index_path):
+    if (
+        index_path is not None
+        and os.path.exists(index_path)
+        and _cached_index_usable(spec, index_path)  # checks the sidecar once per file version
+    ):
         try:
             handle, lock = _INDEXED.acquire(
                 (spec.path, index_path, threading.get_ident()),
@@ -452,6 +563,17 @@ def read_range(spec: GzipIndexSpec, start: int, view: memoryview, *, data_end: i
     finished = False
     with lock:
         if stream.closed:  # another thread finished the index and retired this stream
+            return read_range(spec, start, view, data_end=data_end)
+        late = (
+            index_path is not None
+            and stream.untouched()
+            and os.path.exists(index_path)
+        )
+    if late:  # this read chose to stream just before another stored the index: use the index
+        _STREAMS.discard(stream_key)
+        return read_range(spec, start, view, data_end=data_end)
+    with lock:
+        if stream.closed:
             return read_range(spec, start, view, data_end=data_end)
         try:
             _readinto_exact(stream, view, start, spec.path)
@@ -485,3 +607,5 @@ def reset_handles() -> None:
     _STREAMS.clear()
     with _STATE_LOCK:
         _BROKEN_INDEX_DIRS.clear()
+    with _VERIFY_LOCK:
+        _VERIFIED.clear()

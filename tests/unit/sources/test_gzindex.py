@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import shutil
 import warnings
@@ -175,18 +177,99 @@ def test_touched_file_gets_a_new_index(gz_file, tmp_path):
     assert second.exists()
 
 
-def test_same_size_and_mtime_rewrite_gets_a_new_index(gz_file, tmp_path):
+def _stored_gz(path, values):
+    """Write ``values`` as a .nii.gz of stored (level 0) deflate blocks: its size depends on the
+    shape alone, so other values give a file of the same size."""
+    raw = nib.Nifti1Image(values, np.eye(4)).to_bytes()
+    path.write_bytes(gzip.compress(raw, compresslevel=0, mtime=0))
+    return path
+
+
+@pytest.mark.parametrize("process", ["same process", "new process"])
+def test_same_size_and_mtime_rewrite_is_caught_at_read_and_reindexed(tmp_path, process):
     cache = tmp_path / "cache"
-    neurocube.open_nifti(gz_file, cache_dir=cache).compute()
-    first = _index_of(gz_file, cache)
-    st = os.stat(gz_file)
-    data = bytearray(gz_file.read_bytes())
-    data[-9] ^= 0xFF  # same size, other bytes at its end (the CRC trailer)
-    gz_file.write_bytes(bytes(data))
-    os.utime(gz_file, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old mtime back
-    assert os.stat(gz_file).st_size == st.st_size
-    assert os.stat(gz_file).st_mtime_ns == st.st_mtime_ns
-    assert _index_of(gz_file, cache) != first  # the hash of its ends tells them apart
+    rng = np.random.default_rng(5)
+    path = _stored_gz(tmp_path / "sess.nii.gz", rng.random(SHAPE, dtype=np.float32))
+    neurocube.open_nifti(path, chunks=7, cache_dir=cache).compute()
+    index = _index_of(path, cache)
+    old_sidecar = json.loads(index.with_suffix(".json").read_text())
+    with dask.config.set(scheduler="synchronous"):  # readers of the old version, kept open
+        old = neurocube.open_nifti(path, chunks=7, cache_dir=cache).data.isel(trial=[0, -1])
+        old.compute()
+    assert len(gzindex._INDEXED) == 1
+    st = os.stat(path)
+    _stored_gz(path, rng.random(SHAPE, dtype=np.float32))  # new content...
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... same size, the old mtime back
+    assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert _index_of(path, cache) == index and index.exists()  # the name cannot tell
+    if process == "new process":
+        gzindex.reset_handles()  # forget what this process checked and opened
+    expected = nib.load(str(path)).get_fdata()
+    ds = neurocube.open_nifti(path, chunks=7, cache_dir=cache)
+    with pytest.warns(IndexRebuildWarning, match=r"\.gzidx: the cached gzip index of .*"
+                      r"sess\.nii\.gz is stale: it was built for a file of \d+ bytes whose "
+                      r"first/last MiB hash to .*deleted and this read streams"):
+        np.testing.assert_array_equal(ds.data.values, expected)
+    new_sidecar = json.loads(index.with_suffix(".json").read_text())
+    assert new_sidecar["ends_sha256"] != old_sidecar["ends_sha256"]  # rebuilt for the new file
+    for _ in range(2):  # this process (old readers were closed), then a fresh one
+        with warnings.catch_warnings(), dask.config.set(scheduler="synchronous"):
+            warnings.simplefilter("error")  # the new index passes the check
+            again = neurocube.open_nifti(path, chunks=7, cache_dir=cache)
+            np.testing.assert_array_equal(again.data.isel(trial=[-1, 0]).values,
+                                          expected[..., [-1, 0]])
+        assert len(gzindex._STREAMS) == 0 and len(gzindex._INDEXED) >= 1  # through the index
+        gzindex.reset_handles()
+
+
+def test_the_ends_are_hashed_once_per_process_not_per_chunk(gz_file, tmp_path):
+    cache = tmp_path / "cache"
+    neurocube.open_nifti(gz_file, chunks=3, cache_dir=cache).compute()
+    gzindex.reset_handles()
+    index = str(_index_of(gz_file, cache))
+    ds = neurocube.open_nifti(gz_file, chunks=3, cache_dir=cache)
+    assert gzindex._VERIFIED == set()  # opening checks nothing
+    with dask.config.set(scheduler="threads", num_workers=4):
+        np.testing.assert_allclose(ds.data.values, nib.load(str(gz_file)).get_fdata())
+    assert [key[:2] for key in gzindex._VERIFIED] == [(str(gz_file.resolve()), index)]
+
+
+def test_cached_index_without_its_sidecar_is_rebuilt_with_a_warning(gz_file, tmp_path):
+    cache = tmp_path / "cache"
+    neurocube.open_nifti(gz_file, chunks=7, cache_dir=cache).compute()
+    index = _index_of(gz_file, cache)
+    index.with_suffix(".json").unlink()
+    gzindex.reset_handles()
+    ds = neurocube.open_nifti(gz_file, chunks=7, cache_dir=cache)
+    with pytest.warns(IndexRebuildWarning, match=r"has no readable identity sidecar .*\.json"):
+        np.testing.assert_allclose(ds.data.values, nib.load(str(gz_file)).get_fdata())
+    assert index.exists() and index.with_suffix(".json").exists()
+
+
+def _rchar():
+    with open("/proc/self/io") as fh:
+        for line in fh:
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux /proc/self/io")
+def test_opening_reads_the_header_only_with_or_without_an_index(tmp_path):
+    cache = tmp_path / "cache"
+    rng = np.random.default_rng(2)
+    values = rng.random((32, 32, 32, 40), dtype=np.float32)
+    path = _stored_gz(tmp_path / "big.nii.gz", values)
+    assert path.stat().st_size > 4 * 2**20  # hashing its ends would read 2 MiB
+    warm = _stored_gz(tmp_path / "warm.nii.gz", values)  # another file: nothing memoised
+    for _ in range(2):  # without an index, then with the one the compute stored
+        neurocube.open_nifti(warm, chunks=8, cache_dir=cache)  # lazy imports, cache probe
+        before = _rchar()
+        ds = neurocube.open_nifti(path, chunks=8, cache_dir=cache)
+        read = _rchar() - before
+        assert read < 256 * 2**10, read  # the 64 KiB header block; hashing the ends: 2 MiB more
+        ds.data.isel(trial=-1).compute()
+    assert _index_of(path, cache).exists()
 
 
 def test_damaged_cached_index_is_deleted_and_rebuilt_with_a_warning(gz_file, tmp_path):
