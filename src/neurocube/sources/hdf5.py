@@ -15,13 +15,25 @@ read-only.
 Dask chunks follow the HDF5 chunks: each Dask chunk is a block of whole HDF5
 chunks (grown until it reaches about :data:`TARGET_CHUNK_BYTES`), so no HDF5
 chunk is decompressed by two tasks.
+
+h5py serialises every HDF5 call behind one process-wide lock, decompression
+included, so threads reading one file take turns. For a block selection (ints,
+step-1 slices) of a chunked dataset stored plainly or with the deflate (gzip)
+filter alone, with chunks of at least :data:`DIRECT_CHUNK_MIN_BYTES`,
+:func:`read_selection` therefore copies the stored chunks' bytes under that lock
+(``read_direct_chunk``, :data:`DIRECT_BATCH_BYTES` at a time) and inflates them
+with :mod:`zlib` after releasing it, so Dask's threads decompress in parallel; the
+values are the bytes HDF5 would have inflated. Anything else (other filters,
+unallocated chunks, strided or list selections) is read by h5py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +46,8 @@ from neurocube.errors import DataNotFoundError, FormatError
 from neurocube.sources.files import IO_STATS, HandlePool, is_url, open_file
 
 __all__ = [
+    "DIRECT_BATCH_BYTES",
+    "DIRECT_CHUNK_MIN_BYTES",
     "HDF5_POOL",
     "HDF5_SIGNATURE",
     "TARGET_CHUNK_BYTES",
@@ -57,6 +71,13 @@ HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 #: Dask chunks grow (in whole HDF5 chunks) until about this many bytes.
 TARGET_CHUNK_BYTES = 64 * 2**20
+
+#: HDF5 chunks at least this large (uncompressed) are inflated outside h5py's lock;
+#: for smaller ones the per-chunk Python calls cost more than parallel inflating saves.
+DIRECT_CHUNK_MIN_BYTES = 32 * 2**10
+
+#: Stored chunk bytes copied per turn of the handle's lock (bounds the extra memory).
+DIRECT_BATCH_BYTES = 16 * 2**20
 
 #: One pool of read-only h5py handles per process (never pickled).
 HDF5_POOL = HandlePool(maxsize=32)
@@ -236,23 +257,160 @@ def read_selection(spec: HDF5DatasetSpec, key: Any) -> np.ndarray:
     FormatError
         If the dataset is gone or its shape/dtype changed since the spec was made.
     """
+    stored: _Stored | None = None
     with pooled_file(spec.path, spec.size, spec.mtime_ns) as h5:
-        try:
-            dset = h5[spec.dataset]
-        except KeyError as exc:
-            raise FormatError(
-                f"{spec.path}: dataset {spec.dataset!r} is gone; the file changed after it was "
-                "opened. Open it again."
-            ) from exc
-        if tuple(dset.shape) != spec.shape or np.dtype(dset.dtype).str != spec.dtype:
-            raise FormatError(
-                f"{spec.path}: dataset {spec.dataset!r} was {spec.shape} {spec.dtype} when "
-                f"opened, now {tuple(dset.shape)} {np.dtype(dset.dtype).str}; the file changed. "
-                "Open it again."
-            )
-        out = np.asarray(dset[key])
+        dset = _checked_dataset(h5, spec)
+        plan = _direct_plan(dset, spec, key)
+        if plan is not None:
+            bounds, deflated, batches = plan
+            stored = _stored_chunks(dset, batches[0])
+        if stored is None:  # not a case for the direct path, or a chunk never written
+            out = np.asarray(dset[key])
+            IO_STATS.add_bytes(out.nbytes)
+            return out
+    out = np.empty(tuple(stop - start for start, stop, is_int in bounds if not is_int), spec.dtype)
+    for batch in batches[1:]:
+        _inflate_into(spec, out, bounds, deflated, stored)  # unlocked: zlib releases the GIL
+        with pooled_file(spec.path, spec.size, spec.mtime_ns) as h5:
+            dset = _checked_dataset(h5, spec)
+            stored = _stored_chunks(dset, batch)
+            if stored is None:  # a chunk never written: h5py knows its fill value
+                out = np.asarray(dset[key])
+                IO_STATS.add_bytes(out.nbytes)
+                return out
+    _inflate_into(spec, out, bounds, deflated, stored)
     IO_STATS.add_bytes(out.nbytes)
     return out
+
+
+def _checked_dataset(h5: h5py.File, spec: HDF5DatasetSpec) -> h5py.Dataset:
+    """Return the dataset of ``spec`` from an open file, refusing one that changed."""
+    try:
+        dset = h5[spec.dataset]
+    except KeyError as exc:
+        raise FormatError(
+            f"{spec.path}: dataset {spec.dataset!r} is gone; the file changed after it was "
+            "opened. Open it again."
+        ) from exc
+    if tuple(dset.shape) != spec.shape or np.dtype(dset.dtype).str != spec.dtype:
+        raise FormatError(
+            f"{spec.path}: dataset {spec.dataset!r} was {spec.shape} {spec.dtype} when "
+            f"opened, now {tuple(dset.shape)} {np.dtype(dset.dtype).str}; the file changed. "
+            "Open it again."
+        )
+    return dset
+
+
+_Bounds = tuple[tuple[int, int, bool], ...]  # per axis: start, stop, whether an integer index
+_Stored = list[tuple[tuple[int, ...], int, bytes]]  # per chunk: offset, filter mask, bytes
+
+
+def _direct_bounds(spec: HDF5DatasetSpec, key: Any) -> _Bounds | None:
+    """Return per-axis bounds of ``key`` if it is a block (ints, step-1 slices), else None."""
+    if not isinstance(key, tuple):
+        key = (key,)
+    if len(key) > len(spec.shape) or any(item is Ellipsis for item in key):
+        return None
+    key = key + (slice(None),) * (len(spec.shape) - len(key))
+    bounds: list[tuple[int, int, bool]] = []
+    for item, n in zip(key, spec.shape, strict=True):
+        if isinstance(item, (int, np.integer)) and not isinstance(item, (bool, np.bool_)):
+            index = int(item) + n if int(item) < 0 else int(item)
+            if not 0 <= index < n:
+                return None  # out of range: h5py raises its error
+            bounds.append((index, index + 1, True))
+        elif isinstance(item, slice):
+            start, stop, step = item.indices(n)
+            if step != 1 or stop <= start:
+                return None
+            bounds.append((start, stop, False))
+        else:
+            return None
+    return tuple(bounds)
+
+
+def _direct_plan(
+    dset: h5py.Dataset, spec: HDF5DatasetSpec, key: Any
+) -> tuple[_Bounds, bool, list[list[tuple[int, ...]]]] | None:
+    """Plan reading ``key`` from stored chunks, or return None to let h5py read it.
+
+    Returns the bounds, whether the chunks are deflated, and the offsets of the
+    chunks the block touches, in batches of about :data:`DIRECT_BATCH_BYTES`.
+    """
+    chunks = spec.chunks
+    dtype = np.dtype(spec.dtype)
+    if not chunks or not spec.shape or dtype.kind not in "biufc":
+        return None
+    chunk_bytes = int(np.prod(chunks, dtype=np.int64)) * dtype.itemsize
+    if chunk_bytes < DIRECT_CHUNK_MIN_BYTES:
+        return None
+    bounds = _direct_bounds(spec, key)
+    if bounds is None:
+        return None
+    plist = dset.id.get_create_plist()
+    if plist.get_layout() != h5py.h5d.CHUNKED or plist.get_external_count():
+        return None
+    filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+    if filters not in ([], [h5py.h5z.FILTER_DEFLATE]):
+        return None
+    grid = [
+        range(start // size * size, stop, size)
+        for (start, stop, _), size in zip(bounds, chunks, strict=True)
+    ]
+    offsets = list(itertools.product(*grid))
+    per_batch = max(1, DIRECT_BATCH_BYTES // chunk_bytes)
+    batches = [offsets[i : i + per_batch] for i in range(0, len(offsets), per_batch)]
+    return bounds, bool(filters), batches
+
+
+def _stored_chunks(dset: h5py.Dataset, offsets: Sequence[tuple[int, ...]]) -> _Stored | None:
+    """Copy ``(offset, filter mask, bytes)`` of each chunk; None if one was never written."""
+    stored: _Stored = []
+    for offset in offsets:
+        try:
+            mask, data = dset.id.read_direct_chunk(offset)
+        except (RuntimeError, OSError, ValueError):
+            return None
+        stored.append((offset, int(mask), bytes(data)))
+    return stored
+
+
+def _inflate_into(
+    spec: HDF5DatasetSpec, out: np.ndarray, bounds: _Bounds, deflated: bool, stored: _Stored
+) -> None:
+    """Place the parts of stored chunks (inflated if ``deflated``) within ``bounds`` in ``out``."""
+    chunks = spec.chunks
+    assert chunks is not None
+    dtype = out.dtype
+    expected = int(np.prod(chunks, dtype=np.int64)) * dtype.itemsize
+    stored.reverse()
+    while stored:
+        offset, mask, data = stored.pop()  # each chunk's bytes are dropped once placed
+        if deflated and not mask & 1:  # bit 0 set: HDF5 skipped the filter for this chunk
+            try:
+                data = zlib.decompress(data, bufsize=expected)
+            except zlib.error as exc:
+                raise FormatError(
+                    f"{spec.path}: chunk {offset} of {spec.dataset!r} does not inflate ({exc}); "
+                    "the file is damaged. Re-create it."
+                ) from exc
+        if len(data) != expected:
+            raise FormatError(
+                f"{spec.path}: chunk {offset} of {spec.dataset!r} holds {len(data)} bytes, "
+                f"expected {expected} (chunk shape {chunks}, {dtype}); the file is damaged. "
+                "Re-create it."
+            )
+        block = np.frombuffer(data, dtype=dtype).reshape(chunks)
+        src: list[Any] = []
+        dst: list[slice] = []
+        for (start, stop, is_int), origin, size in zip(bounds, offset, chunks, strict=True):
+            if is_int:
+                src.append(start - origin)
+                continue
+            low, high = max(start, origin), min(stop, origin + size)
+            src.append(slice(low - origin, high - origin))
+            dst.append(slice(low - start, high - start))
+        out[tuple(dst)] = block[tuple(src)]
 
 
 class HDF5ArrayProxy:
