@@ -19,6 +19,7 @@ __all__ = [
     "IndexMismatchError",
     "NeurocubeError",
     "NeurocubeWarning",
+    "OutputExistsError",
     "ReaderNotFoundError",
     "SelectionError",
     "TruncatedFileError",
@@ -77,6 +78,10 @@ class UnsafeDataError(NeurocubeError, ValueError):
 
 class CacheError(NeurocubeError, OSError):
     """A cache entry or cache folder cannot be used."""
+
+
+class OutputExistsError(NeurocubeError, FileExistsError):
+    """A writer was asked not to overwrite (``overwrite=False``) and its output exists."""
 
 
 class NeurocubeWarning(UserWarning):

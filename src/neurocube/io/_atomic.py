@@ -8,6 +8,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from neurocube.errors import OutputExistsError
+
 __all__ = ["atomic_path"]
 
 
@@ -23,7 +25,8 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = True) -> Iter
     path
         The final destination.
     overwrite
-        If False and ``path`` exists, raise ``FileExistsError`` before writing.
+        If False and ``path`` exists, raise :class:`~neurocube.errors.OutputExistsError`
+        (a ``FileExistsError``) before writing.
 
     Yields
     ------
@@ -33,7 +36,7 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = True) -> Iter
     """
     final = Path(path)
     if not overwrite and final.exists():
-        raise FileExistsError(f"{final} exists; pass overwrite=True to replace it.")
+        raise OutputExistsError(f"{final} exists; pass overwrite=True to replace it.")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp{''.join(final.suffixes)}")
     try:

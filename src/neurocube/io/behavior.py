@@ -335,8 +335,8 @@ def save_tracks(
     ------
     FormatError
         If required columns are missing or a ``mosaic_v1`` table holds derived columns.
-    FileExistsError
-        If the file exists and ``overwrite`` is False.
+    OutputExistsError
+        (a ``FileExistsError``) If the file exists and ``overwrite`` is False.
     UnsafePathError
         If the tracks root or ``run_id`` leads outside the dataset.
     """

@@ -31,7 +31,7 @@ from neurocube.catalog.embeddings import (
     read_sidecar,
     sidecar_path,
 )
-from neurocube.errors import DataNotFoundError, FormatError
+from neurocube.errors import DataNotFoundError, FormatError, OutputExistsError
 from neurocube.io._atomic import atomic_path
 from neurocube.sources.npz import read_npz_directory
 
@@ -147,8 +147,8 @@ def save_embedding_derivative(
     FormatError
         For a wrong suffix, missing arrays, inconsistent shapes, or an incomplete
         token axis contract (nothing is written then).
-    FileExistsError
-        If the artifact exists and ``overwrite`` is False.
+    OutputExistsError
+        (a ``FileExistsError``) If the artifact exists and ``overwrite`` is False.
     """
     target = Path(path)
     if target.suffix != ".npz":
@@ -164,7 +164,7 @@ def save_embedding_derivative(
         )
     side = sidecar_path(target)
     if not overwrite and (target.exists() or side.exists()):
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{target}: embedding derivative exists; pass overwrite=True to replace it."
         )
     required = TOKEN_ARRAYS if is_token else EMBEDDING_ARRAYS

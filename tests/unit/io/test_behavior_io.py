@@ -10,7 +10,13 @@ import yaml
 
 import neurocube
 from neurocube.catalog.behavior import Manifest, read_index_csv
-from neurocube.errors import DataNotFoundError, FormatError, SelectionError, UnsafePathError
+from neurocube.errors import (
+    DataNotFoundError,
+    FormatError,
+    OutputExistsError,
+    SelectionError,
+    UnsafePathError,
+)
 from neurocube.io.behavior import save_manifest, save_tracks, write_index_csv
 
 CM_PER_PX = 0.25
@@ -204,7 +210,7 @@ def test_save_tracks_validates_and_stays_inside(tmp_path):
         save_tracks(ds_root, "g", "s", table, run_id="r1")
     path = save_tracks(ds_root, "g", "s", table, run_id="r1", std_format="trex_v2")
     assert path == ds_root.resolve() / "tracks" / "r1" / "g__s.parquet"
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputExistsError, match=r"g__s\.parquet exists; pass overwrite=True"):
         save_tracks(ds_root, "g", "s", table, run_id="r1", std_format="trex_v2")
     with pytest.raises(FormatError, match=r"missing \['Y'\]"):
         save_tracks(ds_root, "g", "t", table.drop(columns=["Y"]), run_id="r1", std_format="trex_v2")
