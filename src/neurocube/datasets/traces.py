@@ -151,6 +151,23 @@ def _decode_container(text: str, stripped: str) -> Any:
     return text
 
 
+def _decode_memo(raw: Any, memo: dict[str, Any]) -> Any:
+    """:func:`decode_attr` of ``raw``, decoding each distinct string once per ``memo``.
+
+    A cache holds tens of thousands of traces whose annotations are mostly the
+    same few strings; some (``[S  1]``) go through three parsers before they
+    stay text. A list may be handed out more than once: :func:`_column` only
+    reads the values it is given into new arrays.
+    """
+    if not isinstance(raw, str):
+        return decode_attr(raw)
+    try:
+        return memo[raw]
+    except KeyError:
+        value = memo[raw] = decode_attr(raw)
+        return value
+
+
 def _same(a: Any, b: Any) -> bool:
     """Equality that tells 1, 1.0 and True apart and treats NaN as equal to NaN."""
     if type(a) is not type(b):
@@ -647,11 +664,12 @@ def dataset_from_catalog(
         keys.update(dict.fromkeys(catalog.origin_attrs[origin]))
     for t in traces:
         keys.update(dict.fromkeys(t.attrs))
+    memo: dict[str, Any] = {}  # annotations repeat across traces (origin keys on every trace)
     for key in keys:
         raws = [
             t.attrs.get(key, catalog.origin_attrs[t.origin].get(key)) for t in traces
         ]
-        values = [None if r is None else decode_attr(r) for r in raws]
+        values = [None if r is None else _decode_memo(r, memo) for r in raws]
         column, kind = _column(values, raws)
         coord = f"attr_{key}" if key in RESERVED_COORDS else key
         if kind == "float2d":

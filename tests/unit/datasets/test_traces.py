@@ -304,6 +304,27 @@ def test_hostile_annotations_open_as_their_text(tmp_path):
         assert nct.get_attrs(path, t)["comment"] == text
 
 
+def test_repeated_annotations_decode_like_each_alone(tmp_path):
+    # open_traces decodes each distinct string once per open; every trace must still get
+    # the value of its own text, whichever trace first decoded the same string.
+    path = tmp_path / "repeats.hdf5"
+    write_traces(path, n_per_origin=(4, 3), channels=None)
+    order = [(o, t) for o, n in enumerate((4, 3)) for t in range(n)]
+    with h5py.File(path, "a") as h5:
+        for g, (o, t) in enumerate(order):
+            attrs = h5[f"rec{o}.xdf/traces/{t}"].attrs
+            attrs["pair"] = f"[{g % 2}.5, {g % 3}.0]"
+            attrs["event_name"] = f"[S  {g % 2}]"
+            attrs["flag"] = "None" if g % 3 == 0 else str(g % 2)
+    ds = neurocube.open_traces(path, use_cache=False)
+    n = len(order)
+    np.testing.assert_array_equal(ds.pair.values, [[g % 2 + 0.5, g % 3] for g in range(n)])
+    assert list(ds.event_name.values) == [f"[S  {g % 2}]" for g in range(n)]
+    np.testing.assert_array_equal(
+        ds.flag.values, [np.nan if g % 3 == 0 else g % 2 for g in range(n)]
+    )
+
+
 def test_encode_quotes_what_yaml_cannot_load():
     # plain, YAML would read a date and fail on the 30th of February: the
     # original library's decoder could not read the value back
