@@ -27,11 +27,25 @@ from neurocube.caching.store import (
 from neurocube.errors import CacheError, DataNotFoundError
 from neurocube.progress import compute
 
-__all__ = ["ZSTD_LEVEL", "cache", "open_cached", "read_marker", "touch_entry"]
+__all__ = ["ZSTD_LEVEL", "cache", "numeric_codec", "open_cached", "read_marker", "touch_entry"]
 
-#: zstd level of cached chunks. Float betas barely compress (~92 % of raw on synthetic betas at
-#: level 1 or 3 alike); level 1 writes ~1.4x faster than level 3.
+#: zstd level of cached string variables (coordinates such as image names).
 ZSTD_LEVEL = 1
+
+
+def numeric_codec() -> Any:
+    """Return the compressor of cached numeric variables: Blosc, LZ4, bit-shuffled.
+
+    A cache is read far more often than it is written, and float betas barely
+    compress whatever the codec, so the choice is decompression speed. Measured
+    on a 300-trial synthetic session (327 MB brain-masked, 38 MB ROI, 12-trial
+    chunks): Blosc-LZ4 with bit shuffling stores 90.4 % of raw and reads the ROI
+    entry in 15 ms; zstd level 1 stores 92.4 % and reads it in 73 ms (no
+    compression: 100 %, 9 ms). Writes are ~2.5x faster too.
+    """
+    import zarr
+
+    return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 
 _DATAARRAY_VARIABLE = "__neurocube_dataarray__"
 
@@ -333,7 +347,9 @@ def _prepare(
             string_dtypes[name] = variable.dtype.str
             variable = variable.astype(_VLEN_STR)
             replacements[name] = variable
-        var_encoding: dict[str, Any] = {"compressors": [zarr.codecs.ZstdCodec(level=ZSTD_LEVEL)]}
+        numeric = variable.dtype.kind in "biufcmM"
+        compressor = numeric_codec() if numeric else zarr.codecs.ZstdCodec(level=ZSTD_LEVEL)
+        var_encoding: dict[str, Any] = {"compressors": [compressor]}
         if _is_dask(variable):
             chunks = _uniform_chunks(variable)
             if chunks != variable.chunks:

@@ -42,12 +42,15 @@ def test_masked_nifti_round_trip_keeps_values_coords_attrs(betas_path, brain_mas
     for name in ("i", "j", "k", "x", "y", "z"):
         assert not isinstance(cached[name].data, da.Array)
         assert cached[name].dtype == ds[name].dtype
-    # Zarr v3 with zstd and chunks equal to the Dask chunks.
+    # Zarr v3, Blosc-LZ4 (bit-shuffled) for numbers, chunks equal to the Dask chunks.
     (entry,) = _entries(tmp_path / "c")
     meta = json.loads((entry / "data" / "zarr.json").read_text())
     assert meta["zarr_format"] == 3
     assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [3, int(brain_mask.sum())]
-    assert [c["name"] for c in meta["codecs"]] == ["bytes", "zstd"]
+    assert [c["name"] for c in meta["codecs"]] == ["bytes", "blosc"]
+    blosc = meta["codecs"][1]["configuration"]
+    assert (blosc["cname"], blosc["shuffle"], blosc["typesize"]) == ("lz4", "bitshuffle", 4)
+    assert cached.data.encoding["compressors"][0].cname.value == "lz4"
 
 
 def test_second_call_reads_nothing_from_the_source(betas_path, brain_mask, tmp_path, monkeypatch):
