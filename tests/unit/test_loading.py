@@ -77,6 +77,40 @@ def test_direct_load_of_indexed_gz_reads_one_forward_pass_per_thread(
     assert nbytes == 31 * info.volume_bytes  # every volume inflated once
 
 
+def test_volume_runs_hand_out_every_volume_once_and_split_the_largest_run_left():
+    runs = nifti.VolumeRuns(10, 2, min_split=2)
+    assert (runs.claim(), runs.claim()) == (0, 1)
+    assert [runs.take(0, 3), runs.take(0, 3), runs.take(0, 3)] == [(0, 3), (3, 5), None]
+    assert runs.take(1, 1) == (5, 6)
+    assert runs.claim() == 2  # thread 0 is done: takes the back half of run 1 (6..9)
+    assert runs.start(2) == 8
+    assert runs.take(1, 10) == (6, 8)  # run 1 now ends where the split began
+    assert runs.take(2, 1) == (8, 9)
+    assert runs.claim() is None  # one volume left: below 2 * min_split, not worth a reader
+    assert runs.take(2, 5) == (9, 10)
+    assert runs.take(2, 5) is None
+    assert nifti.VolumeRuns(3, 8).claim() == 0  # never more runs than volumes
+
+
+def test_direct_load_values_do_not_depend_on_how_runs_are_split(
+    nifti_factory, tmp_path, monkeypatch
+):
+    path = nifti_factory("split.nii.gz", shape=(6, 7, 8, 50))
+    mask = np.zeros((6, 7, 8), bool)
+    mask[::2, 1:, 3:] = True
+    expected = nib.load(str(path)).get_fdata()[mask].T
+    neurocube.open_nifti(path, mask=mask, cache_dir=tmp_path).compute()  # builds the index
+    monkeypatch.setattr(nifti, "RUN_MIN_SPLIT", 1)  # split whenever 2 volumes are left
+    monkeypatch.setattr(gzindex, "SEQUENTIAL_READ_BLOCK", 1)  # one volume per read call
+    ds = neurocube.open_nifti(path, mask=mask, cache_dir=tmp_path)
+    for workers in (1, 2, 4):
+        IO_STATS.reset()
+        np.testing.assert_allclose(nifti.direct_load(ds.data.data, num_workers=workers), expected)
+        opens, nbytes = IO_STATS.snapshot()[:2]
+        assert opens >= min(workers, 50)
+        assert nbytes == 50 * nifti.read_header(path).volume_bytes  # each volume read once
+
+
 def test_direct_load_of_a_gz_cut_after_opening_fails_like_the_dask_path(nifti_factory, tmp_path):
     path = nifti_factory("whole.nii.gz", shape=(5, 6, 7, 40), compresslevel=0)
     mask = np.ones((5, 6, 7), bool)
