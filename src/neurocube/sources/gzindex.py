@@ -12,7 +12,10 @@ data:
   passed the end of the data the index is exported atomically;
 - later reads: every thread opens its own indexed_gzip reader on the index and
   seeks straight to the bytes it needs, so chunks inflate in parallel (the
-  libraries release the GIL) and in any order.
+  libraries release the GIL) and in any order;
+- whole masked loads (:func:`neurocube.load`): each thread reads a contiguous
+  run of volumes in one forward pass through a private rapidgzip reader on
+  the same index (:func:`open_sequential`), which inflates faster per core.
 
 Index files are keyed by the file's identity (path, size, mtime, hash of its
 first and last MiB), in two steps so that opening a file reads nothing but its
