@@ -47,6 +47,7 @@ __all__ = [
 
 GZIP_MAGIC = b"\x1f\x8b"
 DEFAULT_CHUNK_BYTES = 32 << 20  # "tens of MB" of voxel data per chunk
+RUN_MIN_SPLIT = 16 << 20  # a finished thread splits another's run only if this much is left
 READ_BLOCK = 8 << 20  # masked chunks read their volumes in pieces of at most this size
 # (through a gzip index: gzindex.INDEXED_READ_BLOCK, since each read call there restarts
 # inflation from a seek point)
@@ -487,12 +488,68 @@ class VolumeArray:
         for a in range(lo, hi, step):
             b = min(hi, a + step)
             raw = spec.read_volumes(a, b, scratch)
-            rows = out[a - lo : b - lo]
-            if raw_dtype == self.dtype:  # native float32/float64 (the usual betas)
-                np.take(raw, self.voxels, axis=1, out=rows)
-            else:
-                rows[...] = np.take(raw, self.voxels, axis=1)  # byte swap / int -> float
-            spec.scale_inplace(rows)
+            self._gather(raw, out[a - lo : b - lo], raw_dtype)
+
+    def _gather(self, raw: np.ndarray, rows: np.ndarray, raw_dtype: np.dtype) -> None:
+        """Store the masked voxels of raw volumes ``raw`` (``(n, X*Y*Z)``) into ``rows``."""
+        assert self.voxels is not None
+        if raw_dtype == self.dtype:  # native float32/float64 (the usual betas)
+            np.take(raw, self.voxels, axis=1, out=rows)
+        else:
+            rows[...] = np.take(raw, self.voxels, axis=1)  # byte swap / int -> float
+        self.spec.scale_inplace(rows)
+
+    def read_masked_runs(self, out: np.ndarray, runs: VolumeRuns) -> None:
+        """Fill rows of ``out`` (``(n_volumes, n_voxels)``) from ``runs`` until none is left.
+
+        Each run is read in one forward pass (:meth:`_read_run`); a thread
+        whose run is done takes the back half of the largest run left.
+        """
+        r = runs.claim()
+        while r is not None:
+            self._read_run(out, runs, r)
+            r = runs.claim()
+
+    def _read_run(self, out: np.ndarray, runs: VolumeRuns, r: int) -> None:
+        """Read run ``r`` of ``runs`` into its rows of ``out``, front to back.
+
+        For a ``.nii.gz`` with a usable index this opens a private
+        :class:`~neurocube.sources.gzindex.SequentialReader` at the run's
+        first volume and reads on, a few MiB per call, gathering each piece
+        while it is still in the CPU cache. Anything else (no usable index, a
+        reader that fails on damaged data) goes through
+        :meth:`read_masked_into` from the first volume not yet read, volume by
+        volume over a piece that failed, so the error names the first volume
+        indexed_gzip cannot deliver.
+        """
+        spec = self.spec
+        assert self.voxels is not None
+        reader = None
+        if spec.gzip is not None:
+            start = runs.start(r)
+            reader = gzindex.open_sequential(spec.gzip, spec.vox_offset + start * spec.volume_bytes)
+        failed = None
+        if reader is not None:
+            step = max(1, gzindex.SEQUENTIAL_READ_BLOCK // max(spec.volume_bytes, 1))
+            scratch = _scratch(step * spec.volume_bytes)
+            raw_dtype = np.dtype(spec.dtype)
+            with reader:
+                while (piece := runs.take(r, step)) is not None:
+                    a, b = piece
+                    buf = scratch[: (b - a) * spec.volume_bytes]
+                    try:
+                        reader.readinto(memoryview(buf))  # type: ignore[arg-type]
+                    except gzindex.SequentialReadError:
+                        failed = piece  # re-read through indexed_gzip, which names the damage
+                        break
+                    raw = buf.view(raw_dtype).reshape(b - a, spec.volume_elems)
+                    self._gather(raw, out[a:b], raw_dtype)
+        if failed is not None:
+            for v in range(*failed):
+                self.read_masked_into(out[v : v + 1], v, v + 1)
+        block = max(1, gzindex.INDEXED_READ_BLOCK // max(spec.volume_bytes, 1))
+        while (piece := runs.take(r, block)) is not None:
+            self.read_masked_into(out[piece[0] : piece[1]], *piece)
 
     def _get_grid(self, key: tuple[Any, ...]) -> np.ndarray:
         spec = self.spec
@@ -507,6 +564,54 @@ class VolumeArray:
         raw = spec.read_volumes(lo, hi)
         block = spec.scale(raw).reshape(hi - lo, z, y, x).transpose(3, 2, 1, 0)
         return block[key[0], key[1], key[2], inner]
+
+
+class VolumeRuns:
+    """Volumes ``[0, n)`` shared out as contiguous runs to threads that read forward passes.
+
+    Each thread starts on a run of its own and takes its volumes front to
+    back (:meth:`take`). A thread whose run is done takes the back half of
+    the largest run left, if at least ``2 * min_split`` volumes remain
+    (:meth:`claim`): a thread slowed by other work on the machine does not
+    leave the others idle at the end, and each split costs one new reader.
+    """
+
+    def __init__(self, n: int, runs: int, min_split: int = 1) -> None:
+        runs = max(1, min(runs, n))
+        self._lock = threading.Lock()
+        self._runs = [[n * r // runs, n * (r + 1) // runs] for r in range(runs)]  # [next, end)
+        self._unclaimed = list(range(runs))
+        self.min_split = max(1, min_split)
+
+    def claim(self) -> int | None:
+        """Return a run for the calling thread: an unclaimed one, else a split; None if done."""
+        with self._lock:
+            if self._unclaimed:
+                return self._unclaimed.pop(0)
+            left = [end - nxt for nxt, end in self._runs]
+            best = int(np.argmax(left))
+            if left[best] < 2 * self.min_split:
+                return None
+            nxt, end = self._runs[best]
+            mid = nxt + left[best] // 2
+            self._runs[best][1] = mid
+            self._runs.append([mid, end])
+            return len(self._runs) - 1
+
+    def start(self, r: int) -> int:
+        """Return the next volume of run ``r`` not yet taken."""
+        with self._lock:
+            return self._runs[r][0]
+
+    def take(self, r: int, step: int) -> tuple[int, int] | None:
+        """Take the next (up to) ``step`` volumes of run ``r``: ``(a, b)``, or None when done."""
+        with self._lock:
+            nxt, end = self._runs[r]
+            if nxt >= end:
+                return None
+            b = min(end, nxt + step)
+            self._runs[r][0] = b
+            return nxt, b
 
 
 _THREAD_STATE = threading.local()
@@ -543,7 +648,11 @@ def direct_load(data: Any, num_workers: int | None = None) -> np.ndarray | None:
     Returns None when ``data`` is anything else (a selection, a sum, a
     ``.nii.gz`` whose index does not exist yet, ...): the caller then uses
     Dask. Dask computes each chunk into a new array and copies it into the
-    output; here each chunk's volumes are gathered straight into its rows.
+    output; here volumes are gathered straight into their rows. A ``.nii.gz``
+    is split into one contiguous run of volumes per thread, each read in one
+    forward pass (:meth:`VolumeArray.read_masked_runs`; a
+    thread done early takes half of the largest run left); a ``.nii`` chunk by
+    chunk.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -559,16 +668,30 @@ def direct_load(data: Any, num_workers: int | None = None) -> np.ndarray | None:
         return None
     if arr.spec.gzip is not None and not gzindex.has_index(arr.spec.gzip):
         return None  # first read: the ordered streaming graph builds the index
+    if arr.spec.gzip is not None and not gzindex.index_usable(arr.spec.gzip):
+        return None  # stale cached index (deleted with a warning): Dask's graph streams
     out = np.empty(arr.shape, dtype=arr.dtype)
-    bounds = np.cumsum((0, *chunks[0]))
     workers = num_workers or dask.config.get("num_workers", None) or os.cpu_count() or 1
+    n = arr.shape[0]
+    if arr.spec.gzip is not None:
+        # One contiguous run of volumes per thread, read in one forward pass: a reader goes
+        # on from where it stopped instead of seeking for every chunk.
+        volume_runs = VolumeRuns(
+            n, workers, min_split=RUN_MIN_SPLIT // max(arr.spec.volume_bytes, 1)
+        )
+        runs = min(workers, n)
 
-    def read(i: int) -> None:
-        lo, hi = int(bounds[i]), int(bounds[i + 1])
-        arr.read_masked_into(out[lo:hi], lo, hi)
+        def read(i: int) -> None:
+            arr.read_masked_runs(out, volume_runs)
+    else:
+        runs = len(chunks[0])
+        bounds = [int(b) for b in np.cumsum((0, *chunks[0]))]
+
+        def read(i: int) -> None:
+            arr.read_masked_into(out[bounds[i] : bounds[i + 1]], bounds[i], bounds[i + 1])
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(read, range(len(chunks[0]))))
+        list(pool.map(read, range(runs)))
     return out
 
 
