@@ -5,11 +5,13 @@ array, so for a moment the result exists twice. :func:`load` allocates each
 output once and lets every chunk write into its place as soon as it is
 computed (``dask.array.store``), so peak memory is the output plus the chunks
 in flight. An untransformed masked ``open_nifti`` array skips even that copy:
-each chunk's volumes are gathered straight into their rows of the output.
+each chunk's volumes are gathered straight into their rows of the output;
+several sessions' betas (``Subject.betas``) are loaded so session by session.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -58,21 +60,19 @@ def load(obj: Any, *, progress: bool | None = None) -> Any:
     targets: list[np.ndarray] = []
     replaced: dict[Any, xr.Variable] = {}
     direct = _direct_loader()
-    for name, variable in dataset.variables.items():
-        if isinstance(variable.data, da.Array):
-            loaded_directly = direct(variable.data) if direct is not None else None
-            if loaded_directly is not None:
-                replaced[name] = variable.copy(data=loaded_directly)
-                continue
-            target = np.empty(variable.shape, dtype=variable.dtype)
-            sources.append(variable.data)
-            targets.append(target)
-            replaced[name] = variable.copy(data=target)
-    if sources:
-        if progress_enabled(progress):
-            with TaskProgress("loading"):
-                da.store(sources, targets, lock=False)
-        else:
+    # The bar follows every Dask computation inside, also the pieces a direct loader stores.
+    with TaskProgress("loading") if progress_enabled(progress) else contextlib.nullcontext():
+        for name, variable in dataset.variables.items():
+            if isinstance(variable.data, da.Array):
+                loaded_directly = direct(variable.data) if direct is not None else None
+                if loaded_directly is not None:
+                    replaced[name] = variable.copy(data=loaded_directly)
+                    continue
+                target = np.empty(variable.shape, dtype=variable.dtype)
+                sources.append(variable.data)
+                targets.append(target)
+                replaced[name] = variable.copy(data=target)
+        if sources:
             da.store(sources, targets, lock=False)
     loaded = dataset.copy()
     for name, variable in replaced.items():

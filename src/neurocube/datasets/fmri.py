@@ -670,10 +670,9 @@ class Subject:
         GridMismatchError
             Betas and brain mask on different grids.
         """
-        import dask.array as da
         import xarray as xr
 
-        from neurocube.sources.nifti import open_nifti
+        from neurocube.sources.nifti import concatenate_trials, open_nifti
 
         sessions = self._sessions_arg(session)
         keep_kind = None if stimuli is None else _stimuli_filter(stimuli)
@@ -722,7 +721,7 @@ class Subject:
             sources += [path, self.trials_path(ses)]
             if nc_threshold is not None:
                 sources.append(self._nc_session_path(ses))
-        data = arrays[0] if len(arrays) == 1 else da.concatenate(arrays, axis=0)
+        data = concatenate_trials(arrays)  # neurocube.load reads it session by session
         trials = pd.concat(rows)
         coords: dict[str, Any] = {"trial": trials.index.to_numpy(dtype=np.int64)}
         coords.update(_trial_coords(trials, self._subject_id))

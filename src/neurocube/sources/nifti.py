@@ -18,6 +18,7 @@ import re
 import struct
 import threading
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ __all__ = [
     "NiftiInfo",
     "NiftiParts",
     "build_parts",
+    "concatenate_trials",
     "NiftiSpec",
     "VolumeArray",
     "open_nifti",
@@ -634,6 +636,12 @@ _DIRECT: collections.OrderedDict[str, tuple[VolumeArray, tuple[tuple[int, ...], 
 _DIRECT_LOCK = threading.Lock()
 
 
+#: Concatenations along the first axis (several sessions' betas): name -> (pieces, chunks).
+_STACKED: collections.OrderedDict[str, tuple[tuple[Any, ...], tuple[tuple[int, ...], ...]]] = (
+    collections.OrderedDict()
+)
+
+
 def _register_direct(name: str, arr: VolumeArray, chunks: tuple[tuple[int, ...], ...]) -> None:
     with _DIRECT_LOCK:
         _DIRECT[name] = (arr, chunks)
@@ -642,7 +650,33 @@ def _register_direct(name: str, arr: VolumeArray, chunks: tuple[tuple[int, ...],
             _DIRECT.popitem(last=False)
 
 
-def direct_load(data: Any, num_workers: int | None = None) -> np.ndarray | None:
+def concatenate_trials(pieces: Sequence[Any]) -> Any:
+    """``dask.array.concatenate(pieces, axis=0)``, loadable piece by piece by :func:`direct_load`.
+
+    Several sessions' masked betas are one array along ``trial``. Through
+    Dask, computing it would run every session's chunks at once (on a first
+    read: a gzip stream per session, each with its decode buffers). Registered
+    here, :func:`neurocube.load` fills the output one piece after the other,
+    each piece straight into its rows (or with ``dask.array.store`` when it is
+    not a plain masked read, e.g. trials filtered or a ``.gz`` without index).
+    """
+    import dask.array as da
+
+    pieces = list(pieces)
+    if len(pieces) == 1:
+        return pieces[0]
+    data = da.concatenate(pieces, axis=0)
+    with _DIRECT_LOCK:
+        _STACKED[data.name] = (tuple(pieces), tuple(data.chunks))
+        _STACKED.move_to_end(data.name)
+        while len(_STACKED) > 64:
+            _STACKED.popitem(last=False)
+    return data
+
+
+def direct_load(
+    data: Any, num_workers: int | None = None, out: np.ndarray | None = None
+) -> np.ndarray | None:
     """Load an untransformed masked ``open_nifti`` array with each chunk read into place.
 
     Returns None when ``data`` is anything else (a selection, a sum, a
@@ -652,7 +686,8 @@ def direct_load(data: Any, num_workers: int | None = None) -> np.ndarray | None:
     is split into one contiguous run of volumes per thread, each read in one
     forward pass (:meth:`VolumeArray.read_masked_runs`; a
     thread done early takes half of the largest run left); a ``.nii`` chunk by
-    chunk.
+    chunk. A concatenation made by :func:`concatenate_trials` is filled piece
+    after piece. ``out``, if given, is the C-contiguous array to fill.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -661,6 +696,9 @@ def direct_load(data: Any, num_workers: int | None = None) -> np.ndarray | None:
     name = getattr(data, "name", None)
     with _DIRECT_LOCK:
         entry = _DIRECT.get(name) if isinstance(name, str) else None
+        stacked = _STACKED.get(name) if isinstance(name, str) else None
+    if stacked is not None and tuple(data.chunks) == stacked[1]:
+        return _load_stacked(stacked[0], data, num_workers, out)
     if entry is None:
         return None
     arr, chunks = entry
@@ -670,7 +708,8 @@ def direct_load(data: Any, num_workers: int | None = None) -> np.ndarray | None:
         return None  # first read: the ordered streaming graph builds the index
     if arr.spec.gzip is not None and not gzindex.index_usable(arr.spec.gzip):
         return None  # stale cached index (deleted with a warning): Dask's graph streams
-    out = np.empty(arr.shape, dtype=arr.dtype)
+    if out is None:
+        out = np.empty(arr.shape, dtype=arr.dtype)
     workers = num_workers or dask.config.get("num_workers", None) or os.cpu_count() or 1
     n = arr.shape[0]
     if arr.spec.gzip is not None:
@@ -692,6 +731,24 @@ def direct_load(data: Any, num_workers: int | None = None) -> np.ndarray | None:
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(read, range(runs)))
+    return out
+
+
+def _load_stacked(
+    pieces: Sequence[Any], data: Any, num_workers: int | None, out: np.ndarray | None
+) -> np.ndarray:
+    """Fill ``out`` from the pieces of a concatenation along axis 0, one piece at a time."""
+    import dask.array as da
+
+    if out is None:
+        out = np.empty(data.shape, dtype=data.dtype)
+    lo = 0
+    for piece in pieces:
+        rows = out[lo : lo + piece.shape[0]]
+        same_dtype = piece.dtype == out.dtype
+        if not same_dtype or direct_load(piece, num_workers=num_workers, out=rows) is None:
+            da.store(piece, rows, lock=False)
+        lo += piece.shape[0]
     return out
 
 
