@@ -704,12 +704,16 @@ def direct_load(
     arr, chunks = entry
     if tuple(data.chunks) != chunks or arr.voxels is None:
         return None
-    if arr.spec.gzip is not None and not gzindex.has_index(arr.spec.gzip):
-        return None  # first read: the ordered streaming graph builds the index
-    if arr.spec.gzip is not None and not gzindex.index_usable(arr.spec.gzip):
-        return None  # stale cached index (deleted with a warning): Dask's graph streams
     if out is None:
         out = np.empty(arr.shape, dtype=arr.dtype)
+    if arr.spec.gzip is not None and not gzindex.has_index(arr.spec.gzip):
+        # First read (or indexing disabled): one sequential pass, which records the seek
+        # index, gathered straight into the rows. Through Dask's ordered graph the chunks
+        # read ahead of their stores piled up (about the output again, measured).
+        arr.read_masked_into(out, 0, arr.shape[0])
+        return out
+    if arr.spec.gzip is not None and not gzindex.index_usable(arr.spec.gzip):
+        return None  # stale cached index (deleted with a warning): Dask's graph streams
     workers = num_workers or dask.config.get("num_workers", None) or os.cpu_count() or 1
     n = arr.shape[0]
     if arr.spec.gzip is not None:
