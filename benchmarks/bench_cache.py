@@ -64,10 +64,17 @@ _PRELUDE = textwrap.dedent(
     root, store = sys.argv[1], sys.argv[2]
     WARM_CALLS = int(os.environ.get("BENCH_WARM_CALLS", "3"))
     def rss_now():
+        # also resets the peak-RSS mark (VmHWM): ru_maxrss would count the driver process
+        # this one was started from (exec keeps the old memory's high-water mark)
+        with open('/proc/self/clear_refs', 'w') as fh:
+            fh.write('5')
         with open('/proc/self/statm') as fh:
             return int(fh.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+    def peak_rss():
+        with open('/proc/self/status') as fh:
+            return next(int(l.split()[1]) * 1024 for l in fh if l.startswith('VmHWM:'))
     def report(wall, values, **extra):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = peak_rss()
         print(json.dumps({"wall": wall, "peak": peak - base, "shape": list(values.shape),
                           "checksum": float(np.nansum(values, dtype=np.float64)), **extra}))
     base = rss_now()

@@ -43,12 +43,19 @@ HERE = Path(__file__).resolve().parent
 
 
 def _rss_peak() -> int:
-    import resource
+    """Peak RSS since :func:`_rss_now` reset the kernel's mark (VmHWM).
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ``ru_maxrss`` would count the driver this worker was started from: exec keeps the
+    old memory's high-water mark.
+    """
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
 
 
 def _rss_now() -> int:
+    """RSS now; also resets the peak mark that :func:`_rss_peak` reads."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith("VmRSS:"):
