@@ -226,7 +226,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny file, one repeat (smoke test)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", type=Path, default=HERE / "data" / "nifti")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "nifti.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: results/nifti.json (results/nifti-quick.json with --quick, "
+                             "so a smoke run never replaces the recorded figures)")
     parser.add_argument("--worker", nargs=5, metavar=("NAME", "PATH", "MASK", "CACHE", "THREADS"))
     args = parser.parse_args()
     if args.worker:
@@ -238,6 +240,8 @@ def main() -> int:
 
     from neurocube.synthetic.session import make_session
 
+    if args.out is None:
+        args.out = HERE / "results" / ("nifti-quick.json" if args.quick else "nifti.json")
     grid, n_trials = ((20, 24, 20), 30) if args.quick else ((81, 96, 81), 300)
     repeats = 1 if args.quick else args.repeats
     threads = os.cpu_count() or 2
