@@ -36,17 +36,18 @@ def test_masked_nifti_round_trip_keeps_values_coords_attrs(betas_path, brain_mas
     np.testing.assert_array_equal(cached.data.values, oracle_masked(SHAPE, brain_mask))
     xr.testing.assert_identical(cached.compute(), ds.compute())
     assert cached.attrs["neurocube_sources"] == [str(betas_path.resolve())]
-    # Lazy, with the same chunks as the source, and coords back in memory with their dtypes.
+    # Lazy, coords back in memory with their dtypes; the source's 3-trial blocks (a few KB)
+    # are merged along trial into one stored chunk (see test_small_blocks_are_merged...).
     assert isinstance(cached.data.data, da.Array)
-    assert cached.data.chunks == ds.data.chunks
+    assert cached.data.chunks == ((SHAPE[3],), ds.data.chunks[1])
     for name in ("i", "j", "k", "x", "y", "z"):
         assert not isinstance(cached[name].data, da.Array)
         assert cached[name].dtype == ds[name].dtype
-    # Zarr v3, Blosc-LZ4 (bit-shuffled) for numbers, chunks equal to the Dask chunks.
+    # Zarr v3, Blosc-LZ4 (bit-shuffled) for numbers.
     (entry,) = _entries(tmp_path / "c")
     meta = json.loads((entry / "data" / "zarr.json").read_text())
     assert meta["zarr_format"] == 3
-    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [3, int(brain_mask.sum())]
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [SHAPE[3], int(brain_mask.sum())]
     assert [c["name"] for c in meta["codecs"]] == ["bytes", "blosc"]
     blosc = meta["codecs"][1]["configuration"]
     assert (blosc["cname"], blosc["shuffle"], blosc["typesize"]) == ("lz4", "bitshuffle", 4)
@@ -148,8 +149,28 @@ def test_dtypes_nan_strings_and_irregular_chunks_round_trip(tmp_path):
     assert cached.image_name.dtype == np.dtype("<U10")
     assert cached.label.dtype == object
     assert cached["count"].dtype == np.int16
-    # Irregular chunks were regularised to the largest block.
-    assert cached.data.chunks == ((4, 3), (5,))
+    # Irregular chunks were regularised to the largest block (4), and blocks this small merged.
+    assert cached.data.chunks == ((7,), (5,))
+
+
+@pytest.mark.parametrize(
+    ("min_bytes", "expected"),
+    [
+        (100, (4,) * 10),  # a block of 4 x 10 float64 is 320 bytes: kept
+        (1000, (16, 16, 8)),  # ceil(1000 / 320) = 4 blocks per stored chunk
+        (10**9, (40,)),  # never more than the whole axis
+    ],
+)
+def test_small_blocks_are_merged_along_the_first_dim(tmp_path, monkeypatch, min_bytes, expected):
+    from neurocube.caching import core
+
+    monkeypatch.setattr(core, "MIN_CHUNK_BYTES", min_bytes)
+    values = np.arange(40 * 10, dtype=np.float64).reshape(40, 10)
+    ds = _plain_dataset(values, chunks=(4, 10))
+    cached = neurocube.cache(ds, store=tmp_path, key=f"m{min_bytes}")
+    assert cached.data.chunks == (expected, (10,))
+    np.testing.assert_array_equal(cached.data.values, values)
+    np.testing.assert_array_equal(cached.trial.values, ds.trial.values)
 
 
 def test_dataarray_round_trip_keeps_name_and_attrs(tmp_path):
