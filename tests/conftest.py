@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.nifti"]
+pytest_plugins = ["tests.fixtures.nifti", "tests.fixtures.remote"]
 
 
 @pytest.fixture(autouse=True)

@@ -42,7 +42,7 @@ def run_demo(folder: Path | None = None, *, n_trials: int = 120, out: Any = None
     import numpy as np
 
     import neurocube
-    from neurocube.sources.files import IO_STATS
+    from neurocube.storage import IO_STATS
     from neurocube.synthetic.session import make_session
 
     out = out or sys.stdout

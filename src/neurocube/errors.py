@@ -26,6 +26,9 @@ __all__ = [
     "UnsafeDataError",
     "UnsafePathError",
     "AttributeMismatchError",
+    "AccessDeniedError",
+    "DataChangedError",
+    "StorageError",
 ]
 
 
@@ -94,3 +97,15 @@ class UnsafePathError(NeurocubeError, PermissionError):
 
 class AttributeMismatchError(NeurocubeError, ValueError):
     """Attributes given to a writer did not come from the file and record they would overwrite."""
+
+
+class StorageError(NeurocubeError, OSError):
+    """A storage backend (S3, HTTP, ...) failed: unreachable, misconfigured or broken mid-read."""
+
+
+class AccessDeniedError(StorageError, PermissionError):
+    """The storage backend refused access (HTTP 403): credentials or ``storage_options`` needed."""
+
+
+class DataChangedError(FormatError):
+    """A file or object changed between opening it and reading its values."""

@@ -14,7 +14,7 @@ import xarray as xr
 import neurocube
 from neurocube.errors import IndexMismatchError, TruncatedFileError
 from neurocube.sources import gzindex, nifti
-from neurocube.sources.files import IO_STATS
+from neurocube.storage import IO_STATS
 from tests.fixtures.nifti import analytic_values, write_nifti
 
 

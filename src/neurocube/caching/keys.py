@@ -28,7 +28,7 @@ import dask.base
 import xarray as xr
 
 from neurocube.errors import CacheError, NeurocubeWarning
-from neurocube.sources.files import file_identity, is_url
+from neurocube.storage import file_identity, is_url
 
 __all__ = ["CACHE_FORMAT_VERSION", "Fingerprint", "fingerprint", "source_identity", "source_paths"]
 

@@ -40,7 +40,7 @@ from typing import Any
 from neurocube.config import cache_dir
 from neurocube.errors import CacheError
 from neurocube.io._atomic import atomic_path
-from neurocube.sources.files import is_url
+from neurocube.storage import is_url
 
 __all__ = [
     "ENTRY_SUFFIX",

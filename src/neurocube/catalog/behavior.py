@@ -33,7 +33,7 @@ import pandas as pd
 import yaml
 
 from neurocube.errors import DataNotFoundError, FormatError, SelectionError, UnsafePathError
-from neurocube.sources.files import open_file
+from neurocube.storage import open_file
 
 __all__ = [
     "DEFAULT_ROOTS",

@@ -34,8 +34,8 @@ from neurocube.errors import (
     NeurocubeWarning,
     SelectionError,
 )
-from neurocube.sources.files import IO_STATS, open_file
 from neurocube.sources.npz import ZIP_MAGIC, NpzMember, read_npz_directory
+from neurocube.storage import IO_STATS, open_file
 
 __all__ = [
     "ARTIFACT_SUFFIX",

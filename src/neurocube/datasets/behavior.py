@@ -46,7 +46,6 @@ from neurocube.errors import (
     NeurocubeWarning,
     SelectionError,
 )
-from neurocube.sources.files import open_file
 from neurocube.sources.parquet import (
     ParquetChunkSpec,
     ParquetFileInfo,
@@ -57,6 +56,7 @@ from neurocube.sources.parquet import (
     read_parquet_info,
     read_table,
 )
+from neurocube.storage import open_file
 
 __all__ = ["BehaviorDataset", "TrackFile", "open_behavior", "read_npz_headers"]
 

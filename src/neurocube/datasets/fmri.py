@@ -953,7 +953,7 @@ def _stimuli_filter(stimuli: str) -> str:
 
 
 def _read_csv(path: str, sep: str = ",") -> pd.DataFrame:
-    from neurocube.sources.files import open_file
+    from neurocube.storage import open_file
 
     with open_file(path) as handle:
         try:
@@ -1056,7 +1056,7 @@ def _trial_coords(trials: pd.DataFrame, subject: str) -> dict[str, Any]:
 def _read_func_gii(path: str) -> np.ndarray:
     import nibabel as nib
 
-    from neurocube.sources.files import open_file
+    from neurocube.storage import open_file
 
     with open_file(path) as handle:
         raw = handle.read()
@@ -1070,7 +1070,7 @@ def _read_func_gii(path: str) -> np.ndarray:
 
 
 def _read_label(path: str) -> np.ndarray:
-    from neurocube.sources.files import open_file
+    from neurocube.storage import open_file
 
     with open_file(path) as handle:
         lines = handle.read().decode("ascii", errors="replace").splitlines()

@@ -361,7 +361,7 @@ def _origin_groups(h5: Any, path: str) -> list[tuple[str, Any]]:
 
 def _catalog_cache_file(local: str) -> Any:
     from neurocube.config import cache_dir
-    from neurocube.sources.files import file_identity
+    from neurocube.storage import file_identity
 
     return cache_dir() / "hdf5-traces" / f"{file_identity(local).digest}.json"
 

@@ -38,7 +38,7 @@ from neurocube.catalog.behavior import (
 )
 from neurocube.errors import DataNotFoundError, FormatError, SelectionError, UnsafePathError
 from neurocube.io._atomic import atomic_path
-from neurocube.sources.files import open_file
+from neurocube.storage import open_file
 
 __all__ = [
     "RAW_INDEX_COLUMNS",

@@ -22,7 +22,7 @@ import numpy as np
 
 from neurocube.errors import FormatError
 from neurocube.io._atomic import atomic_path
-from neurocube.sources.files import open_file
+from neurocube.storage import open_file
 
 __all__ = [
     "SPECTRAL_FORMAT_VERSION",

@@ -51,7 +51,7 @@ from neurocube.errors import (
     NeurocubeWarning,
     TruncatedFileError,
 )
-from neurocube.sources.files import IO_STATS, HandlePool, file_identity
+from neurocube.storage import IO_STATS, HandlePool, file_identity
 
 __all__ = [
     "GzipIndexSpec",

@@ -43,7 +43,7 @@ import h5py
 import numpy as np
 
 from neurocube.errors import DataNotFoundError, FormatError
-from neurocube.sources.files import IO_STATS, HandlePool, is_url, open_file
+from neurocube.storage import IO_STATS, HandlePool, is_url, open_file
 
 __all__ = [
     "DIRECT_BATCH_BYTES",
@@ -131,7 +131,7 @@ def stat_key(path: str | os.PathLike[str]) -> tuple[str, int, int]:
 def open_hdf5(path: str | os.PathLike[str]) -> h5py.File:
     """Open an HDF5 file read-only, in SWMR mode where HDF5 allows it.
 
-    Counts one open in :data:`neurocube.sources.files.IO_STATS`.
+    Counts one open in :data:`neurocube.storage.IO_STATS`.
 
     Raises
     ------

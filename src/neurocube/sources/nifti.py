@@ -33,7 +33,7 @@ from neurocube.errors import (
     TruncatedFileError,
 )
 from neurocube.sources import gzindex
-from neurocube.sources.files import IO_STATS, open_file
+from neurocube.storage import IO_STATS, open_file
 
 __all__ = [
     "NiftiInfo",

@@ -41,7 +41,7 @@ from typing import Any, Literal
 import numpy as np
 
 from neurocube.errors import FormatError, TruncatedFileError, UnsafeDataError
-from neurocube.sources.files import IO_STATS, open_file
+from neurocube.storage import IO_STATS, open_file
 
 __all__ = [
     "ZIP_MAGIC",

@@ -39,7 +39,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from neurocube.errors import FormatError
-from neurocube.sources.files import IO_STATS, HandlePool, is_url, open_file
+from neurocube.storage import IO_STATS, HandlePool, is_url, open_file
 
 __all__ = [
     "ColumnStats",

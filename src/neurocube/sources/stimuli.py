@@ -219,8 +219,8 @@ def open_segmentations(
     import pandas as pd
     import xarray as xr
 
-    from neurocube.sources.files import open_file
     from neurocube.sources.hdf5 import hdf5_dask_array
+    from neurocube.storage import open_file
 
     spec = _spec(path, "masks")
     if len(spec.shape) != 3:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from neurocube.errors import DataNotFoundError, FormatError
-from neurocube.sources.files import IO_STATS, open_file
+from neurocube.storage import IO_STATS, open_file
 
 __all__ = [
     "PARQUET_MAGIC",

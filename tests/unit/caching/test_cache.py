@@ -13,12 +13,12 @@ import pytest
 import xarray as xr
 
 import neurocube
+from neurocube import storage as files_module
 from neurocube.caching.keys import fingerprint
 from neurocube.caching.store import MARKER_NAME
 from neurocube.errors import CacheError, NeurocubeWarning
-from neurocube.sources import files as files_module
 from neurocube.sources import nifti as nifti_source
-from neurocube.sources.files import IO_STATS
+from neurocube.storage import IO_STATS
 
 from .conftest import SHAPE, make_betas, oracle_masked
 

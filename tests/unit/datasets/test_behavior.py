@@ -17,7 +17,7 @@ from neurocube.errors import (
     SelectionError,
 )
 from neurocube.sources import parquet as parquet_source
-from neurocube.sources.files import IO_STATS
+from neurocube.storage import IO_STATS
 from tests.unit.datasets._behavior_data import (
     SAMPLE_GROUP,
     SAMPLE_SEQUENCE,

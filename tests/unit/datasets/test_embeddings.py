@@ -25,7 +25,7 @@ from neurocube.errors import (
     TruncatedFileError,
     UnsafeDataError,
 )
-from neurocube.sources.files import IO_STATS
+from neurocube.storage import IO_STATS
 from tests.fixtures.embeddings_tree import make_tree, recording_values, token_values, window_values
 
 SAMPLE = Path(__file__).parents[2] / "data" / "coco_pipe" / "eeg_foundation_embeddings"

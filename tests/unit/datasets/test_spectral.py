@@ -13,7 +13,7 @@ import neurocube
 from neurocube.datasets.spectral import guess_spectral, spectral_entities
 from neurocube.errors import DataNotFoundError, FormatError, IncompleteFileError, NeurocubeWarning
 from neurocube.sources import hdf5 as h5src
-from neurocube.sources.files import IO_STATS
+from neurocube.storage import IO_STATS
 
 DATA = Path(__file__).parents[2] / "data" / "spectralbrain"
 FULL = DATA / "sub-01_lh_white_spectral.h5"

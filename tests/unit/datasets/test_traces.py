@@ -20,7 +20,7 @@ import neurocube.traces as nct
 from neurocube.datasets.traces import decode_attr, encode_attr, guess_traces
 from neurocube.errors import AttributeMismatchError, FormatError, SelectionError
 from neurocube.sources import hdf5 as h5src
-from neurocube.sources.files import IO_STATS
+from neurocube.storage import IO_STATS
 
 DATA = Path(__file__).parents[2] / "data" / "offspect"
 

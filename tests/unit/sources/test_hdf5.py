@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import neurocube
 from neurocube.errors import DataNotFoundError, FormatError
 from neurocube.sources import hdf5 as h5src
-from neurocube.sources.files import IO_STATS
+from neurocube.storage import IO_STATS
 from tests.unit.datasets.test_traces import write_traces
 
 distributed = pytest.importorskip("distributed")

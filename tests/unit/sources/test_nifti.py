@@ -22,7 +22,7 @@ from neurocube.errors import (
     TruncatedFileError,
 )
 from neurocube.sources import nifti
-from neurocube.sources.files import IO_STATS
+from neurocube.storage import IO_STATS
 from tests.fixtures.nifti import AFFINE, analytic_values, stored_for, write_nifti
 
 SHAPE = (5, 6, 7, 9)

@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from neurocube.errors import FormatError, TruncatedFileError, UnsafeDataError
-from neurocube.sources.files import IO_STATS
 from neurocube.sources.npz import (
     is_zip_file,
     open_member_memmap,
@@ -19,6 +18,7 @@ from neurocube.sources.npz import (
     read_members_into,
     read_npz_directory,
 )
+from neurocube.storage import IO_STATS
 
 ARRAYS = {
     "f32": np.arange(24, dtype=np.float32).reshape(4, 6) / 7,

@@ -11,7 +11,6 @@ import pytest
 
 from neurocube.errors import DataNotFoundError, FormatError
 from neurocube.sources import parquet as source
-from neurocube.sources.files import IO_STATS
 from neurocube.sources.parquet import (
     common_dtypes,
     lazy_columns,
@@ -19,6 +18,7 @@ from neurocube.sources.parquet import (
     read_chunk,
     read_parquet_info,
 )
+from neurocube.storage import IO_STATS
 
 SAMPLE = next(
     (Path(__file__).resolve().parents[2] / "data" / "mosaic" / "tracks").glob("*/*.parquet")
