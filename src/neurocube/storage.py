@@ -68,6 +68,8 @@ __all__ = [
     "local_path",
     "normalize",
     "open_file",
+    "options_for",
+    "remember_options",
     "parent",
     "read_range",
     "read_ranges",
@@ -1163,3 +1165,38 @@ def _close_quietly(handle: Any) -> None:
         handle.close()
     except (OSError, ValueError, io.UnsupportedOperation):
         pass
+
+
+# --- options of opened locations ------------------------------------------------------------
+
+_KNOWN_OPTIONS: dict[str, StorageOptions] = {}
+_KNOWN_LOCK = threading.Lock()
+
+
+def remember_options(location: str, storage_options: Mapping[str, Any] | None) -> None:
+    """Record the options a remote location was opened with, for this process.
+
+    Attributes may name sources by URL only (never with credentials); code
+    that later stats such a source (cache keys, change checks) finds the
+    options here with :func:`options_for`. Local paths are not recorded.
+    """
+    opts = as_options(storage_options)
+    if opts is None or is_local(location):
+        return
+    with _KNOWN_LOCK:
+        _KNOWN_OPTIONS[normalize(location)] = opts
+
+
+def options_for(location: str) -> StorageOptions | None:
+    """Return the options recorded for ``location`` or its nearest recorded parent, else None."""
+    if is_local(location):
+        return None
+    loc = normalize(location)
+    with _KNOWN_LOCK:
+        while True:
+            opts = _KNOWN_OPTIONS.get(loc)
+            if opts is not None:
+                return opts
+            if "/" not in loc.split("://", 1)[-1]:
+                return None
+            loc = loc.rsplit("/", 1)[0]
