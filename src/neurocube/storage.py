@@ -71,8 +71,10 @@ __all__ = [
     "options_for",
     "remember_options",
     "parent",
+    "read_all",
     "read_range",
     "read_ranges",
+    "write_bytes",
     "redact",
 ]
 
@@ -857,6 +859,43 @@ def read_ranges(
                 raise p
     IO_STATS.add_bytes(sum(len(p) for p in parts))
     return list(parts)
+
+
+def read_all(path: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
+    """Return the whole content of a (small) file or object."""
+    if is_local(path):
+        with open_file(path) as fh:
+            data: bytes = fh.read()
+        IO_STATS.add_bytes(len(data))
+        return data
+    fs, fpath = _filesystem(path, storage_options)
+    IO_STATS.add_open()
+    with translate_errors(path, "read"):
+        data = fs.cat_file(fpath)
+    IO_STATS.add_bytes(len(data))
+    return data
+
+
+def write_bytes(path: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write ``data`` to a local file (atomically: temporary sibling, then rename) or an object.
+
+    For neurocube's own outputs (indexes in an index store), never for source data.
+    """
+    if is_local(path):
+        target = local_path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, target)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        return
+    fs, fpath = _filesystem(path, storage_options)
+    with translate_errors(path, "write"):
+        fs.pipe_file(fpath, data)  # an object appears whole or not at all
 
 
 # --- shared blocks of remote objects ----------------------------------------------------------

@@ -17,7 +17,16 @@ data:
   run of volumes in one forward pass through a private rapidgzip reader on
   the same index (:func:`open_sequential`), which inflates faster per core.
 
-Index files are keyed by the file's identity (path, size, mtime, hash of its
+A remote object (``s3://``, ``https://``) is read the same way through a
+seekable file over its byte ranges (:class:`neurocube.storage.BlockReader`):
+the first pass fetches the object once, ahead of the inflater, and records the
+index; with the index, a read fetches only the compressed bytes between the
+seek points around the volumes it needs. Indexes of objects are keyed by the
+URL, the size and the ETag (never a local mtime) and can be shared through an
+*index store* (a folder or URL, ``NEUROCUBE_INDEX_STORE``), so that a team or a
+cluster builds each one once.
+
+Index files of local files are keyed by the file's identity (path, size, mtime, hash of its
 first and last MiB), in two steps so that opening a file reads nothing but its
 header: the index's *name* comes from the path, size and mtime (a ``stat``),
 and its JSON sidecar records the hash of the ends, which is checked against the
@@ -44,14 +53,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neurocube import config
+from neurocube import config, storage
 from neurocube.errors import (
     DataNotFoundError,
     IndexMismatchError,
+    NeurocubeError,
     NeurocubeWarning,
     TruncatedFileError,
 )
-from neurocube.storage import IO_STATS, HandlePool, file_identity
+from neurocube.storage import IO_STATS, HandlePool, StorageOptions, file_identity
 
 __all__ = [
     "GzipIndexSpec",
@@ -120,52 +130,103 @@ class IndexRebuildWarning(NeurocubeWarning):
     """A cached gzip index was damaged or stale: it was deleted and is rebuilt by streaming."""
 
 
+INDEX_STORE_ENV = "NEUROCUBE_INDEX_STORE"
+
+
 @dataclass(frozen=True)
 class GzipIndexSpec:
-    """How to reach bytes inside one ``.gz`` file (picklable: paths only).
+    """How to reach bytes inside one ``.gz`` file (picklable: locations and numbers only).
 
     Parameters
     ----------
     path
-        The ``.gz`` file.
+        The ``.gz`` file: a local path or a URL.
     index_path
-        Where its index lives (or will be written); None disables indexing.
+        Where its index lives locally (or will be written); None disables indexing.
     explicit
         True when the caller named the index file: a missing or mismatched
         index is then an error, and neurocube never overwrites it.
+    storage_options
+        Options for a remote ``path`` (credentials redacted from text and tokens).
+    size, etag
+        The object's size and ETag when it was opened (remote files): its version.
+    store, store_options
+        An index store (folder or URL) where the index is looked up before a
+        first read streams the file, and where a new index is uploaded.
     """
 
     path: str
     index_path: str | None
     explicit: bool = False
+    storage_options: StorageOptions | None = None
+    size: int = 0
+    etag: str = ""
+    store: str | None = None
+    store_options: StorageOptions | None = None
+
+    @property
+    def remote(self) -> bool:
+        """True for an object reached over the network (not a local path)."""
+        return not storage.is_local(self.path)
+
+
+def _source(spec: GzipIndexSpec, *, readahead: int = storage.READAHEAD) -> Any:
+    """Return what the inflaters read: the local path, or a seekable reader over the object."""
+    if not spec.remote:
+        return spec.path
+    return storage.BlockReader(
+        spec.path, spec.storage_options, size=spec.size, version=spec.etag, readahead=readahead
+    )
+
+
+def _compressed_size(spec: GzipIndexSpec) -> int:
+    return spec.size if spec.remote else storage.info(spec.path).size
 
 
 def auto_index_path(
-    path: str | os.PathLike[str], cache: str | os.PathLike[str] | None = None
+    path: str | os.PathLike[str],
+    cache: str | os.PathLike[str] | None = None,
+    *,
+    meta: storage.ObjectInfo | None = None,
 ) -> Path:
     """Return where the index of ``path`` lives in the cache folder.
 
-    The name comes from the resolved path, the size and the mtime (one
-    ``stat``, no read). The hash of the file's first and last MiB, the rest of
-    its identity, is recorded in the index's sidecar and checked when the
-    index is first used (:func:`read_range`).
+    For a local file the name comes from the resolved path, the size and the
+    mtime (one ``stat``, no read); the hash of the file's first and last MiB,
+    the rest of its identity, is recorded in the index's sidecar and checked
+    when the index is first used (:func:`read_range`). For an object it comes
+    from the URL, the size and the ETag (``meta``, from the opener's stat).
 
     Raises
     ------
     DataNotFoundError
         If ``path`` does not exist.
     """
-    local = Path(path).expanduser().resolve()
-    try:
-        st = local.stat()
-    except FileNotFoundError as exc:
-        raise DataNotFoundError(f"{local}: no such file") from exc
-    text = f"{local}\0{st.st_size}\0{st.st_mtime_ns}"
+    meta = meta or storage.info(path)
+    return config.cache_dir(cache) / "gzindex" / index_name(meta)
+
+
+def index_name(meta: storage.ObjectInfo) -> str:
+    """Return the file name of the index of a file or object, from its stat alone."""
+    if storage.is_local(meta.path):
+        text = f"{meta.path}\0{meta.size}\0{meta.mtime_ns}"
+    else:
+        text = f"{meta.path}\0{meta.size}\0etag:{meta.etag}"
     digest = hashlib.sha256(text.encode()).hexdigest()[:32]
-    return config.cache_dir(cache) / "gzindex" / f"{local.name}.{digest}.gzidx"
+    return f"{meta.name}.{digest}.gzidx"
 
 
-def check_index(index_path: str | os.PathLike[str], gz_path: str | os.PathLike[str]) -> None:
+def index_store(store: str | os.PathLike[str] | None = None) -> str | None:
+    """Return the index store to use: ``store``, else ``$NEUROCUBE_INDEX_STORE``, else None."""
+    chosen = store if store is not None else os.environ.get(INDEX_STORE_ENV) or None
+    return None if chosen is None else storage.normalize(chosen)
+
+
+def check_index(
+    index_path: str | os.PathLike[str],
+    gz_path: str | os.PathLike[str],
+    storage_options: StorageOptions | None = None,
+) -> None:
     """Raise :class:`IndexMismatchError` unless ``index_path`` is a GZIDX index of ``gz_path``.
 
     The index header records the compressed size of the file it was built on;
@@ -186,7 +247,7 @@ def check_index(index_path: str | os.PathLike[str], gz_path: str | os.PathLike[s
             f"found {head[:8]!r}). Delete it or pass index='auto'."
         )
     compressed_size = struct.unpack("<Q", head[7:15])[0]
-    actual = os.path.getsize(gz_path)
+    actual = storage.info(gz_path, storage_options).size
     if compressed_size != actual:
         raise IndexMismatchError(
             f"{index_path}: this gzip index was built for a file of {compressed_size} compressed "
@@ -196,8 +257,10 @@ def check_index(index_path: str | os.PathLike[str], gz_path: str | os.PathLike[s
     sidecar = index_path.with_suffix(".json")
     if sidecar.exists():
         recorded = json.loads(sidecar.read_text())
-        ident = file_identity(gz_path).as_dict()
-        if recorded.get("ends_sha256") != ident["ends_sha256"]:
+        ident = storage.identity(gz_path, storage_options).as_dict()
+        if (recorded.get("ends_sha256") or "") != ident["ends_sha256"] or (
+            recorded.get("etag") or ""
+        ) != ident.get("etag", ""):
             raise IndexMismatchError(
                 f"{index_path}: built for a file whose first/last MiB differ from {gz_path} now; "
                 "delete the index or pass index='auto' to rebuild it."
@@ -213,13 +276,16 @@ _STATE_LOCK = threading.Lock()
 # Cached indexes whose sidecar matched the file, per (path, index, size, mtime, ctime): the ends
 # are hashed once per process and file version, not per chunk. ctime changes with any rewrite,
 # even one that puts the old size and mtime back.
-_VERIFIED: set[tuple[str, str, int, int, int]] = set()
+_VERIFIED: set[tuple[str, str, int, int | str, int]] = set()
 _VERIFY_LOCK = threading.Lock()
 
 
-def _version(path: str, index_path: str) -> tuple[str, str, int, int, int]:
-    st = os.stat(path)
-    return (path, index_path, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+def _version(spec: GzipIndexSpec, index_path: str) -> tuple[str, str, int, int | str, int]:
+    """Which version of the file this is, cheaply: a stat locally, the opened ETag remotely."""
+    if spec.remote:
+        return (spec.path, index_path, spec.size, spec.etag, 0)
+    meta = storage.info(spec.path)
+    return (spec.path, index_path, meta.size, meta.mtime_ns, meta.ctime_ns)
 
 
 def _cached_index_usable(spec: GzipIndexSpec, index_path: str) -> bool:
@@ -234,8 +300,8 @@ def _cached_index_usable(spec: GzipIndexSpec, index_path: str) -> bool:
     if spec.explicit:
         return True
     try:
-        version = _version(spec.path, index_path)
-    except FileNotFoundError as exc:
+        version = _version(spec, index_path)
+    except DataNotFoundError as exc:
         raise DataNotFoundError(
             f"{spec.path}: no such file (it was removed after it was opened)"
         ) from exc
@@ -256,26 +322,56 @@ def _cached_index_usable(spec: GzipIndexSpec, index_path: str) -> bool:
                 spec, index_path, f"has no readable identity sidecar {sidecar.name} ({exc})"
             )
             return False
-        ident = file_identity(spec.path)
-        if recorded.get("size") != ident.size or recorded.get("ends_sha256") != ident.ends_sha256:
+        ident = _identity(spec)
+        if (
+            recorded.get("size") != ident.size
+            or (recorded.get("ends_sha256") or "") != ident.ends_sha256
+            or (recorded.get("etag") or "") != ident.etag
+        ):
             _discard_cached_index(
                 spec,
                 index_path,
-                f"is stale: it was built for a file of {recorded.get('size')} bytes whose first/"
-                f"last MiB hash to {str(recorded.get('ends_sha256'))[:12]}..., but the file now "
-                f"has {ident.size} bytes hashing to {ident.ends_sha256[:12]}... (rewritten, "
-                "possibly with the same size and modification time)",
+                f"is stale: it was built for a file of {recorded.get('size')} bytes whose "
+                f"{_version_text(recorded)}, but the file now has {ident.size} bytes whose "
+                f"{_version_text(ident.as_dict())} (rewritten, possibly with the same size "
+                "and modification time)",
             )
             return False
         _VERIFIED.add(version)
         return True
 
 
+def _identity(spec: GzipIndexSpec) -> storage.FileIdentity:
+    """Return the identity of ``spec.path`` now (remote: checked against the opened ETag)."""
+    if not spec.remote:
+        return file_identity(spec.path)
+    storage.check_unchanged(spec.path, spec.storage_options, spec.size, spec.etag)
+    return storage.FileIdentity(spec.path, spec.size, 0, "", spec.etag)
+
+
+def _version_text(identity: dict[str, Any]) -> str:
+    if identity.get("etag"):
+        return f"ETag is {identity['etag']}"
+    return f"first/last MiB hash to {str(identity.get('ends_sha256'))[:12]}..."
+
+
+def _indexed_gzip_file(spec: GzipIndexSpec, **kwargs: Any) -> Any:
+    import indexed_gzip
+
+    source = _source(spec)
+    if isinstance(source, str):
+        return indexed_gzip.IndexedGzipFile(source, **kwargs)
+    return indexed_gzip.IndexedGzipFile(fileobj=source, **kwargs)
+
+
 class _Stream:
     """One sequential reader of a ``.gz`` that records seek points as it goes."""
 
-    def __init__(self, path: str, *, uncompressed_size: int = 0, indexing: bool = True) -> None:
-        self.path = path
+    def __init__(
+        self, spec: GzipIndexSpec, *, uncompressed_size: int = 0, indexing: bool = True
+    ) -> None:
+        self.spec = spec
+        self.path = path = spec.path
         self.kind: str
         self.handle: Any
         try:
@@ -283,16 +379,14 @@ class _Stream:
 
             self.threads = _claim_stream_threads()
             self.handle = rapidgzip.RapidgzipFile(
-                path,
+                _source(spec),
                 parallelization=self.threads,
-                chunk_size=stream_chunk_size(os.path.getsize(path), uncompressed_size),
+                chunk_size=stream_chunk_size(_compressed_size(spec), uncompressed_size),
             )
             self.kind = "rapidgzip"
         except ImportError:
-            import indexed_gzip
-
             self.threads = 0
-            self.handle = indexed_gzip.IndexedGzipFile(path, spacing=SPACING)
+            self.handle = _indexed_gzip_file(spec, spacing=SPACING)
             self.kind = "indexed_gzip"
         self.exported = False
         self.closed = False
@@ -300,7 +394,7 @@ class _Stream:
         self._bars = contextlib.ExitStack()
         from neurocube.progress import progress_bar
 
-        label = f"{'indexing' if indexing else 'reading'} {Path(path).name}"
+        label = f"{'indexing' if indexing else 'reading'} {storage.basename(path)}"
         self.bar = self._bars.enter_context(progress_bar(uncompressed_size or None, label))
 
     def use_indexed_gzip(self) -> None:
@@ -311,9 +405,7 @@ class _Stream:
         readable and the error names the right place.
         """
         self.handle.close()
-        import indexed_gzip
-
-        self.handle = indexed_gzip.IndexedGzipFile(self.path, spacing=SPACING)
+        self.handle = _indexed_gzip_file(self.spec, spacing=SPACING)
         self.kind = "indexed_gzip"
         _release_stream_threads(self.threads)
         self.threads = 0
@@ -358,7 +450,7 @@ class _Stream:
         _release_stream_threads(self.threads)
 
 
-def _open_indexed(path: str, index_path: str) -> Any:
+def _open_indexed(spec: GzipIndexSpec, index_path: str) -> Any:
     """Open a random-access reader of ``path`` through its GZIDX index (one per thread).
 
     indexed_gzip holds ~10-20 MB per handle; rapidgzip reads faster per call
@@ -371,7 +463,12 @@ def _open_indexed(path: str, index_path: str) -> Any:
     import indexed_gzip
 
     IO_STATS.add_open()
-    return indexed_gzip.IndexedGzipFile(path, index_file=index_path, buffer_size=4 << 20)
+    if spec.remote:  # only the compressed bytes around each read travel (see _prefetch)
+        reader = _source(spec, readahead=0)
+        return indexed_gzip.IndexedGzipFile(
+            fileobj=reader, index_file=index_path, buffer_size=4 << 20
+        )
+    return indexed_gzip.IndexedGzipFile(spec.path, index_file=index_path, buffer_size=4 << 20)
 
 
 def has_index(spec: GzipIndexSpec | None) -> bool:
@@ -489,7 +586,7 @@ def open_sequential(spec: GzipIndexSpec, start: int) -> SequentialReader | None:
         return None
     handle = None
     try:
-        handle = rapidgzip.RapidgzipFile(spec.path, parallelization=1)
+        handle = rapidgzip.RapidgzipFile(_source(spec), parallelization=1)
         handle.import_index(spec.index_path)
         handle.seek(start)
     except Exception:  # an index rapidgzip cannot load: indexed_gzip reads (or reports) it
@@ -543,6 +640,131 @@ def thin_index(src: str | os.PathLike[str], dst: str | os.PathLike[str], spacing
     return len(keep)
 
 
+_POINTS: dict[str, tuple[list[int], list[int]]] = {}  # index path -> (uncompressed, compressed)
+_POINTS_LOCK = threading.Lock()
+
+
+def _seek_points(index_path: str) -> tuple[list[int], list[int]]:
+    """Return the seek points of a GZIDX index: sorted uncompressed and compressed offsets."""
+    with _POINTS_LOCK:
+        cached = _POINTS.get(index_path)
+    if cached is not None:
+        return cached
+    with open(index_path, "rb") as fh:
+        head = fh.read(_HEADER.size)
+        if len(head) < _HEADER.size or not head.startswith(_MAGIC):
+            raise IndexMismatchError(f"{index_path}: not a GZIDX index (found {head[:6]!r})")
+        n = _HEADER.unpack(head)[-1]
+        raw = fh.read(n * _POINT.size)
+    if len(raw) < n * _POINT.size:
+        raise IndexMismatchError(f"{index_path}: the index is truncated ({n} points announced)")
+    points = [_POINT.unpack_from(raw, i * _POINT.size) for i in range(n)]
+    result = ([p[1] for p in points], [p[0] for p in points])
+    with _POINTS_LOCK:
+        _POINTS[index_path] = result
+    return result
+
+
+def compressed_range(index_path: str, start: int, end: int, size: int) -> tuple[int, int]:
+    """Return the compressed bytes ``[lo, hi)`` that inflate uncompressed ``[start, end)``.
+
+    From the last seek point at or before ``start`` (one byte earlier: a point
+    may start inside a byte) to the first point at or after ``end`` (or the
+    end of the file), plus a small margin for the inflater's look-ahead.
+    """
+    import bisect
+
+    uoffs, coffs = _seek_points(index_path)
+    i = bisect.bisect_right(uoffs, start) - 1
+    lo = max(0, coffs[i] - 1) if i >= 0 else 0
+    j = bisect.bisect_left(uoffs, end)
+    hi = min(size, coffs[j] + (64 << 10)) if j < len(uoffs) else size
+    return lo, max(lo, hi)
+
+
+def _prefetch(spec: GzipIndexSpec, index_path: str, start: int, end: int) -> None:
+    """Fetch the compressed bytes an indexed read of ``[start, end)`` needs, concurrently."""
+    try:
+        lo, hi = compressed_range(index_path, start, end, spec.size)
+    except (OSError, NeurocubeError):
+        return  # the inflater reports an unusable index itself
+    reader = _source(spec, readahead=0)
+    reader.prefetch(lo, hi)
+
+
+_STORE_CHECKED: set[str] = set()
+
+
+def fetch_index(spec: GzipIndexSpec) -> bool:
+    """Copy the index of ``spec.path`` from its index store if it is there; True if one exists."""
+    if spec.index_path is None:
+        return False
+    if spec.store is not None and not spec.explicit:
+        _fetch_from_store(spec, spec.index_path)
+    return os.path.exists(spec.index_path)
+
+
+def _fetch_from_store(spec: GzipIndexSpec, index_path: str) -> None:
+    """Copy the index of ``spec.path`` from the index store into the local cache, if it is there.
+
+    Looked up once per process and index; an index that is not in the store
+    is built by the first read (and uploaded by :func:`_store_index`).
+    """
+    if os.path.exists(index_path) or spec.store is None:
+        return
+    with _STATE_LOCK:
+        if index_path in _STORE_CHECKED:
+            return
+        _STORE_CHECKED.add(index_path)
+    name = Path(index_path).name
+    remote_index = storage.join(spec.store, name)
+    remote_sidecar = storage.join(spec.store, Path(name).with_suffix(".json").name)
+    opts = spec.store_options
+    try:
+        sidecar = storage.read_all(remote_sidecar, opts)
+        data = storage.read_all(remote_index, opts)
+    except DataNotFoundError:
+        return
+    except NeurocubeError as exc:
+        _warn_store(spec.store, f"cannot be read ({exc})")
+        return
+    target = Path(index_path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for path, payload in ((target.with_suffix(".json"), sidecar), (target, data)):
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+            tmp.write_bytes(payload)
+            os.replace(tmp, path)
+    except OSError as exc:
+        _warn_unwritable(target.parent, exc)
+
+
+def _upload_to_store(spec: GzipIndexSpec, target: Path) -> None:
+    """Put a freshly built index (and its sidecar) into the index store, if one is set."""
+    if spec.store is None:
+        return
+    opts = spec.store_options
+    try:
+        storage.write_bytes(storage.join(spec.store, target.name), target.read_bytes(), opts)
+        sidecar = target.with_suffix(".json")
+        storage.write_bytes(storage.join(spec.store, sidecar.name), sidecar.read_bytes(), opts)
+    except (OSError, NeurocubeError) as exc:
+        _warn_store(spec.store, f"cannot be written ({exc})")
+
+
+def _warn_store(store: str, problem: str) -> None:
+    with _STATE_LOCK:
+        if f"store:{store}" in _BROKEN_INDEX_DIRS:
+            return
+        _BROKEN_INDEX_DIRS.add(f"store:{store}")
+    warnings.warn(
+        f"the gzip index store {store} {problem}; indexes are kept in the local cache folder "
+        "only. Check index_store= / NEUROCUBE_INDEX_STORE and index_store_options.",
+        IndexWriteWarning,
+        stacklevel=4,
+    )
+
+
 def _store_index(stream: _Stream, spec: GzipIndexSpec) -> None:
     """Export the stream's seek points to ``spec.index_path`` atomically (or warn and carry on)."""
     assert spec.index_path is not None
@@ -553,11 +775,12 @@ def _store_index(stream: _Stream, spec: GzipIndexSpec) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         stream.export(str(dense))
         thin_index(dense, tmp, SPACING)
-        version = _version(spec.path, str(target))
+        version = _version(spec, str(target))
         target.with_suffix(".json").write_text(
-            json.dumps({"format": "GZIDX", **file_identity(spec.path).as_dict()})
+            json.dumps({"format": "GZIDX", **_identity(spec).as_dict()})
         )
         os.replace(tmp, target)
+        _upload_to_store(spec, target)
         with _VERIFY_LOCK:
             _VERIFIED.add(version)  # built from this very version: no need to hash it again
     except OSError as exc:
@@ -576,7 +799,7 @@ def _unusable_index(spec: GzipIndexSpec, index_path: str, exc: BaseException) ->
     crash, a full disk, a hand-edited file) is deleted with a warning, so the
     next read streams the file and stores a fresh one.
     """
-    if not os.path.exists(spec.path):
+    if not storage.exists(spec.path, spec.storage_options):
         raise DataNotFoundError(f"{spec.path}: no such file (it was removed after it was opened)")
     if spec.explicit:
         raise IndexMismatchError(
@@ -599,6 +822,8 @@ def _discard_cached_index(spec: GzipIndexSpec, index_path: str, problem: str) ->
         for stale in (Path(index_path), Path(index_path).with_suffix(".json")):
             with contextlib.suppress(OSError):
                 stale.unlink()
+    with _POINTS_LOCK:
+        _POINTS.pop(index_path, None)
     _INDEXED.discard_matching(  # readers that loaded the old index (or hold the old file)
         lambda key: isinstance(key, tuple) and key[:2] == (spec.path, index_path)
     )
@@ -640,6 +865,8 @@ def read_range(spec: GzipIndexSpec, start: int, view: memoryview, *, data_end: i
     file; a stale one is deleted with a warning and this read streams.
     """
     index_path = spec.index_path
+    if index_path is not None and spec.store and not spec.explicit:
+        _fetch_from_store(spec, index_path)
     if (
         index_path is not None
         and os.path.exists(index_path)
@@ -648,11 +875,13 @@ def read_range(spec: GzipIndexSpec, start: int, view: memoryview, *, data_end: i
         try:
             handle, lock = _INDEXED.acquire(
                 (spec.path, index_path, threading.get_ident()),
-                lambda: _open_indexed(spec.path, index_path),
+                lambda: _open_indexed(spec, index_path),
             )
         except OSError as exc:  # indexed_gzip's ZranError: the index cannot be loaded
             _unusable_index(spec, index_path, exc)  # raises, or deletes a damaged cached index
             return read_range(spec, start, view, data_end=data_end)  # streams and rebuilds it
+        if spec.remote:
+            _prefetch(spec, index_path, start, start + len(view))
         with lock:
             _readinto_exact(handle, view, start, spec.path)
         IO_STATS.add_bytes(len(view))
@@ -660,7 +889,7 @@ def read_range(spec: GzipIndexSpec, start: int, view: memoryview, *, data_end: i
 
     def _open_stream() -> _Stream:
         IO_STATS.add_open()
-        return _Stream(spec.path, uncompressed_size=data_end, indexing=index_path is not None)
+        return _Stream(spec, uncompressed_size=data_end, indexing=index_path is not None)
 
     stream_key = (spec.path, index_path)
     stream, lock = _STREAMS.acquire(stream_key, _open_stream)
@@ -711,5 +940,8 @@ def reset_handles() -> None:
     _STREAMS.clear()
     with _STATE_LOCK:
         _BROKEN_INDEX_DIRS.clear()
+        _STORE_CHECKED.clear()
+    with _POINTS_LOCK:
+        _POINTS.clear()
     with _VERIFY_LOCK:
         _VERIFIED.clear()

@@ -25,15 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from neurocube import config
+from neurocube import config, storage
 from neurocube.errors import (
-    DataNotFoundError,
     FormatError,
     NeurocubeError,
     TruncatedFileError,
 )
 from neurocube.sources import gzindex
-from neurocube.storage import IO_STATS, open_file
+from neurocube.sources.voxels import check_mask_grid, mask_from_array, voxel_coords
+from neurocube.storage import IO_STATS, StorageOptions
 
 __all__ = [
     "NiftiInfo",
@@ -42,8 +42,10 @@ __all__ = [
     "concatenate_trials",
     "NiftiSpec",
     "VolumeArray",
+    "as_mask",
     "open_nifti",
     "read_header",
+    "read_volume",
     "sniff_nifti",
 ]
 
@@ -132,6 +134,9 @@ class NiftiInfo(_VolumeGeometry):
     inter: float | None
     affine: np.ndarray = field(compare=False)
     compressed: bool
+    size: int = 0
+    file_version: int | str = 0  # mtime_ns of a local file, ETag of an object
+    storage_options: StorageOptions | None = None
 
 
 def _output_dtype(stored: np.dtype, slope: float | None, inter: float | None) -> np.dtype:
@@ -145,41 +150,61 @@ def _output_dtype(stored: np.dtype, slope: float | None, inter: float | None) ->
     return np.dtype(np.float32)
 
 
-def _read_prefix(path: str, n: int) -> tuple[bytes, bool]:
-    """Return the first ``n`` uncompressed bytes of ``path`` and whether it is gzip."""
-    with open_file(path) as fh:
-        head = fh.read(2)
-        fh.seek(0)
-        if head == GZIP_MAGIC:
-            import zlib
+HEADER_BLOCK = 64 << 10  # what a header read fetches of a remote file: one small range
 
-            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            out = b""
-            while len(out) < n:
-                block = fh.read(64 << 10)
-                if not block:
-                    break
-                try:
-                    out += inflater.decompress(block, n - len(out))
-                except zlib.error as exc:
-                    raise FormatError(
-                        f"{path}: starts like a gzip file but cannot be decompressed ({exc}). "
-                        "The file is corrupt: re-download it."
-                    ) from exc
-                if inflater.eof:
-                    break
+
+def _read_prefix(
+    path: str, n: int, storage_options: StorageOptions | None = None, size: int | None = None
+) -> tuple[bytes, bool]:
+    """Return the first ``n`` uncompressed bytes of ``path`` and whether it is gzip.
+
+    A remote file costs one range request of :data:`HEADER_BLOCK` bytes
+    (more only for a header that does not fit, which NIfTI's never do).
+    """
+    import zlib
+
+    def fetch(offset: int) -> bytes:
+        end = offset + HEADER_BLOCK if size is None else min(size, offset + HEADER_BLOCK)
+        if storage.is_local(path):  # header bytes are not voxel data: IO_STATS does not count them
+            with storage.open_file(path) as fh:
+                fh.seek(offset)
+                data: bytes = fh.read(end - offset)
+            return data
+        return storage.read_range(path, offset, end, storage_options)
+
+    first = fetch(0)
+    if first[:2] != GZIP_MAGIC:
+        return first[:n], False
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    out = b""
+    block, offset = first, len(first)
+    while True:
+        try:
+            out += inflater.decompress(block, n - len(out))
+        except zlib.error as exc:
+            raise FormatError(
+                f"{path}: starts like a gzip file but cannot be decompressed ({exc}). "
+                "The file is corrupt: re-download it."
+            ) from exc
+        if len(out) >= n or inflater.eof or not block:
             return out, True
-        return fh.read(n), False
+        if inflater.unconsumed_tail:
+            block = inflater.unconsumed_tail
+            continue
+        block = fetch(offset)
+        offset += len(block)
 
 
-def sniff_nifti(path: str | os.PathLike[str]) -> int | None:
+def sniff_nifti(
+    path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> int | None:
     """Return 1 or 2 if ``path`` holds a NIfTI-1/NIfTI-2 header (gzip or not), else None.
 
     Checks ``sizeof_hdr`` (348 or 540, either byte order) and the magic
     string, not the suffix.
     """
     try:
-        head, _ = _read_prefix(str(path), 544)
+        head, _ = _read_prefix(storage.normalize(path), 544, storage.as_options(storage_options))
     except (OSError, NeurocubeError):
         return None
     return _version_from_bytes(head)
@@ -197,8 +222,13 @@ def _version_from_bytes(head: bytes) -> int | None:
     return None
 
 
-def read_header(path: str | os.PathLike[str]) -> NiftiInfo:
-    """Read the header of a NIfTI file (only the header bytes).
+def read_header(
+    path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> NiftiInfo:
+    """Read the header of a NIfTI file or object (only the header bytes).
+
+    ``path`` is a local path or a URL (``s3://``, ``https://``, ...) read
+    with ``storage_options``; a remote file costs a stat and one small range.
 
     Raises
     ------
@@ -212,10 +242,17 @@ def read_header(path: str | os.PathLike[str]) -> NiftiInfo:
     """
     import nibabel as nib
 
-    spath = str(Path(path).expanduser().resolve()) if "://" not in str(path) else str(path)
-    if "://" not in spath and not os.path.exists(spath):
-        raise DataNotFoundError(f"{spath}: no such file (expected a .nii or .nii.gz image)")
-    head, compressed = _read_prefix(spath, 544)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"expected the path or URL of a .nii/.nii.gz file, found {type(path).__name__}: "
+            f"{path!r}"
+        )
+    options = storage.as_options(storage_options)
+    spath = storage.normalize(path)
+    meta = storage.info(spath, options)
+    if meta.is_dir:
+        raise FormatError(f"{spath}: a folder, expected a .nii or .nii.gz image")
+    head, compressed = _read_prefix(spath, 544, options, meta.size)
     version = _version_from_bytes(head)
     if version is None:
         what = "a gzip file whose content" if compressed else "a file that"
@@ -276,9 +313,12 @@ def read_header(path: str | os.PathLike[str]) -> NiftiInfo:
         inter=None if inter is None else float(inter),
         affine=np.asarray(hdr.get_best_affine(), dtype=np.float64),
         compressed=compressed,
+        size=meta.size,
+        file_version=meta.mtime_ns if storage.is_local(spath) else meta.etag,
+        storage_options=options,
     )
-    if not compressed and "://" not in spath:
-        size = os.path.getsize(spath)
+    if not compressed:
+        size = meta.size
         if size < info.data_end:
             complete = max(0, (size - info.vox_offset) // info.volume_bytes)
             raise TruncatedFileError(
@@ -312,6 +352,76 @@ class _BytesReader:
         return self._pos
 
 
+def read_volume(
+    path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read a small 3-D NIfTI (local or remote) eagerly: ``(values, affine)``, scaling applied.
+
+    For masks, noise-ceiling and R² maps, which are needed at graph-build time.
+    A 4-D image with a single volume is accepted as 3-D.
+    """
+    info = read_header(path, storage_options)
+    if len(info.shape) == 4 and info.shape[3] != 1:
+        raise FormatError(
+            f"{info.path}: expected a 3-D volume (a mask or a map), found shape {info.shape}."
+        )
+    gz = (
+        gzindex.GzipIndexSpec(
+            info.path, None, storage_options=info.storage_options, size=info.size,
+            etag=str(info.file_version) if not storage.is_local(info.path) else "",
+        )
+        if info.compressed
+        else None
+    )
+    spec = NiftiSpec.from_info(info, gz)
+    x, y, z = info.grid_shape
+    values = np.asarray(VolumeArray(spec)[(slice(None),) * len(info.shape)])
+    return values.reshape(x, y, z), info.affine
+
+
+def as_mask(
+    mask: Any,
+    grid_shape: tuple[int, int, int],
+    affine: np.ndarray | None = None,
+    *,
+    name: str = "mask",
+    data_path: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """Return ``mask`` as a boolean array of shape ``grid_shape``.
+
+    Parameters
+    ----------
+    mask
+        A boolean (or 0/1) array on the grid, a flat array of ``prod(grid)``
+        values in C order, or the path or URL of a NIfTI mask. For a NIfTI
+        mask, NaN is outside and any non-zero value (negative ones included)
+        is inside.
+    grid_shape
+        The data's spatial grid.
+    affine
+        The data's affine; a NIfTI mask must match it (within 1e-3 mm).
+    name
+        What to call the mask in messages.
+    data_path
+        The data file, named in messages.
+    storage_options
+        For a mask given as a URL.
+
+    Raises
+    ------
+    GridMismatchError
+        If the mask lies on another grid (shape or affine).
+    """
+    where = f" for {data_path}" if data_path else ""
+    grid = tuple(int(s) for s in grid_shape)
+    if isinstance(mask, (str, os.PathLike)):
+        values, mask_affine = read_volume(mask, storage_options)
+        label = f"{name} {storage.normalize(mask)}"
+        return check_mask_grid(values, mask_affine, grid, affine, label=label, where=where)
+    return mask_from_array(mask, grid, name=name, where=where)
+
+
 # --- spec and chunk reads -------------------------------------------------------------------
 
 
@@ -327,6 +437,9 @@ class NiftiSpec(_VolumeGeometry):
     inter: float | None
     compressed: bool
     gzip: gzindex.GzipIndexSpec | None = None
+    storage_options: StorageOptions | None = None
+    size: int = 0
+    file_version: int | str = 0
 
     @classmethod
     def from_info(cls, info: NiftiInfo, gzip_spec: gzindex.GzipIndexSpec | None) -> NiftiSpec:
@@ -340,7 +453,15 @@ class NiftiSpec(_VolumeGeometry):
             inter=info.inter,
             compressed=info.compressed,
             gzip=gzip_spec,
+            storage_options=info.storage_options,
+            size=info.size,
+            file_version=info.file_version,
         )
+
+    @property
+    def remote(self) -> bool:
+        """True for a file reached over the network."""
+        return not storage.is_local(self.path)
 
     def read_volumes(self, start: int, stop: int, buffer: np.ndarray | None = None) -> np.ndarray:
         """Return volumes ``[start, stop)`` as raw on-disk values, shape ``(n, X*Y*Z)``.
@@ -373,7 +494,7 @@ class NiftiSpec(_VolumeGeometry):
                     f"be read (while reading volumes {start}..{stop - 1})."
                 ) from exc
         else:
-            _read_plain(self.path, offset, buf, start, stop, self.n_volumes)
+            _read_plain(self, offset, buf, start, stop)
         return buf.view(np.dtype(self.dtype)).reshape(n, self.volume_elems)
 
     def scale(self, raw: np.ndarray) -> np.ndarray:
@@ -391,11 +512,26 @@ class NiftiSpec(_VolumeGeometry):
                 values += values.dtype.type(self.inter)
 
 
-def _read_plain(path: str, offset: int, buf: np.ndarray, start: int, stop: int, n_vol: int) -> None:
-    IO_STATS.add_bytes(buf.nbytes)
-    with open_file(path) as fh:
-        fh.seek(offset)
-        got = fh.readinto(memoryview(buf))  # type: ignore[attr-defined,arg-type]
+REMOTE_PIECE = 8 << 20  # a remote .nii read goes out as concurrent ranges of this size
+
+
+def _read_plain(spec: NiftiSpec, offset: int, buf: np.ndarray, start: int, stop: int) -> None:
+    path, n_vol = spec.path, spec.n_volumes
+    if spec.remote:
+        storage.check_unchanged(path, spec.storage_options, spec.size, spec.file_version)
+        end = offset + buf.nbytes
+        pieces = [(a, min(end, a + REMOTE_PIECE)) for a in range(offset, end, REMOTE_PIECE)]
+        got = 0
+        for data in storage.read_ranges(path, pieces, spec.storage_options):
+            buf[got : got + len(data)] = np.frombuffer(data, dtype=np.uint8)
+            got += len(data)
+            if len(data) < REMOTE_PIECE:
+                break
+    else:
+        IO_STATS.add_bytes(buf.nbytes)
+        with storage.open_file(path) as fh:
+            fh.seek(offset)
+            got = fh.readinto(memoryview(buf))  # type: ignore[attr-defined,arg-type]
     if got != buf.nbytes:
         bad = start + got // (buf.nbytes // max(stop - start, 1))
         raise TruncatedFileError(
@@ -829,9 +965,21 @@ def _cache_writable(folder: Path) -> bool:
     return ok
 
 
-def _gzip_spec(info: NiftiInfo, index: Any, cache_dir: Any) -> gzindex.GzipIndexSpec:
+def _gzip_spec(
+    info: NiftiInfo,
+    index: Any,
+    cache_dir: Any,
+    index_store: Any = None,
+    index_store_options: dict[str, Any] | None = None,
+) -> gzindex.GzipIndexSpec:
+    remote = not storage.is_local(info.path)
+    base = {
+        "storage_options": info.storage_options,
+        "size": info.size,
+        "etag": str(info.file_version) if remote else "",
+    }
     if index is False or index is None or index == "never":
-        return gzindex.GzipIndexSpec(info.path, None)
+        return gzindex.GzipIndexSpec(info.path, None, **base)  # type: ignore[arg-type]
     if index == "auto" or index is True:
         folder = config.cache_dir(cache_dir) / "gzindex"
         if not _cache_writable(folder):
@@ -842,11 +990,28 @@ def _gzip_spec(info: NiftiInfo, index: Any, cache_dir: Any) -> gzindex.GzipIndex
                 gzindex.IndexWriteWarning,
                 stacklevel=3,
             )
-            return gzindex.GzipIndexSpec(info.path, None)
-        return gzindex.GzipIndexSpec(info.path, str(gzindex.auto_index_path(info.path, cache_dir)))
-    index_path = Path(index).expanduser().resolve()
-    gzindex.check_index(index_path, info.path)
-    return gzindex.GzipIndexSpec(info.path, str(index_path), explicit=True)
+            return gzindex.GzipIndexSpec(info.path, None, **base)  # type: ignore[arg-type]
+        meta = storage.ObjectInfo(
+            info.path, info.size, mtime_ns=info.file_version if not remote else 0,  # type: ignore[arg-type]
+            etag=str(info.file_version) if remote else "",
+        )
+        store = gzindex.index_store(index_store)
+        store_options = (
+            storage.as_options(index_store_options)
+            if index_store_options is not None
+            else info.storage_options
+        )
+        return gzindex.GzipIndexSpec(
+            info.path,
+            str(gzindex.auto_index_path(info.path, cache_dir, meta=meta)),
+            store=store,
+            store_options=store_options if store is not None else None,
+            **base,  # type: ignore[arg-type]
+        )
+    index_path = storage.local_path(index)
+    gzindex.check_index(index_path, info.path, info.storage_options)
+    return gzindex.GzipIndexSpec(info.path, str(index_path), explicit=True,
+                                 **base)  # type: ignore[arg-type]
 
 
 def open_nifti(
@@ -856,6 +1021,9 @@ def open_nifti(
     chunks: Any = "auto",
     index: Any = "auto",
     cache_dir: str | os.PathLike[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    index_store: str | os.PathLike[str] | None = None,
+    index_store_options: dict[str, Any] | None = None,
 ) -> Any:
     """Open a 3-D or 4-D NIfTI file as a lazy, chunked :class:`xarray.Dataset`.
 
@@ -866,7 +1034,8 @@ def open_nifti(
     Parameters
     ----------
     path
-        A ``.nii`` or ``.nii.gz`` file (NIfTI-1 or NIfTI-2, any byte order).
+        A ``.nii`` or ``.nii.gz`` file (NIfTI-1 or NIfTI-2, any byte order): a
+        local path or a URL (``s3://bucket/key``, ``https://...``).
     mask
         None for the full grid, or a voxel selection: a boolean array on the
         3-D grid, a flat boolean array in C order over the grid, or the path
@@ -881,6 +1050,16 @@ def open_nifti(
     cache_dir
         Where indexes are stored; default ``$NEUROCUBE_CACHE_DIR`` or the
         per-user cache folder.
+    storage_options
+        For a URL (data and mask): a dict handed to fsspec, e.g.
+        ``{"anon": True}`` for a public bucket, or ``{"key": ..., "secret":
+        ..., "client_kwargs": {"endpoint_url": ...}}``. Dask workers read with
+        it; it never appears in attributes, keys or messages.
+    index_store, index_store_options
+        A folder or URL where gzip indexes are shared (default
+        ``$NEUROCUBE_INDEX_STORE``, none): an index found there is used instead
+        of streaming the file, and a new one is put there. Its options default
+        to ``storage_options``.
 
     Returns
     -------
@@ -913,13 +1092,24 @@ def open_nifti(
 
     import neurocube.accessor  # noqa: F401  (registers ds.neuro)
 
-    parts = build_parts(path, mask=mask, chunks=chunks, index=index, cache_dir=cache_dir)
+    parts = build_parts(
+        path,
+        mask=mask,
+        chunks=chunks,
+        index=index,
+        cache_dir=cache_dir,
+        storage_options=storage_options,
+        index_store=index_store,
+        index_store_options=index_store_options,
+    )
     arr = parts.array
     name = ("nifti-masked-" if arr.voxels is not None else "nifti-") + tokenize(
         parts.identity, arr, parts.chunks
     )
     meta = np.empty((0,) * len(parts.dims), dtype=arr.dtype)
     gz = arr.spec.gzip
+    if gz is not None and gz.index_path is not None and gz.store is not None:
+        gzindex.fetch_index(gz)  # an index shared in the store: no first pass over the data
     if gz is not None and (gz.index_path is None or not os.path.exists(gz.index_path)):
         data = _streaming_array(arr, parts.chunks, parts.dims, name, meta)
     else:
@@ -993,7 +1183,7 @@ class NiftiParts:
     chunks: tuple[tuple[int, ...], ...]
     coords: dict[str, Any]
     attrs: dict[str, Any]
-    identity: tuple[str, int, int]
+    identity: tuple[str, int, int | str]
 
 
 def build_parts(
@@ -1003,15 +1193,20 @@ def build_parts(
     chunks: Any = "auto",
     index: Any = "auto",
     cache_dir: str | os.PathLike[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    index_store: str | os.PathLike[str] | None = None,
+    index_store_options: dict[str, Any] | None = None,
 ) -> NiftiParts:
     """Read the header (and mask) of ``path``; return lazy array, dims, chunks, coords, attrs."""
-    from neurocube.ops.masks import as_mask, voxel_coords
-
-    info = read_header(path)
-    gzip_spec = _gzip_spec(info, index, cache_dir) if info.compressed else None
+    info = read_header(path, storage_options)
+    storage.remember_options(info.path, info.storage_options)
+    gzip_spec = (
+        _gzip_spec(info, index, cache_dir, index_store, index_store_options)
+        if info.compressed
+        else None
+    )
     spec = NiftiSpec.from_info(info, gzip_spec)
-    st = os.stat(info.path)
-    identity = (info.path, st.st_size, st.st_mtime_ns)
+    identity = (info.path, info.size, info.file_version)
     per = _volumes_per_chunk(chunks, spec, info.path)
     attrs: dict[str, Any] = {
         "affine": info.affine.tolist(),
@@ -1036,7 +1231,8 @@ def build_parts(
             dims = ("x", "y", "z")
         return NiftiParts(info, arr, dims, chunk_spec, coords, attrs, identity)
 
-    grid = as_mask(mask, info.grid_shape, info.affine, name="mask", data_path=info.path)
+    grid = as_mask(mask, info.grid_shape, info.affine, name="mask", data_path=info.path,
+                   storage_options=storage_options)
     i, j, k = np.nonzero(grid)  # C order over the grid
     x_n, y_n, _ = info.grid_shape
     fortran_pos = (i + x_n * (j + y_n * k)).astype(np.int64)
@@ -1045,6 +1241,6 @@ def build_parts(
     coords = {"trial": np.arange(info.n_volumes), **voxel_coords(grid, info.affine)}
     attrs["n_voxels"] = int(fortran_pos.size)
     if isinstance(mask, (str, os.PathLike)):
-        attrs["mask_source"] = str(Path(mask).expanduser().resolve())
+        attrs["mask_source"] = storage.normalize(mask)
         attrs["neurocube_sources"] = [info.path, attrs["mask_source"]]
     return NiftiParts(info, arr, ("trial", "voxel"), chunk_spec, coords, attrs, identity)

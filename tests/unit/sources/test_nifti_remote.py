@@ -1,0 +1,149 @@
+"""NIfTI volumes read from a real S3 server (moto on loopback) and a loopback HTTP server.
+
+Values must equal the local read; the bytes the server sent are counted by the proxy in
+front of it and held to the issue's budgets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import neurocube
+from neurocube import storage
+from neurocube.errors import AccessDeniedError, DataNotFoundError
+from tests.fixtures.nifti import AFFINE, write_nifti
+from tests.fixtures.remote import SECRET
+
+SHAPE = (40, 48, 40, 90)  # 307 KB volumes, ~27 MB raw: several 4 MiB index spacings
+VOLUME = 40 * 48 * 40 * 4
+
+
+@pytest.fixture(scope="module")
+def session_files(tmp_path_factory):
+    """A noisy float32 session (compresses like real betas: barely), as .nii and .nii.gz."""
+    folder = tmp_path_factory.mktemp("remote-nifti")
+    rng = np.random.default_rng(7)
+    values = (rng.normal(size=SHAPE) * 3).astype(np.float32)
+    values[:4] = np.nan  # NaN is data
+    mask = np.zeros(SHAPE[:3], bool)
+    mask[5:35, 6:40, 4:36] = rng.random((30, 34, 32)) > 0.3
+    write_nifti(folder / "betas.nii", values)
+    write_nifti(folder / "betas.nii.gz", values, compresslevel=1)
+    nib.Nifti1Image(mask.astype(np.uint8), AFFINE).to_filename(folder / "mask.nii.gz")
+    oracle = values.reshape(-1, SHAPE[3], order="F")  # (voxel in Fortran order, trial)
+    return folder, values, mask, oracle
+
+
+def masked_oracle(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return values[mask].T  # (trial, voxel), voxels in C order
+
+
+def test_nii_gz_first_read_moves_the_object_once_and_records_the_index(s3, session_files):
+    folder, values, mask, _ = session_files
+    url = s3.put(folder / "betas.nii.gz", "sub-01/betas.nii.gz")
+    size = (folder / "betas.nii.gz").stat().st_size
+    ds = neurocube.open_nifti(url, mask=mask, storage_options=s3.storage_options)
+    assert s3.counter.bytes_for("betas.nii.gz") <= 64 << 10, "opening read more than the header"
+    got = neurocube.load(ds).data.values
+    np.testing.assert_array_equal(got, masked_oracle(values, mask))
+    assert s3.counter.bytes_for("betas.nii.gz") <= 1.02 * size
+    index_dir = Path(os.environ["NEUROCUBE_CACHE_DIR"]) / "gzindex"
+    assert [p.suffix for p in sorted(index_dir.iterdir())] == [".gzidx", ".json"]
+    sidecar = json.loads(next(index_dir.glob("*.json")).read_text())
+    assert sidecar["path"] == url and sidecar["etag"]
+    assert SECRET not in next(index_dir.glob("*.json")).read_text()
+
+
+def test_dask_values_of_a_remote_nii_gz_equal_the_local_read(s3, session_files):
+    folder, values, mask, _ = session_files
+    url = s3.put(folder / "betas.nii.gz", "b.nii.gz")
+    remote = neurocube.open_nifti(url, mask=mask, chunks=8, storage_options=s3.storage_options)
+    local = neurocube.open_nifti(folder / "betas.nii.gz", mask=mask, chunks=8)
+    np.testing.assert_array_equal(remote.data.values, local.data.values)  # first read: streams
+    np.testing.assert_array_equal(remote.data.values, local.data.values)  # through the index
+    assert remote.attrs["source"] == url
+
+
+def test_second_read_in_a_new_process_uses_the_index(s3, session_files, tmp_path):
+    folder, values, mask, _ = session_files
+    url = s3.put(folder / "betas.nii.gz", "again/betas.nii.gz")
+    size = (folder / "betas.nii.gz").stat().st_size
+    neurocube.load(neurocube.open_nifti(url, mask=mask, storage_options=s3.storage_options))
+    s3.counter.reset()
+    np.save(tmp_path / "mask.npy", mask)
+    code = (
+        "import json, sys, numpy as np, neurocube\n"
+        "opts = json.loads(sys.argv[2])\n"
+        "ds = neurocube.open_nifti(sys.argv[1], mask=np.load(sys.argv[3]), storage_options=opts)\n"
+        "np.save(sys.argv[4], ds.data.values)\n"
+    )
+    out = tmp_path / "out.npy"
+    subprocess.run(
+        [sys.executable, "-c", code, url, json.dumps(s3.storage_options),
+         str(tmp_path / "mask.npy"), str(out)],
+        check=True, env=os.environ.copy(), timeout=300,
+    )
+    np.testing.assert_array_equal(np.load(out), masked_oracle(values, mask))
+    assert s3.counter.bytes_for("betas.nii.gz") <= 1.05 * size
+
+
+def test_nii_masked_read_moves_the_object_once(s3, session_files):
+    folder, values, mask, _ = session_files
+    url = s3.put(folder / "betas.nii", "plain/betas.nii")
+    size = (folder / "betas.nii").stat().st_size
+    ds = neurocube.open_nifti(url, mask=mask, storage_options=s3.storage_options)
+    np.testing.assert_array_equal(ds.data.values, masked_oracle(values, mask))
+    assert s3.counter.bytes_for("betas.nii") <= 1.02 * size
+
+
+def test_mask_given_as_a_url(s3, session_files):
+    folder, values, mask, _ = session_files
+    url = s3.put(folder / "betas.nii", "m/betas.nii")
+    mask_url = s3.put(folder / "mask.nii.gz", "m/mask.nii.gz")
+    ds = neurocube.open_nifti(url, mask=mask_url, storage_options=s3.storage_options)
+    assert ds.attrs["mask_source"] == mask_url
+    np.testing.assert_array_equal(ds.data.values, masked_oracle(values, mask))
+
+
+def test_unmasked_grid_read_over_http(http_files, session_files):
+    folder, values, _, _ = session_files
+    (http_files.root / "betas.nii.gz").write_bytes((folder / "betas.nii.gz").read_bytes())
+    url = f"{http_files.url}/betas.nii.gz"
+    ds = neurocube.open_nifti(url)
+    np.testing.assert_array_equal(ds.data[..., 10:14].values, values[..., 10:14])
+    np.testing.assert_array_equal(ds.data[..., 80:].values, values[..., 80:])
+
+
+def test_missing_and_denied_objects(s3, session_files):
+    folder, _, mask, _ = session_files
+    with pytest.raises(DataNotFoundError, match=f"s3://{s3.name}/nope.nii.gz"):
+        neurocube.open_nifti(f"s3://{s3.name}/nope.nii.gz", storage_options=s3.storage_options)
+    url = s3.put(folder / "betas.nii.gz", "ses-held-out/betas.nii.gz")
+    s3.proxy.deny.append("ses-held-out")
+    with pytest.raises(AccessDeniedError, match="storage_options") as err:
+        neurocube.open_nifti(url, mask=mask, storage_options=s3.storage_options)
+    assert SECRET not in str(err.value)
+    assert isinstance(err.value, PermissionError)
+
+
+def test_specs_carry_the_options_but_text_never_shows_the_secret(s3, session_files):
+    import pickle
+
+    from dask.base import tokenize
+
+    folder, _, mask, _ = session_files
+    url = s3.put(folder / "betas.nii.gz", "p/betas.nii.gz")
+    ds = neurocube.open_nifti(url, mask=mask, storage_options=s3.storage_options)
+    graph = dict(ds.data.data.__dask_graph__())
+    assert SECRET.encode() in pickle.dumps(graph)  # workers get the credentials...
+    texts = [repr(ds), str(ds.attrs), repr(graph), str(tokenize(ds)), ds.data.data.name]
+    assert not any(SECRET in t for t in texts)  # ...nothing that prints or keys them does
+    assert storage.options_for(url) is not None
