@@ -553,20 +553,52 @@ class VolumeArray:
     and never holds a file open.
     """
 
-    def __init__(self, spec: NiftiSpec, voxels: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        spec: NiftiSpec,
+        voxels: np.ndarray | None = None,
+        volumes: np.ndarray | None = None,
+    ) -> None:
         self.spec = spec
         self.voxels = voxels  # positions inside one volume in file (Fortran) order
+        # the file's volumes behind each trial row (None: all of them, in order)
+        self.volumes = None if volumes is None else np.asarray(volumes, dtype=np.int64)
+        n = spec.n_volumes if self.volumes is None else int(self.volumes.size)
         if voxels is None:
             self.shape: tuple[int, ...] = spec.shape
+            if len(spec.shape) == 4:
+                self.shape = (*spec.shape[:3], n)
         else:
-            self.shape = (spec.n_volumes, int(voxels.size))
+            self.shape = (n, int(voxels.size))
         self.dtype = spec.out_dtype
         self.ndim = len(self.shape)
+
+    @property
+    def n_rows(self) -> int:
+        """Number of trials (rows) this array reads."""
+        return self.spec.n_volumes if self.volumes is None else int(self.volumes.size)
+
+    def select_volumes(self, rows: np.ndarray) -> VolumeArray:
+        """Return the array of trial rows ``rows`` of this one: only their volumes are read."""
+        base = np.arange(self.spec.n_volumes) if self.volumes is None else self.volumes
+        return VolumeArray(self.spec, self.voxels, base[rows])
+
+    def _volume_runs(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """Rows ``[lo, hi)`` as runs of consecutive volumes: ``(first row, first volume, n)``."""
+        if self.volumes is None:
+            return [(lo, lo, hi - lo)] if hi > lo else []
+        vols = self.volumes[lo:hi]
+        if vols.size == 0:
+            return []
+        breaks = np.flatnonzero(np.diff(vols) != 1) + 1
+        starts = np.concatenate(([0], breaks))
+        ends = np.concatenate((breaks, [vols.size]))
+        return [(lo + int(a), int(vols[a]), int(b - a)) for a, b in zip(starts, ends, strict=True)]
 
     def __dask_tokenize__(self) -> Any:
         from dask.base import tokenize
 
-        return ("neurocube.VolumeArray", self.spec, tokenize(self.voxels))
+        return ("neurocube.VolumeArray", self.spec, tokenize(self.voxels), tokenize(self.volumes))
 
     def __getitem__(self, key: Any) -> np.ndarray:
         if not isinstance(key, tuple):
@@ -597,11 +629,17 @@ class VolumeArray:
         return lo, hi, idx - lo
 
     def _get_masked(self, key: tuple[Any, ...]) -> np.ndarray:
-        spec = self.spec
         assert self.voxels is not None
-        lo, hi, inner = self._trial_range(key[0], spec.n_volumes)
+        lo, hi, inner = self._trial_range(key[0], self.n_rows)
         if hi <= lo:
             return np.empty((0, self.shape[1]), dtype=self.dtype)[:, key[1]]
+        if not isinstance(inner, (int, slice)) and inner.size < hi - lo:
+            # a scattered pick of rows: read only those volumes, not the whole span
+            rows, where = np.unique(inner + lo, return_inverse=True)
+            picked = self.select_volumes(rows)
+            block = np.empty((rows.size, self.voxels.size), dtype=self.dtype)
+            picked.read_masked_into(block, 0, rows.size)
+            return block[where][:, key[1]]
         out = np.empty((hi - lo, self.voxels.size), dtype=self.dtype)
         self.read_masked_into(out, lo, hi)
         if isinstance(inner, int):
@@ -611,12 +649,18 @@ class VolumeArray:
         return out[:, key[1]]
 
     def read_masked_into(self, out: np.ndarray, lo: int, hi: int) -> None:
-        """Fill ``out`` (``(hi - lo, n_voxels)``, C-contiguous rows) with masked volumes.
+        """Fill ``out`` (``(hi - lo, n_voxels)``, C-contiguous rows) with masked trial rows.
 
         Volumes are read in sub-blocks into this thread's reusable buffer (fresh
         pages cost page faults on every call) and the masked voxels are gathered
-        straight into ``out``.
+        straight into ``out``. Rows map to volumes through :attr:`volumes`;
+        each run of consecutive volumes is read on its own.
         """
+        for row, first, n in self._volume_runs(lo, hi):
+            self._read_volume_span(out[row - lo : row - lo + n], first, first + n)
+
+    def _read_volume_span(self, out: np.ndarray, lo: int, hi: int) -> None:
+        """Fill ``out`` with the masked voxels of the file's volumes ``[lo, hi)``."""
         spec = self.spec
         assert self.voxels is not None
         block = gzindex.INDEXED_READ_BLOCK if gzindex.has_index(spec.gzip) else READ_BLOCK
@@ -696,10 +740,16 @@ class VolumeArray:
             raw = spec.read_volumes(0, 1)
             vol = spec.scale(raw).reshape(z, y, x).transpose(2, 1, 0)
             return vol[key[0], key[1], key[2]]
-        lo, hi, inner = self._trial_range(key[3], spec.n_volumes)
+        lo, hi, inner = self._trial_range(key[3], self.n_rows)
         if hi <= lo:
             return np.empty((x, y, z, 0), dtype=self.dtype)[key[0], key[1], key[2]]
-        raw = spec.read_volumes(lo, hi)
+        if not isinstance(inner, (int, slice)) and inner.size < hi - lo:
+            rows, where = np.unique(inner + lo, return_inverse=True)
+            picked = self.select_volumes(rows)[:, :, :, :]
+            return picked[key[0], key[1], key[2], where]
+        runs = self._volume_runs(lo, hi)
+        raws = [spec.read_volumes(first, first + n) for _, first, n in runs]
+        raw = raws[0] if len(raws) == 1 else np.concatenate(raws)
         block = spec.scale(raw).reshape(hi - lo, z, y, x).transpose(3, 2, 1, 0)
         return block[key[0], key[1], key[2], inner]
 
@@ -852,7 +902,7 @@ def direct_load(
         return None  # stale cached index (deleted with a warning): Dask's graph streams
     workers = num_workers or dask.config.get("num_workers", None) or os.cpu_count() or 1
     n = arr.shape[0]
-    if arr.spec.gzip is not None:
+    if arr.spec.gzip is not None and arr.volumes is None:
         # One contiguous run of volumes per thread, read in one forward pass: a reader goes
         # on from where it stopped instead of seeking for every chunk.
         volume_runs = VolumeRuns(
@@ -1086,9 +1136,7 @@ def open_nifti(
     >>> float(ds.data.mean())
     1.0
     """
-    import dask.array as da
     import xarray as xr
-    from dask.base import tokenize
 
     import neurocube.accessor  # noqa: F401  (registers ds.neuro)
 
@@ -1103,22 +1151,48 @@ def open_nifti(
         index_store_options=index_store_options,
     )
     arr = parts.array
-    name = ("nifti-masked-" if arr.voxels is not None else "nifti-") + tokenize(
-        parts.identity, arr, parts.chunks
-    )
-    meta = np.empty((0,) * len(parts.dims), dtype=arr.dtype)
     gz = arr.spec.gzip
     if gz is not None and gz.index_path is not None and gz.store is not None:
         gzindex.fetch_index(gz)  # an index shared in the store: no first pass over the data
+    data = volume_dask_array(arr, parts.chunks, parts.dims, parts.identity)
+    return xr.Dataset({"data": (parts.dims, data)}, coords=parts.coords, attrs=parts.attrs)
+
+
+def volume_dask_array(
+    arr: VolumeArray,
+    chunks: tuple[tuple[int, ...], ...],
+    dims: tuple[str, ...],
+    identity: tuple[str, int, int | str],
+) -> Any:
+    """Wrap ``arr`` in a Dask array of whole-volume chunks.
+
+    A ``.gz`` with no index yet is read in file order (one stream, see
+    :func:`_streaming_array`); otherwise chunks are independent tasks, and a
+    trial selection of them reads only the selected volumes
+    (:mod:`neurocube.sources.pushdown`). Masked arrays are registered for
+    :func:`direct_load`.
+    """
+    import dask.array as da
+    from dask.base import tokenize
+
+    from neurocube.sources import pushdown
+
+    pushdown.install()
+
+    name = ("nifti-masked-" if arr.voxels is not None else "nifti-") + tokenize(
+        identity, arr, chunks
+    )
+    meta = np.empty((0,) * len(dims), dtype=arr.dtype)
+    gz = arr.spec.gzip
     if gz is not None and (gz.index_path is None or not os.path.exists(gz.index_path)):
-        data = _streaming_array(arr, parts.chunks, parts.dims, name, meta)
+        data = _streaming_array(arr, chunks, dims, name, meta)
     else:
         data = da.from_array(
-            arr, chunks=parts.chunks, name=name, asarray=False, fancy=False, lock=False, meta=meta
+            arr, chunks=chunks, name=name, asarray=False, fancy=False, lock=False, meta=meta
         )
     if arr.voxels is not None:
-        _register_direct(name, arr, parts.chunks)
-    return xr.Dataset({"data": (parts.dims, data)}, coords=parts.coords, attrs=parts.attrs)
+        _register_direct(name, arr, chunks)
+    return data
 
 
 def _read_after(arr: VolumeArray, key: tuple[slice, ...], _previous: Any) -> np.ndarray:

@@ -63,7 +63,7 @@ def test_nii_gz_first_read_moves_the_object_once_and_records_the_index(s3, sessi
 
 
 def test_dask_values_of_a_remote_nii_gz_equal_the_local_read(s3, session_files):
-    folder, values, mask, _ = session_files
+    folder, _, mask, _ = session_files
     url = s3.put(folder / "betas.nii.gz", "b.nii.gz")
     remote = neurocube.open_nifti(url, mask=mask, chunks=8, storage_options=s3.storage_options)
     local = neurocube.open_nifti(folder / "betas.nii.gz", mask=mask, chunks=8)

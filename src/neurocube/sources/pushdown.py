@@ -1,0 +1,198 @@
+"""Trial selections pushed down into NIfTI reads, as a Dask graph optimization.
+
+Dask answers ``x[100:105]`` (or ``isel(trial=...)`` through xarray) on an
+array made by ``from_array`` with two tasks: read the whole chunk, then slice
+it. For a ``.nii.gz`` in S3, five trials at the end of a session would fetch and
+inflate a 32 MiB chunk. Before Dask's own array optimization, :func:`optimize`
+finds each slicing task whose input is a chunk read of a
+:class:`~neurocube.sources.nifti.VolumeArray` (and that chunk's other users),
+and replaces it by one task that reads only the selected volumes (and
+gathers only the selected voxels). Chunk reads that nothing else needs are
+then culled. Keys, shapes and values are unchanged; any other graph passes
+through untouched.
+
+It is installed as Dask's ``array_optimize`` (see :func:`install`), unless the
+user already set one.
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+from typing import Any
+
+import numpy as np
+
+__all__ = ["install", "optimize", "read_selected"]
+
+_INSTALL_LOCK = threading.Lock()
+
+
+def install() -> None:
+    """Make :func:`optimize` Dask's array optimization for this process.
+
+    Done once; an ``array_optimize`` set by someone else is never replaced.
+    """
+    import dask
+
+    with _INSTALL_LOCK:
+        current = dask.config.get("array_optimize", None)
+        if current is None:
+            dask.config.set({"array_optimize": optimize})
+
+
+def read_selected(array: Any, key: tuple[Any, ...]) -> np.ndarray:
+    """Return ``array[key]`` indexed orthogonally, reading only the selected volumes.
+
+    The key comes from chained Dask selections, one axis at a time, so index
+    arrays on several axes select orthogonally (like ``np.ix_``), not
+    point-wise as numpy would broadcast them.
+    """
+    arrays = [ax for ax, k in enumerate(key) if isinstance(k, np.ndarray)]
+    if len(arrays) <= 1:
+        return np.asarray(array[key])
+    trial_axis = len(key) - 1 if len(key) == 4 else 0  # (x, y, z, trial) or (trial, voxel)
+    first = tuple(
+        k if ax == trial_axis or not isinstance(k, np.ndarray) else slice(None)
+        for ax, k in enumerate(key)
+    )
+    out = np.asarray(array[first])
+    for ax in arrays:
+        if ax == trial_axis:
+            continue
+        position = ax - sum(isinstance(k, (int, np.integer)) for k in key[:ax])
+        out = np.take(out, key[ax], axis=position)
+    return out
+
+
+def _volume_array_type() -> type:
+    from neurocube.sources.nifti import VolumeArray
+
+    return VolumeArray
+
+
+def _normalize(key: Any, ndim: int) -> tuple[Any, ...] | None:
+    """Return ``key`` with one plain entry (int, slice, 1-D int/bool array) per axis, or None."""
+    if not isinstance(key, tuple):
+        key = (key,)
+    if any(k is None or k is Ellipsis for k in key) or len(key) > ndim:
+        return None
+    arrays = 0
+    for k in key:
+        if isinstance(k, (slice, int, np.integer)):
+            continue
+        if isinstance(k, (list, np.ndarray)) and np.ndim(k) == 1:
+            arrays += 1
+            continue
+        return None
+    if arrays > 1:  # numpy would broadcast several arrays together: leave that to Dask
+        return None
+    return tuple(key) + (slice(None),) * (ndim - len(key))
+
+
+def _compose(shape: tuple[int, ...], first: tuple[Any, ...], second: Any) -> tuple[Any, ...] | None:
+    """Return one key over ``shape`` equal to indexing with ``first`` then with ``second``."""
+    kept = [ax for ax, k in enumerate(first) if not isinstance(k, (int, np.integer))]
+    second_key = _normalize(second, len(kept))
+    if second_key is None:
+        return None
+    out: list[Any] = list(first)
+    for ax, k in zip(kept, second_key, strict=True):
+        base = first[ax]
+        if isinstance(base, slice):
+            selected = np.arange(*base.indices(shape[ax]))
+        else:
+            selected = np.asarray(base)
+            if selected.dtype == bool:
+                selected = np.flatnonzero(selected)
+        picked = selected[k]
+        out[ax] = int(picked) if np.ndim(picked) == 0 else _as_key(np.asarray(picked))
+    return tuple(out)
+
+
+def _as_key(indices: np.ndarray) -> Any:
+    """Return a slice for a contiguous ascending run of indices, else the array."""
+    if indices.size and np.all(np.diff(indices) == 1):
+        return slice(int(indices[0]), int(indices[-1]) + 1)
+    return indices.astype(np.int64)
+
+
+def _source(graph: dict[Any, Any], ref: Any) -> tuple[Any, tuple[Any, ...]] | None:
+    """If ``ref`` names a read of a VolumeArray, return ``(array, key over the whole array)``."""
+    from dask._task_spec import DataNode, Task, TaskRef
+    from dask.array.core import getter, getter_nofancy
+
+    if not isinstance(ref, TaskRef):
+        return None
+    task = graph.get(ref.key)
+    if not isinstance(task, Task) or len(task.args) != 2:
+        return None
+    target, key = task.args
+    if isinstance(key, DataNode):
+        key = key.value
+    if isinstance(target, TaskRef):
+        target = graph.get(target.key)
+    if isinstance(target, DataNode):
+        target = target.value
+    if not isinstance(target, _volume_array_type()):
+        return None
+    found: Any = target
+    target_shape: tuple[int, ...] = tuple(found.shape)
+    if task.func in (getter, getter_nofancy):
+        full = _normalize(key, len(target_shape))
+        return None if full is None else (target, full)
+    if task.func is read_selected:
+        return target, key
+    return None
+
+
+def push_down(graph: dict[Any, Any]) -> dict[Any, Any]:
+    """Return ``graph`` with slicing tasks of VolumeArray chunk reads turned into selected reads."""
+    from dask._task_spec import DataNode, Task, TaskRef
+    from dask.array._shuffle import _getitem as shuffle_getitem
+    from dask.array.chunk import getitem as chunk_getitem
+
+    out = dict(graph)
+    changed = True
+    while changed:  # a selection of a selection composes again
+        changed = False
+        for name, task in list(out.items()):
+            if not isinstance(task, Task) or len(task.args) != 2 or task.kwargs:
+                continue
+            if task.func is operator.getitem or task.func is chunk_getitem:
+                index = task.args[1]
+                if isinstance(index, DataNode):
+                    index = index.value
+            elif task.func is shuffle_getitem and isinstance(task.args[1], TaskRef):
+                taker = out.get(task.args[1].key)
+                taker = taker.value if isinstance(taker, DataNode) else taker
+                if not (isinstance(taker, tuple) and len(taker) == 2):
+                    continue
+                index = taker[1]
+            else:
+                continue
+            source = _source(out, task.args[0])
+            if source is None:
+                continue
+            array, first = source
+            key = _compose(tuple(array.shape), first, index)
+            if key is None:
+                continue
+            out[name] = Task(name, read_selected, DataNode(None, array), DataNode(None, key))
+            changed = True
+    return out
+
+
+def optimize(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+    """Dask's array optimization, after pushing NIfTI trial selections down into the reads."""
+    from dask.array.optimization import optimize as dask_optimize
+    from dask.highlevelgraph import HighLevelGraph
+
+    layers = dsk.layers if isinstance(dsk, HighLevelGraph) else None
+    if layers is not None and not any(str(n).startswith("nifti-") for n in layers):
+        return dask_optimize(dsk, keys, **kwargs)
+    from dask._task_spec import convert_legacy_graph
+    from dask.utils import ensure_dict
+
+    graph = convert_legacy_graph(ensure_dict(dsk))
+    return dask_optimize(push_down(graph), keys, **kwargs)
