@@ -173,6 +173,19 @@ def test_a_changed_object_is_an_error_not_new_values(s3, tmp_path):
         ds.eigenvectors.compute()
 
 
+def test_access_lost_mid_read_is_our_error_on_both_paths(s3, tmp_path):
+    path = tmp_path / "sub-01_lh_spectral.h5"
+    big_spectral(path, n_vertices=6000, n_modes=20)
+    url = s3.put(path, "lost/sub-01_lh_spectral.h5")
+    ds = neurocube.open_spectral(url, storage_options=s3.storage_options)
+    s3.proxy.deny.append("lost/")
+    storage.SHARED_BLOCKS.clear()
+    with pytest.raises(AccessDeniedError, match="lost/sub-01_lh_spectral.h5"):
+        ds.eigenvectors.compute()  # stored chunks by range requests
+    with pytest.raises(AccessDeniedError, match="lost/sub-01_lh_spectral.h5"):
+        ds.eigenvectors[::2].compute()  # h5py reading through the shared blocks
+
+
 # -- traces --------------------------------------------------------------------------------
 
 
