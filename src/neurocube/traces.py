@@ -32,15 +32,16 @@ from typing import Any
 import numpy as np
 
 from neurocube.datasets.traces import (
-    _origin_groups,
-    _trace_sort_key,
     attrs_token,
     decode_attr,
     encode_attr,
     locate_trace,
     open_traces,
+    origin_groups,
     read_raw_attrs,
+    same_value,
     scan_traces,
+    trace_sort_key,
 )
 from neurocube.errors import AttributeMismatchError, FormatError
 from neurocube.io._atomic import atomic_path
@@ -193,8 +194,8 @@ def _trace_locations(h5: Any, local: str) -> list[tuple[str, str]]:
     """``(origin, name)`` of every trace, in global index order (as :func:`locate_trace`)."""
     return [
         (origin, str(name))
-        for origin, group in _origin_groups(h5, local)
-        for name in sorted(group.keys(), key=_trace_sort_key)
+        for origin, group in origin_groups(h5, local)
+        for name in sorted(group.keys(), key=trace_sort_key)
     ]
 
 
@@ -282,8 +283,6 @@ def _write_trace_attrs(
 
 def _equal(a: Any, b: Any) -> bool:
     """Compare decoded values; numbers by value (1000 == 1000.0), NaN equal to NaN."""
-    from neurocube.datasets.traces import _same
-
     if isinstance(b, (np.generic, np.ndarray, tuple)):
         b = b.tolist() if not isinstance(b, tuple) else list(b)
 
@@ -291,10 +290,10 @@ def _equal(a: Any, b: Any) -> bool:
         return isinstance(x, (int, float)) and not isinstance(x, bool)
 
     if is_number(a) and is_number(b):
-        return _same(float(a), float(b))
+        return same_value(float(a), float(b))
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
-    return _same(a, b)
+    return same_value(a, b)
 
 
 @contextlib.contextmanager

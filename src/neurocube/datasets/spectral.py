@@ -16,17 +16,18 @@ import os
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
+from neurocube import storage
 from neurocube.errors import FormatError, IncompleteFileError, NeurocubeWarning
 from neurocube.sources.hdf5 import (
     HDF5DatasetSpec,
     hdf5_dask_array,
     is_hdf5,
+    location,
     open_hdf5,
     pooled_file,
     stat_key,
@@ -80,17 +81,20 @@ def decode_hdf5_attr(value: Any) -> Any:
     return value
 
 
-def guess_spectral(path: str | os.PathLike[str]) -> bool:
+def guess_spectral(
+    path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> bool:
     """Return True if ``path`` looks like a spectral cache (cheap sniffing).
 
     The HDF5 signature must be present and the root must hold at least one of
     the layout's datasets (or the version stamp) and no offspect-style origin
-    groups. Never raises.
+    groups. ``path`` may be a URL (read with ``storage_options``; only the
+    superblock and root group travel). Never raises.
     """
     try:
-        if not is_hdf5(path):
+        if not is_hdf5(path, storage_options):
             return False
-        with open_hdf5(path) as h5:
+        with open_hdf5(path, storage_options) as h5:
             names = set(h5.keys())
             known = names & {*SPECTRAL_DIMS, _DESCRIPTORS}
             if not known and VERSION_ATTR not in h5.attrs:
@@ -105,6 +109,7 @@ def open_spectral(
     *,
     strict: bool = False,
     chunks: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> xr.Dataset:
     """Open a spectral decomposition cache lazily.
 
@@ -112,7 +117,10 @@ def open_spectral(
     ----------
     path
         An HDF5 file written by spectralbrain's ``save_hdf5`` (or
-        :func:`neurocube.io.save_spectral`).
+        :func:`neurocube.io.save_spectral`): a local path or a URL
+        (``s3://bucket/key.h5``, ``https://...``). Opening a URL reads the
+        file's metadata only (its superblock, object headers and attributes);
+        array chunks travel when computed, as concurrent range requests.
     strict
         If True, a file without the ``spectralbrain_version`` stamp (left
         half-written by its writer) raises :class:`~neurocube.errors.IncompleteFileError`;
@@ -120,6 +128,10 @@ def open_spectral(
     chunks
         Dask chunks per HDF5 dataset name (``{"eigenvectors": (10000, 50)}``);
         by default whole HDF5 chunks grown to about 64 MiB.
+    storage_options
+        For a URL: options handed to fsspec (``{"anon": True}`` for a public
+        bucket, or keys and an endpoint). They travel with the lazy arrays to
+        Dask workers; no secret appears in attrs, reprs or task names.
 
     Returns
     -------
@@ -133,7 +145,9 @@ def open_spectral(
     Raises
     ------
     DataNotFoundError
-        If the file does not exist.
+        If the file does not exist (the message names it).
+    AccessDeniedError
+        If the storage refuses access (HTTP 403): credentials may be needed.
     FormatError
         If it is not HDF5, not this layout, or its arrays disagree on sizes.
     IncompleteFileError
@@ -144,10 +158,13 @@ def open_spectral(
     >>> ds = open_spectral("sub-01_lh_white_spectral.h5")  # doctest: +SKIP
     >>> ds.eigenvectors.isel(mode=slice(0, 10)).compute()  # doctest: +SKIP
     """
-    key = stat_key(path)
+    options = storage.as_options(storage_options)
+    key = stat_key(path, options)
     local = key[0]
+    options = None if storage.is_local(local) else options
+    storage.remember_options(local, options)
     chunks = dict(chunks or {})
-    with pooled_file(*key) as h5:
+    with pooled_file(*key, options) as h5:
         names = set(h5.keys())
         unknown_groups = sorted(
             name
@@ -177,7 +194,8 @@ def open_spectral(
         for name, dims in SPECTRAL_DIMS.items():
             if name in names:
                 dset = _dataset(h5, name, local)
-                specs[name] = (HDF5DatasetSpec.from_dataset(dset, key), _dims_for(dims, dset.ndim))
+                spec = HDF5DatasetSpec.from_dataset(dset, key, options)
+                specs[name] = (spec, _dims_for(dims, dset.ndim))
         descriptor_names: list[str] = []
         if _DESCRIPTORS in names:
             group = h5[_DESCRIPTORS]
@@ -193,7 +211,7 @@ def open_spectral(
                 dims = ("vertex", f"{name}_scale")[: dset.ndim]
                 if dset.ndim > 2:
                     dims = ("vertex", *(f"{name}_dim{i}" for i in range(1, dset.ndim)))
-                specs[var] = (HDF5DatasetSpec.from_dataset(dset, key), dims)
+                specs[var] = (HDF5DatasetSpec.from_dataset(dset, key, options), dims)
                 descriptor_names.append(var)
         for name in unknown_groups:
             obj = h5[name]
@@ -201,7 +219,7 @@ def open_spectral(
 
             if isinstance(obj, h5py.Dataset):
                 dims = tuple(f"{name}_dim{i}" for i in range(obj.ndim))
-                specs[name] = (HDF5DatasetSpec.from_dataset(obj, key), dims)
+                specs[name] = (HDF5DatasetSpec.from_dataset(obj, key, options), dims)
         attrs: dict[str, Any] = {}
         for attr_name in h5.attrs:
             value = decode_hdf5_attr(h5.attrs[attr_name])
@@ -258,9 +276,9 @@ def spectral_entities(path: str | os.PathLike[str]) -> dict[str, str]:
 
     ``sub-01_hemi-L_...`` gives ``{"subject": "01", "hemi": "L"}``; a bare
     ``lh``/``rh`` token (``sub-01_lh_white_spectral.h5``) also names the hemisphere.
-    Hemispheres are normalised to ``"L"``/``"R"``.
+    Hemispheres are normalised to ``"L"``/``"R"``. ``path`` may be a URL.
     """
-    stem = Path(path).name
+    stem = storage.basename(os.fspath(path))
     for suffix in _SUFFIXES:
         if stem.lower().endswith(suffix):
             stem = stem[: -len(suffix)]
@@ -282,6 +300,7 @@ def open_spectral_many(
     *,
     strict: bool = False,
     chunks: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> xr.Dataset:
     """Open several spectral caches and stack them along ``subject`` and/or ``hemi``.
 
@@ -293,9 +312,9 @@ def open_spectral_many(
     Parameters
     ----------
     paths
-        The cache files.
-    strict, chunks
-        As in :func:`open_spectral`.
+        The cache files (local paths or URLs).
+    strict, chunks, storage_options
+        As in :func:`open_spectral` (the same options for every URL).
 
     Returns
     -------
@@ -310,10 +329,13 @@ def open_spectral_many(
         right hemispheres with different vertex counts), cannot be told apart
         by subject/hemi, or do not form a full grid.
     """
-    path_list = [Path(p) for p in paths]
+    path_list = [location(p) for p in paths]
     if not path_list:
         raise FormatError("open_spectral_many: no paths given; pass at least one spectral cache.")
-    datasets = [open_spectral(p, strict=strict, chunks=chunks) for p in path_list]
+    datasets = [
+        open_spectral(p, strict=strict, chunks=chunks, storage_options=storage_options)
+        for p in path_list
+    ]
     labels: list[dict[str, str]] = []
     for path, ds in zip(path_list, datasets, strict=True):
         found = spectral_entities(path)
@@ -371,7 +393,7 @@ def open_spectral_many(
     return combined
 
 
-def _check_compatible(paths: Sequence[Path], datasets: Sequence[xr.Dataset]) -> None:
+def _check_compatible(paths: Sequence[str], datasets: Sequence[xr.Dataset]) -> None:
     first_path, first = paths[0], datasets[0]
     for path, ds in zip(paths[1:], datasets[1:], strict=True):
         if set(ds.data_vars) != set(first.data_vars):

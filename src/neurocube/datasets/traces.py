@@ -30,9 +30,11 @@ import numpy as np
 import xarray as xr
 import yaml
 
+from neurocube import storage
 from neurocube.errors import FormatError, SelectionError
 from neurocube.sources.hdf5 import (
     TraceStackSpec,
+    Version,
     is_hdf5,
     open_hdf5,
     pooled_file,
@@ -51,8 +53,11 @@ __all__ = [
     "guess_traces",
     "locate_trace",
     "open_traces",
+    "origin_groups",
     "read_raw_attrs",
+    "same_value",
     "scan_traces",
+    "trace_sort_key",
 ]
 
 #: Names neurocube gives coords itself; a trace attribute with one of these
@@ -168,17 +173,18 @@ def _decode_memo(raw: Any, memo: dict[str, Any]) -> Any:
         return value
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Equality that tells 1, 1.0 and True apart and treats NaN as equal to NaN."""
+def same_value(a: Any, b: Any) -> bool:
+    """Equality of decoded values that tells 1, 1.0 and True apart and treats NaN as equal."""
     if type(a) is not type(b):
         return False
     if isinstance(a, float):
         return (math.isnan(a) and math.isnan(b)) or a == b
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
     return bool(a == b)
+
 
 
 def _plain(value: Any) -> Any:
@@ -194,7 +200,7 @@ def _plain(value: Any) -> Any:
 def _yaml_reads(text: str, value: Any) -> bool:
     """Whether a YAML loader (the original library's decoder) reads ``text`` as ``value``."""
     try:
-        return _same(yaml.safe_load(text), value)
+        return same_value(yaml.safe_load(text), value)
     except _PARSE_ERRORS:  # e.g. "2020-02-30": YAML reads a date and fails on it
         return False
 
@@ -223,7 +229,7 @@ def encode_attr(value: Any, stored: str | None = None) -> str:
         that reads back, else a YAML flow list.
     """
     value = _plain(value)
-    if stored is not None and _same(decode_attr(stored), value):
+    if stored is not None and same_value(decode_attr(stored), value):
         return stored
     if value is None:
         return "None" if stored is not None and stored.strip() == "None" else ""
@@ -241,7 +247,7 @@ def encode_attr(value: Any, stored: str | None = None) -> str:
             return text
         return str(yaml.safe_dump(value)).splitlines()[0]
     if isinstance(value, str):
-        if _same(decode_attr(value), value) and (
+        if same_value(decode_attr(value), value) and (
             _yaml_reads(value, value) or _yaml_reads_as_date(value)
         ):
             return value
@@ -250,7 +256,7 @@ def encode_attr(value: Any, stored: str | None = None) -> str:
     if isinstance(value, (list, dict)):
         value = _plain_nested(value)
         text = str(value)
-        if _same(decode_attr(text), value) and _yaml_reads(text, value):
+        if same_value(decode_attr(text), value) and _yaml_reads(text, value):
             return text
         flow = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=math.inf)
         return str(flow).strip().removesuffix("...").strip()
@@ -292,18 +298,31 @@ class TraceEntry:
 
 @dataclass
 class TraceCatalog:
-    """Everything :func:`open_traces` needs from a cache, read in one pass."""
+    """Everything :func:`open_traces` needs from a cache, read in one pass.
+
+    ``path`` is an absolute local path or a URL; ``version`` the file's mtime
+    (ns) locally or the object's ETag; ``storage_options`` what a URL is read
+    with (None locally).
+    """
 
     path: str
     size: int
-    mtime_ns: int
+    version: Version
     origins: list[str]
     origin_attrs: dict[str, dict[str, Any]]
     traces: list[TraceEntry]
+    storage_options: storage.StorageOptions | None = None
+
+    @property
+    def mtime_ns(self) -> int:
+        """The file's mtime (ns) when scanned; 0 for an object (see ``version``)."""
+        return self.version if isinstance(self.version, int) else 0
 
 
-def _trace_sort_key(name: str) -> tuple[int, int, str]:
+def trace_sort_key(name: str) -> tuple[int, int, str]:
+    """Sort key of trace names inside an origin: numeric names by value ("2" before "10")."""
     return (0, int(name), "") if _INT_RE.fullmatch(name) else (1, 0, name)
+
 
 
 def _text(value: Any) -> Any:
@@ -343,7 +362,14 @@ def read_raw_attrs(obj: Any) -> dict[str, Any]:
     return out
 
 
-def _origin_groups(h5: Any, path: str) -> list[tuple[str, Any]]:
+def origin_groups(h5: Any, path: str) -> list[tuple[str, Any]]:
+    """Return ``(origin, its traces group)`` of an open cache, in HDF5 name order.
+
+    Raises
+    ------
+    FormatError
+        If a root member is not an origin group holding a ``traces`` group.
+    """
     import h5py
 
     groups = []
@@ -359,23 +385,38 @@ def _origin_groups(h5: Any, path: str) -> list[tuple[str, Any]]:
     return groups
 
 
-def _catalog_cache_file(local: str) -> Any:
+def _catalog_cache_file(local: str, size: int, version: Version) -> Any:
+    """Where the catalog of this version of the file is kept in neurocube's cache folder.
+
+    Keyed by the file's identity: path, size, mtime and a hash of its ends
+    locally; URL, size and ETag for an object (as stat, never the options).
+    """
     from neurocube.config import cache_dir
-    from neurocube.storage import file_identity
 
-    return cache_dir() / "hdf5-traces" / f"{file_identity(local).digest}.json"
+    if storage.is_local(local):
+        digest = storage.identity(local).digest
+    else:
+        digest = storage.FileIdentity(local, size, 0, "", str(version)).digest
+    return cache_dir() / "hdf5-traces" / f"{digest}.json"
 
 
-def _load_cached_catalog(local: str, size: int, mtime_ns: int) -> TraceCatalog | None:
+def _load_cached_catalog(
+    local: str, size: int, version: Version, storage_options: storage.StorageOptions | None
+) -> TraceCatalog | None:
     try:
-        entry = _catalog_cache_file(local)
-        if not entry.exists():
+        entry = _catalog_cache_file(local, size, version)
+        try:
+            text = entry.read_text(encoding="utf-8")
+        except FileNotFoundError:
             return None
-        saved = json.loads(entry.read_text(encoding="utf-8"))
+        saved = json.loads(text)
         traces = [
             TraceEntry(t[0], t[1], tuple(t[2]), t[3], attrs=t[4]) for t in saved["traces"]
         ]
-        return TraceCatalog(local, size, mtime_ns, saved["origins"], saved["origin_attrs"], traces)
+        return TraceCatalog(
+            local, size, version, saved["origins"], saved["origin_attrs"], traces,
+            storage_options,
+        )  # fmt: skip
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return None
 
@@ -394,38 +435,50 @@ def _store_catalog(catalog: TraceCatalog) -> None:
         "traces": [[t.origin, t.name, list(t.shape), t.dtype, t.attrs] for t in catalog.traces],
     }
     try:
-        with atomic_path(_catalog_cache_file(catalog.path)) as tmp:
+        target = _catalog_cache_file(catalog.path, catalog.size, catalog.version)
+        with atomic_path(target) as tmp:
             tmp.write_text(json.dumps(saved), encoding="utf-8")
     except OSError:
         pass  # a read-only cache folder only costs speed
 
 
-def scan_traces(path: str | os.PathLike[str], *, use_cache: bool = False) -> TraceCatalog:
+def scan_traces(
+    path: str | os.PathLike[str],
+    *,
+    use_cache: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> TraceCatalog:
     """Read the catalog of a trace cache: origins, trace names, shapes and raw attributes.
 
     Reads no trace data. With ``use_cache``, the catalog is kept as JSON in
     neurocube's cache folder, keyed by the file's identity (path, size, mtime,
-    hash of its first and last MiB), so a second open of an unchanged file
-    skips reading thousands of HDF5 attributes. Raises
+    hash of its first and last MiB; URL, size and ETag for an object), so a
+    second open of an unchanged file skips reading thousands of HDF5
+    attributes. ``path`` may be a URL, read with ``storage_options``. Raises
     :class:`~neurocube.errors.FormatError` if the file is not in the offspect layout.
     """
-    key = stat_key(path)
+    options = storage.as_options(storage_options)
+    key = stat_key(path, options)
+    if storage.is_local(key[0]):
+        options = None
     if use_cache:
-        cached = _load_cached_catalog(*key)
+        cached = _load_cached_catalog(*key, options)
         if cached is not None:
             return cached
-    catalog = _scan_file(key)
+    catalog = _scan_file(key, options)
     if use_cache:
         _store_catalog(catalog)
     return catalog
 
 
-def _scan_file(key: tuple[str, int, int]) -> TraceCatalog:
+def _scan_file(
+    key: tuple[str, int, Version], storage_options: storage.StorageOptions | None = None
+) -> TraceCatalog:
     import h5py
 
     local = key[0]
-    with pooled_file(*key) as h5:
-        groups = _origin_groups(h5, local)
+    with pooled_file(*key, storage_options) as h5:
+        groups = origin_groups(h5, local)
         if not groups:
             raise FormatError(
                 f"{local}: expected at least one origin group with traces (offspect layout); "
@@ -435,7 +488,7 @@ def _scan_file(key: tuple[str, int, int]) -> TraceCatalog:
         traces: list[TraceEntry] = []
         for origin, group in groups:
             origin_attrs[origin] = read_raw_attrs(h5[origin])
-            for name in sorted(group.keys(), key=_trace_sort_key):
+            for name in sorted(group.keys(), key=trace_sort_key):
                 dset = group[name]
                 if not isinstance(dset, h5py.Dataset):
                     raise FormatError(
@@ -451,18 +504,22 @@ def _scan_file(key: tuple[str, int, int]) -> TraceCatalog:
                         attrs=read_raw_attrs(dset),
                     )
                 )
-    return TraceCatalog(local, key[1], key[2], [o for o, _ in groups], origin_attrs, traces)
+    return TraceCatalog(
+        local, key[1], key[2], [o for o, _ in groups], origin_attrs, traces, storage_options
+    )
 
 
-def guess_traces(path: str | os.PathLike[str]) -> bool:
+def guess_traces(
+    path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> bool:
     """Return True if ``path`` looks like a TMS trace cache (HDF5 + origin/traces groups).
 
-    Never raises.
+    ``path`` may be a URL (read with ``storage_options``). Never raises.
     """
     try:
-        if not is_hdf5(path):
+        if not is_hdf5(path, storage_options):
             return False
-        with open_hdf5(path) as h5:
+        with open_hdf5(path, storage_options) as h5:
             names = list(h5.keys())
             if not names:
                 return False
@@ -488,10 +545,10 @@ def locate_trace(h5: Any, index: int, path: str) -> tuple[str, str]:
         raise SelectionError(f"{path}: a trace index must be an int, got {index!r}")
     index = int(index)
     start = 0
-    for origin, group in _origin_groups(h5, path):
+    for origin, group in origin_groups(h5, path):
         count = len(group)
         if 0 <= index < start + count:
-            names = sorted(group.keys(), key=_trace_sort_key)
+            names = sorted(group.keys(), key=trace_sort_key)
             return origin, str(names[index - start])
         start += count
     raise SelectionError(
@@ -552,13 +609,16 @@ def open_traces(
     traces_per_chunk: int | None = None,
     ragged: str = "pad",
     use_cache: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> xr.Dataset:
     """Open a TMS trace cache lazily.
 
     Parameters
     ----------
     path
-        An offspect ``.hdf5`` cache.
+        An offspect ``.hdf5`` cache: a local path or a URL (``s3://...``,
+        ``https://...``). Opening a URL reads the file's metadata and
+        attributes only; traces travel when computed.
     traces_per_chunk
         Traces per Dask chunk; by default about 256 KiB of samples per chunk
         (between 16 and 1024 traces).
@@ -570,7 +630,12 @@ def open_traces(
         Keep the attribute catalog (raw strings) as JSON in neurocube's cache
         folder, keyed by the file's identity, so reopening an unchanged file
         does not read every HDF5 attribute again (the slow part of opening a
-        10,000-trace cache). Any edit changes the identity.
+        10,000-trace cache). Any edit changes the identity (for an object:
+        its ETag).
+    storage_options
+        For a URL: options handed to fsspec (``{"anon": True}``, or keys and
+        an endpoint); they travel with the lazy array to Dask workers and
+        appear in no attrs, repr or task name.
 
     Returns
     -------
@@ -590,14 +655,17 @@ def open_traces(
     Raises
     ------
     DataNotFoundError
-        If the file does not exist.
+        If the file does not exist (the message names it).
+    AccessDeniedError
+        If the storage refuses access (HTTP 403): credentials may be needed.
     FormatError
         If it is not an offspect cache, traces mix 1-D and 2-D or channel
         counts, or (``ragged="error"``) differ in length.
     """
     if ragged not in ("pad", "error"):
         raise ValueError(f"ragged must be 'pad' or 'error', got {ragged!r}")
-    catalog = scan_traces(path, use_cache=use_cache)
+    catalog = scan_traces(path, use_cache=use_cache, storage_options=storage_options)
+    storage.remember_options(catalog.path, catalog.storage_options)
     return dataset_from_catalog(catalog, traces_per_chunk=traces_per_chunk, ragged=ragged)
 
 
@@ -638,7 +706,8 @@ def dataset_from_catalog(
     spec = TraceStackSpec(
         path=local,
         size=catalog.size,
-        mtime_ns=catalog.mtime_ns,
+        version=catalog.version,
+        storage_options=catalog.storage_options,
         datasets=tuple(f"/{t.origin}/{_TRACES}/{t.name}" for t in traces),
         lengths=lengths,
         n_channels=n_channels,

@@ -25,6 +25,20 @@ filter alone, with chunks of at least :data:`DIRECT_CHUNK_MIN_BYTES`,
 with :mod:`zlib` after releasing it, so Dask's threads decompress in parallel; the
 values are the bytes HDF5 would have inflated. Anything else (other filters,
 unallocated chunks, strided or list selections) is read by h5py.
+
+Remote files (``s3://``, ``https://``: any fsspec URL, with ``storage_options``)
+are opened by h5py over a :class:`neurocube.storage.BlockReader` (blocks of
+:data:`REMOTE_BLOCK_SIZE` shared by every handle of the process, no readahead: opening reads the
+superblock and object headers, not the data). The pool keys a remote handle by
+``(url, size, ETag)`` and every spec carries its
+:class:`~neurocube.storage.StorageOptions`, so Dask workers in other processes
+open the object themselves. For a remote block selection of deflated or plain
+chunks, the chunks' byte ranges are looked up in the chunk index under the lock
+and fetched as concurrent range requests outside it (then inflated as above);
+other remote reads prefetch the byte ranges they touch concurrently before h5py
+reads them from the shared blocks. A remote handle is opened only after a check
+that the object still has the ETag seen when it was first opened
+(:func:`neurocube.storage.check_unchanged`, once per process and version).
 """
 
 from __future__ import annotations
@@ -34,7 +48,7 @@ import itertools
 import os
 import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +56,18 @@ from typing import Any
 import h5py
 import numpy as np
 
-from neurocube.errors import DataNotFoundError, FormatError
-from neurocube.storage import IO_STATS, HandlePool, is_url, open_file
+from neurocube import storage
+from neurocube.errors import DataChangedError, DataNotFoundError, FormatError, NeurocubeError
+from neurocube.storage import (
+    IO_STATS,
+    BlockReader,
+    HandlePool,
+    StorageOptions,
+    as_options,
+    is_local,
+    is_url,
+    open_file,
+)
 
 __all__ = [
     "DIRECT_BATCH_BYTES",
@@ -58,13 +82,20 @@ __all__ = [
     "dask_chunks_for",
     "hdf5_dask_array",
     "is_hdf5",
+    "location",
+    "merge_ranges",
     "open_hdf5",
     "pooled_file",
+    "prefetch",
     "read_selection",
     "release_file",
     "stat_key",
     "trace_stack_dask_array",
 ]
+
+#: What identifies the version of a file: its mtime (ns) locally, its ETag remotely.
+Version = int | str
+
 
 #: The eight bytes every HDF5 superblock starts with.
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -83,103 +114,235 @@ DIRECT_BATCH_BYTES = 16 * 2**20
 HDF5_POOL = HandlePool(maxsize=32)
 
 _OPEN_LOCK = threading.Lock()
-_CURRENT_KEY: dict[str, tuple[str, str, int, int]] = {}
-_KEYS_OF_PATH: dict[str, set[tuple[str, str, int, int]]] = {}  # every key pooled, per path
+_PoolKey = tuple[str, str, int, Version]
+_CURRENT_KEY: dict[str, _PoolKey] = {}
+_KEYS_OF_PATH: dict[str, set[_PoolKey]] = {}  # every key pooled, per path
+
+#: Remote byte ranges closer than this are fetched as one request.
+REMOTE_MERGE_GAP = 64 * 2**10
+
+#: Remote requests are cut at this size so that a long run travels as concurrent requests.
+REMOTE_REQUEST_BYTES = 4 * 2**20
+
+#: Blocks of remote HDF5 files h5py reads through (metadata: a few KiB each, scattered).
+REMOTE_BLOCK_SIZE = 128 * 2**10
+
+#: h5py reads of remote files prefetch the ranges they touch up to this many bytes.
+REMOTE_PREFETCH_BYTES = 32 * 2**20
 
 
-def is_hdf5(path: str | os.PathLike[str]) -> bool:
+def location(path: str | os.PathLike[str]) -> str:
+    """Return the text every spec carries for ``path``: an absolute local path or the URL.
+
+    Local paths are made absolute without resolving symlinks (the name the
+    caller used stays the name in attrs and messages); ``file://`` URLs are
+    local paths.
+    """
+    text = os.fspath(path)
+    if is_url(text) and not text.startswith("file://"):
+        return storage.normalize(text)
+    return str(Path(text.removeprefix("file://")).expanduser().absolute())
+
+
+def is_hdf5(
+    path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> bool:
     """Return True if ``path`` starts with an HDF5 superblock signature.
 
     HDF5 places the superblock at byte 0, 512, 1024, 2048, ... (a user block
-    may precede it); the first four positions are checked.
+    may precede it); the first four positions are checked (one small read of
+    a remote object). Never raises for a missing or unreadable file.
     """
     try:
-        with open_file(path) as fh:
-            for offset in (0, 512, 1024, 2048):
-                fh.seek(offset)
-                if fh.read(8) == HDF5_SIGNATURE:
-                    return True
+        with open_file(location(path), "rb", storage_options) as fh:
+            return _has_signature(fh)
     except (OSError, ValueError):
         return False
+
+
+def _has_signature(fh: Any) -> bool:
+    for offset in (0, 512, 1024, 2048):
+        fh.seek(offset)
+        if fh.read(8) == HDF5_SIGNATURE:
+            return True
     return False
 
 
-def stat_key(path: str | os.PathLike[str]) -> tuple[str, int, int]:
-    """Return ``(absolute path, size, mtime_ns)`` of a local file.
+def stat_key(
+    path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> tuple[str, int, Version]:
+    """Return ``(location, size, version)`` of a file: mtime_ns locally, the ETag remotely.
+
+    One stat (a HEAD request for an object).
 
     Raises
     ------
     DataNotFoundError
-        If the file does not exist.
+        If the file does not exist (or is a folder); the message names it.
+    AccessDeniedError, StorageError
+        For a remote backend that refuses or fails.
     """
-    if is_url(path) and not str(path).startswith("file://"):
-        raise FormatError(
-            f"{path}: HDF5 files are read from local paths only; copy the file locally first"
-        )
-    local = Path(str(path).removeprefix("file://")).expanduser().absolute()
-    try:
-        st = local.stat()
-    except FileNotFoundError as exc:
-        raise DataNotFoundError(
-            f"{local}: no such file. Check the path (cwd is {os.getcwd()})."
-        ) from exc
-    if not local.is_file():
-        raise DataNotFoundError(f"{local}: is a folder, expected an HDF5 file")
-    return str(local), st.st_size, st.st_mtime_ns
+    loc = location(path)
+    meta = storage.info(loc, storage_options)
+    if meta.is_dir:
+        raise DataNotFoundError(f"{loc}: is a folder, expected an HDF5 file")
+    if is_local(loc):
+        return loc, meta.size, meta.mtime_ns
+    return loc, meta.size, meta.etag or f"size:{meta.size}"
 
 
-def open_hdf5(path: str | os.PathLike[str]) -> h5py.File:
-    """Open an HDF5 file read-only, in SWMR mode where HDF5 allows it.
+class _RemoteH5File(BlockReader):
+    """The file object h5py reads a remote HDF5 file through.
 
-    Counts one open in :data:`neurocube.storage.IO_STATS`.
+    No readahead (HDF5 jumps between object headers and chunk indexes; a
+    forward pass over metadata must not pull megabytes of data). A storage
+    error raised inside h5py's read callback is kept in :attr:`error` so the
+    caller raises it instead of h5py's generic "can't read" OSError.
+    """
+
+    error: BaseException | None = None
+
+    def readinto(self, b: Any) -> int:
+        """Read into ``b``, keeping any error for the caller of h5py."""
+        try:
+            return super().readinto(b)
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+
+def open_hdf5(
+    path: str | os.PathLike[str],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    size: int | None = None,
+    version: Version | None = None,
+) -> h5py.File:
+    """Open an HDF5 file or object read-only.
+
+    Local files open in SWMR mode where HDF5 allows it. Remote objects open
+    over a block reader that reads only what HDF5 asks for (``size`` and
+    ``version``, as :func:`stat_key` gave them, save a HEAD request). Counts
+    one open in :data:`neurocube.storage.IO_STATS`.
 
     Raises
     ------
     DataNotFoundError
         If the file does not exist.
+    AccessDeniedError, StorageError
+        For a remote backend that refuses or fails.
     FormatError
         If the file is not HDF5 (or is damaged beyond opening).
     """
-    local = Path(path)
-    if not local.exists():
-        raise DataNotFoundError(f"{local}: no such file. Check the path (cwd is {os.getcwd()}).")
+    loc = location(path)
+    if not is_local(loc):
+        return _open_remote(loc, as_options(storage_options), size, version)
+    meta = storage.info(loc)
+    if meta.is_dir:
+        raise DataNotFoundError(f"{loc}: is a folder, expected an HDF5 file")
     IO_STATS.add_open()
     with _OPEN_LOCK:
         try:
-            return h5py.File(local, "r", libver="latest", swmr=True)
+            return h5py.File(loc, "r", libver="latest", swmr=True)
         except (OSError, ValueError):
             pass  # not SWMR-capable (or locked by a non-SWMR writer): plain read-only below
         try:
-            return h5py.File(local, "r")
+            return h5py.File(loc, "r")
         except OSError as exc:
-            if is_hdf5(local):
-                raise FormatError(
-                    f"{local}: an HDF5 file that h5py cannot open ({exc}). It may be damaged or "
-                    "still open for writing by another program; close that program or re-create "
-                    "the file."
-                ) from exc
-            raise FormatError(
-                f"{local}: expected an HDF5 file (signature {HDF5_SIGNATURE!r}), found other "
-                "bytes. Check that this is the file you meant."
-            ) from exc
+            raise _not_opened(loc, is_hdf5(loc), exc) from exc
+
+
+def _not_opened(loc: str, signature: bool, exc: BaseException) -> FormatError:
+    if signature:
+        return FormatError(
+            f"{loc}: an HDF5 file that h5py cannot open ({exc}). It may be damaged or "
+            "still open for writing by another program; close that program or re-create "
+            "the file."
+        )
+    return FormatError(
+        f"{loc}: expected an HDF5 file (signature {HDF5_SIGNATURE!r}), found other "
+        "bytes. Check that this is the file you meant."
+    )
+
+
+def _open_remote(
+    url: str, options: StorageOptions | None, size: int | None, version: Version | None
+) -> h5py.File:
+    if size is None or version is None:
+        _, size, version = stat_key(url, options)
+    reader = _RemoteH5File(
+        url, options, size=size, version=str(version), readahead=0,
+        block_size=REMOTE_BLOCK_SIZE,
+    )  # fmt: skip
+    reader.prefetch(0, min(size, REMOTE_BLOCK_SIZE))  # storage errors surface here, as ours
+    with _OPEN_LOCK:
+        try:
+            h5 = h5py.File(reader, "r")
+        except (OSError, ValueError) as exc:
+            if isinstance(reader.error, NeurocubeError):
+                raise reader.error from None
+            reader.error = None
+            raise _not_opened(url, _has_signature(reader), exc) from None
+    h5._neurocube_reader = reader  # for _storage_errors and prefetching
+    return h5
 
 
 @contextlib.contextmanager
-def pooled_file(path: str, size: int, mtime_ns: int) -> Iterator[h5py.File]:
+def _storage_errors(h5: h5py.File) -> Iterator[None]:
+    """Raise the storage error behind an h5py failure on a remote file, not h5py's OSError."""
+    try:
+        yield
+    except (OSError, RuntimeError, KeyError, ValueError):
+        reader = getattr(h5, "_neurocube_reader", None)
+        error = getattr(reader, "error", None)
+        if isinstance(error, NeurocubeError):
+            reader.error = None  # type: ignore[union-attr]
+            raise error from None
+        raise
+
+
+def _newer(previous: _PoolKey, key: _PoolKey) -> bool:
+    """Whether ``key`` names a later version of the file than ``previous``."""
+    old, new = previous[3], key[3]
+    if isinstance(old, int) and isinstance(new, int):
+        return old < new  # local: a later mtime
+    return old != new or previous[2] != key[2]  # an object's old version cannot be read
+
+
+@contextlib.contextmanager
+def pooled_file(
+    path: str,
+    size: int,
+    version: Version,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Iterator[h5py.File]:
     """Yield this process's pooled handle of ``path``, holding its lock.
 
-    The pool key includes the size and mtime the caller saw, so a file replaced
-    since (an atomic rewrite) gets a fresh handle instead of a stale one.
+    The pool key is ``(path, size, version)`` as the caller saw them (mtime
+    locally, ETag remotely), so a file replaced since (an atomic rewrite, a new
+    object version) gets a fresh handle instead of a stale one. A remote
+    handle is opened only after checking that the object still has that ETag
+    (:class:`~neurocube.errors.DataChangedError` otherwise; once per process
+    and version).
     """
-    key = ("hdf5", path, size, mtime_ns)
+    key: _PoolKey = ("hdf5", path, size, version)
     with _OPEN_LOCK:
         previous = _CURRENT_KEY.get(path)
         _CURRENT_KEY[path] = key
         _KEYS_OF_PATH.setdefault(path, set()).add(key)
-    if previous is not None and previous != key and previous[3] < mtime_ns:
-        HDF5_POOL.discard(previous)  # the file was replaced: free the old inode's handle
-    handle, lock = HDF5_POOL.acquire(key, lambda: open_hdf5(path))
-    with lock:
+    if previous is not None and previous != key and _newer(previous, key):
+        HDF5_POOL.discard(previous)  # the file was replaced: free the old version's handle
+
+    def opener() -> h5py.File:
+        if not is_local(path):
+            storage.check_unchanged(path, storage_options, size, version)
+        return open_hdf5(path, storage_options, size=size, version=version)
+
+    handle, lock = HDF5_POOL.acquire(key, opener)
+    with lock, _storage_errors(handle):
+        reader = getattr(handle, "_neurocube_reader", None)
+        if reader is not None:
+            reader.error = None
         yield handle
 
 
@@ -192,17 +355,18 @@ def release_file(path: str | os.PathLike[str]) -> bool:
     its handle in :data:`HDF5_POOL`. Call this (on a cluster:
     ``client.run(release_file, path)``) before such an edit. neurocube's own
     writers replace files by rename and never need it. Datasets opened earlier
-    still work: their next read opens the file again.
+    still work: their next read opens the file again. URLs work too (their
+    handles hold no lock, only memory).
 
     Returns
     -------
     bool
         Whether this process had opened the file through the pool.
     """
-    local = str(Path(str(path).removeprefix("file://")).expanduser().absolute())
+    loc = location(path)
     with _OPEN_LOCK:
-        _CURRENT_KEY.pop(local, None)
-        keys = _KEYS_OF_PATH.pop(local, set())
+        _CURRENT_KEY.pop(loc, None)
+        keys = _KEYS_OF_PATH.pop(loc, set())
     for key in keys:  # the current version and any older one an earlier Dataset still reads
         HDF5_POOL.discard(key)
     return bool(keys)
@@ -215,15 +379,19 @@ class HDF5DatasetSpec:
     Attributes
     ----------
     path
-        Absolute path of the file.
+        Absolute path of the file, or its URL.
     dataset
         Full name of the dataset inside the file (``"/eigenvectors"``).
     shape, dtype
         Shape and dtype (``numpy.dtype.str``) seen when the file was opened.
     chunks
         The HDF5 chunk shape, or None for a contiguous dataset.
-    size, mtime_ns
-        The file's size and mtime when it was opened (part of the task names).
+    size, version
+        The file's size and version when it was opened: its mtime (ns) for a
+        local file, its ETag for an object (part of the task names).
+    storage_options
+        The options a URL is read with (None for local files); pickled with the
+        spec so Dask workers read with them, redacted in its repr and tokens.
     """
 
     path: str
@@ -232,12 +400,23 @@ class HDF5DatasetSpec:
     dtype: str
     chunks: tuple[int, ...] | None
     size: int
-    mtime_ns: int
+    version: Version
+    storage_options: StorageOptions | None = None
+
+    @property
+    def mtime_ns(self) -> int:
+        """The file's mtime (ns) when it was opened; 0 for an object (see ``version``)."""
+        return self.version if isinstance(self.version, int) else 0
 
     @classmethod
-    def from_dataset(cls, dset: h5py.Dataset, key: tuple[str, int, int]) -> HDF5DatasetSpec:
-        """Build the spec of an open dataset of the file identified by ``key``."""
-        path, size, mtime_ns = key
+    def from_dataset(
+        cls,
+        dset: h5py.Dataset,
+        key: tuple[str, int, Version],
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> HDF5DatasetSpec:
+        """Build the spec of an open dataset of the file identified by ``key`` (a stat_key)."""
+        path, size, version = key
         return cls(
             path=path,
             dataset=str(dset.name),
@@ -245,7 +424,8 @@ class HDF5DatasetSpec:
             dtype=np.dtype(dset.dtype).str,
             chunks=tuple(int(n) for n in dset.chunks) if dset.chunks else None,
             size=size,
-            mtime_ns=mtime_ns,
+            version=version,
+            storage_options=None if is_local(path) else as_options(storage_options),
         )
 
 
@@ -256,9 +436,13 @@ def read_selection(spec: HDF5DatasetSpec, key: Any) -> np.ndarray:
     ------
     FormatError
         If the dataset is gone or its shape/dtype changed since the spec was made.
+    DataChangedError
+        If a remote object changed since the spec was made.
     """
+    if not is_local(spec.path):
+        return _read_remote(spec, key)
     stored: _Stored | None = None
-    with pooled_file(spec.path, spec.size, spec.mtime_ns) as h5:
+    with _pooled(spec) as h5:
         dset = _checked_dataset(h5, spec)
         plan = _direct_plan(dset, spec, key)
         if plan is not None:
@@ -271,7 +455,7 @@ def read_selection(spec: HDF5DatasetSpec, key: Any) -> np.ndarray:
     out = np.empty(tuple(stop - start for start, stop, is_int in bounds if not is_int), spec.dtype)
     for batch in batches[1:]:
         _inflate_into(spec, out, bounds, deflated, stored)  # unlocked: zlib releases the GIL
-        with pooled_file(spec.path, spec.size, spec.mtime_ns) as h5:
+        with _pooled(spec) as h5:
             dset = _checked_dataset(h5, spec)
             stored = _stored_chunks(dset, batch)
             if stored is None:  # a chunk never written: h5py knows its fill value
@@ -281,6 +465,207 @@ def read_selection(spec: HDF5DatasetSpec, key: Any) -> np.ndarray:
     _inflate_into(spec, out, bounds, deflated, stored)
     IO_STATS.add_bytes(out.nbytes)
     return out
+
+
+def _pooled(spec: HDF5DatasetSpec) -> contextlib.AbstractContextManager[h5py.File]:
+    return pooled_file(spec.path, spec.size, spec.version, spec.storage_options)
+
+
+_Located = list[tuple[tuple[int, ...], int, int, int]]  # per chunk: offset, mask, byte offset, size
+
+
+def _read_remote(spec: HDF5DatasetSpec, key: Any) -> np.ndarray:
+    """Read a selection of a remote dataset: chunk bytes by concurrent range requests.
+
+    Under the handle's lock only the chunk index is consulted (metadata, in
+    the shared blocks); the chunks' stored bytes travel outside it, as
+    concurrent requests, and are inflated here. What the direct path cannot
+    read goes to h5py after its byte ranges were prefetched concurrently.
+    """
+    located: _Located | None = None
+    ranges: list[tuple[int, int]] = []
+    with _pooled(spec) as h5:
+        dset = _checked_dataset(h5, spec)
+        plan = _direct_plan(dset, spec, key)
+        if plan is not None:
+            located = _chunk_locations(dset, [o for batch in plan[2] for o in batch])
+        if located is None:
+            ranges = _selection_ranges(dset, spec, key)
+        reader = getattr(h5, "_neurocube_reader", None)
+    if plan is not None and located is not None:
+        bounds, deflated, _ = plan
+        out = np.empty(
+            tuple(stop - start for start, stop, is_int in bounds if not is_int), spec.dtype
+        )
+        for batch in _byte_batches(located, DIRECT_BATCH_BYTES):
+            _inflate_into(spec, out, bounds, deflated, _fetch_chunks(spec, batch))
+        IO_STATS.add_bytes(out.nbytes)
+        return out
+    if reader is not None and ranges:
+        prefetch(reader, ranges)
+    with _pooled(spec) as h5:
+        out = np.asarray(_checked_dataset(h5, spec)[key])
+    IO_STATS.add_bytes(out.nbytes)
+    return out
+
+
+def _chunk_locations(dset: h5py.Dataset, offsets: Sequence[tuple[int, ...]]) -> _Located | None:
+    """Return where each chunk is stored in the file; None if one was never written."""
+    located: _Located = []
+    for offset in offsets:
+        try:
+            where = dset.id.get_chunk_info_by_coord(offset)
+        except (RuntimeError, OSError, ValueError, AttributeError):
+            return None
+        if where.byte_offset is None or not where.size:
+            return None  # unallocated: h5py knows the fill value
+        located.append((offset, int(where.filter_mask), int(where.byte_offset), int(where.size)))
+    return located
+
+
+def _byte_batches(located: _Located, batch_bytes: int) -> Iterator[_Located]:
+    """Split chunk locations into batches of about ``batch_bytes`` stored bytes."""
+    batch: _Located = []
+    total = 0
+    for item in located:
+        batch.append(item)
+        total += item[3]
+        if total >= batch_bytes:
+            yield batch
+            batch, total = [], 0
+    if batch:
+        yield batch
+
+
+def merge_ranges(
+    ranges: Sequence[tuple[int, int]],
+    gap: int = REMOTE_MERGE_GAP,
+    max_bytes: int = REMOTE_REQUEST_BYTES,
+) -> list[tuple[int, int]]:
+    """Merge byte ranges closer than ``gap`` into requests of at most ``max_bytes`` (about)."""
+    runs: list[tuple[int, int]] = []
+    for start, end in sorted(r for r in ranges if r[1] > r[0]):
+        if runs and start - runs[-1][1] <= gap and end - runs[-1][0] <= max_bytes:
+            runs[-1] = (runs[-1][0], max(runs[-1][1], end))
+        else:
+            runs.append((start, end))
+    return runs
+
+
+def _fetch_chunks(spec: HDF5DatasetSpec, located: _Located) -> _Stored:
+    """Fetch the stored bytes of chunks of a remote file (concurrent range requests)."""
+    wanted = [(pos, pos + n) for _, _, pos, n in located]
+    runs = merge_ranges(wanted)
+    parts = storage.read_ranges(spec.path, runs, spec.storage_options)
+    stored: _Stored = []
+    for offset, mask, pos, n in located:
+        index = _run_of(runs, pos)
+        run_start = runs[index][0]
+        data = parts[index][pos - run_start : pos - run_start + n]
+        if len(data) != n:
+            raise DataChangedError(
+                f"{spec.path}: chunk {offset} of {spec.dataset!r} is stored at bytes "
+                f"{pos}-{pos + n - 1}, but the object ends before; it changed or was truncated "
+                "since it was opened. Open it again."
+            )
+        stored.append((offset, mask, data))
+    return stored
+
+
+def _run_of(runs: Sequence[tuple[int, int]], pos: int) -> int:
+    import bisect
+
+    return bisect.bisect_right([a for a, _ in runs], pos) - 1
+
+
+def _selection_ranges(dset: h5py.Dataset, spec: HDF5DatasetSpec, key: Any) -> list[tuple[int, int]]:
+    """Byte ranges of the file an h5py read of ``key`` touches (raw data only; may be empty).
+
+    Chunked datasets: the allocated chunks in the selection's bounding box;
+    contiguous ones: the rows it spans. Empty when unknown or larger than
+    :data:`REMOTE_PREFETCH_BYTES` (h5py then fetches blocks as it goes).
+    """
+    box = _bounding_box(key, spec.shape)
+    if box is None or not spec.shape:
+        return []
+    itemsize = np.dtype(spec.dtype).itemsize
+    try:
+        if spec.chunks is None:
+            start = dset.id.get_offset()
+            if start is None:
+                return []
+            row = int(np.prod(spec.shape[1:], dtype=np.int64)) * itemsize
+            lo, hi = box[0]
+            return [(start + lo * row, start + hi * row)]
+        grid = [
+            range(lo // size * size, hi, size)
+            for (lo, hi), size in zip(box, spec.chunks, strict=True)
+        ]
+        count = int(np.prod([len(g) for g in grid], dtype=np.int64))
+        chunk_bytes = int(np.prod(spec.chunks, dtype=np.int64)) * itemsize
+        if count > 100_000 or count * chunk_bytes > 4 * REMOTE_PREFETCH_BYTES:
+            return []
+        ranges = []
+        for offset in itertools.product(*grid):
+            where = dset.id.get_chunk_info_by_coord(offset)
+            if where.byte_offset is not None and where.size:
+                ranges.append((int(where.byte_offset), int(where.byte_offset) + int(where.size)))
+    except (RuntimeError, OSError, ValueError, AttributeError):
+        return []
+    if sum(b - a for a, b in ranges) > REMOTE_PREFETCH_BYTES:
+        return []
+    return ranges
+
+
+def _bounding_box(key: Any, shape: tuple[int, ...]) -> list[tuple[int, int]] | None:
+    """Per-axis ``[lo, hi)`` covering a selection (ints, slices, index lists); None if empty."""
+    if not isinstance(key, tuple):
+        key = (key,)
+    if any(item is Ellipsis for item in key) or len(key) > len(shape):
+        return None
+    key = key + (slice(None),) * (len(shape) - len(key))
+    box = []
+    for item, n in zip(key, shape, strict=True):
+        if isinstance(item, slice):
+            start, stop, step = item.indices(n)
+            picked = range(start, stop, step)
+            if not len(picked):
+                return None
+            box.append((min(picked[0], picked[-1]), max(picked[0], picked[-1]) + 1))
+            continue
+        index = np.asarray(item)
+        if index.dtype == bool:
+            index = np.flatnonzero(index)
+        if index.size == 0 or index.dtype.kind not in "iu":
+            return None
+        index = np.where(index < 0, index + n, index)
+        box.append((int(index.min()), int(index.max()) + 1))
+    return box
+
+
+def prefetch(reader: BlockReader, ranges: Sequence[tuple[int, int]]) -> None:
+    """Fetch byte ranges of a remote file into the shared blocks, as concurrent requests."""
+    runs = merge_ranges(ranges, gap=reader.block_size, max_bytes=REMOTE_PREFETCH_BYTES)
+    if len(runs) == 1:
+        reader.prefetch(*runs[0])
+        return
+    pool = _prefetch_pool()
+    for future in [pool.submit(reader.prefetch, a, b) for a, b in runs]:
+        future.result()
+
+
+_PREFETCH_POOL: Any = None
+
+
+def _prefetch_pool() -> Any:
+    """Threads that wait on block fetches (apart from the storage layer's fetching threads)."""
+    global _PREFETCH_POOL
+    with _OPEN_LOCK:
+        if _PREFETCH_POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _PREFETCH_POOL = ThreadPoolExecutor(4, thread_name_prefix="neurocube-h5-prefetch")
+        return _PREFETCH_POOL
 
 
 def _checked_dataset(h5: h5py.File, spec: HDF5DatasetSpec) -> h5py.Dataset:
@@ -535,7 +920,7 @@ def hdf5_dask_array(
     -------
     dask.array.Array
         Named ``hdf5-<token>``, the token derived from the spec (path, size,
-        mtime, dataset, shape, dtype) and the chunks, so equal inputs give equal
+        version, dataset, shape, dtype) and the chunks, so equal inputs give equal
         graph keys.
     """
     import dask.array as da
@@ -567,8 +952,9 @@ class TraceStackSpec:
 
     Attributes
     ----------
-    path, size, mtime_ns
-        The file and its identity when opened.
+    path, size, version
+        The file (absolute path or URL) and its identity when opened: size and
+        mtime (ns) locally, size and ETag remotely.
     datasets
         Full dataset names, in trace order.
     lengths
@@ -577,15 +963,23 @@ class TraceStackSpec:
         Channels per trace, or None for 1-D traces.
     dtype
         Output dtype (``numpy.dtype.str``).
+    storage_options
+        The options a URL is read with (None for local files).
     """
 
     path: str
     size: int
-    mtime_ns: int
+    version: Version
     datasets: tuple[str, ...]
     lengths: tuple[int, ...]
     n_channels: int | None
     dtype: str
+    storage_options: StorageOptions | None = None
+
+    @property
+    def mtime_ns(self) -> int:
+        """The file's mtime (ns) when it was opened; 0 for an object (see ``version``)."""
+        return self.version if isinstance(self.version, int) else 0
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -616,7 +1010,9 @@ class TraceStackProxy:
         block = np.full((len(indices), *self.shape[1:]), fill, dtype=self.dtype)
         spec = self.spec
         nbytes = 0
-        with pooled_file(spec.path, spec.size, spec.mtime_ns) as h5:
+        if not is_local(spec.path):
+            self._prefetch(indices.tolist())
+        with pooled_file(spec.path, spec.size, spec.version, spec.storage_options) as h5:
             for row, index in enumerate(indices.tolist()):
                 name = spec.datasets[index]
                 try:
@@ -642,8 +1038,33 @@ class TraceStackProxy:
         out = block[selection]
         return out[0] if scalar else out
 
+    def _prefetch(self, indices: Sequence[int]) -> None:
+        """Fetch the stored bytes of remote traces concurrently before h5py reads them."""
+        spec = self.spec
+        ranges: list[tuple[int, int]] = []
+        with pooled_file(spec.path, spec.size, spec.version, spec.storage_options) as h5:
+            reader = getattr(h5, "_neurocube_reader", None)
+            for index in indices:
+                try:
+                    dset = h5[spec.datasets[index]]
+                    start = dset.id.get_offset()
+                    if start is not None:
+                        ranges.append((int(start), int(start) + int(dset.id.get_storage_size())))
+                    elif dset.chunks is not None:
+                        ranges += _selection_ranges(
+                            dset, _stack_member_spec(spec, dset), (slice(None),)
+                        )
+                except (KeyError, RuntimeError, OSError, ValueError):
+                    return  # the read below reports what is wrong
+        if reader is not None and ranges:
+            prefetch(reader, ranges)
+
     def __repr__(self) -> str:
         return f"TraceStackProxy({self.spec.path}, {len(self.spec.datasets)} traces, {self.dtype})"
+
+
+def _stack_member_spec(spec: TraceStackSpec, dset: h5py.Dataset) -> HDF5DatasetSpec:
+    return HDF5DatasetSpec.from_dataset(dset, (spec.path, spec.size, spec.version))
 
 
 def trace_stack_dask_array(spec: TraceStackSpec, traces_per_chunk: int) -> Any:

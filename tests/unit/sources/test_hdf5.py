@@ -57,8 +57,8 @@ def test_open_errors(tmp_path):
     text.write_text("not hdf5")
     with pytest.raises(FormatError, match=r"t\.h5: expected an HDF5 file"):
         h5src.open_hdf5(text)
-    with pytest.raises(FormatError, match="local paths only"):
-        h5src.stat_key("s3://bucket/x.h5")
+    with pytest.raises(DataNotFoundError, match="is a folder, expected an HDF5 file"):
+        h5src.open_hdf5(tmp_path)
 
 
 def test_open_counts_and_uses_swmr(matrix_file):
