@@ -26,14 +26,15 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import pandas as pd
 import yaml
 
+from neurocube import storage
 from neurocube.errors import DataNotFoundError, FormatError, SelectionError, UnsafePathError
-from neurocube.storage import open_file
+from neurocube.storage import ObjectInfo, StorageOptions, as_options, is_url, open_file
 
 __all__ = [
     "DEFAULT_ROOTS",
@@ -140,8 +141,31 @@ def longest_prefix_remap(path: str, path_map: Mapping[str, str]) -> str | None:
     return None
 
 
-def find_manifest(path: str | os.PathLike[str]) -> Path:
+def _url_join(base: str, rel: str) -> str:
+    """Join a relative POSIX path to a URL, resolving ``.`` and ``..`` lexically."""
+    scheme, rest = base.rstrip("/").split("://", 1)
+    parts = rest.split("/")
+    for part in rel.replace("\\", "/").split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if len(parts) > 1:
+                parts.pop()
+            continue
+        parts.append(part)
+    return f"{scheme}://" + "/".join(parts)
+
+
+def find_manifest(
+    path: str | os.PathLike[str],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    listing: Mapping[str, ObjectInfo] | None = None,
+) -> Path:
     """Return the manifest file of a dataset given its folder or the manifest itself.
+
+    For a URL (``s3://bucket/dataset``) the location is returned as a string;
+    ``listing`` (a :func:`storage.find` of the folder) saves a request.
 
     Raises
     ------
@@ -149,13 +173,32 @@ def find_manifest(path: str | os.PathLike[str]) -> Path:
         If ``path`` does not exist or the folder holds none of ``dataset.yaml``,
         ``dataset.yml``, ``dataset.json``.
     """
-    p = Path(path).expanduser()
-    if p.is_file():
-        return p.resolve()
-    if p.is_dir():
+    if is_url(path):
+        url = str(path).rstrip("/")
+        if url.rsplit("/", 1)[-1] in MANIFEST_NAMES:
+            if listing is not None and url in listing:
+                return cast(Path, url)
+            if storage.isfile(url, storage_options):
+                return cast(Path, url)
+            raise DataNotFoundError(f"{url}: no such dataset manifest")
+        files = listing if listing is not None else storage.find(url, storage_options)
         for name in MANIFEST_NAMES:
-            if (p / name).is_file():
-                return (p / name).resolve()
+            if storage.join(url, name) in files:
+                return cast(Path, storage.join(url, name))
+        if not files:
+            raise DataNotFoundError(f"{url}: no such dataset folder or manifest (nothing there)")
+        raise DataNotFoundError(
+            f"{url}: no dataset manifest; expected one of {', '.join(MANIFEST_NAMES)} in this "
+            "folder."
+        )
+    p = Path(path).expanduser()
+    meta = _stat_or_none(p)
+    if meta is not None and not meta.is_dir:
+        return storage.local_path(p)
+    if meta is not None:
+        for name in MANIFEST_NAMES:
+            if storage.isfile(p / name):
+                return storage.local_path(p / name)
         raise DataNotFoundError(
             f"{p}: no dataset manifest; expected one of {', '.join(MANIFEST_NAMES)} in this "
             "folder. Create one with neurocube.catalog.behavior.Manifest.create(folder)."
@@ -163,8 +206,28 @@ def find_manifest(path: str | os.PathLike[str]) -> Path:
     raise DataNotFoundError(f"{p}: no such dataset folder or manifest file")
 
 
-def read_index_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
+def _below(folder: Path, *parts: str) -> Path:
+    """Join ``parts`` below a folder: a :class:`Path`, or a URL string for a remote dataset."""
+    if is_url(folder):
+        return cast(Path, storage.join(str(folder), *parts))
+    return folder.joinpath(*parts)
+
+
+def _stat_or_none(
+    path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> ObjectInfo | None:
+    try:
+        return storage.info(path, storage_options)
+    except DataNotFoundError:
+        return None
+
+
+def read_index_csv(
+    path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> pd.DataFrame:
     """Read an index CSV with every cell as text (blank stays ``""``, ``0.10`` stays ``"0.10"``).
+
+    A URL is read whole in one request with ``storage_options``.
 
     Raises
     ------
@@ -173,7 +236,9 @@ def read_index_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
     FormatError
         If it is not a CSV with a header row.
     """
-    with open_file(path, "rb") as fh:
+    remote = is_url(path)
+    with open_file(path, "rb", storage_options if remote else None,
+                   cache_type="all" if remote else None) as fh:
         try:
             table = pd.read_csv(fh, dtype=str, keep_default_na=False, na_filter=False)
         except pd.errors.EmptyDataError as exc:
@@ -209,10 +274,18 @@ class Manifest:
     # -- construction ------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Manifest:
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        listing: Mapping[str, ObjectInfo] | None = None,
+    ) -> Manifest:
         """Read a manifest (YAML with ``yaml.safe_load``, or JSON) from a file or dataset folder.
 
         Roots absent from the file are filled with the defaults; nothing is written.
+        ``path`` may be a URL (read with ``storage_options``); such a manifest is
+        read-only and its :attr:`path` and roots are URL strings.
 
         Raises
         ------
@@ -221,11 +294,13 @@ class Manifest:
         FormatError
             If the file is not a mapping, or declares a ``manifest_version`` above 3.
         """
-        manifest_path = find_manifest(path)
-        with open_file(manifest_path, "rb") as fh:
+        manifest_path = find_manifest(path, storage_options, listing=listing)
+        remote = is_url(manifest_path)
+        with open_file(manifest_path, "rb", storage_options if remote else None,
+                       cache_type="all" if remote else None) as fh:
             text = fh.read().decode("utf-8")
         try:
-            if manifest_path.suffix.lower() == ".json":
+            if os.path.splitext(str(manifest_path))[1].lower() == ".json":
                 data = json.loads(text) if text.strip() else {}
             else:
                 data = yaml.safe_load(text) or {}
@@ -286,8 +361,15 @@ class Manifest:
     # -- content -----------------------------------------------------------------
 
     @property
+    def is_remote(self) -> bool:
+        """True for a manifest read from a URL (read-only)."""
+        return is_url(self.path)
+
+    @property
     def dataset_dir(self) -> Path:
-        """The dataset folder (the manifest's parent)."""
+        """The dataset folder (the manifest's parent; a URL string for a remote dataset)."""
+        if is_url(self.path):
+            return cast(Path, storage.parent(str(self.path)))
         return self.path.parent
 
     @property
@@ -336,6 +418,10 @@ class Manifest:
                 f"{self.path}: no root named {key!r}; roots are {sorted(self.roots)}. "
                 f"Add one with set_root({key!r}, path)."
             )
+        if self.is_remote:
+            if is_url(value) or os.path.isabs(value):
+                return cast(Path, value)
+            return cast(Path, _url_join(str(self.dataset_dir), value))
         p = Path(value).expanduser()
         return p if p.is_absolute() else self.dataset_dir / p
 
@@ -406,6 +492,11 @@ class Manifest:
         """
         from neurocube.io.behavior import save_manifest
 
+        if self.is_remote and path is None:
+            raise UnsafePathError(
+                f"{self.path}: a manifest read from a URL is read-only; save it to a local "
+                "path with save(path)."
+            )
         if "manifest_version" not in self.data:
             self.data = {"manifest_version": MANIFEST_VERSION, **self.data}
         target = Path(path) if path is not None else self.path
@@ -430,15 +521,54 @@ class BehaviorCatalog:
     path_map
         ``{old prefix: new prefix}`` applied (longest prefix first) to absolute
         paths in the manifest and indexes that do not exist any more, e.g. after
-        the dataset moved to another machine.
+        the dataset moved to another machine (a prefix may map to a URL).
+    storage_options
+        fsspec options for a dataset at a URL (``s3://bucket/dataset``). A remote
+        dataset is listed once (one recursive listing): existence, sizes and
+        versions of its files come from that listing, never a request per file.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, path_map: Mapping[str, str] | None = None
+        self,
+        path: str | os.PathLike[str],
+        *,
+        path_map: Mapping[str, str] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self.manifest = Manifest.load(path)
+        self.storage_options: StorageOptions | None = None
+        self._listing: dict[str, ObjectInfo] | None = None
+        if is_url(path):
+            self.storage_options = as_options(storage_options)
+            url = str(path).rstrip("/")
+            folder = storage.parent(url) if url.rsplit("/", 1)[-1] in MANIFEST_NAMES else url
+            self._listing = storage.find(folder, self.storage_options)
+            self.manifest = Manifest.load(url, self.storage_options, listing=self._listing)
+            storage.remember_options(folder, self.storage_options)
+        else:
+            self.manifest = Manifest.load(path)
         self.path_map: dict[str, str] = dict(path_map or {})
         self._index_cache: dict[str, pd.DataFrame] = {}
+
+    @property
+    def is_remote(self) -> bool:
+        """True for a dataset at a URL."""
+        return self._listing is not None
+
+    def stat(self, path: str | os.PathLike[str]) -> ObjectInfo | None:
+        """Return what is known of a file (size, mtime or ETag), or None if it does not exist.
+
+        Files of a remote dataset come from its listing (no request); others
+        are stat'ed through :mod:`neurocube.storage`.
+        """
+        text = os.fspath(path)
+        if self._listing is not None and is_url(text):
+            found = self._listing.get(text)
+            if found is not None:
+                return found
+            if text.startswith(str(self.root).rstrip("/") + "/"):
+                return None
+        meta = _stat_or_none(text, self.storage_options if is_url(text) else None)
+        return None if meta is None or meta.is_dir else meta
 
     # -- paths ---------------------------------------------------------------------
 
@@ -465,11 +595,22 @@ class BehaviorCatalog:
         text = os.fspath(path).strip()
         if not text:
             raise FormatError(f"{self.manifest.path}: empty path in an index row")
+        if is_url(text):
+            return cast(Path, text)
+        if self.is_remote:
+            if not os.path.isabs(text):
+                base = str(anchor) if anchor is not None else str(self.root)
+                return cast(Path, _url_join(base, text))
+            new = longest_prefix_remap(text, self.path_map)
+            return cast(Path, new if new is not None else text)
         p = Path(text).expanduser()
         if not p.is_absolute():
             return Path(anchor) / p if anchor is not None else self.root / p
-        if p.exists():
+        if storage.exists(p):
             return p
+        remapped = longest_prefix_remap(str(p), self.path_map)
+        if remapped is not None and is_url(remapped):
+            return cast(Path, remapped)
         return self.remap_path(p)
 
     def check_writable(self, path: str | os.PathLike[str], what: str) -> Path:
@@ -487,9 +628,9 @@ class BehaviorCatalog:
     def index_path(self, kind: str) -> Path:
         """Return the index CSV of ``tracks_raw``, ``tracks`` or ``labels/<kind>``."""
         if kind in _INDEX_KINDS:
-            return self.manifest.get_root(kind) / "index.csv"
+            return _below(self.manifest.get_root(kind), "index.csv")
         if kind.startswith("labels/"):
-            return self.manifest.get_root("labels") / kind.split("/", 1)[1] / "index.csv"
+            return _below(self.manifest.get_root("labels"), kind.split("/", 1)[1], "index.csv")
         raise SelectionError(
             f"unknown index {kind!r}; expected 'tracks_raw', 'tracks' or 'labels/<kind>'"
         )
@@ -506,7 +647,7 @@ class BehaviorCatalog:
         if cached is not None:
             return cached.copy()
         path = self.index_path(kind)
-        if not path.is_file():
+        if self.stat(path) is None:
             hint = {
                 "tracks_raw": "neurocube.index_tracks_raw(...)",
                 "tracks": "neurocube.convert_tracks(...)",
@@ -514,7 +655,7 @@ class BehaviorCatalog:
             raise DataNotFoundError(
                 f"{path}: no {kind} index in dataset {self.root}; build it with {hint}."
             )
-        table = read_index_csv(path)
+        table = read_index_csv(path, self.storage_options)
         for required in ("abs_path",):
             if required not in table.columns:
                 raise FormatError(
@@ -560,9 +701,21 @@ class BehaviorCatalog:
             labels_root = self.manifest.get_root("labels")
         except SelectionError:
             return []
-        if not labels_root.is_dir():
+        if self._listing is not None:
+            base = str(labels_root).rstrip("/") + "/"
+            kinds = []
+            for loc in self._listing:
+                parts = loc[len(base) :].split("/") if loc.startswith(base) else []
+                if len(parts) == 2 and parts[1] == "index.csv":
+                    kinds.append(parts[0])
+            return sorted(kinds)
+        if not storage.isdir(labels_root):
             return []
-        return sorted(p.parent.name for p in labels_root.glob("*/index.csv"))
+        return sorted(
+            entry.name
+            for entry in storage.listdir(labels_root)
+            if entry.is_dir and storage.isfile(os.path.join(entry.path, "index.csv"))
+        )
 
     # -- listing and queries ---------------------------------------------------------
 
@@ -668,7 +821,7 @@ class BehaviorCatalog:
             except SelectionError:
                 continue
         files += [self.index_path(f"labels/{k}") for k in self.label_kinds()]
-        return [f for f in files if f.is_file()]
+        return [f for f in files if storage.isfile(f)]
 
     def rewrite_index_paths(
         self, path_map: Mapping[str, str], *, dry_run: bool = False

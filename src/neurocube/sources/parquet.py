@@ -497,9 +497,16 @@ def _check_unchanged(spec: ParquetChunkSpec) -> None:
         )
 
 
-def read_table(spec: ParquetChunkSpec, columns: Sequence[str]) -> pa.Table:
-    """Read ``columns`` of the spec's row groups as an Arrow table (one open of the file)."""
-    _check_unchanged(spec)
+def read_table(
+    spec: ParquetChunkSpec, columns: Sequence[str], *, check: bool = True
+) -> pa.Table:
+    """Read ``columns`` of the spec's row groups as an Arrow table (one open of the file).
+
+    ``check=False`` skips the changed-since-opened check (a read while planning,
+    right after the footer was read).
+    """
+    if check:
+        _check_unchanged(spec)
     meta = _footer(spec.path, spec.size, spec.mtime_ns, spec.etag, spec.storage_options)
     wanted = [c for c in columns]
     with open_row_groups(spec.path, spec.storage_options, spec.size, spec.etag, meta,
@@ -615,7 +622,8 @@ def _rows_in_range(info: ParquetFileInfo, row_group: int, column: str, lo: float
         etag=info.etag,
         storage_options=info.storage_options,
     )
-    values = read_table(spec, [column]).column(column).to_numpy(zero_copy_only=False)
+    check = not is_url(info.path)  # an object was just listed; a local file is stat'ed as before
+    values = read_table(spec, [column], check=check).column(column).to_numpy(zero_copy_only=False)
     return int(((values >= lo) & (values < hi)).sum())
 
 
