@@ -622,8 +622,11 @@ def _rows_in_range(info: ParquetFileInfo, row_group: int, column: str, lo: float
         etag=info.etag,
         storage_options=info.storage_options,
     )
-    check = not is_url(info.path)  # an object was just listed; a local file is stat'ed as before
-    values = read_table(spec, [column], check=check).column(column).to_numpy(zero_copy_only=False)
+    if is_url(info.path):  # the object was just listed or stat'ed: no HEAD while planning
+        table = read_table(spec, [column], check=False)
+    else:
+        table = read_table(spec, [column])
+    values = table.column(column).to_numpy(zero_copy_only=False)
     return int(((values >= lo) & (values < hi)).sum())
 
 
