@@ -812,13 +812,21 @@ def index_tracks_raw(
     found: dict[Path, None] = {}
     for d in dirs:
         folder = Path(d).expanduser()
-        if not folder.is_dir():
+        if not storage.isdir(folder):
             raise DataNotFoundError(f"{folder}: search folder does not exist")
+        # one listing of the folder (recursive: every level), matched against each pattern
+        files = (
+            list(storage.find(folder))
+            if recursive
+            else [e.path for e in storage.listdir(folder) if not e.is_dir]
+        )
         for pat in pats:
-            hits = folder.rglob(pat) if recursive else folder.glob(pat)
-            for p in sorted(hits):
-                if p.is_file() and not any(fnmatch.fnmatch(p.name, ex) for ex in excludes):
-                    found[p.resolve()] = None
+            for loc in sorted(files, key=Path):
+                name = os.path.basename(loc)
+                if fnmatch.fnmatchcase(name, pat) and not any(
+                    fnmatch.fnmatch(name, ex) for ex in excludes
+                ):
+                    found[storage.local_path(loc)] = None
     rows = []
     for p in found:
         stem = p.name
@@ -839,16 +847,16 @@ def index_tracks_raw(
             m = regex.search(sequence or stem)
             if m:
                 group = m.group(1)
-        st = p.stat()
+        st = storage.info(p)
         rows.append(
             {
                 "group": group,
                 "sequence": sequence,
                 "abs_path": _stored_path(catalog, p),
                 "src_format": src_format,
-                "size_bytes": str(st.st_size),
+                "size_bytes": str(st.size),
                 "mtime_iso": datetime.datetime.fromtimestamp(
-                    st.st_mtime, datetime.timezone.utc
+                    st.mtime_ns / 1e9, datetime.timezone.utc
                 ).isoformat(),
                 "md5": _md5(p) if compute_md5 else "",
             }
