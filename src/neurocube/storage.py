@@ -708,6 +708,10 @@ def check_unchanged(
         with _CHECKED_LOCK:
             if key in _CHECKED:
                 return
+        # a listing (find) leaves its entries in the backend's cache: ask the server itself
+        fs, fpath = _filesystem(path, storage_options)
+        with contextlib.suppress(Exception):
+            fs.invalidate_cache(fpath)
     _, now_size, now_version = stat_key(path, storage_options)
     if now_size != size or now_version != version:
         raise DataChangedError(

@@ -20,21 +20,40 @@ write to a path that leaves the dataset.
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import pandas as pd
-import yaml
 
+from neurocube import storage
 from neurocube.errors import DataNotFoundError, FormatError, SelectionError, UnsafePathError
-from neurocube.storage import open_file
+from neurocube.io.behavior import (
+    _INDEX_KINDS,
+    DEFAULT_ROOTS,
+    MANIFEST_NAMES,
+    MANIFEST_VERSION,
+    STD_FORMAT_UNITS,
+    Manifest,
+    _filter_pairs,
+    _stat_or_none,
+    _url_join,
+    entry_key,
+    find_manifest,
+    index_file,
+    is_inside,
+    longest_prefix_remap,
+    read_index_csv,
+    split_list_cell,
+    std_format_of,
+    write_index_csv,
+)
+from neurocube.storage import ObjectInfo, StorageOptions, as_options, is_url
 
+# The layout helpers and the Manifest live in neurocube.io.behavior (the lower layer: its
+# writers need them too); they are re-exported here, where readers look for them.
 __all__ = [
     "DEFAULT_ROOTS",
     "MANIFEST_NAMES",
@@ -51,372 +70,6 @@ __all__ = [
     "std_format_of",
 ]
 
-MANIFEST_NAMES = ("dataset.yaml", "dataset.yml", "dataset.json")
-MANIFEST_VERSION = 3
-
-#: Roots every dataset has (relative to the dataset folder); absent keys are filled on load.
-DEFAULT_ROOTS: dict[str, str] = {
-    "media_raw": "media_raw",
-    "tracks_raw": "tracks_raw",
-    "labels_raw": "labels_raw",
-    "labels": "labels",
-    "media": "media",
-    "tracks": "tracks",
-    "features": "features",
-    "models": "models",
-    "frames": "media/frames",
-}
-
-#: Standard track schemas and the unit family of their positions.
-STD_FORMAT_UNITS: dict[str, str] = {
-    "mosaic_v1": "pixels",
-    "trex_v1": "cm",
-    "trex_v2": "pixels",
-    "mosaic_cm_v1": "cm",
-}
-
-_INDEX_KINDS = ("tracks_raw", "tracks")
-
-
-def entry_key(group: str, sequence: str) -> str:
-    """Return the file stem the layout uses for one (group, sequence).
-
-    ``quote(group, safe="") + "__" + quote(sequence, safe="")``, or the quoted
-    sequence alone when the group is empty.
-
-    Examples
-    --------
-    >>> entry_key("fish 1", "a/b")
-    'fish%201__a%2Fb'
-    >>> entry_key("", "s1")
-    's1'
-    """
-    if not group:
-        return quote(sequence, safe="")
-    return quote(group, safe="") + "__" + quote(sequence, safe="")
-
-
-def std_format_of(cell: str) -> str:
-    """Return the standard track schema named by an index cell (blank means ``trex_v1``)."""
-    return cell.strip() or "trex_v1"
-
-
-def split_list_cell(cell: str) -> list[str]:
-    """Split a comma-joined index cell (``"0,1,2"``) into its items; blank gives ``[]``."""
-    cell = cell.strip()
-    if not cell:
-        return []
-    return [item.strip() for item in cell.split(",")]
-
-
-def is_inside(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
-    """Return True if ``path`` (after resolving ``..`` and symlinks) lies inside ``folder``."""
-    resolved = Path(os.path.realpath(os.fspath(path)))
-    base = Path(os.path.realpath(os.fspath(folder)))
-    return resolved == base or base in resolved.parents
-
-
-def longest_prefix_remap(path: str, path_map: Mapping[str, str]) -> str | None:
-    """Replace the longest prefix of ``path`` found in ``path_map``; None if none matches.
-
-    A prefix matches on whole path components only (``/data/a`` matches
-    ``/data/a/x.parquet`` but not ``/data/ab/x.parquet``).
-
-    Examples
-    --------
-    >>> longest_prefix_remap("/old/data/t.parquet", {"/old": "/x", "/old/data": "/new"})
-    '/new/t.parquet'
-    >>> longest_prefix_remap("/other/t.parquet", {"/old": "/x"}) is None
-    True
-    """
-    norm = path.replace("\\", "/")
-    for src in sorted(path_map, key=len, reverse=True):
-        prefix = src.replace("\\", "/").rstrip("/")
-        if not prefix:
-            continue
-        if norm == prefix or norm.startswith(prefix + "/"):
-            dest = path_map[src].replace("\\", "/").rstrip("/")
-            return dest + norm[len(prefix) :]
-    return None
-
-
-def find_manifest(path: str | os.PathLike[str]) -> Path:
-    """Return the manifest file of a dataset given its folder or the manifest itself.
-
-    Raises
-    ------
-    DataNotFoundError
-        If ``path`` does not exist or the folder holds none of ``dataset.yaml``,
-        ``dataset.yml``, ``dataset.json``.
-    """
-    p = Path(path).expanduser()
-    if p.is_file():
-        return p.resolve()
-    if p.is_dir():
-        for name in MANIFEST_NAMES:
-            if (p / name).is_file():
-                return (p / name).resolve()
-        raise DataNotFoundError(
-            f"{p}: no dataset manifest; expected one of {', '.join(MANIFEST_NAMES)} in this "
-            "folder. Create one with neurocube.catalog.behavior.Manifest.create(folder)."
-        )
-    raise DataNotFoundError(f"{p}: no such dataset folder or manifest file")
-
-
-def read_index_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read an index CSV with every cell as text (blank stays ``""``, ``0.10`` stays ``"0.10"``).
-
-    Raises
-    ------
-    DataNotFoundError
-        If the file does not exist.
-    FormatError
-        If it is not a CSV with a header row.
-    """
-    with open_file(path, "rb") as fh:
-        try:
-            table = pd.read_csv(fh, dtype=str, keep_default_na=False, na_filter=False)
-        except pd.errors.EmptyDataError as exc:
-            raise FormatError(
-                f"{path}: empty index CSV; expected a header row "
-                "(e.g. 'group,sequence,abs_path,...')."
-                " Rebuild it with neurocube.index_tracks_raw / convert_tracks."
-            ) from exc
-        except pd.errors.ParserError as exc:
-            raise FormatError(f"{path}: not a readable CSV index ({exc}).") from exc
-    return table
-
-
-# --------------------------------------------------------------------------- manifest
-
-
-@dataclass
-class Manifest:
-    """A dataset manifest: its file and its content (unknown keys are kept verbatim).
-
-    Parameters
-    ----------
-    path
-        The manifest file (``dataset.yaml`` / ``.yml`` / ``.json``).
-    data
-        The parsed content. Known keys: ``manifest_version, name, version, uuid,
-        created_at, roots, sources, notes, tags, continuous_groups, libraries, meta``.
-    """
-
-    path: Path
-    data: dict[str, Any] = field(default_factory=dict)
-
-    # -- construction ------------------------------------------------------------
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Manifest:
-        """Read a manifest (YAML with ``yaml.safe_load``, or JSON) from a file or dataset folder.
-
-        Roots absent from the file are filled with the defaults; nothing is written.
-
-        Raises
-        ------
-        DataNotFoundError
-            If there is no manifest.
-        FormatError
-            If the file is not a mapping, or declares a ``manifest_version`` above 3.
-        """
-        manifest_path = find_manifest(path)
-        with open_file(manifest_path, "rb") as fh:
-            text = fh.read().decode("utf-8")
-        try:
-            if manifest_path.suffix.lower() == ".json":
-                data = json.loads(text) if text.strip() else {}
-            else:
-                data = yaml.safe_load(text) or {}
-        except (yaml.YAMLError, json.JSONDecodeError) as exc:
-            raise FormatError(f"{manifest_path}: manifest is not valid YAML/JSON ({exc}).") from exc
-        if not isinstance(data, dict):
-            raise FormatError(
-                f"{manifest_path}: expected a mapping at the top of the manifest, found "
-                f"{type(data).__name__}."
-            )
-        version = data.get("manifest_version", MANIFEST_VERSION)
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise FormatError(
-                f"{manifest_path}: manifest_version must be an integer (3), found {version!r}; "
-                "fix the manifest."
-            )
-        if version > MANIFEST_VERSION:
-            raise FormatError(
-                f"{manifest_path}: manifest_version {version!r} is newer than this reader "
-                f"(knows up to {MANIFEST_VERSION}); upgrade neurocube."
-            )
-        roots = data.get("roots") or {}
-        if not isinstance(roots, dict):
-            raise FormatError(f"{manifest_path}: 'roots' must be a mapping, found {roots!r}.")
-        data["roots"] = {**DEFAULT_ROOTS, **{str(k): str(v) for k, v in roots.items()}}
-        return cls(manifest_path, data)
-
-    @classmethod
-    def create(
-        cls,
-        folder: str | os.PathLike[str],
-        *,
-        name: str = "unnamed",
-        version: str = "0.1.0",
-        fmt: str = "yaml",
-        fps_default: float | None = None,
-    ) -> Manifest:
-        """Return a new (unsaved) manifest for ``folder``; call :meth:`save` to write it."""
-        import datetime
-        import uuid
-
-        suffix = {"yaml": "dataset.yaml", "yml": "dataset.yml", "json": "dataset.json"}.get(fmt)
-        if suffix is None:
-            raise FormatError(f"fmt must be 'yaml', 'yml' or 'json', got {fmt!r}")
-        data: dict[str, Any] = {
-            "manifest_version": MANIFEST_VERSION,
-            "name": name,
-            "version": version,
-            "uuid": str(uuid.uuid4()),
-            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "roots": dict(DEFAULT_ROOTS),
-            "meta": {},
-        }
-        if fps_default is not None:
-            data["meta"]["fps_default"] = float(fps_default)
-        return cls(Path(folder).expanduser().resolve() / suffix, data)
-
-    # -- content -----------------------------------------------------------------
-
-    @property
-    def dataset_dir(self) -> Path:
-        """The dataset folder (the manifest's parent)."""
-        return self.path.parent
-
-    @property
-    def name(self) -> str:
-        """The dataset name."""
-        return str(self.data.get("name", "unnamed"))
-
-    @property
-    def roots(self) -> dict[str, str]:
-        """Root name -> stored path (relative to the dataset, or absolute)."""
-        roots = self.data.setdefault("roots", {})
-        return roots
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        """The ``meta`` mapping (per-subsystem metadata written by converters)."""
-        meta = self.data.get("meta")
-        return meta if isinstance(meta, dict) else {}
-
-    @property
-    def fps_default(self) -> float | None:
-        """``meta.fps_default`` as a float, or None when the manifest has none."""
-        fps = self.meta.get("fps_default")
-        if fps in (None, ""):
-            return None
-        try:
-            return float(fps)
-        except (TypeError, ValueError) as exc:
-            raise FormatError(f"{self.path}: meta.fps_default is not a number: {fps!r}") from exc
-
-    def has_root(self, key: str) -> bool:
-        """Return True if the manifest names a root ``key`` (with a non-empty path)."""
-        return bool(self.roots.get(key))
-
-    def get_root(self, key: str) -> Path:
-        """Return the absolute folder of root ``key``.
-
-        Raises
-        ------
-        SelectionError
-            If the manifest has no such root; the message lists those it has.
-        """
-        value = self.roots.get(key)
-        if not value:
-            raise SelectionError(
-                f"{self.path}: no root named {key!r}; roots are {sorted(self.roots)}. "
-                f"Add one with set_root({key!r}, path)."
-            )
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else self.dataset_dir / p
-
-    def _checked_inside(self, folder: Path, what: str) -> Path:
-        if not is_inside(folder, self.dataset_dir):
-            raise UnsafePathError(
-                f"{self.path}: {what} resolves to {folder}, outside the dataset folder "
-                f"{self.dataset_dir}; neurocube never writes outside a dataset. Use a path inside "
-                "it (or remap_roots to the dataset's new location)."
-            )
-        return folder
-
-    def set_root(self, key: str, path: str | os.PathLike[str]) -> Path:
-        """Set root ``key`` to ``path`` (dataset-relative, or absolute inside it) and create it.
-
-        The manifest is changed in memory; call :meth:`save` to keep it.
-
-        Raises
-        ------
-        UnsafePathError
-            If ``path`` leaves the dataset folder (``..``, an absolute path elsewhere).
-        """
-        p = Path(path).expanduser()
-        folder = p if p.is_absolute() else self.dataset_dir / p
-        self._checked_inside(folder, f"root {key!r}")
-        folder.mkdir(parents=True, exist_ok=True)
-        resolved = Path(os.path.realpath(folder))
-        rel = resolved.relative_to(Path(os.path.realpath(self.dataset_dir)))
-        self.roots[key] = rel.as_posix() if str(rel) != "." else "."
-        return folder
-
-    def ensure_roots(self) -> list[Path]:
-        """Create every root folder that lies inside the dataset; return those created.
-
-        Roots that point outside the dataset are left alone (never created).
-        """
-        created = []
-        for key in list(self.roots):
-            if not self.roots[key]:
-                continue
-            folder = self.get_root(key)
-            if not is_inside(folder, self.dataset_dir) or folder.exists():
-                continue
-            folder.mkdir(parents=True, exist_ok=True)
-            created.append(folder)
-        return created
-
-    def remap_roots(self, path_map: Mapping[str, str], *, dry_run: bool = False) -> dict[str, str]:
-        """Replace the longest matching prefix of each absolute root with its target.
-
-        Returns ``{root name: new path}`` for the roots that change; with
-        ``dry_run`` nothing changes. The manifest is changed in memory only.
-        """
-        changes: dict[str, str] = {}
-        for key, value in self.roots.items():
-            new = longest_prefix_remap(value, path_map)
-            if new is not None and new != value:
-                changes[key] = new
-        if not dry_run:
-            self.roots.update(changes)
-        return changes
-
-    def save(self, path: str | os.PathLike[str] | None = None) -> Path:
-        """Write the manifest atomically (to ``path`` or where it was read); return the file.
-
-        A manifest read without a ``manifest_version`` is written with
-        ``manifest_version: 3`` first; every other key is written as it is.
-        """
-        from neurocube.io.behavior import save_manifest
-
-        if "manifest_version" not in self.data:
-            self.data = {"manifest_version": MANIFEST_VERSION, **self.data}
-        target = Path(path) if path is not None else self.path
-        save_manifest(self.data, target)
-        return target
-
-    def copy(self) -> Manifest:
-        """Return a deep copy (edits to it leave this one alone)."""
-        return Manifest(self.path, copy.deepcopy(self.data))
-
-
 # --------------------------------------------------------------------------- catalog
 
 
@@ -430,15 +83,54 @@ class BehaviorCatalog:
     path_map
         ``{old prefix: new prefix}`` applied (longest prefix first) to absolute
         paths in the manifest and indexes that do not exist any more, e.g. after
-        the dataset moved to another machine.
+        the dataset moved to another machine (a prefix may map to a URL).
+    storage_options
+        fsspec options for a dataset at a URL (``s3://bucket/dataset``). A remote
+        dataset is listed once (one recursive listing): existence, sizes and
+        versions of its files come from that listing, never a request per file.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, path_map: Mapping[str, str] | None = None
+        self,
+        path: str | os.PathLike[str],
+        *,
+        path_map: Mapping[str, str] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self.manifest = Manifest.load(path)
+        self.storage_options: StorageOptions | None = None
+        self._listing: dict[str, ObjectInfo] | None = None
+        if is_url(path):
+            self.storage_options = as_options(storage_options)
+            url = str(path).rstrip("/")
+            folder = storage.parent(url) if url.rsplit("/", 1)[-1] in MANIFEST_NAMES else url
+            self._listing = storage.find(folder, self.storage_options)
+            self.manifest = Manifest.load(url, self.storage_options, listing=self._listing)
+            storage.remember_options(folder, self.storage_options)
+        else:
+            self.manifest = Manifest.load(path)
         self.path_map: dict[str, str] = dict(path_map or {})
         self._index_cache: dict[str, pd.DataFrame] = {}
+
+    @property
+    def is_remote(self) -> bool:
+        """True for a dataset at a URL."""
+        return self._listing is not None
+
+    def stat(self, path: str | os.PathLike[str]) -> ObjectInfo | None:
+        """Return what is known of a file (size, mtime or ETag), or None if it does not exist.
+
+        Files of a remote dataset come from its listing (no request); others
+        are stat'ed through :mod:`neurocube.storage`.
+        """
+        text = os.fspath(path)
+        if self._listing is not None and is_url(text):
+            found = self._listing.get(text)
+            if found is not None:
+                return found
+            if text.startswith(str(self.root).rstrip("/") + "/"):
+                return None
+        meta = _stat_or_none(text, self.storage_options if is_url(text) else None)
+        return None if meta is None or meta.is_dir else meta
 
     # -- paths ---------------------------------------------------------------------
 
@@ -465,11 +157,22 @@ class BehaviorCatalog:
         text = os.fspath(path).strip()
         if not text:
             raise FormatError(f"{self.manifest.path}: empty path in an index row")
+        if is_url(text):
+            return cast(Path, text)
+        if self.is_remote:
+            if not os.path.isabs(text):
+                base = str(anchor) if anchor is not None else str(self.root)
+                return cast(Path, _url_join(base, text))
+            new = longest_prefix_remap(text, self.path_map)
+            return cast(Path, new if new is not None else text)
         p = Path(text).expanduser()
         if not p.is_absolute():
             return Path(anchor) / p if anchor is not None else self.root / p
-        if p.exists():
+        if storage.exists(p):
             return p
+        remapped = longest_prefix_remap(str(p), self.path_map)
+        if remapped is not None and is_url(remapped):
+            return cast(Path, remapped)
         return self.remap_path(p)
 
     def check_writable(self, path: str | os.PathLike[str], what: str) -> Path:
@@ -486,13 +189,7 @@ class BehaviorCatalog:
 
     def index_path(self, kind: str) -> Path:
         """Return the index CSV of ``tracks_raw``, ``tracks`` or ``labels/<kind>``."""
-        if kind in _INDEX_KINDS:
-            return self.manifest.get_root(kind) / "index.csv"
-        if kind.startswith("labels/"):
-            return self.manifest.get_root("labels") / kind.split("/", 1)[1] / "index.csv"
-        raise SelectionError(
-            f"unknown index {kind!r}; expected 'tracks_raw', 'tracks' or 'labels/<kind>'"
-        )
+        return index_file(self.manifest, kind)
 
     def read_index(self, kind: str) -> pd.DataFrame:
         """Read an index CSV (every cell text); cached per catalog.
@@ -506,7 +203,7 @@ class BehaviorCatalog:
         if cached is not None:
             return cached.copy()
         path = self.index_path(kind)
-        if not path.is_file():
+        if self.stat(path) is None:
             hint = {
                 "tracks_raw": "neurocube.index_tracks_raw(...)",
                 "tracks": "neurocube.convert_tracks(...)",
@@ -514,7 +211,7 @@ class BehaviorCatalog:
             raise DataNotFoundError(
                 f"{path}: no {kind} index in dataset {self.root}; build it with {hint}."
             )
-        table = read_index_csv(path)
+        table = read_index_csv(path, self.storage_options)
         for required in ("abs_path",):
             if required not in table.columns:
                 raise FormatError(
@@ -560,9 +257,21 @@ class BehaviorCatalog:
             labels_root = self.manifest.get_root("labels")
         except SelectionError:
             return []
-        if not labels_root.is_dir():
+        if self._listing is not None:
+            base = str(labels_root).rstrip("/") + "/"
+            kinds = []
+            for loc in self._listing:
+                parts = loc[len(base) :].split("/") if loc.startswith(base) else []
+                if len(parts) == 2 and parts[1] == "index.csv":
+                    kinds.append(parts[0])
+            return sorted(kinds)
+        if not storage.isdir(labels_root):
             return []
-        return sorted(p.parent.name for p in labels_root.glob("*/index.csv"))
+        return sorted(
+            entry.name
+            for entry in storage.listdir(labels_root)
+            if entry.is_dir and storage.isfile(os.path.join(entry.path, "index.csv"))
+        )
 
     # -- listing and queries ---------------------------------------------------------
 
@@ -668,7 +377,7 @@ class BehaviorCatalog:
             except SelectionError:
                 continue
         files += [self.index_path(f"labels/{k}") for k in self.label_kinds()]
-        return [f for f in files if f.is_file()]
+        return [f for f in files if storage.isfile(f)]
 
     def rewrite_index_paths(
         self, path_map: Mapping[str, str], *, dry_run: bool = False
@@ -716,11 +425,9 @@ class BehaviorCatalog:
         return report
 
     def _rewrite_indexes(self, fn: Any, dry_run: bool) -> dict[str, int]:
-        from neurocube.io.behavior import write_index_csv
-
         report: dict[str, int] = {}
-        for index_file in self._index_files():
-            table = read_index_csv(index_file)
+        for index_csv in self._index_files():
+            table = read_index_csv(index_csv)
             n_changed = 0
             for col in ("abs_path", "source_abs_path"):
                 if col not in table.columns:
@@ -729,10 +436,10 @@ class BehaviorCatalog:
                 n_changed += sum(a != b for a, b in zip(new, table[col], strict=True))
                 table[col] = new
             if n_changed:
-                report[str(index_file)] = n_changed
+                report[str(index_csv)] = n_changed
                 if not dry_run:
-                    self.check_writable(index_file, "index CSV")
-                    write_index_csv(table, index_file)
+                    self.check_writable(index_csv, "index CSV")
+                    write_index_csv(table, index_csv)
         if not dry_run:
             self.invalidate()
         return report
@@ -763,41 +470,3 @@ def _select_runs(table: pd.DataFrame, run_id: str | None, index_file: Path) -> p
     newest = order.sort_values(["stamp", "pos"]).groupby(["group", "sequence"], sort=True).tail(1)
     newest = newest.sort_values(["group", "sequence"])
     return table.iloc[newest["pos"].to_numpy()].reset_index(drop=True)
-
-
-def _as_set(value: str | Iterable[str] | None) -> set[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return {value}
-    return {str(v) for v in value}
-
-
-def _filter_pairs(
-    table: pd.DataFrame,
-    groups: str | Iterable[str] | None,
-    sequences: str | Iterable[str] | None,
-    index_file: Path,
-) -> pd.DataFrame:
-    want_groups = _as_set(groups)
-    want_sequences = _as_set(sequences)
-    if want_groups is not None:
-        missing = want_groups - set(table["group"])
-        if missing:
-            raise SelectionError(
-                f"{index_file}: no group(s) {sorted(missing)}; "
-                f"groups are {sorted(set(table['group']))}"
-            )
-        table = table[table["group"].isin(want_groups)]
-    if want_sequences is not None:
-        missing = want_sequences - set(table["sequence"])
-        if missing:
-            known = sorted(set(table["sequence"]))
-            shown = known[:20] + (["..."] if len(known) > 20 else [])
-            raise SelectionError(
-                f"{index_file}: no sequence(s) {sorted(missing)}"
-                + (f" in group(s) {sorted(want_groups)}" if want_groups else "")
-                + f"; sequences are {shown}"
-            )
-        table = table[table["sequence"].isin(want_sequences)]
-    return table.reset_index(drop=True)

@@ -28,14 +28,16 @@ from typing import Any
 
 import numpy as np
 
+from neurocube import storage
 from neurocube.errors import (
     DataNotFoundError,
     FormatError,
     NeurocubeWarning,
     SelectionError,
+    StorageError,
 )
 from neurocube.sources.npz import ZIP_MAGIC, NpzMember, read_npz_directory
-from neurocube.storage import IO_STATS, open_file
+from neurocube.storage import IO_STATS, ObjectInfo, StorageOptions, as_options, is_url, open_file
 
 __all__ = [
     "ARTIFACT_SUFFIX",
@@ -66,8 +68,16 @@ _ENTITY = re.compile(r"(?:^|_)([a-zA-Z0-9]+)-([a-zA-Z0-9]+)")
 
 
 def sidecar_path(path: str | os.PathLike[str]) -> Path:
-    """Return the JSON sidecar paired with an artifact NPZ (same stem, ``.json``)."""
+    """Return the JSON sidecar paired with an artifact NPZ (same stem, ``.json``).
+
+    For a URL use :func:`sidecar_location` (a URL is not a :class:`~pathlib.Path`).
+    """
     return Path(path).with_suffix(".json")
+
+
+def sidecar_location(path: str | os.PathLike[str]) -> str:
+    """Return the sidecar of an artifact as text: a local path or a URL."""
+    return os.path.splitext(os.fspath(path))[0] + ".json"
 
 
 def parse_entities(name: str) -> dict[str, str]:
@@ -91,13 +101,18 @@ def artifact_kind(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
-def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_sidecar(
+    path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Read the JSON sidecar of an artifact NPZ.
 
     Parameters
     ----------
     path
-        The ``.npz`` artifact (its sidecar is found beside it) or the ``.json`` itself.
+        The ``.npz`` artifact (its sidecar is found beside it) or the ``.json`` itself;
+        a local path or a URL.
+    storage_options
+        fsspec options for a URL.
 
     Raises
     ------
@@ -106,10 +121,14 @@ def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
     FormatError
         If it is not valid JSON or not a JSON object.
     """
-    side = os.path.splitext(os.fspath(path))[0] + ".json"
+    side = sidecar_location(path)
     try:
-        with open_file(side) as fh:
-            raw = fh.read()
+        if is_url(side):  # one request for the whole (small) object
+            with open_file(side, "rb", storage_options, cache_type="all") as fh:
+                raw = fh.read()
+        else:
+            with open_file(side) as fh:
+                raw = fh.read()
     except DataNotFoundError as exc:
         raise DataNotFoundError(
             f"{side}: missing embedding sidecar for {os.path.basename(path)}. Every artifact "
@@ -129,17 +148,29 @@ def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
     return metadata
 
 
-def guess_npz_embedding(path: str | os.PathLike[str]) -> bool:
+def guess_npz_embedding(
+    path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> bool:
     r"""Return True if ``path`` looks like an embedding artifact neurocube can open.
 
     Sniffs the ZIP magic ``PK\x03\x04`` and checks that a JSON sidecar with the
     same stem exists beside it. Reads 4 bytes; never raises for a wrong path.
     """
+    if is_url(path):
+        text = str(path)
+        try:
+            if not text.lower().endswith(".npz") or not storage.isfile(text, storage_options):
+                return False
+            if not storage.isfile(sidecar_location(text), storage_options):
+                return False
+            return storage.read_range(text, 0, 4, storage_options) == ZIP_MAGIC
+        except (OSError, TypeError, ValueError):
+            return False
     try:
         candidate = Path(path)
-        if candidate.suffix.lower() != ".npz" or not candidate.is_file():
+        if candidate.suffix.lower() != ".npz" or not storage.isfile(candidate):
             return False
-        if not sidecar_path(candidate).is_file():
+        if not storage.isfile(sidecar_path(candidate)):
             return False
         with open_file(candidate) as fh:
             head = fh.read(4)
@@ -155,7 +186,56 @@ def _inside_text(root: str, path: str) -> bool:
     return path == base or path.startswith(base.rstrip(os.sep) + os.sep)
 
 
-def read_manifest_artifacts(root: str | os.PathLike[str]) -> list[Path]:
+def _sort_key(location: str) -> tuple[str, ...]:
+    """Sort locations by their components (the order of sorted :class:`~pathlib.Path` objects)."""
+    return tuple(location.replace(os.sep, "/").split("/"))
+
+
+class _Tree:
+    """One recursive listing of a derivative root (files only), made once and shared.
+
+    Local roots keep the spelling they were given (``os.path.abspath``, symlinks
+    not resolved), as before; the listing itself goes through :func:`storage.find`.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], options: StorageOptions | None) -> None:
+        self.remote = is_url(root)
+        self.options = options
+        self.root = str(root).rstrip("/") if self.remote else os.path.abspath(root)
+        self._files: dict[str, ObjectInfo] | None = None
+
+    def join(self, *parts: str) -> str:
+        if self.remote:
+            return storage.join(self.root, *parts)
+        return os.path.normpath(os.path.join(self.root, *parts))
+
+    @property
+    def files(self) -> dict[str, ObjectInfo]:
+        if self._files is None:
+            listing = storage.find(self.root, self.options)
+            if self.remote:
+                self._files = listing
+            else:
+                real = storage.normalize(self.root)
+                self._files = {
+                    os.path.join(self.root, storage.relative(loc, real)) if real != self.root
+                    else loc: meta
+                    for loc, meta in listing.items()
+                }
+        return self._files
+
+    def is_dir(self) -> bool:
+        if self.remote:
+            return bool(self.files) or storage.isdir(self.root, self.options)
+        return storage.isdir(self.root)
+
+    def with_suffix(self, suffix: str) -> list[str]:
+        return sorted((p for p in self.files if p.endswith(suffix)), key=_sort_key)
+
+
+def read_manifest_artifacts(
+    root: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> list[Path] | list[str]:
     """Return the existing artifacts that ``<root>/run_manifest.json`` lists as successful.
 
     Records whose ``status`` is not ``"success"`` or that have no
@@ -163,62 +243,95 @@ def read_manifest_artifacts(root: str | os.PathLike[str]) -> list[Path]:
     paths that do not exist are skipped (as coco-pipe does). A record that points
     outside ``root`` is skipped with a :class:`~neurocube.errors.NeurocubeWarning`
     naming the manifest and the path; an unreadable manifest gives a warning
-    and an empty list (discovery then scans the folder).
+    and an empty list (discovery then scans the folder). Existence is checked
+    against one recursive listing of ``root`` (no request per record). Local
+    roots give :class:`~pathlib.Path` objects, URLs give strings.
     """
-    base = Path(root)
-    manifest = base / MANIFEST_NAME
-    if not manifest.exists():
+    tree = _Tree(root, as_options(storage_options) if is_url(root) else None)
+    found = _manifest_artifacts(tree)
+    return found if tree.remote else [Path(p) for p in found]
+
+
+def _manifest_artifacts(tree: _Tree) -> list[str]:
+    manifest = tree.join(MANIFEST_NAME)
+    if manifest not in tree.files:
         return []
+    base = tree.root
     try:
-        with open_file(manifest) as fh:
+        with open_file(manifest, "rb", tree.options, cache_type="all") as fh:
             raw = fh.read()
         IO_STATS.add_bytes(len(raw))
         payload = json.loads(raw)
         records = payload.get("records", []) if isinstance(payload, dict) else None
         if not isinstance(records, list):
             raise TypeError("'records' is not a list")
+    except StorageError:
+        raise  # access denied, no credentials, network: not a bad manifest
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
         warnings.warn(
             f"{manifest}: unreadable run manifest ({exc}); scanning {base} for artifacts instead.",
             NeurocubeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
         return []
-    paths: list[Path] = []
-    base_text = os.path.abspath(base)
+    paths: list[str] = []
+    files = tree.files
     for record in records:
         if not isinstance(record, Mapping):
             continue
         if record.get("status") != "success" or not record.get("artifact_path"):
             continue
-        # strings, not Path objects: manifests list thousands of records
-        candidate_text = os.path.normpath(os.path.join(base_text, str(record["artifact_path"])))
-        if not _inside_text(base_text, candidate_text):
+        rel = str(record["artifact_path"])
+        if tree.remote:
+            parts: list[str] = []
+            for part in rel.replace("\\", "/").split("/"):
+                if part in ("", "."):
+                    continue
+                if part == "..":
+                    if not parts:
+                        parts = [".."]
+                        break
+                    parts.pop()
+                else:
+                    parts.append(part)
+            inside = bool(parts) and parts[0] != ".." and "://" not in rel
+            candidate_text = storage.join(base, *parts) if inside else rel
+        else:
+            # strings, not Path objects: manifests list thousands of records
+            candidate_text = os.path.normpath(os.path.join(base, rel))
+            inside = _inside_text(base, candidate_text)
+        if not inside:
             warnings.warn(
                 f"{manifest}: record artifact_path {record['artifact_path']!r} points outside the "
                 f"derivative root {base}; ignored. Manifests must list files inside their root.",
                 NeurocubeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             continue
-        if os.path.exists(candidate_text):
-            paths.append(Path(candidate_text))
+        if candidate_text in files:
+            paths.append(candidate_text)
     return paths
 
 
 def _read_sidecars(
-    paths: Sequence[Path], cache: dict[str, dict[str, Any] | None], max_workers: int = 1
+    paths: Sequence[str | os.PathLike[str]],
+    cache: dict[str, dict[str, Any] | None],
+    max_workers: int = 1,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> None:
     """Fill ``cache[str(path)]`` with each sidecar (None if missing or unreadable)."""
     todo = [p for p in paths if str(p) not in cache]
 
-    def load(path: Path) -> dict[str, Any] | None:
+    def load(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         try:
-            return read_sidecar(path)
+            return read_sidecar(path, storage_options)
         except (DataNotFoundError, FormatError):
             return None
 
-    if len(todo) < 16 or max_workers <= 1:
+    remote = any(is_url(p) for p in todo)
+    if remote:  # latency-bound: many small objects at once
+        max_workers = max(max_workers, storage.FETCH_THREADS)
+    if (len(todo) < 16 and not remote) or max_workers <= 1 or len(todo) <= 1:
         results = [load(p) for p in todo]
     else:
         with ThreadPoolExecutor(max_workers=max_workers) as pool:
@@ -228,18 +341,30 @@ def _read_sidecars(
 
 
 def discover_embedding_artifacts(
-    root: str | os.PathLike[str], model_key: str | None = None, *, kind: str = "embedding"
-) -> list[Path]:
+    root: str | os.PathLike[str],
+    model_key: str | None = None,
+    *,
+    kind: str = "embedding",
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[Path] | list[str]:
     """Return the artifact NPZ paths of one kind under a derivative root, sorted.
 
     Parameters
     ----------
     root
-        The derivative folder (holding ``run_manifest.json`` and ``sub-*``).
+        The derivative folder (holding ``run_manifest.json`` and ``sub-*``), a
+        local path or a URL (``s3://bucket/derivatives/...``).
     model_key
         Keep only artifacts whose sidecar ``model_key`` equals this, ignoring case.
     kind
         ``"embedding"`` (``*_embedding.npz``) or ``"token"`` (``*_tokens.npz``).
+    storage_options
+        fsspec options for a URL (e.g. ``{"anon": True}``).
+
+    Returns
+    -------
+    list
+        :class:`~pathlib.Path` objects for a local root, URL strings for a remote one.
 
     Raises
     ------
@@ -248,31 +373,32 @@ def discover_embedding_artifacts(
     SelectionError
         If ``kind`` is unknown.
     """
-    return _discover(root, model_key, kind, {})
+    tree = _Tree(root, as_options(storage_options) if is_url(root) else None)
+    found = _discover(tree, model_key, kind, {})
+    return found if tree.remote else [Path(p) for p in found]
 
 
 def _discover(
-    root: str | os.PathLike[str],
+    tree: _Tree,
     model_key: str | None,
     kind: str,
     sidecars: dict[str, dict[str, Any] | None],
-) -> list[Path]:
+) -> list[str]:
     if kind not in ARTIFACT_SUFFIX:
         raise SelectionError(f"kind must be one of {sorted(ARTIFACT_SUFFIX)}, got {kind!r}.")
-    base = Path(root)
-    if not base.is_dir():
-        raise DataNotFoundError(f"{base}: no such derivative folder.")
+    if not tree.is_dir():
+        raise DataNotFoundError(f"{tree.root}: no such derivative folder.")
     suffix = ARTIFACT_SUFFIX[kind]
-    paths = sorted({p for p in read_manifest_artifacts(base) if p.name.endswith(suffix)})
+    paths = sorted({p for p in _manifest_artifacts(tree) if p.endswith(suffix)}, key=_sort_key)
     if not paths:
-        paths = sorted(base.rglob(f"*{suffix}"))
-    paths = [p for p in paths if not p.name.startswith(".")]  # temp files of atomic writers
+        paths = tree.with_suffix(suffix)
+    paths = [p for p in paths if not storage.basename(p).startswith(".")]  # temp files
     if model_key is None:
         return paths
     wanted = model_key.lower()
 
-    def select(candidates: list[Path]) -> list[Path]:
-        _read_sidecars(candidates, sidecars)
+    def select(candidates: list[str]) -> list[str]:
+        _read_sidecars(candidates, sidecars, storage_options=tree.options)
         return [
             p
             for p in candidates
@@ -282,8 +408,7 @@ def _discover(
     selected = select(paths)
     if selected:
         return selected
-    rescanned = sorted(p for p in base.rglob(f"*{suffix}") if not p.name.startswith("."))
-    return select(rescanned)
+    return select(tree.with_suffix(suffix))
 
 
 @dataclass(frozen=True)
@@ -296,6 +421,7 @@ class EmbeddingArtifact:
     members: dict[str, NpzMember] = field(hash=False)
     size: int = 0
     mtime_ns: int = 0
+    etag: str = ""
 
     @property
     def n_windows(self) -> int:
@@ -308,7 +434,7 @@ class EmbeddingArtifact:
         rid = self.metadata.get("recording_id")
         if rid:
             return str(rid)
-        name = Path(self.path).name
+        name = storage.basename(self.path)
         for suffix in (*ARTIFACT_SUFFIX.values(), ".npz"):
             if name.endswith(suffix):
                 return name[: -len(suffix)]
@@ -408,11 +534,17 @@ def _check_token_contract(path: str, metadata: Mapping[str, Any], ndim: int) -> 
 
 
 def scan_artifact(
-    path: str | os.PathLike[str], metadata: dict[str, Any] | None = None
+    path: str | os.PathLike[str],
+    metadata: dict[str, Any] | None = None,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    object_info: ObjectInfo | None = None,
 ) -> EmbeddingArtifact:
     """Read one artifact's sidecar and NPZ directory (headers only) and check them.
 
-    ``metadata``, if given, is the sidecar already read (it is not read again).
+    ``metadata``, if given, is the sidecar already read (it is not read again);
+    ``object_info``, if given, is what a listing said of the NPZ (no stat then).
+    A URL is read by byte ranges with ``storage_options``.
 
     Raises
     ------
@@ -422,22 +554,31 @@ def scan_artifact(
         For a corrupt archive, a broken array contract, a non-object sidecar or an
         object-dtype member; every message names the file.
     """
-    local = os.path.abspath(path)
-    try:
-        st = os.stat(local)
-    except FileNotFoundError as exc:
-        raise DataNotFoundError(f"{local}: no such embedding artifact.") from exc
+    remote = is_url(path)
+    local = str(path) if remote else os.path.abspath(path)
+    opts = as_options(storage_options) if remote else None
+    st = object_info
+    if st is None:
+        try:
+            st = storage.info(local, opts)
+        except DataNotFoundError as exc:
+            raise DataNotFoundError(f"{local}: no such embedding artifact.") from exc
     if metadata is None:
-        metadata = read_sidecar(local)
-    members = read_npz_directory(local)
+        metadata = read_sidecar(local, opts)
+    members = (
+        read_npz_directory(local, opts, size=st.size, version=st.etag)
+        if remote
+        else read_npz_directory(local)
+    )
     kind = check_artifact(local, members, metadata)
     return EmbeddingArtifact(
         path=local,
         kind=kind,
         metadata=metadata,
         members=members,
-        size=st.st_size,
-        mtime_ns=st.st_mtime_ns,
+        size=st.size,
+        mtime_ns=st.mtime_ns,
+        etag=st.etag,
     )
 
 
@@ -445,19 +586,31 @@ def scan_artifacts(
     paths: Sequence[str | os.PathLike[str]],
     max_workers: int = 1,
     sidecars: Mapping[str, dict[str, Any] | None] | None = None,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    listing: Mapping[str, ObjectInfo] | None = None,
 ) -> list[EmbeddingArtifact]:
     """:func:`scan_artifact` over many files (order kept).
 
     ``sidecars`` maps ``str(path)`` to sidecars already read. ``max_workers > 1``
     uses a thread pool: worth it only for high-latency storage; on a local disk the
     parse is bound by the interpreter lock and threads make it slower (measured:
-    0.59 s sequential vs 1.97 s with 8 threads for 5,000 files on 2 cores).
+    0.59 s sequential vs 1.97 s with 8 threads for 5,000 files on 2 cores). URLs
+    are latency-bound: they are scanned by at least ``storage.FETCH_THREADS`` threads.
+    ``listing`` (``{location: ObjectInfo}``) saves a stat per file.
     """
     known = sidecars or {}
+    seen = listing or {}
 
     def scan(path: str | os.PathLike[str]) -> EmbeddingArtifact:
-        return scan_artifact(path, known.get(str(path)))
+        return scan_artifact(path, known.get(str(path)), storage_options=storage_options,
+                             object_info=seen.get(str(path)))
 
+    if any(is_url(p) for p in paths):
+        max_workers = max(max_workers, storage.FETCH_THREADS)
+        if len(paths) > 1:
+            with ThreadPoolExecutor(max_workers=max_workers) as pool:
+                return list(pool.map(scan, paths))
     if len(paths) < 16 or max_workers <= 1:
         return [scan(p) for p in paths]
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
@@ -474,6 +627,7 @@ def catalog_embeddings(
     *,
     kind: str = "embedding",
     condition: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Return a table with one row per artifact (a :class:`pandas.DataFrame`).
 
@@ -491,10 +645,12 @@ def catalog_embeddings(
         As in :func:`discover_embedding_artifacts`.
     condition
         Keep only artifacts whose sidecar ``condition`` equals this.
+    storage_options
+        fsspec options when ``root`` is a URL.
     """
     import pandas as pd
 
-    artifacts = _select(root, model_key, kind, condition)
+    artifacts = _select(root, model_key, kind, condition, storage_options)
     rows = []
     for art in artifacts:
         lead = art.members["token_embeddings" if art.kind == "token" else "window_embeddings"]
@@ -517,25 +673,36 @@ def _select(
     model_key: str | None,
     kind: str,
     condition: str | None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[EmbeddingArtifact]:
-    """Discover (or take) artifact paths, scan them, filter by condition."""
+    """Discover (or take) artifact paths, scan them, filter by condition.
+
+    A folder is listed once (one recursive listing per root); its NPZ sizes and
+    versions come from that listing, so a remote file costs no stat.
+    """
     sidecars: dict[str, dict[str, Any] | None] = {}
+    listing: dict[str, ObjectInfo] = {}
+    opts: StorageOptions | None = None
     if isinstance(root, (str, os.PathLike)):
-        candidate = Path(root)
-        if candidate.is_dir():
-            paths: list[Path] = _discover(candidate, model_key, kind, sidecars)
-        elif candidate.exists():
-            paths = [candidate]
+        opts = as_options(storage_options) if is_url(root) else None
+        tree = _Tree(root, opts)
+        if tree.is_dir():
+            paths: list[str] = _discover(tree, model_key, kind, sidecars)
+            listing = tree.files
+        elif storage.exists(tree.root, opts):
+            paths = [tree.root]
         else:
-            raise DataNotFoundError(f"{candidate}: no such derivative folder or artifact file.")
+            raise DataNotFoundError(f"{tree.root}: no such derivative folder or artifact file.")
     else:
-        paths = [Path(p) for p in root]
+        paths = [str(p) if is_url(p) else str(Path(p)) for p in root]
+        if any(is_url(p) for p in paths):
+            opts = as_options(storage_options)
     if condition is not None:
-        _read_sidecars(paths, sidecars)
+        _read_sidecars(paths, sidecars, storage_options=opts)
         paths = [
             p
             for p in paths
             if sidecars[str(p)] is None  # reported by the scan below
             or str(sidecars[str(p)].get("condition")) == condition  # type: ignore[union-attr]
         ]
-    return scan_artifacts(paths, sidecars=sidecars)
+    return scan_artifacts(paths, sidecars=sidecars, storage_options=opts, listing=listing)

@@ -33,6 +33,7 @@ import xarray as xr
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
+from neurocube import storage
 from neurocube.catalog.behavior import (
     STD_FORMAT_UNITS,
     BehaviorCatalog,
@@ -56,7 +57,7 @@ from neurocube.sources.parquet import (
     read_parquet_info,
     read_table,
 )
-from neurocube.storage import open_file
+from neurocube.storage import StorageOptions, is_url, open_file
 
 __all__ = ["BehaviorDataset", "TrackFile", "open_behavior", "read_npz_headers"]
 
@@ -72,18 +73,27 @@ def open_behavior(
     *,
     path_map: Mapping[str, str] | None = None,
     run_id: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> BehaviorDataset:
     """Open a behaviour dataset: read its manifest and index CSVs, nothing else.
 
     Parameters
     ----------
     path
-        The dataset folder, or its ``dataset.yaml`` / ``.yml`` / ``.json``.
+        The dataset folder, or its ``dataset.yaml`` / ``.yml`` / ``.json``; a
+        local path or a URL (``s3://bucket/dataset``, read-only).
     path_map
         ``{old prefix: new prefix}`` for absolute paths in the indexes that no
         longer exist (the dataset moved); the longest prefix wins.
     run_id
         Use this tracks run instead of the newest run per (group, sequence).
+    storage_options
+        fsspec options for a URL (``{"anon": True}`` for a public bucket, or an
+        endpoint and keys). A remote dataset is listed once; opening reads the
+        manifest and index CSVs; :meth:`BehaviorDataset.tracks` reads parquet
+        footers (one range request each) and the chunks read their row groups'
+        column chunks by a few large range requests. The specs carry the
+        options, so Dask workers in other processes read with them.
 
     Returns
     -------
@@ -96,7 +106,9 @@ def open_behavior(
     FormatError
         If the manifest is malformed.
     """
-    return BehaviorDataset(BehaviorCatalog(path, path_map=path_map), run_id=run_id)
+    return BehaviorDataset(
+        BehaviorCatalog(path, path_map=path_map, storage_options=storage_options), run_id=run_id
+    )
 
 
 @dataclass(frozen=True)
@@ -246,7 +258,8 @@ class BehaviorDataset:
         files = []
         for row in table.to_dict("records"):
             path = self.catalog.resolve_path(row["abs_path"])
-            if not path.is_file():
+            meta = self.catalog.stat(path)
+            if meta is None:
                 raise DataNotFoundError(
                     f"{path}: tracks file of group {row['group']!r}, sequence {row['sequence']!r} "
                     f"(index {self.catalog.index_path('tracks')}) does not exist. If the dataset "
@@ -259,11 +272,33 @@ class BehaviorDataset:
                     f"{path}: unknown std_format {std_format!r} in the tracks index; known: "
                     f"{sorted(STD_FORMAT_UNITS)}"
                 )
-            info = read_parquet_info(path)
+            info = read_parquet_info(
+                str(path), storage_options=self._options_for(str(path)), object_info=meta
+            )
             files.append(
                 TrackFile(row["group"], row["sequence"], info.path, std_format, units, info)
             )
         return files
+
+    def _options_for(self, path: str) -> StorageOptions | None:
+        """Return the storage options to read ``path`` with (None for a local file)."""
+        if not is_url(path):
+            return None
+        return self.catalog.storage_options or storage.options_for(path)
+
+    def _label_source(self, path: str) -> _LabelSource:
+        """Where a label file is and which version of it the dataset saw."""
+        meta = self.catalog.stat(path)
+        if meta is None:
+            raise DataNotFoundError(
+                f"{path}: label file listed in the labels index does not exist. If the dataset "
+                "moved, open it with path_map={old_prefix: new_prefix}."
+            )
+        remote = is_url(path)
+        return _LabelSource(
+            path, meta.size, meta.etag if remote else str(meta.mtime_ns),
+            self._options_for(path) if remote else None,
+        )
 
     def _convert_units(
         self,
@@ -702,7 +737,8 @@ class BehaviorDataset:
         skipped: set[str] = set()
         specs: list[_LabelSpec] = []
         for _, row in table.iterrows():
-            headers = read_npz_headers(row["path"])
+            source = self._label_source(row["path"])
+            headers = _headers(source)
             for required in ("frames", "labels"):
                 if required not in headers:
                     raise FormatError(
@@ -712,9 +748,13 @@ class BehaviorDataset:
             skipped |= {name for name, (_, dt) in headers.items() if dt == "object"}
             n = headers["frames"][0][0] if headers["frames"][0] else 0
             has_pairs = "individual_ids" in headers
-            specs.append(_LabelSpec(row["path"], int(n), has_pairs, row["group"], row["sequence"]))
+            specs.append(
+                _LabelSpec(row["path"], int(n), has_pairs, row["group"], row["sequence"], source)
+            )
         label_map = self._label_names(kind, table, skipped, trusted)
-        token = tokenize("labels", kind, [(s.path, _stat(s.path)) for s in specs])
+        token = tokenize(
+            "labels", kind, [(s.path, s.source.key if s.source else None) for s in specs]
+        )
         read_name = f"labels-read-{token}"
         read_layer: dict[Any, Any] = {
             (read_name, i): (_read_label_events, s) for i, s in enumerate(specs)
@@ -767,7 +807,7 @@ class BehaviorDataset:
     ) -> dict[int, str]:
         if trusted:
             for path in table["path"]:
-                with open_file(path, "rb") as fh, np.load(fh, allow_pickle=True) as npz:
+                with self._label_source(path).open() as fh, np.load(fh, allow_pickle=True) as npz:
                     if "label_names" in npz.files and "label_ids" in npz.files:
                         ids = np.asarray(npz["label_ids"]).tolist()
                         names = [str(n) for n in np.asarray(npz["label_names"]).tolist()]
@@ -793,8 +833,9 @@ class BehaviorDataset:
     ) -> dict[str, np.ndarray]:
         table = self._label_files(kind, group, sequence, run_id)
         row = table.iloc[0]
-        n = read_npz_headers(row["path"])["frames"][0]
-        spec = _LabelSpec(row["path"], int(n[0]) if n else 0, True, group, sequence)
+        source = self._label_source(row["path"])
+        n = _headers(source)["frames"][0]
+        spec = _LabelSpec(row["path"], int(n[0]) if n else 0, True, group, sequence, source)
         return _read_label_events(spec)
 
     def labels_for_individual(
@@ -869,6 +910,7 @@ class BehaviorDataset:
             (g, s): p
             for g, s, p in zip(table["group"], table["sequence"], table["path"], strict=True)
         }
+        sources = {p: self._label_source(by_pair[p]) for p in by_pair}
         if stacked:
             seqs = list(
                 zip(
@@ -894,7 +936,7 @@ class BehaviorDataset:
             ind,
             label_ids,
             frame_chunks,
-            [(_stat(by_pair[p]) if p in by_pair else None) for p in seqs],
+            [(sources[p].key if p in sources else None) for p in seqs],
         )
         name = f"labels-dense-{token}"
         layer: dict[Any, Any] = {}
@@ -904,12 +946,12 @@ class BehaviorDataset:
             bounds.append((offset, offset + size))
             offset += size
         for s, pair in enumerate(seqs):
-            path = by_pair.get(pair)
+            source = sources.get(pair)
             for j, (a, b) in enumerate(bounds):
                 key = (name, s, j, 0, 0) if stacked else (name, j, 0, 0)
                 layer[key] = (
                     _dense_labels_chunk,
-                    path,
+                    source,
                     starts[s] + a,
                     b - a,
                     max(0, min(b, lengths[s]) - a),
@@ -966,11 +1008,12 @@ class BehaviorDataset:
                 "labels": {},
                 "metadata": {},
             }
-            headers = read_npz_headers(row["path"])
+            source = self._label_source(row["path"])
+            headers = _headers(source)
             objects = {n for n, (_, dt) in headers.items() if dt == "object"}
             if objects and not trusted:
                 skipped |= objects
-            with open_file(row["path"], "rb") as fh, np.load(fh, allow_pickle=trusted) as npz:
+            with source.open() as fh, np.load(fh, allow_pickle=trusted) as npz:
                 members = {n: np.asarray(npz[n]) for n in npz.files if trusted or n not in objects}
             ids = members.get("ids")
             for n, values in members.items():
@@ -994,9 +1037,33 @@ class BehaviorDataset:
 # --------------------------------------------------------------------------- helpers
 
 
-def _stat(path: str) -> tuple[str, int, int]:
-    st = os.stat(path)
-    return (path, st.st_size, st.st_mtime_ns)
+@dataclass(frozen=True)
+class _LabelSource:
+    """A label NPZ as a task sees it: location, the version opened, options (picklable)."""
+
+    path: str
+    size: int
+    version: str  # mtime_ns (as text) of a local file, ETag of an object
+    storage_options: StorageOptions | None = None
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        """What identifies this version (for graph tokens; no secret in it)."""
+        return (self.path, self.size, self.version)
+
+    def open(self) -> Any:
+        """Open for reading: a local file, or a block reader over the object.
+
+        A remote object that changed since the dataset was opened is refused;
+        its 1 MiB blocks are shared by every read of the process, so a label
+        file read for its headers and then its events travels once.
+        """
+        if not is_url(self.path):
+            return open_file(self.path, "rb")
+        storage.check_unchanged(self.path, self.storage_options, self.size, self.version)
+        return storage.BlockReader(
+            self.path, self.storage_options, size=self.size, version=self.version
+        )
 
 
 def _lookup_cm_per_pixel(
@@ -1213,6 +1280,8 @@ def _dense_spec(f: TrackFile, plan: _DensePlan, lo: int, hi: int) -> ParquetChun
         tuple(f.info.dtypes.get(c, "float64") for c in wanted),
         sum(f.info.row_group_rows[i] for i in keep),
         present,
+        etag=f.info.etag,
+        storage_options=f.info.storage_options,
     )
 
 
@@ -1284,18 +1353,30 @@ def _pick_dense(chunk: dict[str, np.ndarray], var: str, stacked: bool) -> np.nda
 # -- labels ----------------------------------------------------------------------------------
 
 
-def read_npz_headers(path: str | os.PathLike[str]) -> dict[str, tuple[tuple[int, ...], str]]:
+def read_npz_headers(
+    path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> dict[str, tuple[tuple[int, ...], str]]:
     """Return ``{member: (shape, dtype)}`` of an NPZ from the ``.npy`` headers only.
 
-    Object members report dtype ``"object"``; nothing is unpickled.
+    Object members report dtype ``"object"``; nothing is unpickled. ``path``
+    may be a URL (read with ``storage_options``).
 
     Raises
     ------
     FormatError
         If the file is not a zip of ``.npy`` members.
     """
+    if is_url(path):
+        opts = storage.as_options(storage_options)
+        meta = storage.info(path, opts)
+        return _headers(_LabelSource(str(path), meta.size, meta.etag, opts))
+    return _headers(_LabelSource(os.fspath(path), 0, ""))
+
+
+def _headers(source: _LabelSource) -> dict[str, tuple[tuple[int, ...], str]]:
+    path = source.path
     out: dict[str, tuple[tuple[int, ...], str]] = {}
-    with open_file(path, "rb") as fh:
+    with source.open() as fh:
         try:
             zf = zipfile.ZipFile(fh)
         except zipfile.BadZipFile as exc:
@@ -1327,10 +1408,12 @@ class _LabelSpec:
     has_pairs: bool
     group: str
     sequence: str
+    source: _LabelSource | None = None
 
 
 def _read_label_events(spec: _LabelSpec) -> dict[str, np.ndarray]:
-    with open_file(spec.path, "rb") as fh, np.load(fh, allow_pickle=False) as npz:
+    source = spec.source or _LabelSource(spec.path, 0, "")
+    with source.open() as fh, np.load(fh, allow_pickle=False) as npz:
         frames = np.asarray(npz["frames"]).astype(np.int64).reshape(-1)
         labels = np.asarray(npz["labels"]).astype(np.int64).reshape(-1)
         if "individual_ids" in npz.files:
@@ -1346,7 +1429,7 @@ def _read_label_events(spec: _LabelSpec) -> dict[str, np.ndarray]:
 
 
 def _dense_labels_chunk(
-    path: str | None,
+    path: _LabelSource | None,
     frame_lo: int,
     n_frames: int,
     n_valid: int,
@@ -1362,15 +1445,16 @@ def _dense_labels_chunk(
 
 def _mark_labels(
     out: np.ndarray,
-    path: str,
+    path: _LabelSource,
     frame_lo: int,
     n_valid: int,
     individuals: tuple[int, ...],
     label_ids: tuple[int, ...],
 ) -> None:
-    headers = read_npz_headers(path)
+    headers = _headers(path)
     ev = _read_label_events(
-        _LabelSpec(path, headers["frames"][0][0] if headers["frames"][0] else 0, True, "", "")
+        _LabelSpec(path.path, headers["frames"][0][0] if headers["frames"][0] else 0, True, "", "",
+                   path)
     )
     rel = ev["frames"] - frame_lo
     lab = np.searchsorted(np.asarray(label_ids), ev["labels"])

@@ -20,13 +20,14 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from neurocube import storage
 from neurocube.catalog.embeddings import (
     ARTIFACT_SUFFIX,
     EmbeddingArtifact,
@@ -213,6 +214,7 @@ def open_embeddings(
     aggregate_by: str | Sequence[str] | None = None,
     files_per_chunk: int | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Open embedding artifacts as one lazy :class:`xarray.Dataset`.
 
@@ -220,7 +222,8 @@ def open_embeddings(
     ----------
     root
         A derivative folder (discovered as coco-pipe does: successful manifest
-        records, else a recursive scan), one artifact ``.npz``, or a list of them.
+        records, else a recursive scan), one artifact ``.npz``, or a list of them;
+        local paths or URLs (``s3://...``, ``https://...``).
     representation
         ``"recording"``: ``embedding(recording, feature)`` from each file's pooled
         ``recording_embedding``. ``"epoch"``: ``embedding(epoch, feature)``, one
@@ -241,6 +244,11 @@ def open_embeddings(
         Files read by one Dask task (default: about ``chunk_bytes`` per chunk).
     chunk_bytes
         Target chunk size when ``files_per_chunk`` is not given.
+    storage_options
+        fsspec options for URLs (``{"anon": True}`` for a public bucket, or an
+        endpoint and keys). A remote root is listed once; opening reads the
+        sidecars and each NPZ's directory and member headers (a few byte ranges
+        per file); the specs carry the options so Dask workers read with them.
 
     Returns
     -------
@@ -266,7 +274,8 @@ def open_embeddings(
             "(the subject level is aggregate_by='subject' on representation='epoch')."
         )
     kind = "token" if representation == "token" else "embedding"
-    artifacts = _select(root, model_key, kind, condition)
+    artifacts = _select(root, model_key, kind, condition, storage_options)
+    _remember(root, storage_options)
     if model_key is not None:
         other = [
             a.path
@@ -295,6 +304,17 @@ def open_embeddings(
     return _dataset_from_artifacts(
         artifacts, representation, condition, aggregate_by, files_per_chunk, chunk_bytes
     )
+
+
+def _remember(
+    root: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    storage_options: Mapping[str, Any] | None,
+) -> None:
+    """Record the options of remote sources (attrs name them by URL only)."""
+    roots = [root] if isinstance(root, (str, os.PathLike)) else list(root)
+    for r in roots:
+        if storage.is_url(r):
+            storage.remember_options(str(r), storage_options)
 
 
 def _dataset_from_artifacts(
@@ -529,6 +549,16 @@ def aggregate_mean(ds: Any, by: str | Sequence[str]) -> Any:
 def combined_table_path(
     root: str | os.PathLike[str], model_key: str, condition: str, representation: str = "recording"
 ) -> Path:
+    """Return ``<root>/combined/<model_key>_<condition>_<representation>_embeddings.parquet``.
+
+    For a URL root see :func:`combined_table_location` (a URL is not a Path).
+    """
+    return Path(combined_table_location(root, model_key, condition, representation))
+
+
+def combined_table_location(
+    root: str | os.PathLike[str], model_key: str, condition: str, representation: str = "recording"
+) -> str:
     """Return ``<root>/combined/<model_key>_<condition>_<representation>_embeddings.parquet``."""
     if representation not in COMBINED_TABLE_LABELS:
         raise SelectionError(
@@ -536,7 +566,10 @@ def combined_table_path(
             f"got {representation!r}."
         )
     label = COMBINED_TABLE_LABELS[representation]
-    return Path(root) / "combined" / f"{model_key}_{condition}_{label}.parquet"
+    name = f"{model_key}_{condition}_{label}.parquet"
+    if storage.is_url(root):
+        return storage.join(str(root), "combined", name)
+    return os.path.join(os.fspath(root), "combined", name)
 
 
 def _table_for(
@@ -687,12 +720,15 @@ def open_combined_table(
     representation: str = "recording",
     *,
     aggregate_by: str | Sequence[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Open one merged ``combined/*_embeddings.parquet`` table as a lazy Dataset.
 
     The id columns (``subject`` ... ``model_key``, ``window_index``) are read
     when opening (they become coordinates); the ``embedding_*`` columns are read
-    when computed, one Dask chunk per parquet row group.
+    when computed, one Dask chunk per parquet row group. ``root`` may be a URL,
+    read with ``storage_options`` (the footer in one range request, the id
+    columns' byte ranges, then each row group's feature columns when computed).
 
     Returns
     -------
@@ -711,15 +747,21 @@ def open_combined_table(
     import xarray as xr
     from dask.base import tokenize
 
-    path = combined_table_path(root, model_key, condition, representation)
-    if not path.exists():
-        folder = path.parent
-        existing = sorted(p.name for p in folder.glob("*.parquet")) if folder.is_dir() else []
+    path = combined_table_location(root, model_key, condition, representation)
+    opts = storage.as_options(storage_options) if storage.is_url(path) else None
+    try:
+        layout = parquet_layout(path, opts)
+    except DataNotFoundError:
+        folder = storage.parent(path)
+        existing = sorted(
+            storage.basename(p) for p in storage.find(folder, opts) if p.endswith(".parquet")
+        )
         raise DataNotFoundError(
             f"{path}: combined table not found (tables in {folder}: {existing or 'none'}). "
             "Write it with neurocube.write_combined_tables(root, model_key)."
-        )
-    layout = parquet_layout(path)
+        ) from None
+    if opts is not None:
+        storage.remember_options(path, opts)
     features = [c for c in layout.columns if c.startswith("embedding_")]
     if not features:
         raise FormatError(f"{path}: no embedding_* feature columns (found {list(layout.columns)}).")
@@ -734,13 +776,14 @@ def open_combined_table(
     ids = read_columns(layout, id_columns) if id_columns else {}
     row_dim = representation
     name = "neurocube-parquet-" + tokenize(
-        layout.path, layout.size, layout.mtime_ns, tuple(features), dtype.str
+        layout.path, layout.size, layout.mtime_ns, layout.etag, tuple(features), dtype.str
     )
     graph = {
         (name, i, 0): (
             _read_rowgroup_task,
             ParquetRowGroup(
-                layout.path, layout.size, layout.mtime_ns, i, tuple(features), dtype.str
+                layout.path, layout.size, layout.mtime_ns, i, tuple(features), dtype.str,
+                layout.etag, layout.storage_options,
             ),
         )
         for i in range(len(layout.row_group_rows))

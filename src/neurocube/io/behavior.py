@@ -16,6 +16,7 @@ elsewhere (``..``, an absolute path, a remapped prefix) raises
 
 from __future__ import annotations
 
+import copy
 import datetime
 import fnmatch
 import hashlib
@@ -23,22 +24,19 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
 import yaml
 
-from neurocube.catalog.behavior import (
-    BehaviorCatalog,
-    entry_key,
-    is_inside,
-    read_index_csv,
-)
+from neurocube import storage
 from neurocube.errors import DataNotFoundError, FormatError, SelectionError, UnsafePathError
 from neurocube.io._atomic import atomic_path
-from neurocube.storage import open_file
+from neurocube.storage import ObjectInfo, is_url, open_file
 
 __all__ = [
     "RAW_INDEX_COLUMNS",
@@ -49,6 +47,516 @@ __all__ = [
     "save_tracks",
     "write_index_csv",
 ]
+
+# --------------------------------------------------------------------------- layout
+# What readers (neurocube.catalog.behavior) and these writers both need lives here, in the
+# lower layer: names, roots, entry keys, index CSVs and the manifest.
+
+MANIFEST_NAMES = ("dataset.yaml", "dataset.yml", "dataset.json")
+MANIFEST_VERSION = 3
+
+#: Roots every dataset has (relative to the dataset folder); absent keys are filled on load.
+DEFAULT_ROOTS: dict[str, str] = {
+    "media_raw": "media_raw",
+    "tracks_raw": "tracks_raw",
+    "labels_raw": "labels_raw",
+    "labels": "labels",
+    "media": "media",
+    "tracks": "tracks",
+    "features": "features",
+    "models": "models",
+    "frames": "media/frames",
+}
+
+#: Standard track schemas and the unit family of their positions.
+STD_FORMAT_UNITS: dict[str, str] = {
+    "mosaic_v1": "pixels",
+    "trex_v1": "cm",
+    "trex_v2": "pixels",
+    "mosaic_cm_v1": "cm",
+}
+
+_INDEX_KINDS = ("tracks_raw", "tracks")
+
+
+def entry_key(group: str, sequence: str) -> str:
+    """Return the file stem the layout uses for one (group, sequence).
+
+    ``quote(group, safe="") + "__" + quote(sequence, safe="")``, or the quoted
+    sequence alone when the group is empty.
+
+    Examples
+    --------
+    >>> entry_key("fish 1", "a/b")
+    'fish%201__a%2Fb'
+    >>> entry_key("", "s1")
+    's1'
+    """
+    if not group:
+        return quote(sequence, safe="")
+    return quote(group, safe="") + "__" + quote(sequence, safe="")
+
+
+def std_format_of(cell: str) -> str:
+    """Return the standard track schema named by an index cell (blank means ``trex_v1``)."""
+    return cell.strip() or "trex_v1"
+
+
+def split_list_cell(cell: str) -> list[str]:
+    """Split a comma-joined index cell (``"0,1,2"``) into its items; blank gives ``[]``."""
+    cell = cell.strip()
+    if not cell:
+        return []
+    return [item.strip() for item in cell.split(",")]
+
+
+def is_inside(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
+    """Return True if ``path`` (after resolving ``..`` and symlinks) lies inside ``folder``."""
+    resolved = Path(os.path.realpath(os.fspath(path)))
+    base = Path(os.path.realpath(os.fspath(folder)))
+    return resolved == base or base in resolved.parents
+
+
+def longest_prefix_remap(path: str, path_map: Mapping[str, str]) -> str | None:
+    """Replace the longest prefix of ``path`` found in ``path_map``; None if none matches.
+
+    A prefix matches on whole path components only (``/data/a`` matches
+    ``/data/a/x.parquet`` but not ``/data/ab/x.parquet``).
+
+    Examples
+    --------
+    >>> longest_prefix_remap("/old/data/t.parquet", {"/old": "/x", "/old/data": "/new"})
+    '/new/t.parquet'
+    >>> longest_prefix_remap("/other/t.parquet", {"/old": "/x"}) is None
+    True
+    """
+    norm = path.replace("\\", "/")
+    for src in sorted(path_map, key=len, reverse=True):
+        prefix = src.replace("\\", "/").rstrip("/")
+        if not prefix:
+            continue
+        if norm == prefix or norm.startswith(prefix + "/"):
+            dest = path_map[src].replace("\\", "/").rstrip("/")
+            return dest + norm[len(prefix) :]
+    return None
+
+
+def _url_join(base: str, rel: str) -> str:
+    """Join a relative POSIX path to a URL, resolving ``.`` and ``..`` lexically."""
+    scheme, rest = base.rstrip("/").split("://", 1)
+    parts = rest.split("/")
+    for part in rel.replace("\\", "/").split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if len(parts) > 1:
+                parts.pop()
+            continue
+        parts.append(part)
+    return f"{scheme}://" + "/".join(parts)
+
+
+def find_manifest(
+    path: str | os.PathLike[str],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    listing: Mapping[str, ObjectInfo] | None = None,
+) -> Path:
+    """Return the manifest file of a dataset given its folder or the manifest itself.
+
+    For a URL (``s3://bucket/dataset``) the location is returned as a string;
+    ``listing`` (a :func:`storage.find` of the folder) saves a request.
+
+    Raises
+    ------
+    DataNotFoundError
+        If ``path`` does not exist or the folder holds none of ``dataset.yaml``,
+        ``dataset.yml``, ``dataset.json``.
+    """
+    if is_url(path):
+        url = str(path).rstrip("/")
+        if url.rsplit("/", 1)[-1] in MANIFEST_NAMES:
+            if listing is not None and url in listing:
+                return cast(Path, url)
+            if storage.isfile(url, storage_options):
+                return cast(Path, url)
+            raise DataNotFoundError(f"{url}: no such dataset manifest")
+        files = listing if listing is not None else storage.find(url, storage_options)
+        for name in MANIFEST_NAMES:
+            if storage.join(url, name) in files:
+                return cast(Path, storage.join(url, name))
+        if not files:
+            raise DataNotFoundError(f"{url}: no such dataset folder or manifest (nothing there)")
+        raise DataNotFoundError(
+            f"{url}: no dataset manifest; expected one of {', '.join(MANIFEST_NAMES)} in this "
+            "folder."
+        )
+    p = Path(path).expanduser()
+    meta = _stat_or_none(p)
+    if meta is not None and not meta.is_dir:
+        return storage.local_path(p)
+    if meta is not None:
+        for name in MANIFEST_NAMES:
+            if storage.isfile(p / name):
+                return storage.local_path(p / name)
+        raise DataNotFoundError(
+            f"{p}: no dataset manifest; expected one of {', '.join(MANIFEST_NAMES)} in this "
+            "folder. Create one with neurocube.catalog.behavior.Manifest.create(folder)."
+        )
+    raise DataNotFoundError(f"{p}: no such dataset folder or manifest file")
+
+
+def _below(folder: Path, *parts: str) -> Path:
+    """Join ``parts`` below a folder: a :class:`Path`, or a URL string for a remote dataset."""
+    if is_url(folder):
+        return cast(Path, storage.join(str(folder), *parts))
+    return folder.joinpath(*parts)
+
+
+def index_file(manifest: Manifest, kind: str) -> Path:
+    """Return the index CSV of ``tracks_raw``, ``tracks`` or ``labels/<kind>`` of a dataset."""
+    if kind in _INDEX_KINDS:
+        return _below(manifest.get_root(kind), "index.csv")
+    if kind.startswith("labels/"):
+        return _below(manifest.get_root("labels"), kind.split("/", 1)[1], "index.csv")
+    raise SelectionError(
+        f"unknown index {kind!r}; expected 'tracks_raw', 'tracks' or 'labels/<kind>'"
+    )
+
+
+def _stat_or_none(
+    path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> ObjectInfo | None:
+    try:
+        return storage.info(path, storage_options)
+    except DataNotFoundError:
+        return None
+
+
+def read_index_csv(
+    path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> pd.DataFrame:
+    """Read an index CSV with every cell as text (blank stays ``""``, ``0.10`` stays ``"0.10"``).
+
+    A URL is read whole in one request with ``storage_options``.
+
+    Raises
+    ------
+    DataNotFoundError
+        If the file does not exist.
+    FormatError
+        If it is not a CSV with a header row.
+    """
+    remote = is_url(path)
+    with open_file(path, "rb", storage_options if remote else None,
+                   cache_type="all" if remote else None) as fh:
+        try:
+            table = pd.read_csv(fh, dtype=str, keep_default_na=False, na_filter=False)
+        except pd.errors.EmptyDataError as exc:
+            raise FormatError(
+                f"{path}: empty index CSV; expected a header row "
+                "(e.g. 'group,sequence,abs_path,...')."
+                " Rebuild it with neurocube.index_tracks_raw / convert_tracks."
+            ) from exc
+        except pd.errors.ParserError as exc:
+            raise FormatError(f"{path}: not a readable CSV index ({exc}).") from exc
+    return table
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+@dataclass
+class Manifest:
+    """A dataset manifest: its file and its content (unknown keys are kept verbatim).
+
+    Parameters
+    ----------
+    path
+        The manifest file (``dataset.yaml`` / ``.yml`` / ``.json``).
+    data
+        The parsed content. Known keys: ``manifest_version, name, version, uuid,
+        created_at, roots, sources, notes, tags, continuous_groups, libraries, meta``.
+    """
+
+    path: Path
+    data: dict[str, Any] = field(default_factory=dict)
+
+    # -- construction ------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        listing: Mapping[str, ObjectInfo] | None = None,
+    ) -> Manifest:
+        """Read a manifest (YAML with ``yaml.safe_load``, or JSON) from a file or dataset folder.
+
+        Roots absent from the file are filled with the defaults; nothing is written.
+        ``path`` may be a URL (read with ``storage_options``); such a manifest is
+        read-only and its :attr:`path` and roots are URL strings.
+
+        Raises
+        ------
+        DataNotFoundError
+            If there is no manifest.
+        FormatError
+            If the file is not a mapping, or declares a ``manifest_version`` above 3.
+        """
+        manifest_path = find_manifest(path, storage_options, listing=listing)
+        remote = is_url(manifest_path)
+        with open_file(manifest_path, "rb", storage_options if remote else None,
+                       cache_type="all" if remote else None) as fh:
+            text = fh.read().decode("utf-8")
+        try:
+            if os.path.splitext(str(manifest_path))[1].lower() == ".json":
+                data = json.loads(text) if text.strip() else {}
+            else:
+                data = yaml.safe_load(text) or {}
+        except (yaml.YAMLError, json.JSONDecodeError) as exc:
+            raise FormatError(f"{manifest_path}: manifest is not valid YAML/JSON ({exc}).") from exc
+        if not isinstance(data, dict):
+            raise FormatError(
+                f"{manifest_path}: expected a mapping at the top of the manifest, found "
+                f"{type(data).__name__}."
+            )
+        version = data.get("manifest_version", MANIFEST_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise FormatError(
+                f"{manifest_path}: manifest_version must be an integer (3), found {version!r}; "
+                "fix the manifest."
+            )
+        if version > MANIFEST_VERSION:
+            raise FormatError(
+                f"{manifest_path}: manifest_version {version!r} is newer than this reader "
+                f"(knows up to {MANIFEST_VERSION}); upgrade neurocube."
+            )
+        roots = data.get("roots") or {}
+        if not isinstance(roots, dict):
+            raise FormatError(f"{manifest_path}: 'roots' must be a mapping, found {roots!r}.")
+        data["roots"] = {**DEFAULT_ROOTS, **{str(k): str(v) for k, v in roots.items()}}
+        return cls(manifest_path, data)
+
+    @classmethod
+    def create(
+        cls,
+        folder: str | os.PathLike[str],
+        *,
+        name: str = "unnamed",
+        version: str = "0.1.0",
+        fmt: str = "yaml",
+        fps_default: float | None = None,
+    ) -> Manifest:
+        """Return a new (unsaved) manifest for ``folder``; call :meth:`save` to write it."""
+        import datetime
+        import uuid
+
+        suffix = {"yaml": "dataset.yaml", "yml": "dataset.yml", "json": "dataset.json"}.get(fmt)
+        if suffix is None:
+            raise FormatError(f"fmt must be 'yaml', 'yml' or 'json', got {fmt!r}")
+        data: dict[str, Any] = {
+            "manifest_version": MANIFEST_VERSION,
+            "name": name,
+            "version": version,
+            "uuid": str(uuid.uuid4()),
+            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "roots": dict(DEFAULT_ROOTS),
+            "meta": {},
+        }
+        if fps_default is not None:
+            data["meta"]["fps_default"] = float(fps_default)
+        return cls(Path(folder).expanduser().resolve() / suffix, data)
+
+    # -- content -----------------------------------------------------------------
+
+    @property
+    def is_remote(self) -> bool:
+        """True for a manifest read from a URL (read-only)."""
+        return is_url(self.path)
+
+    @property
+    def dataset_dir(self) -> Path:
+        """The dataset folder (the manifest's parent; a URL string for a remote dataset)."""
+        if is_url(self.path):
+            return cast(Path, storage.parent(str(self.path)))
+        return self.path.parent
+
+    @property
+    def name(self) -> str:
+        """The dataset name."""
+        return str(self.data.get("name", "unnamed"))
+
+    @property
+    def roots(self) -> dict[str, str]:
+        """Root name -> stored path (relative to the dataset, or absolute)."""
+        roots = self.data.setdefault("roots", {})
+        return roots
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The ``meta`` mapping (per-subsystem metadata written by converters)."""
+        meta = self.data.get("meta")
+        return meta if isinstance(meta, dict) else {}
+
+    @property
+    def fps_default(self) -> float | None:
+        """``meta.fps_default`` as a float, or None when the manifest has none."""
+        fps = self.meta.get("fps_default")
+        if fps in (None, ""):
+            return None
+        try:
+            return float(fps)
+        except (TypeError, ValueError) as exc:
+            raise FormatError(f"{self.path}: meta.fps_default is not a number: {fps!r}") from exc
+
+    def has_root(self, key: str) -> bool:
+        """Return True if the manifest names a root ``key`` (with a non-empty path)."""
+        return bool(self.roots.get(key))
+
+    def get_root(self, key: str) -> Path:
+        """Return the absolute folder of root ``key``.
+
+        Raises
+        ------
+        SelectionError
+            If the manifest has no such root; the message lists those it has.
+        """
+        value = self.roots.get(key)
+        if not value:
+            raise SelectionError(
+                f"{self.path}: no root named {key!r}; roots are {sorted(self.roots)}. "
+                f"Add one with set_root({key!r}, path)."
+            )
+        if self.is_remote:
+            if is_url(value) or os.path.isabs(value):
+                return cast(Path, value)
+            return cast(Path, _url_join(str(self.dataset_dir), value))
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.dataset_dir / p
+
+    def _checked_inside(self, folder: Path, what: str) -> Path:
+        if not is_inside(folder, self.dataset_dir):
+            raise UnsafePathError(
+                f"{self.path}: {what} resolves to {folder}, outside the dataset folder "
+                f"{self.dataset_dir}; neurocube never writes outside a dataset. Use a path inside "
+                "it (or remap_roots to the dataset's new location)."
+            )
+        return folder
+
+    def set_root(self, key: str, path: str | os.PathLike[str]) -> Path:
+        """Set root ``key`` to ``path`` (dataset-relative, or absolute inside it) and create it.
+
+        The manifest is changed in memory; call :meth:`save` to keep it.
+
+        Raises
+        ------
+        UnsafePathError
+            If ``path`` leaves the dataset folder (``..``, an absolute path elsewhere).
+        """
+        p = Path(path).expanduser()
+        folder = p if p.is_absolute() else self.dataset_dir / p
+        self._checked_inside(folder, f"root {key!r}")
+        folder.mkdir(parents=True, exist_ok=True)
+        resolved = Path(os.path.realpath(folder))
+        rel = resolved.relative_to(Path(os.path.realpath(self.dataset_dir)))
+        self.roots[key] = rel.as_posix() if str(rel) != "." else "."
+        return folder
+
+    def ensure_roots(self) -> list[Path]:
+        """Create every root folder that lies inside the dataset; return those created.
+
+        Roots that point outside the dataset are left alone (never created).
+        """
+        created = []
+        for key in list(self.roots):
+            if not self.roots[key]:
+                continue
+            folder = self.get_root(key)
+            if not is_inside(folder, self.dataset_dir) or folder.exists():
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
+            created.append(folder)
+        return created
+
+    def remap_roots(self, path_map: Mapping[str, str], *, dry_run: bool = False) -> dict[str, str]:
+        """Replace the longest matching prefix of each absolute root with its target.
+
+        Returns ``{root name: new path}`` for the roots that change; with
+        ``dry_run`` nothing changes. The manifest is changed in memory only.
+        """
+        changes: dict[str, str] = {}
+        for key, value in self.roots.items():
+            new = longest_prefix_remap(value, path_map)
+            if new is not None and new != value:
+                changes[key] = new
+        if not dry_run:
+            self.roots.update(changes)
+        return changes
+
+    def save(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """Write the manifest atomically (to ``path`` or where it was read); return the file.
+
+        A manifest read without a ``manifest_version`` is written with
+        ``manifest_version: 3`` first; every other key is written as it is.
+        """
+        if self.is_remote and path is None:
+            raise UnsafePathError(
+                f"{self.path}: a manifest read from a URL is read-only; save it to a local "
+                "path with save(path)."
+            )
+        if "manifest_version" not in self.data:
+            self.data = {"manifest_version": MANIFEST_VERSION, **self.data}
+        target = Path(path) if path is not None else self.path
+        save_manifest(self.data, target)
+        return target
+
+    def copy(self) -> Manifest:
+        """Return a deep copy (edits to it leave this one alone)."""
+        return Manifest(self.path, copy.deepcopy(self.data))
+
+
+
+def _as_set(value: str | Iterable[str] | None) -> set[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return {value}
+    return {str(v) for v in value}
+
+
+def _filter_pairs(
+    table: pd.DataFrame,
+    groups: str | Iterable[str] | None,
+    sequences: str | Iterable[str] | None,
+    index_file: Path,
+) -> pd.DataFrame:
+    want_groups = _as_set(groups)
+    want_sequences = _as_set(sequences)
+    if want_groups is not None:
+        missing = want_groups - set(table["group"])
+        if missing:
+            raise SelectionError(
+                f"{index_file}: no group(s) {sorted(missing)}; "
+                f"groups are {sorted(set(table['group']))}"
+            )
+        table = table[table["group"].isin(want_groups)]
+    if want_sequences is not None:
+        missing = want_sequences - set(table["sequence"])
+        if missing:
+            known = sorted(set(table["sequence"]))
+            shown = known[:20] + (["..."] if len(known) > 20 else [])
+            raise SelectionError(
+                f"{index_file}: no sequence(s) {sorted(missing)}"
+                + (f" in group(s) {sorted(want_groups)}" if want_groups else "")
+                + f"; sequences are {shown}"
+            )
+        table = table[table["sequence"].isin(want_sequences)]
+    return table.reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- writers
 
 RAW_INDEX_COLUMNS = [
     "group",
@@ -132,16 +640,77 @@ def _is_missing(value: Any) -> bool:
     return isinstance(value, float) and np.isnan(value)
 
 
-def _catalog(dataset: Any) -> BehaviorCatalog:
-    catalog = getattr(dataset, "catalog", None)
-    if isinstance(catalog, BehaviorCatalog):
+class _Target:
+    """The dataset a writer writes into, opened from its folder or manifest.
+
+    A :class:`~neurocube.catalog.behavior.BehaviorCatalog` (or a dataset holding
+    one) is used as it is; a path gets this small local view with the same
+    methods, so this module needs nothing from the layers above it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        if is_url(path):
+            raise UnsafePathError(
+                f"{path}: behaviour datasets at a URL are read-only; write into a local copy."
+            )
+        self.manifest = Manifest.load(path)
+        self.path_map: dict[str, str] = {}
+
+    @property
+    def root(self) -> Path:
+        return self.manifest.dataset_dir
+
+    def index_path(self, kind: str) -> Path:
+        return index_file(self.manifest, kind)
+
+    def read_index(self, kind: str) -> pd.DataFrame:
+        path = self.index_path(kind)
+        if not storage.isfile(path):
+            raise DataNotFoundError(f"{path}: no {kind} index in dataset {self.root}.")
+        table = read_index_csv(path)
+        if "abs_path" not in table.columns:
+            raise FormatError(f"{path}: index has no 'abs_path' column; found "
+                              f"{list(table.columns)}.")
+        for col in ("group", "sequence", "run_id"):
+            if col not in table.columns:
+                table[col] = ""
+        return table
+
+    def resolve_path(self, path: str | os.PathLike[str]) -> Path:
+        text = os.fspath(path).strip()
+        if not text:
+            raise FormatError(f"{self.manifest.path}: empty path in an index row")
+        p = Path(text).expanduser()
+        return p if p.is_absolute() else self.root / p
+
+    def check_writable(self, path: str | os.PathLike[str], what: str) -> Path:
+        p = Path(path)
+        if not is_inside(p, self.root):
+            raise UnsafePathError(
+                f"{what}: {p} lies outside the dataset {self.root}; neurocube never writes there "
+                "(a '..' or a path_map prefix points away). Fix the manifest root or index path."
+            )
+        return p
+
+    def invalidate(self) -> None:
+        """Nothing cached here."""
+
+
+def _catalog(dataset: Any) -> Any:
+    """Return the catalog of ``dataset`` (a catalog, a dataset holding one, or a path)."""
+    catalog = getattr(dataset, "catalog", dataset)
+    if all(hasattr(catalog, name) for name in
+           ("manifest", "read_index", "resolve_path", "check_writable", "invalidate")):
+        if getattr(catalog.manifest, "is_remote", False):
+            raise UnsafePathError(
+                f"{catalog.manifest.path}: behaviour datasets at a URL are read-only; write "
+                "into a local copy."
+            )
         return catalog
-    if isinstance(dataset, BehaviorCatalog):
-        return dataset
-    return BehaviorCatalog(dataset)
+    return _Target(dataset)
 
 
-def _stored_path(catalog: BehaviorCatalog, path: Path) -> str:
+def _stored_path(catalog: Any, path: Path) -> str:
     """Dataset-relative POSIX path when inside the dataset, else the absolute path."""
     real = Path(os.path.realpath(path))
     base = Path(os.path.realpath(catalog.root))
@@ -150,7 +719,7 @@ def _stored_path(catalog: BehaviorCatalog, path: Path) -> str:
     return str(real)
 
 
-def _writable_root(catalog: BehaviorCatalog, key: str) -> Path:
+def _writable_root(catalog: Any, key: str) -> Path:
     folder = catalog.manifest.get_root(key)
     if not is_inside(folder, catalog.root):
         raise UnsafePathError(
@@ -243,13 +812,21 @@ def index_tracks_raw(
     found: dict[Path, None] = {}
     for d in dirs:
         folder = Path(d).expanduser()
-        if not folder.is_dir():
+        if not storage.isdir(folder):
             raise DataNotFoundError(f"{folder}: search folder does not exist")
+        # one listing of the folder (recursive: every level), matched against each pattern
+        files = (
+            list(storage.find(folder))
+            if recursive
+            else [e.path for e in storage.listdir(folder) if not e.is_dir]
+        )
         for pat in pats:
-            hits = folder.rglob(pat) if recursive else folder.glob(pat)
-            for p in sorted(hits):
-                if p.is_file() and not any(fnmatch.fnmatch(p.name, ex) for ex in excludes):
-                    found[p.resolve()] = None
+            for loc in sorted(files, key=Path):
+                name = os.path.basename(loc)
+                if fnmatch.fnmatchcase(name, pat) and not any(
+                    fnmatch.fnmatch(name, ex) for ex in excludes
+                ):
+                    found[storage.local_path(loc)] = None
     rows = []
     for p in found:
         stem = p.name
@@ -270,16 +847,16 @@ def index_tracks_raw(
             m = regex.search(sequence or stem)
             if m:
                 group = m.group(1)
-        st = p.stat()
+        st = storage.info(p)
         rows.append(
             {
                 "group": group,
                 "sequence": sequence,
                 "abs_path": _stored_path(catalog, p),
                 "src_format": src_format,
-                "size_bytes": str(st.st_size),
+                "size_bytes": str(st.size),
                 "mtime_iso": datetime.datetime.fromtimestamp(
-                    st.st_mtime, datetime.timezone.utc
+                    st.mtime_ns / 1e9, datetime.timezone.utc
                 ).isoformat(),
                 "md5": _md5(p) if compute_md5 else "",
             }
@@ -507,8 +1084,6 @@ def convert_tracks(
     catalog = _catalog(dataset)
     raw = catalog.read_index("tracks_raw")
     raw = raw[raw["src_format"] == src_format]
-    from neurocube.catalog.behavior import _filter_pairs
-
     raw = _filter_pairs(raw, groups, sequences, catalog.index_path("tracks_raw"))
     if raw.empty:
         raise SelectionError(

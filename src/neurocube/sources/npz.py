@@ -28,20 +28,24 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
 import os
 import struct
+import threading
 import zlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
+from neurocube import storage
 from neurocube.errors import FormatError, TruncatedFileError, UnsafeDataError
-from neurocube.storage import IO_STATS, open_file
+from neurocube.storage import IO_STATS, StorageOptions, as_options, is_url, open_file
 
 __all__ = [
     "ZIP_MAGIC",
@@ -78,7 +82,7 @@ class NpzMember:
     Attributes
     ----------
     path
-        Absolute path of the archive.
+        Absolute path of the archive, or its URL.
     name
         Array name (the member file name without ``.npy``).
     shape, dtype, fortran_order
@@ -93,6 +97,12 @@ class NpzMember:
         Bytes of the ``.npy`` header inside the (uncompressed) member.
     crc32
         CRC-32 of the uncompressed member, from the central directory.
+    file_size, version
+        Size and ETag of the remote archive the directory was read from (a
+        changed object is refused at read time); ``0`` / ``""`` for local files.
+    storage_options
+        The options to read a remote archive with (travel to Dask workers;
+        their text never shows a secret).
     """
 
     path: str
@@ -107,6 +117,14 @@ class NpzMember:
     npy_header_size: int
     crc32: int
     structured_header: bytes = b""
+    file_size: int = 0
+    version: str = ""
+    storage_options: StorageOptions | None = field(default=None, repr=False)
+
+    @property
+    def is_remote(self) -> bool:
+        """True if the archive is an object behind a URL (read by byte ranges)."""
+        return is_url(self.path)
 
     @property
     def numpy_dtype(self) -> np.dtype[Any]:
@@ -131,9 +149,14 @@ def _dtype_from_header(header: bytes) -> np.dtype[Any]:
     return _parse_npy_header(header, "<cached>", "<cached>")[1]
 
 
-def is_zip_file(path: str | os.PathLike[str]) -> bool:
+def is_zip_file(
+    path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> bool:
     r"""Return True if ``path`` starts with the ZIP local-header magic ``PK\x03\x04``."""
     try:
+        if is_url(path):
+            head = storage.read_range(str(path), 0, 4, storage_options)
+            return head == ZIP_MAGIC
         with open_file(path) as fh:
             head = fh.read(4)
     except (OSError, ValueError):
@@ -147,23 +170,53 @@ class _Reader:
 
     The directory parse reads the file's tail and one small block per member; the
     tail usually holds the last (small) members too, and one member's block the
-    next small members, so each byte is read from the file at most once.
+    next small members, so each byte is read from the file at most once. A
+    remote archive (``fh`` None) is read by byte ranges through
+    :mod:`neurocube.storage`; :meth:`prefetch` fetches several ranges at once.
     """
 
-    def __init__(self, fh: Any, path: str, size: int) -> None:
+    def __init__(
+        self, fh: Any, path: str, size: int, options: Mapping[str, Any] | None = None
+    ) -> None:
         self.fh = fh
         self.path = path
         self.size = size
+        self.options = options
         self.blocks: list[tuple[int, bytes]] = []
         if size <= _SMALL_FILE:
             self._raw(0, size)
 
     def _raw(self, offset: int, length: int) -> bytes:
-        self.fh.seek(offset)
-        data: bytes = self.fh.read(length)
-        IO_STATS.add_bytes(len(data))
+        if self.fh is None:
+            data = storage.read_range(self.path, offset, offset + length, self.options)
+        else:
+            self.fh.seek(offset)
+            data = self.fh.read(length)
+            IO_STATS.add_bytes(len(data))
         self.blocks.append((offset, data))
         return data
+
+    def prefetch(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Fetch ``[start, end)`` ranges not yet held (remote: concurrent requests)."""
+        todo: list[tuple[int, int]] = []
+        for start, end in sorted(ranges):
+            start, end = max(0, start), min(self.size, end)
+            if end <= start or any(a <= start and end <= a + len(b) for a, b in self.blocks):
+                continue
+            if todo and start <= todo[-1][1] + _HEADER_PROBE:  # close ranges: one request
+                todo[-1] = (todo[-1][0], max(end, todo[-1][1]))
+            else:
+                todo.append((start, end))
+        if not todo:
+            return
+        if self.fh is not None:
+            for start, end in todo:
+                self._raw(start, end - start)
+            return
+        for (start, _), data in zip(
+            todo, storage.read_ranges(self.path, todo, self.options), strict=True
+        ):
+            self.blocks.append((start, data))
 
     def read_at(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
@@ -329,7 +382,13 @@ def _member_prefix(
         ) from exc
 
 
-def read_npz_directory(path: str | os.PathLike[str]) -> dict[str, NpzMember]:
+def read_npz_directory(
+    path: str | os.PathLike[str],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    size: int | None = None,
+    version: str | None = None,
+) -> dict[str, NpzMember]:
     """Return every array of an NPZ archive as a :class:`NpzMember`, reading headers only.
 
     Reads the ZIP central directory and, per member, its local header and the
@@ -339,7 +398,13 @@ def read_npz_directory(path: str | os.PathLike[str]) -> dict[str, NpzMember]:
     Parameters
     ----------
     path
-        A local ``.npz`` file.
+        A local ``.npz`` file, or its URL (read by byte ranges: the tail with the
+        directory, then every member's first bytes in one round of concurrent
+        requests).
+    storage_options
+        fsspec options for a URL (kept in the members, so Dask workers read with them).
+    size, version
+        The object's size and ETag when a listing already gave them (no stat then).
 
     Returns
     -------
@@ -356,12 +421,24 @@ def read_npz_directory(path: str | os.PathLike[str]) -> dict[str, NpzMember]:
     UnsafeDataError
         If a member holds an object dtype (loading it would need pickle).
     """
-    local = os.path.abspath(path)
-    with open_file(local) as fh:
-        size = os.fstat(fh.fileno()).st_size
+    remote = is_url(path)
+    local = str(path) if remote else os.path.abspath(path)
+    opts = as_options(storage_options) if remote else None
+    with contextlib.ExitStack() as stack:
+        if remote:
+            if size is None or version is None:
+                meta = storage.info(local, opts)
+                size, version = meta.size, meta.etag
+            fh = None
+        else:
+            fh = stack.enter_context(open_file(local))
+            size = os.fstat(fh.fileno()).st_size
+            version = ""
         if size < _EOCD_SIZE:
             raise _truncated(local, f"only {size} bytes")
-        reader = _Reader(fh, local, size)
+        reader = _Reader(fh, local, size, opts)
+        if remote:  # the magic and the tail in one round of requests
+            reader.prefetch([(0, 4), (max(0, size - _TAIL_GUESS), size)])
         head = reader.read_at(0, 4)
         if head != ZIP_MAGIC:
             raise FormatError(
@@ -373,6 +450,8 @@ def read_npz_directory(path: str | os.PathLike[str]) -> dict[str, NpzMember]:
         if len(directory) < cd_size:
             raise _truncated(local, "central directory cut short")
         members: dict[str, NpzMember] = {}
+        if remote:  # every member's local header and first bytes, concurrently
+            reader.prefetch(_local_offsets(directory, n_entries, local))
         pos = 0
         for _ in range(n_entries):
             if directory[pos : pos + 4] != _CENTRAL_SIG:
@@ -438,6 +517,9 @@ def read_npz_directory(path: str | os.PathLike[str]) -> dict[str, NpzMember]:
                 npy_header_size=header_size,
                 crc32=crc,
                 structured_header=b"" if np.dtype(dtype.str) == dtype else prefix[:header_size],
+                file_size=size if remote else 0,
+                version=version or "",
+                storage_options=opts,
             )
             if usize != header_size + member.nbytes:
                 raise FormatError(
@@ -449,8 +531,30 @@ def read_npz_directory(path: str | os.PathLike[str]) -> dict[str, NpzMember]:
     return members
 
 
-def open_member_memmap(member: NpzMember) -> np.memmap[Any, Any]:
+def _local_offsets(directory: bytes, n_entries: int, path: str) -> list[tuple[int, int]]:
+    """Return the byte ranges holding each member's local header and first bytes."""
+    out = []
+    pos = 0
+    for _ in range(n_entries):
+        if directory[pos : pos + 4] != _CENTRAL_SIG or len(directory) < pos + 46:
+            break  # reported by the full parse
+        fields = struct.unpack("<4sHHHHHHIIIHHHHHII", directory[pos : pos + 46])
+        name_len, extra_len, comment_len, offset = fields[10], fields[11], fields[12], fields[16]
+        if offset == 0xFFFFFFFF:
+            extra = directory[pos + 46 + name_len : pos + 46 + name_len + extra_len]
+            wanted = [k for k, v in (("usize", fields[9]), ("csize", fields[8]),
+                                     ("offset", offset)) if v == 0xFFFFFFFF]
+            offset = _zip64_values(extra, wanted).get("offset", offset)
+        out.append((offset, offset + 30 + 512 + _HEADER_PROBE))
+        pos += 46 + name_len + extra_len + comment_len
+    return out
+
+
+def open_member_memmap(member: NpzMember) -> np.memmap[Any, Any] | np.ndarray:
     """Memory-map a stored (uncompressed) member, read-only.
+
+    A member of a remote archive cannot be mapped: it is read (one range
+    request) into memory and returned as a read-only array.
 
     Raises
     ------
@@ -462,6 +566,10 @@ def open_member_memmap(member: NpzMember) -> np.memmap[Any, Any]:
             f"{member.path}: array {member.name!r} is deflated (np.savez_compressed) and "
             "cannot be memory-mapped; read it with read_member()."
         )
+    if member.is_remote:
+        arr = read_member(member)
+        arr.flags.writeable = False
+        return arr
     with open_file(member.path) as fh:
         mapped = np.memmap(
             fh,
@@ -522,9 +630,72 @@ def _fill(member: NpzMember, fh: Any, out: np.ndarray) -> None:
     out[...] = flat.reshape(member.shape, order=order)
 
 
+def _check_member(member: NpzMember, data: bytes) -> bytes:
+    """Return the uncompressed bytes of a member from its raw bytes, checking size and CRC."""
+    if len(data) < member.compressed_size:
+        raise _truncated(member.path, f"array {member.name!r} is cut short")
+    if not member.is_stored:
+        try:
+            data = zlib.decompress(data, -15, member.uncompressed_size)
+        except zlib.error as exc:
+            raise FormatError(
+                f"{member.path}: array {member.name!r} does not inflate ({exc}); "
+                "the NPZ file is damaged, rewrite it."
+            ) from exc
+    if len(data) != member.uncompressed_size or zlib.crc32(data) != member.crc32:
+        raise FormatError(
+            f"{member.path}: array {member.name!r} fails its CRC/size check "
+            f"({len(data)} bytes, {member.uncompressed_size} expected); "
+            "the NPZ file is damaged or changed, rewrite it."
+        )
+    return data
+
+
+def _fetch_remote(members: Sequence[NpzMember]) -> list[bytes]:
+    """Fetch the whole (compressed) bytes of remote members: one concurrent request each."""
+    for member in {(m.path, m.file_size, m.version, m.storage_options): m
+                   for m in members}.values():
+        if member.version:
+            storage.check_unchanged(member.path, member.storage_options, member.file_size,
+                                    member.version)
+    ranges = [(m.data_offset, m.data_offset + m.compressed_size) for m in members]
+    if len(members) == 1:
+        m = members[0]
+        return [storage.read_range(m.path, ranges[0][0], ranges[0][1], m.storage_options)]
+    return list(_remote_pool().map(
+        lambda item: storage.read_range(item[0].path, item[1][0], item[1][1],
+                                        item[0].storage_options),
+        zip(members, ranges, strict=True),
+    ))
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _remote_pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(storage.FETCH_THREADS, thread_name_prefix="neurocube-npz")
+        return _POOL
+
+
+def _fill_from_bytes(member: NpzMember, raw: bytes, out: np.ndarray) -> None:
+    """Fill ``out`` from a member's raw (stored or deflated) bytes, CRC checked."""
+    data = _check_member(member, raw)
+    order: Literal["C", "F"] = "F" if member.fortran_order else "C"
+    flat = np.frombuffer(data, dtype=member.numpy_dtype, count=math.prod(member.shape),
+                         offset=member.npy_header_size)
+    out[...] = flat.reshape(member.shape, order=order)
+
+
 def read_member(member: NpzMember) -> np.ndarray:
     """Read one member whole into a new (native byte order, C-ordered) array."""
     out = np.empty(member.shape, dtype=member.numpy_dtype.newbyteorder("="))
+    if member.is_remote:
+        _fill_from_bytes(member, _fetch_remote([member])[0], out)
+        return out
     with open_file(member.path) as fh:
         _fill(member, fh, out)
     return out
@@ -551,8 +722,17 @@ def read_members_into(
     numpy.ndarray
         ``out``.
     """
+    remote = [m for m in members if m.is_remote]
+    fetched = dict(zip((id(m) for m in remote), _fetch_remote(remote), strict=True)) if remote \
+        else {}
     row = 0
     for member in members:
+        if member.is_remote:
+            n = 1 if stack else member.shape[0]
+            target = out[row] if stack else out[row : row + n]
+            _fill_from_bytes(member, fetched[id(member)], target)
+            row += n
+            continue
         with open_file(member.path) as fh:
             if stack:
                 _fill(member, fh, out[row])

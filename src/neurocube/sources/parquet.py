@@ -25,9 +25,11 @@ whole. A row group that straddles a bound (or has no statistics) is either
 
 from __future__ import annotations
 
+import collections
+import io
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,8 +40,17 @@ import pyarrow.parquet as pq
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
+from neurocube import storage
 from neurocube.errors import FormatError
-from neurocube.storage import IO_STATS, HandlePool, is_url, open_file
+from neurocube.storage import (
+    IO_STATS,
+    HandlePool,
+    ObjectInfo,
+    StorageOptions,
+    as_options,
+    is_url,
+    open_file,
+)
 
 __all__ = [
     "ColumnStats",
@@ -52,7 +63,9 @@ __all__ = [
     "plan_chunks",
     "read_chunk",
     "read_chunks",
+    "open_row_groups",
     "read_parquet_info",
+    "read_remote_footer",
 ]
 
 PARQUET_MAGIC = b"PAR1"
@@ -74,7 +87,8 @@ class ParquetFileInfo:
     Attributes
     ----------
     path, size, mtime_ns
-        The file and the version of it the footer came from.
+        The file (a local path or a URL) and the version of it the footer came
+        from (``mtime_ns`` is 0 for an object; its ``etag`` says the version).
     dtypes
         Numeric / boolean column -> numpy dtype string (``"float64"``, ``"int64"``,
         ...). An integer column whose statistics show nulls is ``float64``.
@@ -94,6 +108,8 @@ class ParquetFileInfo:
     other_columns: dict[str, str]
     row_group_rows: tuple[int, ...]
     stats: tuple[dict[str, ColumnStats], ...] = field(repr=False)
+    etag: str = ""
+    storage_options: StorageOptions | None = field(default=None, repr=False)
 
     @property
     def num_rows(self) -> int:
@@ -121,9 +137,13 @@ class ParquetFileInfo:
         return min(lows), max(highs)
 
 
-def is_parquet(path: str | os.PathLike[str]) -> bool:
+def is_parquet(
+    path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> bool:
     """Return True if the file starts with the parquet magic bytes ``PAR1``."""
     try:
+        if is_url(path):
+            return storage.read_range(str(path), 0, 4, storage_options) == PARQUET_MAGIC
         with open_file(path, "rb") as fh:
             return bool(fh.read(4) == PARQUET_MAGIC)
     except OSError:
@@ -146,13 +166,161 @@ def _numpy_dtype(arrow_type: pa.DataType) -> str | None:
     return result
 
 
+#: Bytes of a remote parquet file's tail read first: the footer of a tracks file fits.
+FOOTER_PROBE = 64 << 10
+
+
+class _TailFile:
+    """A seekable file over the tail of an object (the bytes before it are never asked for)."""
+
+    def __init__(self, url: str, size: int, start: int, data: bytes) -> None:
+        self.url, self.size, self.start, self.data = url, size, start, data
+        self.pos = 0
+        self.closed = False
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = {0: 0, 1: self.pos, 2: self.size}[whence] + offset
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
+        if self.pos < self.start:
+            raise FormatError(f"{self.url}: parquet footer runs past the bytes read")
+        out = self.data[self.pos - self.start : end - self.start]
+        self.pos = end
+        return out
+
+    def close(self) -> None:
+        self.closed = True
+
+
+_SMALL_FILES: collections.OrderedDict[tuple[str, int], bytes] = collections.OrderedDict()
+_SMALL_LOCK = threading.Lock()
+_SMALL_BYTES = 32 << 20
+
+
+def _remember_small(url: str, size: int, data: bytes) -> None:
+    with _SMALL_LOCK:
+        _SMALL_FILES[(url, size)] = data
+        total = sum(len(v) for v in _SMALL_FILES.values())
+        while total > _SMALL_BYTES and len(_SMALL_FILES) > 1:
+            _, old = _SMALL_FILES.popitem(last=False)
+            total -= len(old)
+
+
+def _small_file(url: str, size: int) -> bytes | None:
+    with _SMALL_LOCK:
+        data = _SMALL_FILES.get((url, size))
+        if data is not None:
+            _SMALL_FILES.move_to_end((url, size))
+        return data
+
+
+def read_remote_footer(
+    url: str, storage_options: Mapping[str, Any] | None, size: int
+) -> pq.FileMetaData:
+    """Read the footer of a remote parquet object: one range request (two for a large footer).
+
+    Raises
+    ------
+    FormatError
+        If the object does not end with the parquet magic or its footer is unreadable.
+    """
+    import struct
+
+    if size < 12:
+        raise FormatError(f"{url}: not a parquet file ({size} bytes; the file may be truncated).")
+    start = max(0, size - FOOTER_PROBE)
+    tail = storage.read_range(url, start, size, storage_options)
+    if tail[-4:] != PARQUET_MAGIC:
+        raise FormatError(
+            f"{url}: not a parquet file (ends with {tail[-4:]!r}, expected b'PAR1'); the file "
+            "may be truncated. Check the path in the index, or re-run the writer."
+        )
+    footer_len = struct.unpack("<I", tail[-8:-4])[0]
+    need = footer_len + 8
+    if need > size - 4:
+        raise FormatError(f"{url}: parquet footer length {footer_len} exceeds the file's {size} "
+                          "bytes; the file is damaged.")
+    if need > len(tail):
+        start = size - need
+        tail = storage.read_range(url, start, size, storage_options)
+    if start == 0:  # the whole (small) file came along: row-group reads are served from it
+        _remember_small(url, size, tail)
+    try:
+        return pq.read_metadata(_TailFile(url, size, start, tail))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise FormatError(f"{url}: unreadable parquet footer ({exc}); the file may be "
+                          "truncated.") from exc
+
+
+def open_row_groups(
+    path: str,
+    storage_options: Mapping[str, Any] | None,
+    size: int,
+    etag: str,
+    meta: pq.FileMetaData,
+    row_groups: Sequence[int],
+    columns: Iterable[str] | None,
+) -> Any:
+    """Open a parquet file to read ``columns`` of ``row_groups``.
+
+    Locally a plain file. Remotely a :class:`~neurocube.storage.BlockReader`
+    whose column-chunk byte ranges are fetched up front as a few large,
+    concurrent range requests, so pyarrow's reads are served from memory.
+    """
+    if not is_url(path):
+        return open_file(path, "rb")
+    small = _small_file(path, size)
+    if small is not None:  # read whole with its footer (same version: checked by the caller)
+        return io.BytesIO(small)
+    reader = storage.BlockReader(path, storage_options, size=size, version=etag)
+    names = None if columns is None else set(columns)
+    spans: list[tuple[int, int]] = []
+    for i in row_groups:
+        rg = meta.row_group(i)
+        for j in range(rg.num_columns):
+            col = rg.column(j)
+            if names is not None and col.path_in_schema.split(".")[0] not in names:
+                continue
+            start = col.data_page_offset
+            if col.has_dictionary_page and col.dictionary_page_offset is not None:
+                start = min(start, col.dictionary_page_offset)
+            spans.append((start, start + col.total_compressed_size))
+    merged: list[list[int]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1] + reader.block_size:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    for a, b in merged:
+        reader.prefetch(a, b)
+    return reader
+
+
 def read_parquet_info(
-    path: str | os.PathLike[str], stats_columns: Iterable[str] = ("frame", "time", "id")
+    path: str | os.PathLike[str],
+    stats_columns: Iterable[str] = ("frame", "time", "id"),
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    object_info: ObjectInfo | None = None,
 ) -> ParquetFileInfo:
     """Read the footer of a parquet file (nothing else) into a :class:`ParquetFileInfo`.
 
     Statistics are kept for ``stats_columns`` and for every integer / boolean
     column (to see nulls); float columns need none (NaN is their null).
+
+    A URL is read with ``storage_options``: one range request for the tail
+    holding the footer (``object_info``, from a listing, saves the stat).
 
     Raises
     ------
@@ -162,27 +330,32 @@ def read_parquet_info(
         If it is not a parquet file (wrong magic bytes, unreadable footer).
     """
     local = os.fspath(path)
-    if not is_url(local):
-        local = os.path.abspath(local)
-    with open_file(local, "rb") as fh:
-        head = fh.read(4)
-        if head != PARQUET_MAGIC:
-            raise FormatError(
-                f"{local}: not a parquet file (starts with {head!r}, expected b'PAR1'). "
-                "Check the path in the index, or re-run convert_tracks."
-            )
-        fh.seek(0)
-        try:
-            meta = pq.read_metadata(fh)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise FormatError(
-                f"{local}: unreadable parquet footer ({exc}); the file may be truncated."
-            ) from exc
+    opts: StorageOptions | None = None
+    etag = ""
     if is_url(local):
-        size, mtime_ns = int(meta.serialized_size), 0
+        opts = as_options(storage_options)
+        obj = object_info or storage.info(local, opts)
+        size, mtime_ns, etag = obj.size, 0, obj.etag
+        meta = read_remote_footer(local, opts, size)
+        _FOOTERS.acquire(("parquet-footer", local, size, etag), lambda: _Footer(meta))
     else:
-        st = os.stat(local)
-        size, mtime_ns = st.st_size, st.st_mtime_ns
+        local = os.path.abspath(local)
+        with open_file(local, "rb") as fh:
+            head = fh.read(4)
+            if head != PARQUET_MAGIC:
+                raise FormatError(
+                    f"{local}: not a parquet file (starts with {head!r}, expected b'PAR1'). "
+                    "Check the path in the index, or re-run convert_tracks."
+                )
+            fh.seek(0)
+            try:
+                meta = pq.read_metadata(fh)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise FormatError(
+                    f"{local}: unreadable parquet footer ({exc}); the file may be truncated."
+                ) from exc
+        obj = object_info or storage.info(local)
+        size, mtime_ns = obj.size, obj.mtime_ns
     schema = meta.schema.to_arrow_schema()
     dtypes: dict[str, str] = {}
     others: dict[str, str] = {}
@@ -225,7 +398,9 @@ def read_parquet_info(
             continue
         if any((s.get(name) or ColumnStats()).null_count for s in stats):
             dtypes[name] = "float64"  # integers / booleans with nulls come back as float NaN
-    return ParquetFileInfo(local, size, mtime_ns, dtypes, others, tuple(rows), tuple(stats))
+    return ParquetFileInfo(
+        local, size, mtime_ns, dtypes, others, tuple(rows), tuple(stats), etag, opts
+    )
 
 
 @dataclass(frozen=True)
@@ -250,6 +425,8 @@ class ParquetChunkSpec:
         The output columns the file has.
     scale, scaled
         Columns in ``scaled`` are multiplied by ``scale`` (unit conversion).
+    etag, storage_options
+        The version of a remote file and the options to read it with.
     """
 
     path: str
@@ -264,6 +441,8 @@ class ParquetChunkSpec:
     filter_range: tuple[float, float] | None = None
     scale: float = 1.0
     scaled: tuple[str, ...] = ()
+    etag: str = ""
+    storage_options: StorageOptions | None = field(default=None, repr=False)
 
 
 class _Footer:
@@ -280,38 +459,58 @@ _FOOTERS = HandlePool(maxsize=256)
 _COUNT_LOCK = threading.Lock()
 
 
-def _footer(spec_path: str, size: int, mtime_ns: int) -> pq.FileMetaData:
+def _footer(
+    spec_path: str,
+    size: int,
+    mtime_ns: int,
+    etag: str = "",
+    storage_options: Mapping[str, Any] | None = None,
+) -> pq.FileMetaData:
+    remote = is_url(spec_path)
+
     def load() -> _Footer:
+        if remote:
+            return _Footer(read_remote_footer(spec_path, storage_options, size))
         with open_file(spec_path, "rb") as fh:
             return _Footer(pq.read_metadata(fh))
 
-    holder, _ = _FOOTERS.acquire(("parquet-footer", spec_path, size, mtime_ns), load)
+    key = ("parquet-footer", spec_path, size, etag if remote else mtime_ns)
+    holder, _ = _FOOTERS.acquire(key, load)
     return holder.metadata
 
 
 def _check_unchanged(spec: ParquetChunkSpec) -> None:
     if is_url(spec.path):
+        storage.check_unchanged(spec.path, spec.storage_options, spec.size, spec.etag)
         return
-    try:
-        st = os.stat(spec.path)
-    except FileNotFoundError as exc:
-        from neurocube.errors import DataNotFoundError
+    from neurocube.errors import DataNotFoundError
 
+    try:
+        _, size, mtime_ns = storage.stat_key(spec.path)
+    except DataNotFoundError as exc:
         raise DataNotFoundError(f"{spec.path}: file vanished after the dataset was opened") from exc
-    if (st.st_size, st.st_mtime_ns) != (spec.size, spec.mtime_ns):
+    if (size, mtime_ns) != (spec.size, spec.mtime_ns):
         raise FormatError(
             f"{spec.path}: file changed since it was opened "
             f"(size/mtime {spec.size}/{spec.mtime_ns} "
-            f"-> {st.st_size}/{st.st_mtime_ns}); open the dataset again."
+            f"-> {size}/{mtime_ns}); open the dataset again."
         )
 
 
-def read_table(spec: ParquetChunkSpec, columns: Sequence[str]) -> pa.Table:
-    """Read ``columns`` of the spec's row groups as an Arrow table (one open of the file)."""
-    _check_unchanged(spec)
-    meta = _footer(spec.path, spec.size, spec.mtime_ns)
+def read_table(
+    spec: ParquetChunkSpec, columns: Sequence[str], *, check: bool = True
+) -> pa.Table:
+    """Read ``columns`` of the spec's row groups as an Arrow table (one open of the file).
+
+    ``check=False`` skips the changed-since-opened check (a read while planning,
+    right after the footer was read).
+    """
+    if check:
+        _check_unchanged(spec)
+    meta = _footer(spec.path, spec.size, spec.mtime_ns, spec.etag, spec.storage_options)
     wanted = [c for c in columns]
-    with open_file(spec.path, "rb") as fh:
+    with open_row_groups(spec.path, spec.storage_options, spec.size, spec.etag, meta,
+                         spec.row_groups, wanted) as fh:
         pf = pq.ParquetFile(fh, metadata=meta, pre_buffer=True)
         table = pf.read_row_groups(list(spec.row_groups), columns=wanted, use_threads=False)
     names = set(wanted)
@@ -420,8 +619,14 @@ def _rows_in_range(info: ParquetFileInfo, row_group: int, column: str, lo: float
         (info.dtypes[column],),
         info.row_group_rows[row_group],
         (column,),
+        etag=info.etag,
+        storage_options=info.storage_options,
     )
-    values = read_table(spec, [column]).column(column).to_numpy(zero_copy_only=False)
+    if is_url(info.path):  # the object was just listed or stat'ed: no HEAD while planning
+        table = read_table(spec, [column], check=False)
+    else:
+        table = read_table(spec, [column])
+    values = table.column(column).to_numpy(zero_copy_only=False)
     return int(((values >= lo) & (values < hi)).sum())
 
 
@@ -465,6 +670,8 @@ def plan_chunks(
         "columns": tuple(columns),
         "dtypes": tuple(dtypes),
         "present": present,
+        "etag": info.etag,
+        "storage_options": info.storage_options,
     }
     specs: list[ParquetChunkSpec] = []
     run: list[int] = []

@@ -15,14 +15,15 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from neurocube.errors import DataNotFoundError, FormatError
-from neurocube.storage import IO_STATS, open_file
+from neurocube import storage
+from neurocube.errors import FormatError
+from neurocube.storage import IO_STATS, StorageOptions, as_options, is_url, open_file
 
 __all__ = [
     "PARQUET_MAGIC",
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 PARQUET_MAGIC = b"PAR1"
-_FOOTERS: OrderedDict[tuple[str, int, int], Any] = OrderedDict()
+_FOOTERS: OrderedDict[tuple[str, int, int | str], Any] = OrderedDict()
 _FOOTERS_LOCK = threading.Lock()
 _FOOTERS_MAX = 128
 
@@ -48,6 +49,8 @@ class ParquetRowGroup:
     row_group: int
     columns: tuple[str, ...]
     dtype: str
+    etag: str = ""
+    storage_options: StorageOptions | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -60,19 +63,37 @@ class ParquetLayout:
     columns: tuple[str, ...]
     column_types: dict[str, str]
     row_group_rows: tuple[int, ...]
+    etag: str = ""
+    storage_options: StorageOptions | None = field(default=None, repr=False)
 
 
-def _metadata(path: str, size: int, mtime_ns: int) -> Any:
-    """Return the parsed footer of ``path`` (memoised per process)."""
+def _metadata(
+    path: str,
+    size: int,
+    mtime_ns: int,
+    etag: str = "",
+    storage_options: Mapping[str, Any] | None = None,
+) -> Any:
+    """Return the parsed footer of ``path`` (memoised per process and version)."""
     import pyarrow.lib
     import pyarrow.parquet as pq
 
-    key = (path, size, mtime_ns)
+    from neurocube.sources.parquet import read_remote_footer
+
+    remote = is_url(path)
+    key = (path, size, etag if remote else mtime_ns)
     with _FOOTERS_LOCK:
         cached = _FOOTERS.get(key)
         if cached is not None:
             _FOOTERS.move_to_end(key)
             return cached
+    if remote:
+        metadata = read_remote_footer(path, storage_options, size)
+        with _FOOTERS_LOCK:
+            _FOOTERS[key] = metadata
+            while len(_FOOTERS) > _FOOTERS_MAX:
+                _FOOTERS.popitem(last=False)
+        return metadata
     with open_file(path) as fh:
         head = fh.read(4)
         if head != PARQUET_MAGIC:
@@ -93,8 +114,12 @@ def _metadata(path: str, size: int, mtime_ns: int) -> Any:
     return metadata
 
 
-def parquet_layout(path: str | os.PathLike[str]) -> ParquetLayout:
+def parquet_layout(
+    path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> ParquetLayout:
     """Read a parquet footer: columns, their arrow types, rows per row group.
+
+    A URL costs one stat and one range request for the tail (the footer).
 
     Raises
     ------
@@ -103,17 +128,21 @@ def parquet_layout(path: str | os.PathLike[str]) -> ParquetLayout:
     FormatError
         If it is not a parquet file.
     """
-    local = Path(path).resolve()
-    try:
-        st = local.stat()
-    except FileNotFoundError as exc:
-        raise DataNotFoundError(f"{local}: no such parquet table.") from exc
-    metadata = _metadata(str(local), st.st_size, st.st_mtime_ns)
+    opts = as_options(storage_options) if is_url(path) else None
+    meta = storage.info(path, opts)
+    if meta.is_dir:
+        raise FormatError(f"{meta.path}: a folder, expected a parquet table.")
+    local = meta.path
+    mtime_ns = meta.mtime_ns if opts is None and not is_url(local) else 0
+    etag = meta.etag if is_url(local) else ""
+    metadata = _metadata(local, meta.size, mtime_ns, etag, opts)
     schema = metadata.schema.to_arrow_schema()
     return ParquetLayout(
-        path=str(local),
-        size=st.st_size,
-        mtime_ns=st.st_mtime_ns,
+        path=local,
+        size=meta.size,
+        mtime_ns=mtime_ns,
+        etag=etag,
+        storage_options=opts,
         columns=tuple(schema.names),
         column_types={f.name: str(f.type) for f in schema},
         row_group_rows=tuple(
@@ -122,12 +151,24 @@ def parquet_layout(path: str | os.PathLike[str]) -> ParquetLayout:
     )
 
 
+def _check_unchanged(
+    path: str, options: StorageOptions | None, size: int, mtime_ns: int, etag: str
+) -> None:
+    """Refuse a table that changed since its footer was read (a remote one: once per process)."""
+    if is_url(path):
+        storage.check_unchanged(path, options, size, etag)
+
+
 def read_columns(layout: ParquetLayout, columns: list[str]) -> dict[str, np.ndarray]:
     """Read whole columns (e.g. the small id columns) eagerly, as numpy arrays."""
     import pyarrow.parquet as pq
 
-    metadata = _metadata(layout.path, layout.size, layout.mtime_ns)
-    with open_file(layout.path) as fh:
+    from neurocube.sources.parquet import open_row_groups
+
+    metadata = _metadata(layout.path, layout.size, layout.mtime_ns, layout.etag,
+                         layout.storage_options)
+    with open_row_groups(layout.path, layout.storage_options, layout.size, layout.etag,
+                         metadata, range(metadata.num_row_groups), columns) as fh:
         table = pq.ParquetFile(fh, metadata=metadata).read(columns=columns)
     IO_STATS.add_bytes(table.nbytes)
     out: dict[str, np.ndarray] = {}
@@ -140,8 +181,12 @@ def read_feature_rowgroup(spec: ParquetRowGroup) -> np.ndarray:
     """Read the feature columns of one row group into a ``(rows, len(columns))`` array."""
     import pyarrow.parquet as pq
 
-    metadata = _metadata(spec.path, spec.size, spec.mtime_ns)
-    with open_file(spec.path) as fh:
+    from neurocube.sources.parquet import open_row_groups
+
+    _check_unchanged(spec.path, spec.storage_options, spec.size, spec.mtime_ns, spec.etag)
+    metadata = _metadata(spec.path, spec.size, spec.mtime_ns, spec.etag, spec.storage_options)
+    with open_row_groups(spec.path, spec.storage_options, spec.size, spec.etag, metadata,
+                         [spec.row_group], spec.columns) as fh:
         table = pq.ParquetFile(fh, metadata=metadata).read_row_group(
             spec.row_group, columns=list(spec.columns)
         )
