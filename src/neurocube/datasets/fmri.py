@@ -637,7 +637,7 @@ class Subject:
                 "the metadata (held-out sessions, or credentials needed: pass "
                 "storage_options).",
                 NeurocubeWarning,
-                stacklevel=4,
+                stacklevel=3,
             )
         table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         if table.empty:

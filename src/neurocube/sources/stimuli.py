@@ -38,9 +38,10 @@ __all__ = [
     "read_rows",
 ]
 
-#: How far a forward pass over a remote HDF5 file reads ahead (a few blocks: HDF5 reads
-#: metadata in small scattered pieces, data in chunk-sized ones).
-REMOTE_READAHEAD = 4 << 20
+#: Blocks of a remote HDF5 file: HDF5 reads its metadata in small scattered pieces, so blocks
+#: are small and nothing is read ahead; the stored chunks a selection needs are fetched up
+#: front instead, as concurrent range requests (:func:`_prefetch_chunks`).
+REMOTE_BLOCK = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,21 @@ def _ref_of(spec: Any) -> _FileRef:
     return _FileRef(spec.path, spec.size, spec.mtime_ns, None)
 
 
-def _open_remote(ref: _FileRef) -> Any:
+class _RemoteFile:
+    """A pooled remote HDF5 file: the h5py handle and the block reader under it."""
+
+    def __init__(self, h5: Any, reader: storage.BlockReader) -> None:
+        self.h5 = h5
+        self.reader = reader
+
+    def close(self) -> None:
+        try:
+            self.h5.close()
+        finally:
+            self.reader.close()
+
+
+def _open_remote(ref: _FileRef) -> _RemoteFile:
     """Open a remote HDF5 file read-only over shared range-request blocks."""
     import h5py
 
@@ -105,12 +120,12 @@ def _open_remote(ref: _FileRef) -> Any:
     storage.check_unchanged(ref.path, ref.storage_options, ref.size, ref.version)
     reader = storage.BlockReader(
         ref.path, ref.storage_options, size=ref.size, version=str(ref.version),
-        readahead=REMOTE_READAHEAD,
+        readahead=0, block_size=REMOTE_BLOCK,
     )
     head = reader.read(8)  # storage errors (403, network) surface here, naming the URL
     reader.seek(0)
     try:
-        return h5py.File(reader, "r")
+        return _RemoteFile(h5py.File(reader, "r"), reader)
     except NeurocubeError:
         raise
     except (OSError, ValueError) as exc:
@@ -126,18 +141,70 @@ def _open_remote(ref: _FileRef) -> Any:
 
 
 @contextlib.contextmanager
+def _remote_file(ref: _FileRef) -> Iterator[_RemoteFile]:
+    """Yield this process's pooled :class:`_RemoteFile` of ``ref``, holding its lock."""
+    from neurocube.sources.hdf5 import HDF5_POOL
+
+    key = ("hdf5-url", ref.path, ref.size, str(ref.version), ref.storage_options)
+    handle, lock = HDF5_POOL.acquire(key, lambda: _open_remote(ref))
+    with lock, storage.translate_errors(ref.path, "read"):
+        yield handle
+
+
+@contextlib.contextmanager
 def _h5file(ref: _FileRef) -> Iterator[Any]:
-    """Yield this process's pooled handle of ``ref``, holding its lock."""
-    from neurocube.sources.hdf5 import HDF5_POOL, pooled_file
+    """Yield this process's pooled h5py handle of ``ref``, holding its lock."""
+    from neurocube.sources.hdf5 import pooled_file
 
     if not ref.remote:
         with pooled_file(ref.path, ref.size, ref.version) as h5:
             yield h5
         return
-    key = ("hdf5-url", ref.path, ref.size, str(ref.version), ref.storage_options)
-    handle, lock = HDF5_POOL.acquire(key, lambda: _open_remote(ref))
-    with lock, storage.translate_errors(ref.path, "read"):
-        yield handle
+    with _remote_file(ref) as handle:
+        yield handle.h5
+
+
+def _prefetch_chunks(dset: Any, reader: storage.BlockReader, key: Any) -> None:
+    """Fetch the stored chunks a leading-axis selection of ``dset`` touches, concurrently.
+
+    Without it h5py would ask for one chunk at a time, each a request of its own. Only
+    the chunks' byte ranges are fetched: the span from the first to the last when it is at
+    most twice their bytes, else each chunk's range.
+    """
+    chunks = dset.chunks
+    if not chunks or not dset.shape:
+        return
+    first = key[0] if isinstance(key, tuple) and key else key
+    n = int(dset.shape[0])
+    wanted: list[int]
+    if isinstance(first, slice):
+        start, stop, _ = first.indices(n)
+        step = chunks[0]
+        wanted = list(range(start // step, (stop - 1) // step + 1)) if stop > start else []
+    elif isinstance(first, (int, np.integer)):
+        wanted = [int(first) // chunks[0]]
+    else:
+        wanted = np.unique(np.asarray(first, dtype=np.int64) // chunks[0]).tolist()
+    ranges: list[tuple[int, int]] = []
+    tail = (0,) * (len(dset.shape) - 1)
+    try:
+        for block in wanted:
+            info = dset.id.get_chunk_info_by_coord((block * chunks[0], *tail))
+            if info.byte_offset is not None and info.size:
+                ranges.append((int(info.byte_offset), int(info.byte_offset) + int(info.size)))
+    except (AttributeError, RuntimeError, ValueError, KeyError):
+        return  # an HDF5 without chunk queries, or chunks along other axes: h5py reads them
+    if len(dset.shape) > 1 and any(c < s for c, s in zip(chunks[1:], dset.shape[1:], strict=True)):
+        return  # chunked along other axes too: more chunks than the leading coordinate names
+    if not ranges:
+        return
+    ranges.sort()
+    span = ranges[-1][1] - ranges[0][0]
+    if span <= 2 * sum(b - a for a, b in ranges):
+        reader.prefetch(ranges[0][0], ranges[-1][1])
+    else:
+        for a, b in ranges:
+            reader.prefetch(a, b)
 
 
 def _spec(
@@ -177,14 +244,15 @@ def read_selection(spec: Any, key: Any) -> np.ndarray:
 
     if not isinstance(spec, RemoteHDF5Spec):
         return hdf5.read_selection(spec, key)
-    with _h5file(_ref_of(spec)) as h5:
+    with _remote_file(_ref_of(spec)) as handle:
         try:
-            dset = h5[spec.dataset]
+            dset = handle.h5[spec.dataset]
         except KeyError:
             raise FormatError(
                 f"{spec.path}: dataset {spec.dataset!r} is gone; the file changed after it was "
                 "opened. Open it again."
             ) from None
+        _prefetch_chunks(dset, handle.reader, key)
         out = np.asarray(dset[key])
     storage.IO_STATS.add_bytes(out.nbytes)
     return out

@@ -291,3 +291,32 @@ def test_betas_noise_ceiling_and_roi_means_over_s3(tmp_path, s3):
     assert not [w for w in caught if "access denied" in str(w.message)]  # the tables are readable
     np.testing.assert_array_equal(fresh.betas("ses-01", roi="face").betas.values,
                                   local.betas("ses-01", roi="face").betas.values)
+
+
+def test_remote_embeddings_move_only_the_rows_needed(tmp_path, s3):
+    import h5py
+
+    from neurocube.sources.stimuli import open_trial_embeddings
+
+    n, d = 40_000, 128
+    rng = np.random.default_rng(0)
+    matrix = rng.standard_normal((n, d)).astype(np.float16)
+    ids = np.asarray([f"img{i:05d}" for i in range(n)], dtype="S8")
+    path = tmp_path / "task-images_desc-Big_embeddings.h5"
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("embedding", data=matrix, chunks=(1000, d))
+        h5.create_dataset("image_ids", data=ids)
+        h5.create_dataset("valid", data=np.ones(n, dtype=bool))
+    size = path.stat().st_size
+    assert size > 10 * 2**20
+    url = s3.put(path, "stimuli/big.h5")
+    names = np.asarray(["img30500", "img20003", "missing", "img30500"])
+    values, valid = open_trial_embeddings(url, names, trials_per_chunk=2,
+                                          storage_options=s3.storage_options)
+    built = s3.counter.total_bytes
+    assert built < 2**20  # the header, the ids and the flags (~0.4 MB), not the matrix
+    got = values.compute()
+    np.testing.assert_array_equal(got[[0, 1, 3]], matrix[[30500, 20003, 30500]])
+    assert np.isnan(got[2]).all() and valid.tolist() == [True, True, False, True]
+    # two 1000-row chunks (256 KB each) in 1 MiB blocks, plus readahead: far from the file
+    assert s3.counter.total_bytes - built < 6 * 2**20
