@@ -1,9 +1,11 @@
 """Catalog of a single-trial betas bucket (the ``laion_fmri`` layout, FORMATS.md §1).
 
-:func:`scan_bucket` walks a bucket with :func:`os.scandir` and classifies every
-file by its folder and its BIDS-like name. It reads names only (no ``stat``, no
-file content), so a tree of 100k files is scanned in well under a second per
-10k files. The result is a :class:`pandas.DataFrame` with one row per file:
+:func:`scan_bucket` lists a bucket (a local folder or a URL such as
+``s3://laion-fmri``) through :mod:`neurocube.storage` and classifies every file
+by its folder and its BIDS-like name. It reads names only (no ``stat``, no
+file content; on an object store a few recursive listings, no request per
+file), so a tree of 100k files is scanned in well under a second per 10k
+files. The result is a :class:`pandas.DataFrame` with one row per file:
 
 ========== ==================================================================
 column     meaning
@@ -18,7 +20,7 @@ res        ``"1pt8"`` / ``"1pt5"`` / ``""`` (full resolution)
 desc       the ``desc-`` entity (e.g. ``Noiseceiling12rep``)
 fmt        ``nii.gz``, ``nii``, ``func.gii``, ``label``, ``tsv``, ``csv``, ``h5``, ``dir``
 layout     ``"current"`` or the name of the older layout it follows
-path       absolute path (str)
+path       absolute path or URL (str)
 ========== ==================================================================
 
 Older layouts (FORMATS.md §1): ``desc-singletrial_stat-effect`` betas, the
@@ -32,11 +34,12 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Mapping
+from typing import Any
 
 import pandas as pd
 
+from neurocube import storage
 from neurocube.errors import DataNotFoundError, FormatError
 
 __all__ = [
@@ -117,27 +120,6 @@ def parse_entities(name: str) -> tuple[dict[str, str], str, str]:
         if match is not None:
             entities.setdefault(match.group(1), match.group(2))
     return entities, suffix, ext
-
-
-def _walk(top: str) -> Iterator[tuple[str, list[os.DirEntry[str]]]]:
-    """Yield ``(folder, entries)`` depth first, reading each folder once."""
-    stack = [top]
-    while stack:
-        folder = stack.pop()
-        try:
-            with os.scandir(folder) as iterator:
-                entries = sorted(iterator, key=lambda e: e.name)
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
-            continue
-        yield folder, entries
-        stack.extend(e.path for e in reversed(entries) if _is_dir(e))
-
-
-def _is_dir(entry: os.DirEntry[str]) -> bool:
-    try:
-        return entry.is_dir()
-    except OSError:
-        return False
 
 
 def _row(kind: str, path: str, **values: str) -> dict[str, str]:
@@ -221,27 +203,44 @@ def _classify_stimuli(name: str, path: str) -> dict[str, str]:
     return _row("other", path, fmt=ext)
 
 
-def scan_bucket(root: str | os.PathLike[str]) -> pd.DataFrame:
+def scan_bucket(
+    root: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> pd.DataFrame:
     """Scan a bucket and return one row per file (names only, nothing is opened).
 
     Parameters
     ----------
     root
-        The bucket's root folder (it holds ``derivatives/`` and ``stimuli/``).
+        The bucket's root folder or URL (it holds ``derivatives/`` and
+        ``stimuli/``), e.g. ``"s3://laion-fmri"``.
+    storage_options
+        fsspec options for a URL (``{"anon": True}`` for a public bucket, or
+        keys and an endpoint).
 
     Returns
     -------
     pandas.DataFrame
         Columns :data:`COLUMNS` (all ``str``; ``""`` where an entity does not
-        apply), rows sorted by ``path``.
+        apply), rows sorted by ``path`` (absolute local paths, or URLs).
 
     Raises
     ------
     DataNotFoundError
-        If ``root`` is not a folder.
+        If ``root`` is not a folder (or prefix).
     FormatError
         If ``root`` is a folder but holds neither ``derivatives/`` nor
         ``stimuli/`` (not a bucket).
+    AccessDeniedError, StorageError
+        If the bucket refuses the listing or cannot be reached.
+
+    Notes
+    -----
+    The scan lists, it never stats or opens a file: locally one ``scandir``
+    per folder; on an object store one listing of the root, one of
+    ``derivatives/``, one recursive listing per pipeline folder
+    (``derivatives/glmsingle-tedana/``, ``derivatives/rois/``, ...) and per
+    other top folder (``stimuli/``), and one of ``derivatives/freesurfer/``,
+    whose recons are catalogued as one row per subject and never listed.
 
     Examples
     --------
@@ -253,67 +252,83 @@ def scan_bucket(root: str | os.PathLike[str]) -> pd.DataFrame:
     >>> table.loc[table.kind == "betas", ["subject", "session"]].values.tolist()
     [['sub-01', 'ses-01']]
     """
-    top = Path(root).expanduser()
-    if not top.is_dir():
+    top = storage.normalize(root)
+    try:
+        entries = storage.listdir(top, storage_options)
+    except DataNotFoundError:
         raise DataNotFoundError(
             f"{top}: not a folder. Expected the root of a betas bucket (holding derivatives/ "
             "and stimuli/)."
-        )
-    top = top.resolve()
-    derivatives = top / "derivatives"
-    stimuli = top / "stimuli"
-    if not derivatives.is_dir() and not stimuli.is_dir():
-        found = sorted(p.name for p in top.iterdir())[:10]
+        ) from None
+    folders = {e.name: e.path for e in entries if e.is_dir}
+    if "derivatives" not in folders and "stimuli" not in folders:
+        found = sorted(e.name for e in entries)[:10]
         raise FormatError(
             f"{top}: not a betas bucket: expected a derivatives/ or stimuli/ folder, found "
             f"{found}. Pass the folder that holds derivatives/glmsingle-tedana/."
         )
+    sep = "/" if storage.is_url(top) else os.sep
     rows: list[dict[str, str]] = []
-    top_str = str(top)
-    prefix_len = len(top_str) + 1
-    for folder, entries in _walk(top_str):
-        rel = tuple(folder[prefix_len:].split(os.sep)) if len(folder) > len(top_str) else ()
-        # FreeSurfer recons: one row per subject folder, never descended into.
-        if len(rel) == 2 and rel == ("derivatives", "freesurfer"):
-            for entry in entries:
-                if entry.name.startswith("sub-") and _is_dir(entry):
-                    rows.append(_row("freesurfer", entry.path, subject=entry.name, fmt="dir"))
+    for name, folder in sorted(folders.items()):
+        if name.startswith("."):
             continue
-        if len(rel) >= 3 and rel[:2] == ("derivatives", "freesurfer"):
+        if name != "derivatives":
+            rows.extend(_classify_files(top, sep, storage.list_files(folder, storage_options)))
             continue
-        files = [e for e in entries if not _is_dir(e) and not e.name.startswith(".")]
-        if not files or not rel:
-            continue
-        rows.extend(_classify(rel, files))
+        pipelines = storage.listdir(folder, storage_options)
+        loose = [e.path for e in pipelines if not e.is_dir and not e.name.startswith(".")]
+        rows.extend(_classify_files(top, sep, loose))
+        for entry in pipelines:
+            if not entry.is_dir or entry.name.startswith("."):
+                continue
+            if entry.name == "freesurfer":
+                # FreeSurfer recons: one row per subject folder, never descended into.
+                for recon in storage.listdir(entry.path, storage_options):
+                    if recon.is_dir and recon.name.startswith("sub-"):
+                        rows.append(_row("freesurfer", recon.path, subject=recon.name, fmt="dir"))
+                continue
+            rows.extend(
+                _classify_files(top, sep, storage.list_files(entry.path, storage_options))
+            )
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     if not rows:
         table = pd.DataFrame({c: pd.Series([], dtype=str) for c in COLUMNS})
     return table.sort_values("path", kind="stable").reset_index(drop=True)
 
 
-def _classify(rel: tuple[str, ...], files: list[os.DirEntry[str]]) -> list[dict[str, str]]:
+def _classify_files(top: str, sep: str, paths: list[str]) -> list[dict[str, str]]:
+    """Classify files (locations below ``top``) by their folder relative to ``top``."""
+    prefix_len = len(top.rstrip(sep)) + 1
     rows: list[dict[str, str]] = []
+    folders: dict[str, tuple[str, ...]] = {}
+    for path in paths:
+        folder, _, name = path[prefix_len:].rpartition(sep)
+        rel = folders.get(folder)
+        if rel is None:
+            rel = folders[folder] = tuple(folder.split(sep)) if folder else ()
+        if not rel:
+            continue  # a file at the root of the bucket
+        rows.append(_classify(rel, name, path))
+    return rows
+
+
+def _classify(rel: tuple[str, ...], name: str, path: str) -> dict[str, str]:
     if rel[0] == "stimuli" and len(rel) == 1:
-        return [_classify_stimuli(e.name, e.path) for e in files]
+        return _classify_stimuli(name, path)
     if rel[0] != "derivatives" or len(rel) < 3:
-        return [_row("other", e.path, fmt=parse_entities(e.name)[2]) for e in files]
+        return _row("other", path, fmt=parse_entities(name)[2])
     pipeline, subject = rel[1], rel[2]
     if not subject.startswith("sub-"):
-        return [_row("other", e.path, fmt=parse_entities(e.name)[2]) for e in files]
-    for entry in files:
-        if pipeline == _GLM_PIPELINE:
-            rows.append(_classify_glm(rel[2:], entry.name, entry.path))
-        elif pipeline == "anatomical":
-            rows.append(_classify_anat(entry.name, entry.path))
-        elif pipeline == "rois" and len(rel) == 4:
-            rows.append(_classify_roi(subject, rel[3], entry.name, entry.path))
-        elif pipeline == "atlases" and len(rel) == 4 and rel[3] == "rois":
-            rows.append(_classify_atlas_roi(subject, entry.name, entry.path))
-        else:
-            rows.append(
-                _row("other", entry.path, subject=subject, fmt=parse_entities(entry.name)[2])
-            )
-    return rows
+        return _row("other", path, fmt=parse_entities(name)[2])
+    if pipeline == _GLM_PIPELINE:
+        return _classify_glm(rel[2:], name, path)
+    if pipeline == "anatomical":
+        return _classify_anat(name, path)
+    if pipeline == "rois" and len(rel) == 4:
+        return _classify_roi(subject, rel[3], name, path)
+    if pipeline == "atlases" and len(rel) == 4 and rel[3] == "rois":
+        return _classify_atlas_roi(subject, name, path)
+    return _row("other", path, subject=subject, fmt=parse_entities(name)[2])
 
 
 def _classify_atlas_roi(subject: str, name: str, path: str) -> dict[str, str]:

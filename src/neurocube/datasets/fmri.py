@@ -7,6 +7,11 @@ only) and returns a :class:`Subject`; its :meth:`Subject.betas` builds one lazy
 ``(trial, voxel)`` Dataset over any number of sessions, reading only headers,
 masks, noise ceilings and TSVs until computed.
 
+The bucket may be a local folder or a URL (``s3://laion-fmri`` with
+``storage_options={"anon": True}``, or keys and an endpoint): every listing and
+read goes through :mod:`neurocube.storage` with the subject's
+``storage_options``, which travel inside the specs to Dask workers.
+
 Voxel selection follows FORMATS.md §1, in this order: ROI union within the
 brain mask (or a custom mask instead, never both), AND ``NC >= nc_threshold``;
 then trials are filtered by shared / unique. **With several sessions and a
@@ -33,18 +38,23 @@ from __future__ import annotations
 import os
 import re
 import threading
+import warnings
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from neurocube import storage
 from neurocube.catalog.fmri import natural_key, scan_bucket, subject_ids
 from neurocube.errors import (
+    AccessDeniedError,
     DataNotDownloadedError,
     FormatError,
     GridMismatchError,
+    NeurocubeWarning,
     SelectionError,
 )
 from neurocube.ops import roi as roi_ops
@@ -76,7 +86,7 @@ class Subject:
     Parameters
     ----------
     root
-        Bucket root.
+        Bucket root: a folder or a URL.
     subject_id
         ``"sub-XX"``.
     catalog
@@ -84,6 +94,9 @@ class Subject:
         scanned here when None.
     chunks
         Default chunking of betas along ``trial`` (see :func:`neurocube.open_nifti`).
+    storage_options
+        fsspec options for a URL root, used for every read of the subject's
+        files (kept as :class:`neurocube.storage.StorageOptions`: never shown).
     """
 
     def __init__(
@@ -93,13 +106,19 @@ class Subject:
         *,
         catalog: pd.DataFrame | None = None,
         chunks: Any = "auto",
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self.root = Path(root).expanduser().resolve()
-        table = scan_bucket(self.root) if catalog is None else catalog
+        location = storage.normalize(root)
+        #: The bucket root: a :class:`~pathlib.Path` for a local folder, the URL otherwise.
+        self.root: Path | str = Path(location) if storage.is_local(location) else location
+        self._location = location
+        self.storage_options = storage.as_options(storage_options)
+        storage.remember_options(location, self.storage_options)
+        table = scan_bucket(location, self.storage_options) if catalog is None else catalog
         known = subject_ids(table)
         if subject_id not in known:
             raise SelectionError(
-                f"{self.root}: no subject {subject_id!r}; the bucket has {known}. Subjects are "
+                f"{location}: no subject {subject_id!r}; the bucket has {known}. Subjects are "
                 "named 'sub-XX' (or pass an integer index)."
             )
         self._subject_id = subject_id
@@ -109,6 +128,8 @@ class Subject:
         self._lock = threading.Lock()
         self._volumes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._metadata: pd.DataFrame | None = None
+        self._stimuli_table: pd.DataFrame | None = None
+        self._denied: dict[str, str] = {}  # session -> why its trial table could not be read
         sessions = self._files[self._files["kind"].isin(["betas", "trials"])]["session"]
         self._sessions = sorted(set(sessions.tolist()), key=natural_key)
 
@@ -130,9 +151,19 @@ class Subject:
         return self._files.copy()
 
     def __repr__(self) -> str:
-        return f"Subject({self._subject_id!r}, sessions={self._sessions}, root='{self.root}')"
+        return f"Subject({self._subject_id!r}, sessions={self._sessions}, root='{self._location}')"
 
     # ------------------------------------------------------------------ files
+
+    def _at(self, *parts: str) -> str:
+        """Return the location of ``parts`` below the bucket root (for messages)."""
+        return storage.join(self._location, *parts)
+
+    def _read_kwargs(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """``storage_options=`` for readers of ``path`` (none for a local file)."""
+        if storage.is_local(path):
+            return {}
+        return {"storage_options": self.storage_options}
 
     def _rows(self, kind: str, **match: str) -> pd.DataFrame:
         rows = self._files[self._files["kind"] == kind]
@@ -144,7 +175,7 @@ class Subject:
         rows = self._rows(kind, **match)
         if rows.empty:
             raise DataNotDownloadedError(
-                f"{self._subject_id}: {what} is not on disk; expected {self.root / expected}. "
+                f"{self._subject_id}: {what} is not on disk; expected {self._at(expected)}. "
                 f"To get it: {_download_hint(hint)}."
             )
         return str(rows["path"].iloc[0])
@@ -152,8 +183,8 @@ class Subject:
     def _session(self, session: str) -> str:
         if session not in self._sessions:
             raise SelectionError(
-                f"{self._subject_id}: no session {session!r} in {self.root}; sessions on disk: "
-                f"{self._sessions}"
+                f"{self._subject_id}: no session {session!r} in {self._location}; sessions on "
+                f"disk: {self._sessions}"
             )
         return session
 
@@ -166,6 +197,16 @@ class Subject:
         if len(set(chosen)) != len(chosen):
             raise SelectionError(f"{self._subject_id}: sessions repeated in {chosen}")
         return [self._session(s) for s in chosen]
+
+    def _check_access(self, sessions: Sequence[str]) -> None:
+        """Raise :class:`AccessDeniedError` for a session whose trial table was refused."""
+        denied = [s for s in sessions if s in self._denied]
+        if denied:
+            raise AccessDeniedError(
+                f"{self._subject_id}: access denied to session {denied[0]} "
+                f"({self._denied[denied[0]]}). Sessions readable here: "
+                f"{[s for s in self._sessions if s not in self._denied]}."
+            )
 
     def betas_path(self, session: str) -> str:
         """Path of the 4-D betas file of ``session``.
@@ -195,7 +236,7 @@ class Subject:
         with self._lock:
             cached = self._volumes.get(path)
         if cached is None:
-            cached = roi_ops.read_small_volume(path)
+            cached = roi_ops.read_small_volume(path, storage_options=self.storage_options)
             with self._lock:
                 self._volumes[path] = cached
         return cached
@@ -215,31 +256,33 @@ class Subject:
         kinds = set(self._stimuli_files["kind"])
         return {"stimuli_metadata", "stimuli_images"} <= kinds
 
-    def anatomical_dir(self) -> Path:
-        """Folder of the anatomical derivatives.
+    def anatomical_dir(self) -> Path | str:
+        """Folder of the anatomical derivatives (a Path, or a URL for a remote bucket).
 
         Raises
         ------
         DataNotDownloadedError
-            If it is not on disk.
+            If the catalog lists no file in it.
         """
-        folder = self.root / "derivatives/anatomical" / self._subject_id
-        if not folder.is_dir():
+        folder = self._at("derivatives", "anatomical", self._subject_id)
+        prefix = folder + ("/" if storage.is_url(folder) else os.sep)
+        if not self._files["path"].str.startswith(prefix).any():
             raise DataNotDownloadedError(
                 f"{folder}: the anatomical derivatives of {self._subject_id} are not on disk. "
                 f"To get them: {_download_hint('anatomical')}."
             )
-        return folder
+        return Path(folder) if storage.is_local(folder) else folder
 
-    def freesurfer_dir(self) -> Path:
+    def freesurfer_dir(self) -> Path | str:
         """Folder of the FreeSurfer recon (raises :class:`DataNotDownloadedError` if absent)."""
         rows = self._rows("freesurfer")
         if rows.empty:
             raise DataNotDownloadedError(
-                f"{self.root / 'derivatives/freesurfer' / self._subject_id}: the FreeSurfer recon "
+                f"{self._at('derivatives', 'freesurfer', self._subject_id)}: the FreeSurfer recon "
                 f"of {self._subject_id} is not on disk. To get it: {_download_hint('freesurfer')}."
             )
-        return Path(rows["path"].iloc[0])
+        path = str(rows["path"].iloc[0])
+        return Path(path) if storage.is_local(path) else path
 
     def t1w_path(self, res: str | None = None) -> str:
         """Path of the T1w volume (``res="1pt8"`` for the functional grid, None for full)."""
@@ -263,7 +306,7 @@ class Subject:
                 name = f"{self._subject_id}_task-images_space-T1w_stat-rsquare_desc-R2mean_statmap"
                 raise DataNotDownloadedError(
                     f"{self._subject_id}: the R2mean map (mask_source='rsquare') is not on disk; "
-                    f"expected {self.root}/derivatives/glmsingle-tedana/{self._subject_id}/"
+                    f"expected {self._location}/derivatives/glmsingle-tedana/{self._subject_id}/"
                     f"{name}.nii.gz. Download it, or use mask_source='anatomical'."
                 )
             return str(rows["path"].iloc[0])
@@ -349,7 +392,8 @@ class Subject:
         if not categories:
             raise DataNotDownloadedError(
                 f"{self._subject_id}: no volume ROI on disk; expected files under "
-                f"{self.root}/derivatives/rois/{self._subject_id}/<category>/. Download the ROIs."
+                f"{self._location}/derivatives/rois/{self._subject_id}/<category>/. Download "
+                "the ROIs."
             )
         if category is not None:  # one known (category, name) pair
             pairs = [(category, str(query))]
@@ -364,9 +408,9 @@ class Subject:
             if elsewhere:
                 raise SelectionError(
                     f"{self._subject_id}: ROI {elsewhere} has no volume file on the functional "
-                    f"grid (..._res-1pt8_label-<ROI>_mask.nii.gz) under {self.root}/derivatives/"
-                    f"rois/{self._subject_id}/; only surface (.func.gii/.label) or other-"
-                    "resolution files exist. Use roi_data() for those."
+                    f"grid (..._res-1pt8_label-<ROI>_mask.nii.gz) under {self._location}/"
+                    f"derivatives/rois/{self._subject_id}/; only surface (.func.gii/.label) or "
+                    "other-resolution files exist. Use roi_data() for those."
                 )
             pairs = roi_ops.resolve_roi_query(query, categories, where=self._subject_id)
         volumes = []
@@ -461,7 +505,8 @@ class Subject:
                     if rows.empty:
                         continue
                     path = str(rows["path"].iloc[0])
-                    value = _read_func_gii(path) if kind == "func.gii" else _read_label(path)
+                    reader = _read_func_gii if kind == "func.gii" else _read_label
+                    value = reader(path, self.storage_options)
                     entry.setdefault("gii", {}).setdefault(f"hemi-{h}", {})[kind] = value
         return out
 
@@ -547,6 +592,11 @@ class Subject:
         stim_idx, unique_or_shared, dataset``. ``stim_idx`` is the row of the
         stimuli metadata CSV (-1 when the image is not listed or the CSV is not
         on disk).
+
+        A session whose trial table the bucket refuses to serve (HTTP 403, e.g.
+        a held-out session of a public bucket) is left out, with a
+        :class:`~neurocube.errors.NeurocubeWarning`; asking for its betas
+        raises :class:`~neurocube.errors.AccessDeniedError`.
         """
         if self._metadata is None:
             self._metadata = self._build_metadata()
@@ -554,12 +604,41 @@ class Subject:
 
     def _build_metadata(self) -> pd.DataFrame:
         stimuli = self._stimulus_table(required=False)
+        paths = [self.trials_path(session) for session in self._sessions]
+        opts = self.storage_options
+
+        def read(item: tuple[str, str]) -> pd.DataFrame | AccessDeniedError:
+            path, session = item
+            try:
+                return _read_trial_table(path, session, opts)
+            except AccessDeniedError as exc:
+                return exc
+
+        items = list(zip(paths, self._sessions, strict=True))
+        if storage.is_local(self._location) or len(items) < 2:
+            tables = [read(item) for item in items]
+        else:  # one small GET per session: sent concurrently
+            with ThreadPoolExecutor(min(8, len(items))) as pool:
+                tables = list(pool.map(read, items))
         frames = []
-        for session in self._sessions:
-            path = self.trials_path(session)
+        denied: dict[str, str] = {}
+        for (path, session), table_or_error in zip(items, tables, strict=True):
+            if isinstance(table_or_error, AccessDeniedError):
+                denied[session] = str(table_or_error)
+                continue
             # Annotated per session: sessions may follow different layouts (``label`` or the
             # older ``stimulus_id``), and a concatenation would put NaN in the missing column.
-            frames.append(_annotate_trials(_read_trial_table(path, session), stimuli, path))
+            frames.append(_annotate_trials(table_or_error, stimuli, path))
+        self._denied = denied
+        if denied:
+            warnings.warn(
+                f"{self._subject_id}: access denied to the trial tables of sessions "
+                f"{sorted(denied, key=natural_key)} in {self._location}; they are left out of "
+                "the metadata (held-out sessions, or credentials needed: pass "
+                "storage_options).",
+                NeurocubeWarning,
+                stacklevel=3,
+            )
         table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         if table.empty:
             return table
@@ -598,7 +677,7 @@ class Subject:
                     "current stimuli folder."
                 )
             raise DataNotDownloadedError(
-                f"{self.root / 'stimuli' / expected}: not on disk. To get it: "
+                f"{self._at('stimuli', expected)}: not on disk. To get it: "
                 f"{_download_hint('stimuli')}."
             )
         return str(rows["path"].iloc[0])
@@ -610,7 +689,13 @@ class Subject:
             if required:
                 raise
             return None
-        return _read_csv(path)
+        with self._lock:
+            table = self._stimuli_table
+        if table is None:
+            table = _read_csv(path, storage_options=self.storage_options)
+            with self._lock:
+                self._stimuli_table = table
+        return table
 
     # ------------------------------------------------------------------ betas
 
@@ -676,20 +761,24 @@ class Subject:
 
         sessions = self._sessions_arg(session)
         keep_kind = None if stimuli is None else _stimuli_filter(stimuli)
+        metadata = self.metadata
+        self._check_access(sessions)
         selection = self.voxel_selection(
             sessions, roi=roi, mask=mask, nc_threshold=nc_threshold, mask_source=mask_source
         )
         brain_path = self.brain_mask_path(mask_source)
         _, affine = self._brain(mask_source)
         flat = selection.reshape(-1)
-        metadata = self.metadata
         arrays = []
         rows = []
         sources = []
         for ses in sessions:
             path = self.betas_path(ses)
             try:
-                ds = open_nifti(path, mask=flat, chunks=self.chunks if chunks is None else chunks)
+                ds = open_nifti(
+                    path, mask=flat, chunks=self.chunks if chunks is None else chunks,
+                    **self._read_kwargs(path),
+                )
             except GridMismatchError as exc:
                 raise GridMismatchError(
                     f"{path}: its grid differs from the {mask_source} brain mask {brain_path} "
@@ -786,7 +875,7 @@ class Subject:
         flat = selection.reshape(-1)
         maps = []
         for key, path in zip(keys, paths, strict=True):
-            ds = open_nifti(path, mask=flat)
+            ds = open_nifti(path, mask=flat, **self._read_kwargs(path))
             values = ds["data"].isel(trial=0, drop=True) if "trial" in ds["data"].dims else ds[
                 "data"
             ]
@@ -891,7 +980,8 @@ class Subject:
         )
         metadata = self.metadata
         values, valid = open_trial_embeddings(
-            path, metadata["image_name"].to_numpy(dtype=str), trials_per_chunk=trials_per_chunk
+            path, metadata["image_name"].to_numpy(dtype=str), trials_per_chunk=trials_per_chunk,
+            storage_options=self.storage_options,
         )
         coords: dict[str, Any] = {"trial": metadata.index.to_numpy(dtype=np.int64)}
         coords.update(_trial_coords(metadata, self._subject_id))
@@ -910,12 +1000,16 @@ class Subject:
 
         path = self._stimuli_file("stimuli_images", "task-images_stimuli.h5")
         metadata = self.metadata
-        return TrialImages(path, metadata["stim_idx"].to_numpy(dtype=np.int64))
+        return TrialImages(
+            path, metadata["stim_idx"].to_numpy(dtype=np.int64),
+            storage_options=self.storage_options,
+        )
 
     @property
     def captions(self) -> pd.DataFrame:
         """Captions table (``task-images_desc-captions.csv``), every cell as text."""
-        return _read_csv(self._stimuli_file("captions", "task-images_desc-captions.csv"))
+        path = self._stimuli_file("captions", "task-images_desc-captions.csv")
+        return _read_csv(path, storage_options=self.storage_options)
 
     @property
     def segmentations(self) -> Any:
@@ -926,7 +1020,7 @@ class Subject:
         meta_path = self._stimuli_file(
             "segmentations_metadata", "task-images_desc-segmentations_metadata.csv"
         )
-        return open_segmentations(path, meta_path)
+        return open_segmentations(path, meta_path, storage_options=self.storage_options)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -952,10 +1046,13 @@ def _stimuli_filter(stimuli: str) -> str:
     return stimuli
 
 
-def _read_csv(path: str, sep: str = ",") -> pd.DataFrame:
-    from neurocube.storage import open_file
+#: Remote sidecars (TSVs, CSVs, surface ROIs) are read in blocks this large: one request for
+#: a small file, a few for a big captions CSV.
+SIDECAR_BLOCK = 8 << 20
 
-    with open_file(path) as handle:
+
+def _read_csv(path: str, sep: str = ",", storage_options: Any = None) -> pd.DataFrame:
+    with storage.open_file(path, "rb", storage_options, block_size=SIDECAR_BLOCK) as handle:
         try:
             return pd.read_csv(handle, sep=sep, dtype=str, keep_default_na=False)
         except (pd.errors.ParserError, UnicodeDecodeError) as exc:
@@ -966,8 +1063,8 @@ def _read_csv(path: str, sep: str = ",") -> pd.DataFrame:
 _INT_COLUMNS = ("run", "beta_index")
 
 
-def _read_trial_table(path: str, session: str) -> pd.DataFrame:
-    table = _read_csv(path, sep="\t")
+def _read_trial_table(path: str, session: str, storage_options: Any = None) -> pd.DataFrame:
+    table = _read_csv(path, sep="\t", storage_options=storage_options)
     if "label" not in table.columns and "stimulus_id" not in table.columns:
         raise FormatError(
             f"{path}: a trial table needs a 'label' column (or 'stimulus_id' in older buckets); "
@@ -1053,12 +1150,10 @@ def _trial_coords(trials: pd.DataFrame, subject: str) -> dict[str, Any]:
     return coords
 
 
-def _read_func_gii(path: str) -> np.ndarray:
+def _read_func_gii(path: str, storage_options: Any = None) -> np.ndarray:
     import nibabel as nib
 
-    from neurocube.storage import open_file
-
-    with open_file(path) as handle:
+    with storage.open_file(path, "rb", storage_options, block_size=SIDECAR_BLOCK) as handle:
         raw = handle.read()
     try:
         image = nib.GiftiImage.from_bytes(raw)
@@ -1069,10 +1164,8 @@ def _read_func_gii(path: str) -> np.ndarray:
     return np.asarray(image.darrays[0].data)
 
 
-def _read_label(path: str) -> np.ndarray:
-    from neurocube.storage import open_file
-
-    with open_file(path) as handle:
+def _read_label(path: str, storage_options: Any = None) -> np.ndarray:
+    with storage.open_file(path, "rb", storage_options, block_size=SIDECAR_BLOCK) as handle:
         lines = handle.read().decode("ascii", errors="replace").splitlines()
     try:
         count = int(lines[1].strip())
@@ -1096,39 +1189,55 @@ def open_subject(
     *,
     chunks: Any = "auto",
     catalog: pd.DataFrame | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Subject:
     """Open one subject of a betas bucket (reads file names only).
 
     Parameters
     ----------
     root
-        Bucket root (holding ``derivatives/`` and ``stimuli/``).
+        Bucket root (holding ``derivatives/`` and ``stimuli/``): a folder or a
+        URL such as ``"s3://laion-fmri"``.
     subject
         ``"sub-03"``, or an int: the n-th subject in sorted order.
     chunks
         Default betas chunking along ``trial`` (see :func:`neurocube.open_nifti`).
     catalog
         A scan of the bucket to reuse.
+    storage_options
+        fsspec options for a URL: ``{"anon": True}`` for a public bucket, or
+        ``{"key": ..., "secret": ..., "client_kwargs": {"endpoint_url": ...}}``.
+        Every later read of the subject (trial tables, masks, betas, stimuli)
+        uses them, Dask workers included.
 
     Raises
     ------
     DataNotFoundError
-        If ``root`` is not a folder.
+        If ``root`` is not a folder (or a prefix holding objects).
     SelectionError
         If the subject is unknown or the index out of range.
+    AccessDeniedError, StorageError
+        If a bucket refuses the listing or cannot be reached.
+
+    Examples
+    --------
+    >>> sub = open_subject("s3://laion-fmri", "sub-01",
+    ...                    storage_options={"anon": True})  # doctest: +SKIP
     """
-    table = scan_bucket(root) if catalog is None else catalog
+    location = storage.normalize(root)
+    opts = storage.as_options(storage_options)
+    table = scan_bucket(location, opts) if catalog is None else catalog
     if isinstance(subject, (int, np.integer)) and not isinstance(subject, bool):
         known = subject_ids(table)
         if not -len(known) <= int(subject) < len(known):
             raise SelectionError(
-                f"{root}: subject index {subject} out of range; the bucket has {len(known)} "
+                f"{location}: subject index {subject} out of range; the bucket has {len(known)} "
                 f"subjects {known}"
             )
         subject = known[int(subject)]
     if not isinstance(subject, str):
         raise SelectionError(f"subject must be 'sub-XX' or an int, got {subject!r}")
-    return Subject(root, subject, catalog=table, chunks=chunks)
+    return Subject(location, subject, catalog=table, chunks=chunks, storage_options=opts)
 
 
 def open_subjects(
@@ -1136,13 +1245,22 @@ def open_subjects(
     subjects: Sequence[str | int] | None = None,
     *,
     chunks: Any = "auto",
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[Subject]:
-    """Open several subjects of one bucket (one scan shared by all); None opens every subject."""
-    table = scan_bucket(root)
+    """Open several subjects of one bucket (one scan shared by all); None opens every subject.
+
+    ``root`` may be a URL, read with ``storage_options`` (see :func:`open_subject`).
+    """
+    location = storage.normalize(root)
+    opts = storage.as_options(storage_options)
+    table = scan_bucket(location, opts)
     chosen: Sequence[str | int] = subject_ids(table) if subjects is None else subjects
     if isinstance(chosen, (str, int)):
         chosen = [chosen]
-    return [open_subject(root, s, chunks=chunks, catalog=table) for s in chosen]
+    return [
+        open_subject(location, s, chunks=chunks, catalog=table, storage_options=opts)
+        for s in chosen
+    ]
 
 
 def roi_means(

@@ -235,11 +235,14 @@ def select_voxels(
     return selected
 
 
-def read_small_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+def read_small_volume(
+    path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Read a small 3-D NIfTI eagerly (masks, ROIs, noise ceilings, R² maps).
 
     Scaling is applied (float64 result); the file is read by neurocube's own
-    NIfTI reader (:func:`neurocube.ops.masks.read_volume`).
+    NIfTI reader (:func:`neurocube.ops.masks.read_volume`). ``path`` may be a
+    URL, read with ``storage_options`` (ignored for a local path).
 
     Returns
     -------
@@ -251,7 +254,12 @@ def read_small_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndar
     FormatError
         If the file is not a NIfTI-1/2 image or is not 3-D.
     """
+    from neurocube import storage
     from neurocube.ops.masks import read_volume
 
-    volume, affine = read_volume(path)
+    # a URL is read with its options (read_volume takes storage_options for URLs)
+    kwargs: dict[str, Any] = (
+        {} if storage.is_local(path) else {"storage_options": storage.as_options(storage_options)}
+    )
+    volume, affine = read_volume(path, **kwargs)
     return volume.astype(np.float64, copy=False), affine
