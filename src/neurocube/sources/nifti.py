@@ -43,6 +43,7 @@ __all__ = [
     "NiftiSpec",
     "VolumeArray",
     "as_mask",
+    "build_index",
     "open_nifti",
     "read_header",
     "read_volume",
@@ -1193,6 +1194,41 @@ def volume_dask_array(
     if arr.voxels is not None:
         _register_direct(name, arr, chunks)
     return data
+
+
+def build_index(
+    path: str | os.PathLike[str],
+    *,
+    storage_options: dict[str, Any] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    index_store: str | os.PathLike[str] | None = None,
+    index_store_options: dict[str, Any] | None = None,
+) -> str | None:
+    """Build (or find) the gzip seek index of a ``.nii.gz`` ahead of time; return its local path.
+
+    Streams the file once (remote objects: once over the network) unless a
+    valid index is already in the cache folder or the index store, and puts
+    a new index into the store when one is named. A ``.nii`` needs no index:
+    None is returned.
+    """
+    info = read_header(path, storage_options)
+    if not info.compressed:
+        return None
+    spec = _gzip_spec(info, "auto", cache_dir, index_store, index_store_options)
+    if spec.index_path is None:
+        raise NeurocubeError(
+            f"{info.path}: no writable cache folder for its index; set NEUROCUBE_CACHE_DIR "
+            "or pass cache_dir= to a writable folder."
+        )
+    if gzindex.fetch_index(spec) and gzindex.index_usable(spec):
+        return spec.index_path
+    step = max(1, gzindex.INDEXED_READ_BLOCK // max(info.volume_bytes, 1))
+    buf = np.empty(step * info.volume_bytes, dtype=np.uint8)
+    data_end = info.data_end
+    for start in range(info.vox_offset, data_end, len(buf)):
+        n = min(len(buf), data_end - start)
+        gzindex.read_range(spec, start, memoryview(buf[:n]), data_end=data_end)  # type: ignore[arg-type]
+    return spec.index_path
 
 
 def _read_after(arr: VolumeArray, key: tuple[slice, ...], _previous: Any) -> np.ndarray:
