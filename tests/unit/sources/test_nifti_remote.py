@@ -243,5 +243,5 @@ def test_a_connection_that_keeps_failing_names_the_url_and_bytes(s3, session_fil
     ds = neurocube.open_nifti(url, mask=mask, storage_options=s3.storage_options)
     s3.proxy.drop_next(1000)
     with pytest.raises(StorageError, match=rf"{url}: could not read \(bytes \d+-\d+\)") as err:
-        ds.data.isel(trial=3).values
+        ds.data.isel(trial=3).compute()
     assert SECRET not in str(err.value)
