@@ -859,47 +859,117 @@ class _RemoteHandle(io.RawIOBase):
 
 
 def read_range(
-    path: str, start: int, end: int, storage_options: Mapping[str, Any] | None = None
+    path: str,
+    start: int,
+    end: int,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    etag: str = "",
 ) -> bytes:
-    """Return bytes ``[start, end)`` of a file or object (one range request remotely)."""
-    if end <= start:
-        return b""
-    if is_local(path):
-        with open_file(path) as fh:
-            fh.seek(start)
-            data: bytes = fh.read(end - start)
-        IO_STATS.add_bytes(len(data))
-        return data
-    fs, fpath = _filesystem(path, storage_options)
-    IO_STATS.add_open()
-    with translate_errors(path, "read", (start, end)):
-        data = fs.cat_file(fpath, start=start, end=end)
-    IO_STATS.add_bytes(len(data))
-    return data
+    """Return bytes ``[start, end)`` of a file or object (one range request remotely).
+
+    With ``etag`` (the version seen when the object was opened), an S3 read is
+    conditional (``If-Match``): an object replaced since then raises
+    :class:`DataChangedError` instead of returning bytes of another version.
+    """
+    return read_ranges(path, [(start, end)], storage_options, etag=etag)[0]
 
 
 def read_ranges(
-    path: str, ranges: Iterable[tuple[int, int]], storage_options: Mapping[str, Any] | None = None
+    path: str,
+    ranges: Iterable[tuple[int, int]],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    etag: str = "",
 ) -> list[bytes]:
-    """Return several byte ranges of one file or object; remote ranges go out concurrently."""
-    ranges = list(ranges)
+    """Return several byte ranges of one file or object; remote ranges go out concurrently.
+
+    ``etag`` makes S3 reads conditional on that version (see :func:`read_range`).
+    """
+    ranges = [(a, b) for a, b in ranges]
     if not ranges:
         return []
-    if is_local(path) or len(ranges) == 1:
-        return [read_range(path, a, b, storage_options) for a, b in ranges]
+    if is_local(path):
+        out = []
+        with open_file(path) as fh:
+            for a, b in ranges:
+                fh.seek(a)
+                out.append(fh.read(max(0, b - a)) if b > a else b"")
+        IO_STATS.add_bytes(sum(len(p) for p in out))
+        return out
     fs, fpath = _filesystem(path, storage_options)
     IO_STATS.add_open()
     lo = min(a for a, _ in ranges)
     hi = max(b for _, b in ranges)
     with translate_errors(path, "read", (lo, hi)):
-        parts = fs.cat_ranges([fpath] * len(ranges), [a for a, _ in ranges],
-                              [b for _, b in ranges], on_error="raise")
-    for p in parts:
-        if isinstance(p, BaseException):
-            with translate_errors(path, "read", (lo, hi)):
+        if etag and path.startswith(("s3://", "s3a://")):
+            parts: list[Any] = _s3_conditional_ranges(fs, fpath, ranges, etag, path)
+        elif len(ranges) == 1:
+            a, b = ranges[0]
+            parts = [fs.cat_file(fpath, start=a, end=b) if b > a else b""]
+        else:
+            parts = fs.cat_ranges([fpath] * len(ranges), [a for a, _ in ranges],
+                                  [b for _, b in ranges], on_error="raise")
+        for p in parts:
+            if isinstance(p, BaseException):
                 raise p
     IO_STATS.add_bytes(sum(len(p) for p in parts))
     return list(parts)
+
+
+def _s3_conditional_ranges(
+    fs: Any, fpath: str, ranges: list[tuple[int, int]], etag: str, url: str
+) -> list[bytes]:
+    """GET byte ranges of an S3 object with ``If-Match: etag``, concurrently."""
+    import asyncio
+
+    from fsspec.asyn import sync
+
+    bucket, key, _ = fs.split_path(fpath)
+    tag, _, version_id = etag.partition("@")
+    extra = {"VersionId": version_id} if version_id else {}
+
+    attempts = max(1, int(getattr(fs, "retries", 5)))
+
+    async def one(a: int, b: int) -> bytes:
+        if b <= a:
+            return b""
+        for attempt in range(attempts):
+            try:
+                return await once(a, b)
+            except (DataChangedError, FileNotFoundError, PermissionError):
+                raise
+            except Exception:  # a connection lost mid-body, a timeout: the backend's way, again
+                if attempt == attempts - 1:
+                    raise
+                await asyncio.sleep(min(0.1 * 1.7**attempt, 5.0))
+        raise AssertionError("unreachable")
+
+    async def once(a: int, b: int) -> bytes:
+        try:
+            resp = await fs._call_s3(
+                "get_object", Bucket=bucket, Key=key, Range=f"bytes={a}-{b - 1}",
+                IfMatch=f'"{tag}"', **extra,
+            )
+        except Exception as exc:
+            text = f"{exc} {exc.__cause__} {exc.__context__}"
+            if "PreconditionFailed" in text or "pre-conditions" in text or "412" in text:
+                raise DataChangedError(
+                    f"{url}: changed since it was opened (its ETag is no longer {tag}). "
+                    "Values read now would mix two versions: open it again."
+                ) from None
+            raise
+        try:
+            data: bytes = await resp["Body"].read()
+            return data
+        finally:
+            resp["Body"].close()
+
+    async def gather() -> list[bytes]:
+        return list(await asyncio.gather(*(one(a, b) for a, b in ranges)))
+
+    result: list[bytes] = sync(fs.loop, gather)
+    return result
 
 
 def read_all(path: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
@@ -1026,6 +1096,7 @@ class BlockReader(io.RawIOBase):
         self.size = size
         self.block_size = block_size
         self.readahead = readahead
+        self.version = version
         self._key: Hashable = (url, size, version, block_size)
         self._pos = 0
         self._last_end = -1
@@ -1140,7 +1211,7 @@ class BlockReader(io.RawIOBase):
     def _fetch_run(self, a: int, b: int, *, keep: bool) -> bytes:
         bs = self.block_size
         lo, hi = a * bs, min(self.size, b * bs)
-        data = read_range(self.url, lo, hi, self.options)
+        data = read_range(self.url, lo, hi, self.options, etag=self.version)
         if len(data) != hi - lo:
             raise DataChangedError(
                 f"{self.url}: the object ended at byte {lo + len(data)} while bytes up to {hi} "

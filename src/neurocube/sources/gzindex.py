@@ -207,13 +207,54 @@ def auto_index_path(
 
 
 def index_name(meta: storage.ObjectInfo) -> str:
-    """Return the file name of the index of a file or object, from its stat alone."""
+    """Return the file name of the index of a file or object, from its stat alone.
+
+    An object's name is ``<name>.<hash of the URL>-<hash of size and ETag>.gzidx``,
+    so the indexes of earlier versions of the same URL can be found (and
+    retired, see :func:`retire_old_versions`).
+    """
     if storage.is_local(meta.path):
         text = f"{meta.path}\0{meta.size}\0{meta.mtime_ns}"
-    else:
-        text = f"{meta.path}\0{meta.size}\0etag:{meta.etag}"
-    digest = hashlib.sha256(text.encode()).hexdigest()[:32]
-    return f"{meta.name}.{digest}.gzidx"
+        digest = hashlib.sha256(text.encode()).hexdigest()[:32]
+        return f"{meta.name}.{digest}.gzidx"
+    version = hashlib.sha256(f"{meta.size}\0etag:{meta.etag}".encode()).hexdigest()[:16]
+    return f"{meta.name}.{_url_digest(meta.path)}-{version}.gzidx"
+
+
+def _url_digest(url: str) -> str:
+    return hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def retire_old_versions(spec: GzipIndexSpec) -> None:
+    """Delete cached indexes of earlier versions of ``spec.path`` (an object), with a warning.
+
+    The object's ETag changed since they were built: their seek points would
+    land in the wrong places. The new version gets its own index on its first
+    read; nothing is read through an old one.
+    """
+    if not spec.remote or spec.index_path is None or spec.explicit:
+        return
+    current = Path(spec.index_path)
+    prefix = f"{storage.basename(spec.path)}.{_url_digest(spec.path)}-"
+    try:
+        stale = [
+            p for p in current.parent.glob(f"{prefix}*.gzidx") if p.name != current.name
+        ]
+    except OSError:
+        return
+    if not stale:
+        return
+    for old in stale:
+        for leftover in (old, old.with_suffix(".json")):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+    warnings.warn(
+        f"{spec.path}: the object changed since its gzip index was built (its ETag is now "
+        f"{spec.etag}); the old index was deleted and the next read streams the object once, "
+        "storing a new one.",
+        IndexRebuildWarning,
+        stacklevel=4,
+    )
 
 
 def index_store(store: str | os.PathLike[str] | None = None) -> str | None:

@@ -523,7 +523,8 @@ def _read_plain(spec: NiftiSpec, offset: int, buf: np.ndarray, start: int, stop:
         end = offset + buf.nbytes
         pieces = [(a, min(end, a + REMOTE_PIECE)) for a in range(offset, end, REMOTE_PIECE)]
         got = 0
-        for data in storage.read_ranges(path, pieces, spec.storage_options):
+        etag = str(spec.file_version)
+        for data in storage.read_ranges(path, pieces, spec.storage_options, etag=etag):
             buf[got : got + len(data)] = np.frombuffer(data, dtype=np.uint8)
             got += len(data)
             if len(data) < REMOTE_PIECE:
@@ -1052,13 +1053,15 @@ def _gzip_spec(
             if index_store_options is not None
             else info.storage_options
         )
-        return gzindex.GzipIndexSpec(
+        spec = gzindex.GzipIndexSpec(
             info.path,
             str(gzindex.auto_index_path(info.path, cache_dir, meta=meta)),
             store=store,
             store_options=store_options if store is not None else None,
             **base,  # type: ignore[arg-type]
         )
+        gzindex.retire_old_versions(spec)
+        return spec
     index_path = storage.local_path(index)
     gzindex.check_index(index_path, info.path, info.storage_options)
     return gzindex.GzipIndexSpec(info.path, str(index_path), explicit=True,

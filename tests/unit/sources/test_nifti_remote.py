@@ -245,3 +245,24 @@ def test_a_connection_that_keeps_failing_names_the_url_and_bytes(s3, session_fil
     with pytest.raises(StorageError, match=rf"{url}: could not read \(bytes \d+-\d+\)") as err:
         ds.data.isel(trial=3).compute()
     assert SECRET not in str(err.value)
+
+
+def test_a_changed_object_gets_a_new_index_never_wrong_data(s3, session_files, tmp_path):
+    from neurocube.errors import DataChangedError
+    from neurocube.sources.gzindex import IndexRebuildWarning
+
+    folder, values, mask, _ = session_files
+    url = s3.put(folder / "betas.nii.gz", "changing/betas.nii.gz")
+    before = neurocube.open_nifti(url, mask=mask, storage_options=s3.storage_options)
+    neurocube.load(before)  # index of the first version
+    other = values[..., :30] * 2 + 1
+    write_nifti(tmp_path / "v2.nii.gz", other)
+    _fresh_process_state()
+    s3.put(tmp_path / "v2.nii.gz", "changing/betas.nii.gz")  # same URL, new ETag
+    with pytest.raises(DataChangedError, match="changed since it was opened"):
+        before.data.isel(trial=[2]).compute()  # opened before the change: refused
+    with pytest.warns(IndexRebuildWarning, match="object changed since its gzip index"):
+        after = neurocube.open_nifti(url, mask=mask, storage_options=s3.storage_options)
+    np.testing.assert_array_equal(after.data.values, masked_oracle(other, mask))
+    index_dir = Path(os.environ["NEUROCUBE_CACHE_DIR"]) / "gzindex"
+    assert len(list(index_dir.glob("*.gzidx"))) == 1
