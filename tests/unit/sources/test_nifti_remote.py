@@ -266,3 +266,15 @@ def test_a_changed_object_gets_a_new_index_never_wrong_data(s3, session_files, t
     np.testing.assert_array_equal(after.data.values, masked_oracle(other, mask))
     index_dir = Path(os.environ["NEUROCUBE_CACHE_DIR"]) / "gzindex"
     assert len(list(index_dir.glob("*.gzidx"))) == 1
+
+
+@pytest.mark.parametrize("name", ["betas.nii.gz", "betas.nii"])
+def test_reads_go_out_as_concurrent_range_requests(s3, session_files, name):
+    """With a latency per request (a cloud region), chunks are fetched several at a time."""
+    folder, values, mask, _ = session_files
+    url = s3.put(folder / name, f"concurrent/{name}")
+    s3.proxy.set_latency(0.02)
+    ds = neurocube.open_nifti(url, mask=mask, chunks=10, storage_options=s3.storage_options)
+    s3.counter.reset()
+    np.testing.assert_array_equal(ds.data.values, masked_oracle(values, mask))  # first read
+    assert s3.counter.max_inflight >= 2, "the read fetched one range at a time"
