@@ -1188,7 +1188,7 @@ def volume_dask_array(
     )
     meta = np.empty((0,) * len(dims), dtype=arr.dtype)
     gz = arr.spec.gzip
-    if gz is not None and (gz.index_path is None or not os.path.exists(gz.index_path)):
+    if gz is not None and not gzindex.has_index(gz):
         data = _streaming_array(arr, chunks, dims, name, meta)
     else:
         data = da.from_array(
