@@ -57,7 +57,7 @@ def test_open_dataset_errors_on_s3(s3, files):
     folder, _, _ = files
     opts = s3.storage_options
     missing = f"{s3.url}/d/none.nii.gz"
-    with pytest.raises(DataNotFoundError, match="none.nii.gz") as info:
+    with pytest.raises(DataNotFoundError, match=r"none\.nii\.gz") as info:
         xr.open_dataset(missing, engine="neurocube", storage_options=opts)
     assert SECRET not in str(info.value)
     url = s3.put(folder / "betas.nii.gz", "held-out/betas.nii.gz")

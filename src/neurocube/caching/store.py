@@ -37,8 +37,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from neurocube.config import cache_dir
 from neurocube import storage
+from neurocube.config import cache_dir
 from neurocube.errors import CacheError, DataNotFoundError
 from neurocube.io._atomic import atomic_path
 from neurocube.storage import is_url
