@@ -503,6 +503,32 @@ LIST_STATS = collections.Counter()  # type: ignore[var-annotated]
 """Listings made by this process, per kind (``find``/``ls``); tests count them."""
 
 
+def _walk_local(top: str, *, hidden: bool) -> Iterator[tuple[os.DirEntry[str], bool]]:
+    """Yield ``(entry, is_dir)`` for everything below a local folder, one ``scandir`` per folder.
+
+    Hidden names (and what is inside hidden folders) are skipped unless
+    ``hidden``; folders that vanish or cannot be read are skipped.
+    """
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as iterator:
+                entries = list(iterator)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        for entry in entries:
+            if not hidden and entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                continue
+            if is_dir:
+                stack.append(entry.path)
+            yield entry, is_dir
+
+
 def find(
     root: str | os.PathLike[str],
     storage_options: Mapping[str, Any] | None = None,
@@ -522,29 +548,17 @@ def find(
     out: dict[str, ObjectInfo] = {}
     LIST_STATS["find"] += 1
     if is_local(loc):
-        stack = [loc]
-        while stack:
-            folder = stack.pop()
-            try:
-                with os.scandir(folder) as iterator:
-                    entries = list(iterator)
-            except (FileNotFoundError, NotADirectoryError, PermissionError):
+        for entry, is_dir in _walk_local(loc, hidden=hidden):
+            if is_dir:
+                if withdirs:
+                    out[entry.path] = ObjectInfo(entry.path, 0, True)
                 continue
-            for entry in entries:
-                if not hidden and entry.name.startswith("."):
-                    continue
-                try:
-                    is_dir = entry.is_dir()
-                    st = entry.stat() if not is_dir else None
-                except OSError:
-                    continue
-                if is_dir:
-                    stack.append(entry.path)
-                    if withdirs:
-                        out[entry.path] = ObjectInfo(entry.path, 0, True)
-                elif st is not None:
-                    out[entry.path] = ObjectInfo(entry.path, st.st_size, False, st.st_mtime_ns,
-                                                 st.st_ctime_ns)
+            try:
+                st = entry.stat()
+            except OSError:
+                continue
+            out[entry.path] = ObjectInfo(entry.path, st.st_size, False, st.st_mtime_ns,
+                                         st.st_ctime_ns)
         return dict(sorted(out.items()))
     fs, fpath = _filesystem(loc, storage_options)
     protocol = loc.split("://", 1)[0]
@@ -582,28 +596,7 @@ def list_files(
     if not is_local(loc):
         return list(find(loc, storage_options, hidden=hidden))
     LIST_STATS["find"] += 1
-    out: list[str] = []
-    stack = [loc]
-    while stack:
-        folder = stack.pop()
-        try:
-            with os.scandir(folder) as iterator:
-                entries = list(iterator)
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
-            continue
-        for entry in entries:
-            if not hidden and entry.name.startswith("."):
-                continue
-            try:
-                is_dir = entry.is_dir()
-            except OSError:
-                continue
-            if is_dir:
-                stack.append(entry.path)
-            else:
-                out.append(entry.path)
-    out.sort()
-    return out
+    return sorted(entry.path for entry, is_dir in _walk_local(loc, hidden=hidden) if not is_dir)
 
 
 def listdir(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None

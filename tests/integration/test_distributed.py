@@ -192,3 +192,18 @@ def test_every_reader_on_the_cluster_matches_threads_and_caches_there(client, tm
     cached = neurocube.cache(ds, store=tmp_path / "c")  # chunks written by the workers
     xr.testing.assert_identical(cached.compute(), threaded)  # read back on the cluster
     case.check(cached.compute(scheduler="threads"))
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_nifti_from_s3_on_the_cluster_with_options_as_arguments(client, tmp_path, s3, suffix):
+    """Workers read s3:// with the storage options the specs carry (no environment variables)."""
+    assert not any(k.startswith("AWS_ACCESS") or k.startswith("AWS_SECRET") for k in os.environ)
+    values = analytic_values(SHAPE).astype(np.float32)
+    path = write_nifti(tmp_path / f"betas{suffix}", values)
+    url = s3.put(path, f"cluster/betas{suffix}")
+    mask = _mask()
+    ds = neurocube.open_nifti(url, mask=mask, chunks=3, storage_options=s3.storage_options)
+    expected = values[mask].T
+    np.testing.assert_array_equal(ds.data.compute().values, expected)  # first read on workers
+    again = neurocube.open_nifti(url, mask=mask, chunks=3, storage_options=s3.storage_options)
+    np.testing.assert_array_equal(again.data.isel(trial=[1, 7, 10]).values, expected[[1, 7, 10]])

@@ -27,7 +27,8 @@ MEASURE = textwrap.dedent(
                     return int(line.split()[1]) * 1024
 
     path, mask_path, scheduler, how = sys.argv[1:5]
-    ds = neurocube.open_nifti(path, mask=np.load(mask_path))
+    options = json.loads(sys.argv[5]) if len(sys.argv) > 5 else None
+    ds = neurocube.open_nifti(path, mask=np.load(mask_path), storage_options=options)
     base = status("VmRSS")
     # Reset the kernel's peak-RSS mark to now: ru_maxrss would also count the forked copy of
     # the parent (pytest, hundreds of MB after a long run) from before exec.
@@ -71,9 +72,10 @@ def make_session(folder, n_trials, *, gz=False):
     return path, folder / "mask.npy", mask
 
 
-def measure(path, mask_path, scheduler="threads", how="values"):
+def measure(path, mask_path, scheduler="threads", how="values", storage_options=None):
+    extra = [json.dumps(storage_options)] if storage_options else []
     proc = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(path), str(mask_path), scheduler, how],
+        [sys.executable, "-c", MEASURE, str(path), str(mask_path), scheduler, how, *extra],
         capture_output=True, text=True, check=True,
     )
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -108,4 +110,21 @@ def test_masked_read_of_a_large_nii_gz_stays_within_output_plus_200mb(tmp_path):
     for result in (first, again, loaded):
         growth = result["peak"] - result["base"]
         assert growth <= result["out"] + BOUND
+        assert result["checksum"] == pytest.approx(expected_checksum(mask, n_trials))
+
+
+def test_first_masked_read_of_a_remote_nii_gz_stays_within_output_plus_200mb(tmp_path, s3):
+    """From S3: one pass over the object, the index recorded, memory bounded like locally."""
+    n_trials = 300
+    path, mask_path, mask = make_session(tmp_path, n_trials, gz=True)
+    url = s3.put(path, "memory/session.nii.gz")
+    first = measure(url, mask_path, how="load", storage_options=s3.storage_options)
+    assert s3.counter.bytes_for("session.nii.gz") <= 1.02 * path.stat().st_size
+    again = measure(url, mask_path, storage_options=s3.storage_options)  # Dask, through the index
+    for result in (first, again):
+        growth = result["peak"] - result["base"]
+        assert growth <= result["out"] + BOUND, (
+            f"peak grew by {growth / 2**20:.0f} MiB for an output of "
+            f"{result['out'] / 2**20:.0f} MiB"
+        )
         assert result["checksum"] == pytest.approx(expected_checksum(mask, n_trials))

@@ -20,6 +20,7 @@ def test_quickstart_notebook_runs_and_plots(tmp_path, monkeypatch):
     monkeypatch.setenv("QUICKSTART_GRID", "12,14,10")
     monkeypatch.setenv("QUICKSTART_DIR", str(tmp_path))
     monkeypatch.delenv("MPLBACKEND", raising=False)
+    monkeypatch.delenv("NEUROCUBE_PUBLIC_BUCKET", raising=False)  # no traffic off this machine
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(
         notebook,
@@ -43,3 +44,4 @@ def test_quickstart_notebook_runs_and_plots(tmp_path, monkeypatch):
     assert (tmp_path / "bucket" / "derivatives").is_dir()
     assert "sub01-face-nc15" in text and "complete" in text  # `neurocube cache ls`
     assert "removed ['sub01-face-nc15']" in text
+    assert "public bucket: skipped" in text  # the Colab cell sends nothing off this machine

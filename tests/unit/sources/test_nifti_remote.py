@@ -147,3 +147,101 @@ def test_specs_carry_the_options_but_text_never_shows_the_secret(s3, session_fil
     texts = [repr(ds), str(ds.attrs), repr(graph), str(tokenize(ds)), ds.data.data.name]
     assert not any(SECRET in t for t in texts)  # ...nothing that prints or keys them does
     assert storage.options_for(url) is not None
+
+
+def _fresh_process_state():
+    """Forget every block and handle this process holds, as a new process would."""
+    from neurocube.sources import gzindex
+
+    gzindex.reset_handles()
+    storage.SHARED_BLOCKS.clear()
+
+
+def test_indexed_subsets_fetch_only_their_volumes(s3, session_files):
+    from neurocube.sources import gzindex
+
+    folder, values, mask, _ = session_files
+    url = s3.put(folder / "betas.nii.gz", "subset/betas.nii.gz")
+    size = (folder / "betas.nii.gz").stat().st_size
+    ratio = size / (VOLUME * SHAPE[3])  # compressed bytes per uncompressed byte
+    ds = neurocube.open_nifti(url, mask=mask, storage_options=s3.storage_options)
+    neurocube.load(ds)  # the first read records the index
+    expected = masked_oracle(values, mask)
+    # compressed bytes of the volumes + 2 index spacings (in compressed bytes) per run
+    budget = lambda n: n * VOLUME * ratio + 2 * gzindex.SPACING * ratio + (2 << 20)  # noqa: E731
+    for selection in (slice(85, 90), slice(40, 45), [3, 4, 5, 6, 7]):
+        _fresh_process_state()
+        s3.counter.reset()
+        ds = neurocube.open_nifti(url, mask=mask, storage_options=s3.storage_options)
+        got = ds.data.isel(trial=selection).values
+        np.testing.assert_array_equal(got, expected[selection])
+        sent = s3.counter.bytes_for("betas.nii.gz")
+        assert sent <= budget(5), (selection, sent, budget(5), size)
+        assert sent < size / 2
+
+
+def test_last_trial_costs_about_the_first(s3, session_files):
+    folder, values, mask, _ = session_files
+    url = s3.put(folder / "betas.nii.gz", "position/betas.nii.gz")
+    neurocube.load(neurocube.open_nifti(url, mask=mask, storage_options=s3.storage_options))
+    sent = {}
+    for trial in (0, SHAPE[3] - 1):
+        _fresh_process_state()
+        ds = neurocube.open_nifti(url, mask=mask, storage_options=s3.storage_options)
+        s3.counter.reset()
+        np.testing.assert_array_equal(
+            ds.data.isel(trial=trial).values, masked_oracle(values, mask)[trial]
+        )
+        sent[trial] = s3.counter.bytes_for("betas.nii.gz")
+    assert sent[SHAPE[3] - 1] <= 2 * max(sent[0], 1 << 20), sent
+
+
+def test_nii_subset_sends_only_its_volumes(s3, session_files):
+    folder, values, mask, _ = session_files
+    url = s3.put(folder / "betas.nii", "plainsubset/betas.nii")
+    ds = neurocube.open_nifti(url, mask=mask, storage_options=s3.storage_options)
+    s3.counter.reset()
+    got = ds.data.isel(trial=[10, 11, 12, 60, 89]).values
+    np.testing.assert_array_equal(got, masked_oracle(values, mask)[[10, 11, 12, 60, 89]])
+    assert s3.counter.bytes_for("betas.nii") == 5 * VOLUME
+
+
+def test_first_read_writes_nothing_but_the_index(s3, session_files, tmp_path, monkeypatch):
+    import tempfile
+
+    folder, _, mask, _ = session_files
+    url = s3.put(folder / "betas.nii.gz", "disk/betas.nii.gz")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    cache = Path(os.environ["NEUROCUBE_CACHE_DIR"])
+    before = {p for p in cache.rglob("*")}
+    neurocube.load(neurocube.open_nifti(url, mask=mask, storage_options=s3.storage_options))
+    written = sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*") if p not in before)
+    assert [w.rsplit(".", 1)[-1] for w in written if "/" in w] == ["gzidx", "json"], written
+    index_bytes = sum((cache / w).stat().st_size for w in written if w.endswith(".gzidx"))
+    assert index_bytes < (folder / "betas.nii.gz").stat().st_size / 2
+    assert list(scratch.iterdir()) == []
+
+
+def test_a_connection_lost_mid_read_is_retried(s3, session_files):
+    folder, values, mask, _ = session_files
+    url = s3.put(folder / "betas.nii", "flaky/betas.nii")
+    ds = neurocube.open_nifti(url, mask=mask, storage_options=s3.storage_options)
+    s3.proxy.drop_next(2)
+    np.testing.assert_array_equal(ds.data.isel(trial=[4, 50]).values,
+                                  masked_oracle(values, mask)[[4, 50]])
+    assert s3.counter.count("DROP") == 2
+
+
+def test_a_connection_that_keeps_failing_names_the_url_and_bytes(s3, session_files):
+    from neurocube.errors import StorageError
+
+    folder, _, mask, _ = session_files
+    url = s3.put(folder / "betas.nii", "down/betas.nii")
+    ds = neurocube.open_nifti(url, mask=mask, storage_options=s3.storage_options)
+    s3.proxy.drop_next(1000)
+    with pytest.raises(StorageError, match=rf"{url}: could not read \(bytes \d+-\d+\)") as err:
+        ds.data.isel(trial=3).compute()
+    assert SECRET not in str(err.value)
