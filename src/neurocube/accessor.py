@@ -40,11 +40,19 @@ class NeuroAccessor(Generic[Obj]):
         key: str | None = None,
         overwrite: bool = False,
         progress: bool | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> Obj:
         """Cache this object in Zarr and return it reopened; see :func:`neurocube.cache`."""
         from neurocube.caching.core import cache
 
-        return cache(self._obj, store=store, key=key, overwrite=overwrite, progress=progress)
+        return cache(
+            self._obj,
+            store=store,
+            key=key,
+            overwrite=overwrite,
+            progress=progress,
+            storage_options=storage_options,
+        )
 
     def load(self, *, progress: bool | None = None) -> Obj:
         """Compute into memory chunk by chunk, without a second copy; see :func:`neurocube.load`."""

@@ -3,6 +3,8 @@
 Registered through the ``xarray.backends`` entry point. NIfTI files open with
 xarray's lazy indexing (``chunks={}`` gives Dask arrays chunked by whole
 volumes); other single-file formats are handed to their neurocube readers.
+Paths may be URLs (``s3://...``, ``https://...``): pass ``storage_options=``
+(a dict handed to fsspec), which reaches the format sniffers and the reader.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import numpy as np
 from xarray.backends import BackendArray, BackendEntrypoint
 from xarray.core import indexing
 
-from neurocube.errors import ReaderNotFoundError
+from neurocube import storage
+from neurocube.errors import DataNotFoundError, ReaderNotFoundError
 
 __all__ = ["NeurocubeBackendEntrypoint"]
 
@@ -37,9 +40,13 @@ class _NiftiBackendArray(BackendArray):
 def _open_nifti_lazy(path: str, **kwargs: Any) -> Any:
     import xarray as xr
 
+    from neurocube.sources import gzindex
     from neurocube.sources.nifti import build_parts
 
     parts = build_parts(path, **kwargs)
+    gz = parts.array.spec.gzip
+    if gz is not None and gz.index_path is not None and gz.store is not None:
+        gzindex.fetch_index(gz)  # an index shared in the store: no first pass over the data
     var = xr.Variable(
         parts.dims, indexing.LazilyIndexedArray(_NiftiBackendArray(parts.array)), attrs={}
     )
@@ -62,17 +69,21 @@ def _open_embedding_file(path: str, **kwargs: Any) -> Any:
 def _readers() -> list[tuple[str, str, str, tuple[str, ...]]]:
     """Every single-file reader: (name, sniffing function, opener, keyword arguments it takes).
 
-    Sniffers look at magic bytes and layout, never at the suffix alone.
+    Sniffers look at magic bytes and layout, never at the suffix alone; each
+    takes ``(path, storage_options)``.
     """
     return [
         ("nifti", "neurocube.sources.nifti:sniff_nifti", "neurocube.backend:_open_nifti_lazy",
-         ("mask", "index", "chunks", "cache_dir")),
+         ("mask", "index", "chunks", "cache_dir", "storage_options", "index_store",
+          "index_store_options")),
         ("spectral (HDF5)", "neurocube.datasets.spectral:guess_spectral",
-         "neurocube.datasets.spectral:open_spectral", ("strict", "chunks")),
+         "neurocube.datasets.spectral:open_spectral", ("strict", "chunks", "storage_options")),
         ("TMS traces (HDF5)", "neurocube.datasets.traces:guess_traces",
-         "neurocube.datasets.traces:open_traces", ("traces_per_chunk", "ragged", "use_cache")),
+         "neurocube.datasets.traces:open_traces",
+         ("traces_per_chunk", "ragged", "use_cache", "storage_options")),
         ("embedding (NPZ + JSON)", "neurocube.catalog.embeddings:guess_npz_embedding",
-         "neurocube.backend:_open_embedding_file", ("representation", "files_per_chunk")),
+         "neurocube.backend:_open_embedding_file",
+         ("representation", "files_per_chunk", "storage_options")),
     ]
 
 
@@ -91,11 +102,15 @@ class NeurocubeBackendEntrypoint(BackendEntrypoint):
     open_dataset_parameters = ("filename_or_obj", "drop_variables")
 
     def guess_can_open(self, filename_or_obj: Any) -> bool:
-        """Sniff magic bytes and layout; fall back to the suffix for files that don't exist."""
+        """Sniff magic bytes and layout; fall back to the suffix for URLs and missing files.
+
+        xarray asks without ``storage_options``, so a URL is judged by its
+        suffix alone (nothing travels); pass ``engine="neurocube"`` for others.
+        """
         if not isinstance(filename_or_obj, (str, os.PathLike)):
             return False
         path = str(filename_or_obj)
-        if os.path.isfile(path):
+        if storage.is_local(path) and storage.isfile(path):
             return any(bool(_load(sniff)(path)) for _, sniff, _, _ in _readers())
         return path.endswith((".nii", ".nii.gz"))
 
@@ -104,16 +119,25 @@ class NeurocubeBackendEntrypoint(BackendEntrypoint):
         filename_or_obj: Any,
         *,
         drop_variables: str | Iterable[str] | None = None,
+        storage_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> Any:
         """Open ``filename_or_obj`` with the first neurocube reader that recognises it.
 
-        Keyword arguments go to that reader (``mask=``/``index=`` for NIfTI,
-        ``strict=`` for spectral caches, ``representation=`` for embeddings...).
+        ``storage_options`` (for a URL: a dict handed to fsspec, e.g.
+        ``{"anon": True}`` or keys and an endpoint) reaches the sniffers and the
+        reader. Other keyword arguments go to that reader (``mask=``/``index=``/
+        ``index_store=`` for NIfTI, ``strict=`` for spectral caches,
+        ``representation=`` for embeddings...).
         """
         path = os.fspath(filename_or_obj)
+        opts = storage.as_options(storage_options)
+        if not storage.is_local(path):
+            # a missing or forbidden object says so now, not as "no reader recognises it"
+            if storage.info(path, opts).is_dir:
+                raise DataNotFoundError(f"{path}: a folder (prefix), expected a file")
         for name, sniff, opener, accepted in _readers():
-            if not _load(sniff)(path):
+            if not _load(sniff)(path, opts):
                 continue
             unknown = sorted(set(kwargs) - set(accepted))
             if unknown:
@@ -121,6 +145,8 @@ class NeurocubeBackendEntrypoint(BackendEntrypoint):
                     f"{path}: the {name} reader takes {', '.join(accepted) or 'no options'}; "
                     f"got {', '.join(unknown)}"
                 )
+            if opts is not None:
+                kwargs["storage_options"] = opts.as_dict()
             ds = _load(opener)(path, **kwargs)
             if drop_variables is not None:
                 dropped = (
@@ -128,9 +154,7 @@ class NeurocubeBackendEntrypoint(BackendEntrypoint):
                 )
                 ds = ds.drop_vars(dropped, errors="ignore")
             return ds
-        if not os.path.exists(path):
-            from neurocube.errors import DataNotFoundError
-
+        if not storage.exists(path, opts):
             raise DataNotFoundError(f"{path}: no such file")
         names = ", ".join(name for name, _, _, _ in _readers())
         raise ReaderNotFoundError(

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from neurocube import __version__
 from neurocube.errors import NeurocubeError
@@ -18,7 +21,53 @@ from neurocube.errors import NeurocubeError
 COMMAND_MODULES: list[str] = [
     "neurocube.demo",
     "neurocube.caching.cli",
+    "neurocube.indexing_cli",
 ]
+
+
+def json_options(text: str) -> dict[str, Any]:
+    """Parse a ``--storage-options`` value: a JSON object, or ``@file.json`` holding one.
+
+    Used as an argparse ``type``: a bad value makes argparse print a short
+    message and exit with status 2. The message never repeats the text, which
+    may hold credentials.
+    """
+    source = "the value"
+    if text.startswith("@"):
+        source = text[1:]
+        try:
+            text = Path(source).expanduser().read_text()
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(
+                f"cannot read {source} ({exc.strerror or type(exc).__name__})"
+            ) from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{source} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+            'expected an object such as \'{"anon": true}\' or '
+            '\'{"key": "...", "secret": "...", "client_kwargs": {"endpoint_url": "..."}}\''
+        ) from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"{source} must be a JSON object (a dict of fsspec options), found a JSON "
+            f"{type(value).__name__}"
+        )
+    return value
+
+
+def add_storage_options(parser: argparse.ArgumentParser, *, flag: str = "--storage-options",
+                        what: str = "the data") -> None:
+    """Add a ``--storage-options JSON`` argument (fsspec options for URLs) to ``parser``."""
+    parser.add_argument(
+        flag,
+        type=json_options,
+        default=None,
+        metavar="JSON",
+        help=f"fsspec options for reaching {what} at a URL, as JSON (e.g. '{{\"anon\": true}}'), "
+        "or @FILE to read them from a file (keeps keys out of the process list)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

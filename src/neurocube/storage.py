@@ -56,6 +56,7 @@ __all__ = [
     "as_options",
     "basename",
     "check_unchanged",
+    "delete",
     "exists",
     "file_identity",
     "find",
@@ -1007,6 +1008,32 @@ def write_bytes(path: str, data: bytes, storage_options: Mapping[str, Any] | Non
     fs, fpath = _filesystem(path, storage_options)
     with translate_errors(path, "write"):
         fs.pipe_file(fpath, data)  # an object appears whole or not at all
+
+
+def delete(path: str, storage_options: Mapping[str, Any] | None = None, *,
+           recursive: bool = False) -> None:
+    """Delete a file or object (a folder or prefix with ``recursive``); absent is fine.
+
+    For neurocube's own outputs (cache entries, indexes), never for source data.
+    """
+    if is_local(path):
+        import shutil
+
+        target = local_path(path)
+        if recursive and target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                target.unlink()
+        return
+    fs, fpath = _filesystem(path, storage_options)
+    with translate_errors(path, "delete it"):
+        try:
+            fs.rm(fpath, recursive=recursive)
+        except FileNotFoundError:
+            pass
+        with contextlib.suppress(Exception):
+            fs.invalidate_cache(fpath)
 
 
 # --- shared blocks of remote objects ----------------------------------------------------------

@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from neurocube.cli import add_storage_options
+
 __all__ = ["format_bytes", "register"]
 
 
@@ -25,6 +27,7 @@ def register(subparsers: Any) -> None:
             name, help=help_text, description=help_text
         )
         sub.add_argument("--store", default=None, help="cache root (folder or fsspec URL)")
+        add_storage_options(sub, what="a --store URL")
         return sub
 
     ls = add("ls", "list entries, most recently used first")
@@ -63,8 +66,8 @@ def _ls(args: argparse.Namespace) -> int:
     from neurocube.caching.manage import cache_entries
     from neurocube.caching.store import open_root
 
-    entries = cache_entries(args.store)
-    print(f"cache root: {open_root(args.store).url}")
+    entries = cache_entries(args.store, args.storage_options)
+    print(f"cache root: {open_root(args.store, args.storage_options).url}")
     if not entries:
         print("(empty)")
         return 0
@@ -85,12 +88,13 @@ def _du(args: argparse.Namespace) -> int:
     from neurocube.caching.manage import cache_entries
     from neurocube.caching.store import open_root
 
-    entries = cache_entries(args.store)
+    entries = cache_entries(args.store, args.storage_options)
     total = sum(e.size_bytes for e in entries)
     data = sum(e.nbytes for e in entries)
     print(
         f"{format_bytes(total)}\t{len(entries)} entries\t"
-        f"({format_bytes(data)} of data uncompressed)\t{open_root(args.store).url}"
+        f"({format_bytes(data)} of data uncompressed)\t"
+        f"{open_root(args.store, args.storage_options).url}"
     )
     return 0
 
@@ -98,7 +102,9 @@ def _du(args: argparse.Namespace) -> int:
 def _clear(args: argparse.Namespace) -> int:
     from neurocube.caching.manage import clear_cache
 
-    removed = clear_cache(args.store, older_than=args.older_than)
+    removed = clear_cache(
+        args.store, older_than=args.older_than, storage_options=args.storage_options
+    )
     for key in removed:
         print(f"removed {key}")
     print(f"{len(removed)} entries removed", file=sys.stderr)
@@ -108,7 +114,7 @@ def _clear(args: argparse.Namespace) -> int:
 def _evict(args: argparse.Namespace) -> int:
     from neurocube.caching.manage import evict_cache
 
-    removed = evict_cache(args.budget, args.store)
+    removed = evict_cache(args.budget, args.store, storage_options=args.storage_options)
     for key in removed:
         print(f"evicted {key}")
     print(f"{len(removed)} entries evicted", file=sys.stderr)

@@ -7,7 +7,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Mapping
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
@@ -24,8 +24,9 @@ from neurocube.caching.store import (
     open_root,
     validate_key,
 )
-from neurocube.errors import CacheError, DataNotFoundError
+from neurocube.errors import CacheError, DataNotFoundError, NeurocubeError
 from neurocube.progress import compute
+from neurocube.storage import is_url, options_for
 
 __all__ = [
     "MIN_CHUNK_BYTES",
@@ -109,6 +110,7 @@ def cache(
     key: str | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Cacheable:
     """Write ``obj`` to a Zarr v3 cache entry once; return it reopened lazily from there.
 
@@ -135,6 +137,11 @@ def cache(
         Rebuild the entry even if a valid one exists.
     progress
         Show a progress bar while writing (default: ``NEUROCUBE_PROGRESS``).
+    storage_options
+        For a ``store`` URL: options handed to fsspec and Zarr (keys, an
+        endpoint, ...). Default: the options this process last used for that
+        URL, else the backend's own (environment) credentials. They never
+        appear in the entry, its key or any message.
 
     Returns
     -------
@@ -167,7 +174,7 @@ def cache(
         raise CacheError(
             f"neurocube.cache expects an xarray Dataset or DataArray, got {type(obj).__name__}."
         )
-    root = open_root(store)
+    root = open_root(store, storage_options)
     if key is not None:
         validate_key(key)
     already = _already_cached(obj, root)
@@ -193,6 +200,7 @@ def cache(
         with _quiet_zarr():
             delayed = dataset.to_zarr(
                 root.zarr_store(written),
+                storage_options=root.storage_options,
                 mode="w-",
                 zarr_format=3,
                 consolidated=False,
@@ -241,6 +249,8 @@ def open_cached(
     *,
     store: str | os.PathLike[str] | None = None,
     check_sources: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
+    source_options: Mapping[str, Any] | None = None,
 ) -> xr.Dataset | xr.DataArray:
     """Reopen a cache entry by its key, without rebuilding what produced it.
 
@@ -258,6 +268,12 @@ def open_cached(
     check_sources
         Refuse an entry whose source files changed or disappeared since it was
         written. False serves it anyway (e.g. after deleting the raw files on purpose).
+    storage_options
+        For a ``store`` URL: options handed to fsspec and Zarr (see :func:`cache`).
+    source_options
+        Options to stat source URLs with when checking them (their size and
+        ETag only). Default: the options this process opened each source
+        with, else ``storage_options``.
 
     Returns
     -------
@@ -269,7 +285,7 @@ def open_cached(
     CacheError
         No complete entry under that key, or a source file changed or is gone.
     """
-    root = open_root(store)
+    root = open_root(store, storage_options)
     entry = root.entry_url(validate_key(key))
     marker = read_marker(root, entry)
     if marker is None:
@@ -280,12 +296,21 @@ def open_cached(
     if check_sources:
         for recorded in marker.get("sources", []):
             path = str(recorded.get("path"))
+            opts = source_options
+            if opts is None and is_url(path) and not path.startswith("file://"):
+                opts = options_for(path) or root.storage_options
             try:
-                current = source_identity(path)
+                current = source_identity(path, opts)
             except (DataNotFoundError, FileNotFoundError) as exc:
                 raise CacheError(
                     f"cache entry {key!r} was made from {path}, which is gone. Pass "
                     "check_sources=False to use the entry anyway."
+                ) from exc
+            except NeurocubeError as exc:
+                raise CacheError(
+                    f"cache entry {key!r} was made from {path}, which cannot be checked now "
+                    f"({exc}). Pass source_options= to reach it, or check_sources=False to use "
+                    "the entry anyway."
                 ) from exc
             if current != recorded:
                 raise CacheError(
@@ -390,7 +415,13 @@ def _reopen(root: CacheRoot, entry: str, marker: dict[str, Any]) -> xr.Dataset |
         # store (a Dask graph per small array cost twice the read itself); every other variable
         # gets Dask chunks equal to its Zarr chunks, named after the entry and its creation, so
         # every reopen of one entry gives the same names and a rebuilt entry new ones.
-        plain = xr.open_zarr(root.zarr_store(entry), consolidated=False, zarr_format=3, chunks=None)
+        plain = xr.open_zarr(
+            root.zarr_store(entry),
+            consolidated=False,
+            zarr_format=3,
+            chunks=None,
+            storage_options=root.storage_options,
+        )
         in_memory = set(marker.get("in_memory_coords", []))
         string_dtypes = marker.get("string_dtypes", {})
         token = dask.base.tokenize(

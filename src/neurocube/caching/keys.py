@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,7 @@ import dask.base
 import xarray as xr
 
 from neurocube.errors import CacheError, NeurocubeWarning
-from neurocube.storage import file_identity, is_url
+from neurocube.storage import file_identity, identity, is_url, options_for
 
 __all__ = ["CACHE_FORMAT_VERSION", "Fingerprint", "fingerprint", "source_identity", "source_paths"]
 
@@ -66,16 +67,20 @@ def source_paths(obj: xr.Dataset | xr.DataArray) -> list[str]:
     return [str(p) for p in value]
 
 
-def source_identity(path: str) -> dict[str, Any]:
-    """Return the JSON-ready identity of a source file (local path or fsspec URL)."""
-    if is_url(path) and not path.startswith("file://"):
-        import fsspec
+def source_identity(
+    path: str, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Return the JSON-ready identity of a source file (local path or fsspec URL).
 
-        fs, fs_path = fsspec.core.url_to_fs(path)
-        info = fs.info(fs_path)
-        # Object stores give a size and an ETag or a modification time; keep what exists.
-        keep = ("size", "ETag", "etag", "mtime", "LastModified", "last_modified", "md5")
-        return {"path": path, **{k: str(info[k]) for k in keep if k in info}}
+    A URL is identified by its size and ETag (one HEAD request), stat'ed with
+    ``storage_options`` or else the options it was opened with in this
+    process (:func:`neurocube.storage.options_for`); a local file by size,
+    mtime and a hash of its ends. Never holds credentials: the URL names the
+    object, the options stay out.
+    """
+    if is_url(path) and not path.startswith("file://"):
+        opts = storage_options if storage_options is not None else options_for(path)
+        return identity(path, opts).as_dict()
     return file_identity(path).as_dict()
 
 

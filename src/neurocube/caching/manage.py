@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -47,21 +48,30 @@ class CacheEntry:
     hits: int = 0
 
 
-def cache_entries(store: str | os.PathLike[str] | None = None) -> list[CacheEntry]:
+def cache_entries(
+    store: str | os.PathLike[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[CacheEntry]:
     """Return every entry (and leftover) of a cache root, most recently used first."""
-    root = open_root(store)
+    root = open_root(store, storage_options)
     entries = [_describe(root, name, url) for name, url in root.list_entries()]
     entries.sort(key=lambda e: e.last_used_unix, reverse=True)
     return entries
 
 
-def cache_info(store: str | os.PathLike[str] | None = None) -> Any:
+def cache_info(
+    store: str | os.PathLike[str] | None = None,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Any:
     """Describe the cache: one row per entry.
 
     Parameters
     ----------
     store
         Cache root (folder or fsspec URL); default ``<neurocube cache folder>/zarr``.
+    storage_options
+        For a ``store`` URL: options handed to fsspec (keys, endpoint, ...).
 
     Returns
     -------
@@ -74,13 +84,13 @@ def cache_info(store: str | os.PathLike[str] | None = None) -> Any:
     """
     import pandas as pd
 
-    rows = [asdict(e) for e in cache_entries(store)]
+    rows = [asdict(e) for e in cache_entries(store, storage_options)]
     columns = [
         "key", "status", "size_bytes", "nbytes", "kind", "variables", "sources",
         "created", "last_used", "hits", "path",
     ]  # fmt: skip
     table = pd.DataFrame(rows, columns=columns)
-    table.attrs["root"] = open_root(store).url
+    table.attrs["root"] = open_root(store, storage_options).url
     table.attrs["total_bytes"] = int(table["size_bytes"].sum()) if len(table) else 0
     return table
 
@@ -89,6 +99,7 @@ def clear_cache(
     store: str | os.PathLike[str] | None = None,
     *,
     older_than: str | timedelta | float | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Remove cache entries.
 
@@ -96,6 +107,8 @@ def clear_cache(
     ----------
     store
         Cache root (folder or fsspec URL); default ``<neurocube cache folder>/zarr``.
+    storage_options
+        For a ``store`` URL: options handed to fsspec (keys, endpoint, ...).
     older_than
         Remove only entries not used for this long: a ``timedelta``, seconds, or
         text such as ``"7d"``, ``"12h"``, ``"30min"``, ``"2w"``. None removes all.
@@ -105,11 +118,11 @@ def clear_cache(
     list of str
         Keys of the entries removed (leftovers of interrupted writes included).
     """
-    root = open_root(store)
+    root = open_root(store, storage_options)
     max_age = None if older_than is None else parse_age(older_than)
     now = time.time()
     removed = []
-    for entry in cache_entries(store):
+    for entry in cache_entries(store, storage_options):
         if max_age is not None and now - _age_reference(root, entry) < max_age:
             continue
         root.remove(entry.path)
@@ -120,6 +133,8 @@ def clear_cache(
 def evict_cache(
     max_bytes: int | str,
     store: str | os.PathLike[str] | None = None,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Shrink the cache to at most ``max_bytes`` on disk, least recently used first.
 
@@ -132,6 +147,8 @@ def evict_cache(
         The budget: bytes, or text such as ``"2GB"``, ``"500MiB"``.
     store
         Cache root (folder or fsspec URL); default ``<neurocube cache folder>/zarr``.
+    storage_options
+        For a ``store`` URL: options handed to fsspec (keys, endpoint, ...).
 
     Returns
     -------
@@ -139,9 +156,9 @@ def evict_cache(
         Keys of the entries removed, in the order they were removed.
     """
     budget = parse_size(max_bytes)
-    root = open_root(store)
+    root = open_root(store, storage_options)
     root.sweep_leftovers()
-    entries = cache_entries(store)
+    entries = cache_entries(store, storage_options)
     total = sum(e.size_bytes for e in entries)
     removed = []
     for entry in sorted(entries, key=lambda e: e.last_used_unix):

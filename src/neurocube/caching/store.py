@@ -33,12 +33,13 @@ import socket
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from neurocube import storage
 from neurocube.config import cache_dir
-from neurocube.errors import CacheError
+from neurocube.errors import CacheError, DataNotFoundError
 from neurocube.io._atomic import atomic_path
 from neurocube.storage import is_url
 
@@ -81,6 +82,8 @@ class CacheRoot(ABC):
 
     #: How the root is shown to users.
     url: str
+    #: What fsspec (and Zarr) need to reach a remote root; None for local folders.
+    storage_options: dict[str, Any] | None = None
 
     def entry_url(self, key: str) -> str:
         """Return where the entry for ``key`` lives."""
@@ -156,13 +159,18 @@ class CacheRoot(ABC):
 
 
 class LocalRoot(CacheRoot):
-    """A cache root on a local (or network-mounted) file system."""
+    """A cache root on a local (or network-mounted) file system.
+
+    Reads, stats and listings go through :mod:`neurocube.storage`; writes (the
+    cache's own output) are plain file operations: temporary names and renames.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).expanduser().absolute()
         self.url = str(self.path)
 
     def _read_bytes(self, path: str) -> bytes | None:
+        # the cache's own small JSON records, not source data: not counted in IO_STATS
         try:
             return Path(path).read_bytes()
         except (FileNotFoundError, NotADirectoryError):
@@ -188,7 +196,7 @@ class LocalRoot(CacheRoot):
 
     def has_entry(self, entry: str) -> bool:
         """Return True if the entry folder exists."""
-        return Path(entry).exists()
+        return storage.exists(entry)
 
     def begin_write(self, key: str) -> str:
         """Create the root if needed; return a fresh temporary folder name for ``key``."""
@@ -207,7 +215,7 @@ class LocalRoot(CacheRoot):
         """Rename the written folder to ``<key>.zarr``; False if another entry got there first."""
         final = Path(self.entry_url(key))
         trash: Path | None = None
-        if replace and final.exists():
+        if replace and storage.exists(str(final)):
             trash = final.with_name(f".{key}.{uuid.uuid4().hex[:8]}{TRASH_SUFFIX}")
             with contextlib.suppress(FileNotFoundError):
                 os.rename(final, trash)
@@ -239,30 +247,23 @@ class LocalRoot(CacheRoot):
         shutil.rmtree(doomed, ignore_errors=True)
 
     def disk_usage(self, entry: str) -> int:
-        """Return the bytes of allocated blocks of every file in the entry."""
-        total = 0
-        for folder, _, files in os.walk(entry):
-            for name in files:
-                with contextlib.suppress(FileNotFoundError):
-                    total += os.lstat(os.path.join(folder, name)).st_blocks * 512
-        return total
+        """Return the bytes of every file in the entry."""
+        return sum(i.size for i in storage.find(entry, hidden=True).values())
 
     def modified(self, entry: str) -> float:
         """Return the newest file mtime in the entry."""
-        latest = 0.0
-        for folder, _, files in os.walk(entry):
-            for name in files:
-                with contextlib.suppress(FileNotFoundError):
-                    latest = max(latest, os.lstat(os.path.join(folder, name)).st_mtime)
-        return latest
+        files = storage.find(entry, hidden=True).values()
+        return max((i.mtime_ns / 1e9 for i in files), default=0.0)
 
     def list_entries(self) -> Iterator[tuple[str, str]]:
         """Yield ``<key>.zarr`` folders and hidden leftovers (temporary or trash folders)."""
-        if not self.path.is_dir():
+        try:
+            children = storage.listdir(self.url)
+        except DataNotFoundError:
             return
-        for child in sorted(self.path.iterdir()):
-            if child.is_dir() and (child.name.endswith(ENTRY_SUFFIX) or child.name.startswith(".")):
-                yield child.name, str(child)
+        for child in children:
+            if child.is_dir and (child.name.endswith(ENTRY_SUFFIX) or child.name.startswith(".")):
+                yield child.name, child.path
 
     def sweep_leftovers(self) -> int:
         """Remove temporary copies of writers that died (same host) or are over a day old."""
@@ -279,8 +280,8 @@ class LocalRoot(CacheRoot):
                 continue
             writer_gone = match["host"] == host and not _pid_alive(int(match["pid"]))
             try:
-                too_old = now - os.stat(url).st_mtime > STALE_TMP_SECONDS
-            except FileNotFoundError:
+                too_old = now - storage.info(url).mtime_ns / 1e9 > STALE_TMP_SECONDS
+            except DataNotFoundError:
                 continue
             if writer_gone or too_old:
                 shutil.rmtree(url, ignore_errors=True)
@@ -289,35 +290,41 @@ class LocalRoot(CacheRoot):
 
 
 class RemoteRoot(CacheRoot):
-    """A cache root behind an fsspec URL (``s3://bucket/prefix``, ``memory://cache``, ...)."""
+    """A cache root behind an fsspec URL (``s3://bucket/prefix``, ``memory://cache``, ...).
 
-    def __init__(self, url: str) -> None:
-        import fsspec
+    Every request goes through :mod:`neurocube.storage` with the root's
+    ``storage_options`` (listings uncached: other writers change the store);
+    Zarr gets the same options. The options never appear in the root's text.
+    """
 
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
         self.url = url.rstrip("/")
-        self.fs, self._root_path = fsspec.core.url_to_fs(self.url)
+        opts = storage.as_options(storage_options)
+        self.storage_options = opts.as_dict() if opts is not None else None
+        # Listings and stats must see what other processes (and Zarr's own client) wrote.
+        self._opts = storage.as_options({**(self.storage_options or {}),
+                                         "use_listings_cache": False})
+        storage.remember_options(self.url, opts)
 
-    def _fs_path(self, url: str) -> str:
-        import fsspec
-
-        return str(fsspec.core.url_to_fs(url)[1])
+    def __repr__(self) -> str:
+        return f"RemoteRoot({self.url!r})"
 
     def _read_bytes(self, path: str) -> bytes | None:
         try:
-            return bytes(self.fs.cat_file(self._fs_path(path)))
-        except FileNotFoundError:
+            return storage.read_all(path, self._opts)
+        except DataNotFoundError:
             return None
 
     def _write_bytes(self, path: str, data: bytes, *, durable: bool) -> None:
-        self.fs.pipe_file(self._fs_path(path), data)
+        storage.write_bytes(path, data, self._opts)
 
     def zarr_store(self, entry: str) -> Any:
-        """Return the entry URL (xarray opens it through fsspec)."""
+        """Return the entry URL (xarray opens it through fsspec with ``storage_options``)."""
         return entry
 
     def has_entry(self, entry: str) -> bool:
         """Return True if any object exists under the entry's prefix."""
-        return bool(self.fs.exists(self._fs_path(entry)))
+        return bool(storage.find(entry, self._opts, hidden=True))
 
     def begin_write(self, key: str) -> str:
         """Remove any unfinished copy and return the entry URL itself (written in place)."""
@@ -336,22 +343,29 @@ class RemoteRoot(CacheRoot):
         self.remove(written)
 
     def remove(self, entry: str) -> None:
-        """Delete the entry recursively."""
-        path = self._fs_path(entry)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+        """Delete the entry recursively (the marker first, so no reader takes it half-gone)."""
+        storage.delete(f"{entry}/{MARKER_NAME}", self._opts)
+        storage.delete(entry, self._opts, recursive=True)
 
     def disk_usage(self, entry: str) -> int:
         """Return the total size of the entry's objects."""
-        return int(self.fs.du(self._fs_path(entry), total=True))
+        return sum(i.size for i in storage.find(entry, self._opts, hidden=True).values())
 
     def modified(self, entry: str) -> float:
         """Return the newest modification time the store reports for the entry's objects."""
+        # storage's ObjectInfo keeps mtime_ns 0 for objects (their version is the ETag): ask
+        # the backend's listing for the times, through storage's filesystem and error mapping
+        fs, fpath = storage._filesystem(entry, self._opts)
         latest = 0.0
-        for info in self.fs.find(self._fs_path(entry), detail=True).values():
-            for field in ("mtime", "created", "LastModified"):
-                value = info.get(field)
-                if isinstance(value, (int, float)):
+        with storage.translate_errors(entry, "list it"):
+            try:
+                listing = fs.find(fpath, detail=True)
+            except FileNotFoundError:
+                return 0.0
+        for detail in listing.values():
+            for field in ("mtime", "created", "LastModified", "last_modified"):
+                value = detail.get(field)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
                     latest = max(latest, float(value))
                 elif hasattr(value, "timestamp"):
                     latest = max(latest, float(value.timestamp()))
@@ -359,15 +373,19 @@ class RemoteRoot(CacheRoot):
 
     def list_entries(self) -> Iterator[tuple[str, str]]:
         """Yield ``<key>.zarr`` prefixes under the root."""
-        if not self.fs.exists(self._root_path):
+        try:
+            children = storage.listdir(self.url, self._opts)
+        except DataNotFoundError:
             return
-        for info in self.fs.ls(self._root_path, detail=True):
-            name = str(info["name"]).rstrip("/").rsplit("/", 1)[-1]
-            if info.get("type") == "directory" and name.endswith(ENTRY_SUFFIX):
-                yield name, f"{self.url}/{name}"
+        for child in children:
+            if child.is_dir and child.name.endswith(ENTRY_SUFFIX):
+                yield child.name, f"{self.url}/{child.name}"
 
 
-def open_root(store: str | os.PathLike[str] | None = None) -> CacheRoot:
+def open_root(
+    store: str | os.PathLike[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> CacheRoot:
     """Return the cache root for ``store``.
 
     Parameters
@@ -375,6 +393,10 @@ def open_root(store: str | os.PathLike[str] | None = None) -> CacheRoot:
     store
         A folder, an fsspec URL (``s3://bucket/cache``; ``file://`` URLs count as
         local folders), or None for ``<neurocube cache folder>/zarr``.
+    storage_options
+        For a URL: options handed to fsspec (keys, endpoint, ``{"anon": True}``).
+        Default: the options this process last used for that URL, else none
+        (the backend's own credentials, e.g. environment variables).
     """
     if store is None:
         return LocalRoot(cache_dir() / "zarr")
@@ -382,7 +404,9 @@ def open_root(store: str | os.PathLike[str] | None = None) -> CacheRoot:
         text = str(store)
         if text.startswith("file://"):
             return LocalRoot(text[len("file://") :])
-        return RemoteRoot(text)
+        if storage_options is None:
+            storage_options = storage.options_for(text)
+        return RemoteRoot(text, storage_options)
     return LocalRoot(store)
 
 
