@@ -29,20 +29,20 @@ from urllib.parse import quote
 import pandas as pd
 
 from neurocube import storage
-from neurocube.errors import DataNotFoundError, FormatError, SelectionError, UnsafePathError
+from neurocube.errors import DataNotFoundError, SelectionError
 from neurocube.io.behavior import (
     _INDEX_KINDS,
     DEFAULT_ROOTS,
     MANIFEST_NAMES,
     MANIFEST_VERSION,
     STD_FORMAT_UNITS,
+    DatasetLayout,
     Manifest,
     _filter_pairs,
     _stat_or_none,
     _url_join,
     entry_key,
     find_manifest,
-    index_file,
     is_inside,
     longest_prefix_remap,
     read_index_csv,
@@ -73,8 +73,11 @@ __all__ = [
 # --------------------------------------------------------------------------- catalog
 
 
-class BehaviorCatalog:
+class BehaviorCatalog(DatasetLayout):
     """What a behaviour dataset holds, read from its manifest and index CSVs (text only).
+
+    Builds on :class:`neurocube.io.behavior.DatasetLayout` (index files, stored
+    paths, the write guard), adding URLs, ``path_map`` and cached indexes.
 
     Parameters
     ----------
@@ -97,18 +100,18 @@ class BehaviorCatalog:
         path_map: Mapping[str, str] | None = None,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self.storage_options: StorageOptions | None = None
+        options: StorageOptions | None = None
         self._listing: dict[str, ObjectInfo] | None = None
         if is_url(path):
-            self.storage_options = as_options(storage_options)
+            options = as_options(storage_options)
             url = str(path).rstrip("/")
             folder = storage.parent(url) if url.rsplit("/", 1)[-1] in MANIFEST_NAMES else url
-            self._listing = storage.find(folder, self.storage_options)
-            self.manifest = Manifest.load(url, self.storage_options, listing=self._listing)
-            storage.remember_options(folder, self.storage_options)
+            self._listing = storage.find(folder, options)
+            manifest = Manifest.load(url, options, listing=self._listing)
+            storage.remember_options(folder, options)
         else:
-            self.manifest = Manifest.load(path)
-        self.path_map: dict[str, str] = dict(path_map or {})
+            manifest = Manifest.load(path)
+        super().__init__(manifest, path_map=path_map, storage_options=options)
         self._index_cache: dict[str, pd.DataFrame] = {}
 
     @property
@@ -134,11 +137,6 @@ class BehaviorCatalog:
 
     # -- paths ---------------------------------------------------------------------
 
-    @property
-    def root(self) -> Path:
-        """The dataset folder."""
-        return self.manifest.dataset_dir
-
     def remap_path(self, path: str | os.PathLike[str]) -> Path:
         """Apply ``path_map`` (longest prefix) to ``path``; unchanged when no prefix matches."""
         text = os.fspath(path)
@@ -154,9 +152,7 @@ class BehaviorCatalog:
         folder). An absolute path that exists is returned as is; one that does
         not is passed through ``path_map``.
         """
-        text = os.fspath(path).strip()
-        if not text:
-            raise FormatError(f"{self.manifest.path}: empty path in an index row")
+        text = self._stored_text(path)
         if is_url(text):
             return cast(Path, text)
         if self.is_remote:
@@ -165,31 +161,18 @@ class BehaviorCatalog:
                 return cast(Path, _url_join(base, text))
             new = longest_prefix_remap(text, self.path_map)
             return cast(Path, new if new is not None else text)
-        p = Path(text).expanduser()
-        if not p.is_absolute():
-            return Path(anchor) / p if anchor is not None else self.root / p
-        if storage.exists(p):
-            return p
-        remapped = longest_prefix_remap(str(p), self.path_map)
+        return super().resolve_path(text, anchor)
+
+    def _resolve_absolute(self, path: Path) -> Path:
+        """Return an absolute local path as it is if it exists, else through ``path_map``."""
+        if storage.exists(path):
+            return path
+        remapped = longest_prefix_remap(str(path), self.path_map)
         if remapped is not None and is_url(remapped):
             return cast(Path, remapped)
-        return self.remap_path(p)
-
-    def check_writable(self, path: str | os.PathLike[str], what: str) -> Path:
-        """Return ``path`` if it lies inside the dataset, else raise :class:`UnsafePathError`."""
-        p = Path(path)
-        if not is_inside(p, self.root):
-            raise UnsafePathError(
-                f"{what}: {p} lies outside the dataset {self.root}; neurocube never writes there "
-                "(a '..' or a path_map prefix points away). Fix the manifest root or index path."
-            )
-        return p
+        return self.remap_path(path)
 
     # -- indexes -------------------------------------------------------------------
-
-    def index_path(self, kind: str) -> Path:
-        """Return the index CSV of ``tracks_raw``, ``tracks`` or ``labels/<kind>``."""
-        return index_file(self.manifest, kind)
 
     def read_index(self, kind: str) -> pd.DataFrame:
         """Read an index CSV (every cell text); cached per catalog.
@@ -211,15 +194,7 @@ class BehaviorCatalog:
             raise DataNotFoundError(
                 f"{path}: no {kind} index in dataset {self.root}; build it with {hint}."
             )
-        table = read_index_csv(path, self.storage_options)
-        for required in ("abs_path",):
-            if required not in table.columns:
-                raise FormatError(
-                    f"{path}: index has no {required!r} column; found {list(table.columns)}."
-                )
-        for col in ("group", "sequence", "run_id"):
-            if col not in table.columns:
-                table[col] = ""
+        table = self._load_index(path)
         self._index_cache[kind] = table
         return table.copy()
 

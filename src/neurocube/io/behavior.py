@@ -36,7 +36,7 @@ import yaml
 from neurocube import storage
 from neurocube.errors import DataNotFoundError, FormatError, SelectionError, UnsafePathError
 from neurocube.io._atomic import atomic_path
-from neurocube.storage import ObjectInfo, is_url, open_file
+from neurocube.storage import ObjectInfo, StorageOptions, is_url, open_file
 
 __all__ = [
     "RAW_INDEX_COLUMNS",
@@ -640,34 +640,62 @@ def _is_missing(value: Any) -> bool:
     return isinstance(value, float) and np.isnan(value)
 
 
-class _Target:
-    """The dataset a writer writes into, opened from its folder or manifest.
+class DatasetLayout:
+    """The layout of one behaviour dataset: manifest, root, index files, stored paths.
 
-    A :class:`~neurocube.catalog.behavior.BehaviorCatalog` (or a dataset holding
-    one) is used as it is; a path gets this small local view with the same
-    methods, so this module needs nothing from the layers above it.
+    Holds what readers and writers both need: where the index CSVs are, reading
+    one (every cell text), resolving the paths stored in them and refusing
+    writes that leave the dataset. Writers given a path use it as it is (a
+    local dataset); :class:`~neurocube.catalog.behavior.BehaviorCatalog` builds
+    on it (URLs, ``path_map``, cached indexes), so this module needs nothing
+    from the layers above it.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        path_map: Mapping[str, str] | None = None,
+        storage_options: StorageOptions | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.path_map: dict[str, str] = dict(path_map or {})
+        self.storage_options = storage_options
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> DatasetLayout:
+        """Open a local dataset from its folder or manifest, to write into it."""
         if is_url(path):
             raise UnsafePathError(
                 f"{path}: behaviour datasets at a URL are read-only; write into a local copy."
             )
-        self.manifest = Manifest.load(path)
-        self.path_map: dict[str, str] = {}
+        return cls(Manifest.load(path))
 
     @property
     def root(self) -> Path:
+        """The dataset folder."""
         return self.manifest.dataset_dir
 
     def index_path(self, kind: str) -> Path:
+        """Return the index CSV of ``tracks_raw``, ``tracks`` or ``labels/<kind>``."""
         return index_file(self.manifest, kind)
 
     def read_index(self, kind: str) -> pd.DataFrame:
+        """Read an index CSV (every cell text).
+
+        Raises
+        ------
+        DataNotFoundError
+            If the index does not exist.
+        """
         path = self.index_path(kind)
         if not storage.isfile(path):
             raise DataNotFoundError(f"{path}: no {kind} index in dataset {self.root}.")
-        table = read_index_csv(path)
+        return self._load_index(path)
+
+    def _load_index(self, path: str | os.PathLike[str]) -> pd.DataFrame:
+        """Read an index CSV that has an ``abs_path`` column; blank group/sequence/run_id added."""
+        table = read_index_csv(path, self.storage_options)
         if "abs_path" not in table.columns:
             raise FormatError(f"{path}: index has no 'abs_path' column; found "
                               f"{list(table.columns)}.")
@@ -676,14 +704,32 @@ class _Target:
                 table[col] = ""
         return table
 
-    def resolve_path(self, path: str | os.PathLike[str]) -> Path:
+    def _stored_text(self, path: str | os.PathLike[str]) -> str:
+        """Return the text of a path stored in the manifest or an index (empty: an error)."""
         text = os.fspath(path).strip()
         if not text:
             raise FormatError(f"{self.manifest.path}: empty path in an index row")
-        p = Path(text).expanduser()
-        return p if p.is_absolute() else self.root / p
+        return text
+
+    def resolve_path(
+        self, path: str | os.PathLike[str], anchor: str | os.PathLike[str] | None = None
+    ) -> Path:
+        """Resolve a stored path to an absolute local path.
+
+        A relative path is taken relative to ``anchor`` (default: the dataset
+        folder); an absolute one goes through :meth:`_resolve_absolute`.
+        """
+        p = Path(self._stored_text(path)).expanduser()
+        if not p.is_absolute():
+            return Path(anchor) / p if anchor is not None else self.root / p
+        return self._resolve_absolute(p)
+
+    def _resolve_absolute(self, path: Path) -> Path:
+        """Return an absolute stored path as it is (a catalog remaps paths that moved)."""
+        return path
 
     def check_writable(self, path: str | os.PathLike[str], what: str) -> Path:
+        """Return ``path`` if it lies inside the dataset, else raise :class:`UnsafePathError`."""
         p = Path(path)
         if not is_inside(p, self.root):
             raise UnsafePathError(
@@ -693,7 +739,7 @@ class _Target:
         return p
 
     def invalidate(self) -> None:
-        """Nothing cached here."""
+        """Forget anything cached (after a writer changed the indexes); nothing here."""
 
 
 def _catalog(dataset: Any) -> Any:
@@ -707,7 +753,7 @@ def _catalog(dataset: Any) -> Any:
                 "into a local copy."
             )
         return catalog
-    return _Target(dataset)
+    return DatasetLayout.open(dataset)
 
 
 def _stored_path(catalog: Any, path: Path) -> str:

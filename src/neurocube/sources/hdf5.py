@@ -87,6 +87,7 @@ __all__ = [
     "open_hdf5",
     "pooled_file",
     "prefetch",
+    "read_rows",
     "read_selection",
     "release_file",
     "stat_key",
@@ -467,6 +468,32 @@ def read_selection(spec: HDF5DatasetSpec, key: Any) -> np.ndarray:
     return out
 
 
+def read_rows(spec: HDF5DatasetSpec, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Read rows ``rows`` (any order, repeats, -1 for "missing") of the dataset of ``spec``.
+
+    Missing rows come back as NaN (floats) or zeros. h5py reads only
+    increasing, unique row lists, so only the unique rows are read: a
+    contiguous span when it is at most twice their number, else an increasing
+    index list (remotely, the chunks of those rows only); they are expanded to
+    the order asked for in memory.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    dtype = np.dtype(spec.dtype)
+    out = np.empty((rows.size, *spec.shape[1:]), dtype=dtype)
+    out.fill(np.nan if dtype.kind == "f" else 0)
+    present = rows >= 0
+    if not present.any():
+        return out
+    unique, inverse = np.unique(rows[present], return_inverse=True)
+    low, high = int(unique[0]), int(unique[-1]) + 1
+    if high - low <= 2 * unique.size:
+        values = read_selection(spec, slice(low, high))[unique - low]
+    else:
+        values = read_selection(spec, unique.tolist())
+    out[present] = values[inverse]
+    return out
+
+
 def _pooled(spec: HDF5DatasetSpec) -> contextlib.AbstractContextManager[h5py.File]:
     return pooled_file(spec.path, spec.size, spec.version, spec.storage_options)
 
@@ -581,9 +608,11 @@ def _run_of(runs: Sequence[tuple[int, int]], pos: int) -> int:
 def _selection_ranges(dset: h5py.Dataset, spec: HDF5DatasetSpec, key: Any) -> list[tuple[int, int]]:
     """Byte ranges of the file an h5py read of ``key`` touches (raw data only; may be empty).
 
-    Chunked datasets: the allocated chunks in the selection's bounding box;
-    contiguous ones: the rows it spans. Empty when unknown or larger than
-    :data:`REMOTE_PREFETCH_BYTES` (h5py then fetches blocks as it goes).
+    Chunked datasets: the allocated chunks the selection touches (along an
+    axis indexed by a list, the chunks of its indices; along a slice, every
+    chunk of its span); contiguous ones: the rows it spans. Empty when unknown
+    or larger than :data:`REMOTE_PREFETCH_BYTES` (h5py then fetches blocks as
+    it goes).
     """
     box = _bounding_box(key, spec.shape)
     if box is None or not spec.shape:
@@ -595,11 +624,13 @@ def _selection_ranges(dset: h5py.Dataset, spec: HDF5DatasetSpec, key: Any) -> li
             if start is None:
                 return []
             row = int(np.prod(spec.shape[1:], dtype=np.int64)) * itemsize
-            lo, hi = box[0]
+            lo, hi, _ = box[0]
             return [(start + lo * row, start + hi * row)]
-        grid = [
+        grid: list[Sequence[int]] = [
             range(lo // size * size, hi, size)
-            for (lo, hi), size in zip(box, spec.chunks, strict=True)
+            if picked is None
+            else (np.unique(picked // size) * size).tolist()
+            for (lo, hi, picked), size in zip(box, spec.chunks, strict=True)
         ]
         count = int(np.prod([len(g) for g in grid], dtype=np.int64))
         chunk_bytes = int(np.prod(spec.chunks, dtype=np.int64)) * itemsize
@@ -617,21 +648,27 @@ def _selection_ranges(dset: h5py.Dataset, spec: HDF5DatasetSpec, key: Any) -> li
     return ranges
 
 
-def _bounding_box(key: Any, shape: tuple[int, ...]) -> list[tuple[int, int]] | None:
-    """Per-axis ``[lo, hi)`` covering a selection (ints, slices, index lists); None if empty."""
+def _bounding_box(
+    key: Any, shape: tuple[int, ...]
+) -> list[tuple[int, int, np.ndarray | None]] | None:
+    """Per-axis ``[lo, hi)`` covering a selection (ints, slices, index lists); None if empty.
+
+    The third item of an axis is its indices (non-negative) when an int or a
+    list selects it, None for a slice.
+    """
     if not isinstance(key, tuple):
         key = (key,)
     if any(item is Ellipsis for item in key) or len(key) > len(shape):
         return None
     key = key + (slice(None),) * (len(shape) - len(key))
-    box = []
+    box: list[tuple[int, int, np.ndarray | None]] = []
     for item, n in zip(key, shape, strict=True):
         if isinstance(item, slice):
             start, stop, step = item.indices(n)
             picked = range(start, stop, step)
             if not len(picked):
                 return None
-            box.append((min(picked[0], picked[-1]), max(picked[0], picked[-1]) + 1))
+            box.append((min(picked[0], picked[-1]), max(picked[0], picked[-1]) + 1, None))
             continue
         index = np.asarray(item)
         if index.dtype == bool:
@@ -639,7 +676,7 @@ def _bounding_box(key: Any, shape: tuple[int, ...]) -> list[tuple[int, int]] | N
         if index.size == 0 or index.dtype.kind not in "iu":
             return None
         index = np.where(index < 0, index + n, index)
-        box.append((int(index.min()), int(index.max()) + 1))
+        box.append((int(index.min()), int(index.max()) + 1, index.ravel()))
     return box
 
 

@@ -583,25 +583,11 @@ def open_member_memmap(member: NpzMember) -> np.memmap[Any, Any] | np.ndarray:
 
 
 def _inflate(member: NpzMember, fh: Any) -> bytes:
+    """Read a deflated member from an open archive and inflate it, checking size and CRC."""
     fh.seek(member.data_offset)
     raw = fh.read(member.compressed_size)
     IO_STATS.add_bytes(len(raw))
-    if len(raw) < member.compressed_size:
-        raise _truncated(member.path, f"array {member.name!r} is cut short")
-    try:
-        data = zlib.decompress(raw, -15, member.uncompressed_size)
-    except zlib.error as exc:
-        raise FormatError(
-            f"{member.path}: array {member.name!r} does not inflate ({exc}); "
-            "the NPZ file is damaged, rewrite it."
-        ) from exc
-    if len(data) != member.uncompressed_size or zlib.crc32(data) != member.crc32:
-        raise FormatError(
-            f"{member.path}: array {member.name!r} fails its CRC/size check "
-            f"({len(data)} bytes inflated, {member.uncompressed_size} expected); "
-            "the NPZ file is damaged, rewrite it."
-        )
-    return data
+    return _check_member(member, raw)
 
 
 def _fill(member: NpzMember, fh: Any, out: np.ndarray) -> None:
@@ -623,11 +609,7 @@ def _fill(member: NpzMember, fh: Any, out: np.ndarray) -> None:
         IO_STATS.add_bytes(member.nbytes)
         del mapped
         return
-    data = _inflate(member, fh)
-    flat = np.frombuffer(
-        data, dtype=dtype, count=math.prod(member.shape), offset=member.npy_header_size
-    )
-    out[...] = flat.reshape(member.shape, order=order)
+    _place(member, _inflate(member, fh), out)
 
 
 def _check_member(member: NpzMember, data: bytes) -> bytes:
@@ -683,7 +665,11 @@ def _remote_pool() -> ThreadPoolExecutor:
 
 def _fill_from_bytes(member: NpzMember, raw: bytes, out: np.ndarray) -> None:
     """Fill ``out`` from a member's raw (stored or deflated) bytes, CRC checked."""
-    data = _check_member(member, raw)
+    _place(member, _check_member(member, raw), out)
+
+
+def _place(member: NpzMember, data: bytes, out: np.ndarray) -> None:
+    """Fill ``out`` from a member's uncompressed ``.npy`` bytes (header included)."""
     order: Literal["C", "F"] = "F" if member.fortran_order else "C"
     flat = np.frombuffer(data, dtype=member.numpy_dtype, count=math.prod(member.shape),
                          offset=member.npy_header_size)
