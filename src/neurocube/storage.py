@@ -440,6 +440,21 @@ def _remote_info(path: str, detail: Mapping[str, Any]) -> ObjectInfo:
     )
 
 
+@contextlib.contextmanager
+def _local_errors(loc: str, what: str) -> Iterator[None]:
+    """Turn the OS errors of a missing local path into a :class:`DataNotFoundError` naming it."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        raise DataNotFoundError(
+            f"{loc}: no such {what}. Check the path (cwd is {os.getcwd()})."
+        ) from exc
+    except IsADirectoryError as exc:
+        raise DataNotFoundError(f"{loc}: is a folder, expected a file") from exc
+    except NotADirectoryError as exc:
+        raise DataNotFoundError(f"{loc}: no such {what} (a parent is not a folder)") from exc
+
+
 def info(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
          ) -> ObjectInfo:
     """Stat one file or object.
@@ -453,16 +468,13 @@ def info(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None
     """
     loc = normalize(path)
     if is_local(loc):
-        try:
-            st = os.stat(loc)
-        except FileNotFoundError as exc:
-            raise DataNotFoundError(
-                f"{loc}: no such file or folder. Check the path (cwd is {os.getcwd()})."
-            ) from exc
-        except NotADirectoryError as exc:
-            raise DataNotFoundError(f"{loc}: no such file (a parent is not a folder)") from exc
-        except OSError as exc:  # a symlink loop, a name too long, ...
-            raise DataNotFoundError(f"{loc}: cannot be read ({exc.strerror or exc})") from exc
+        with _local_errors(loc, "file or folder"):
+            try:
+                st = os.stat(loc)
+            except (FileNotFoundError, NotADirectoryError):
+                raise
+            except OSError as exc:  # a symlink loop, a name too long, ...
+                raise DataNotFoundError(f"{loc}: cannot be read ({exc.strerror or exc})") from exc
         import stat as stat_mod
 
         return ObjectInfo(loc, st.st_size, stat_mod.S_ISDIR(st.st_mode), st.st_mtime_ns,
@@ -794,16 +806,8 @@ def open_file(
     loc = normalize(path) if not isinstance(path, str) or is_url(path) else path
     if is_local(loc):
         local = local_path(loc) if is_url(loc) else Path(loc)
-        try:
+        with _local_errors(str(local), "file"):
             return open(local, mode)
-        except FileNotFoundError as exc:
-            raise DataNotFoundError(
-                f"{local}: no such file. Check the path (cwd is {os.getcwd()})."
-            ) from exc
-        except IsADirectoryError as exc:
-            raise DataNotFoundError(f"{local}: is a folder, expected a file") from exc
-        except NotADirectoryError as exc:
-            raise DataNotFoundError(f"{local}: no such file (a parent is not a folder)") from exc
     fs, fpath = _filesystem(loc, storage_options)
     with translate_errors(loc, "open it"):
         handle = fs.open(
