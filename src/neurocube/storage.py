@@ -1117,7 +1117,7 @@ class BlockReader(io.RawIOBase):
         *,
         size: int,
         version: str,
-        readahead: int = READAHEAD,
+        readahead: int | None = None,
         block_size: int = BLOCK_SIZE,
     ) -> None:
         super().__init__()
@@ -1126,8 +1126,9 @@ class BlockReader(io.RawIOBase):
         self.options = as_options(storage_options)
         self.size = size
         self.block_size = block_size
-        self.readahead = readahead
+        self.readahead = READAHEAD if readahead is None else readahead
         self.version = version
+        self.ahead_limit = size  # read-ahead never fetches past this byte (see limit_to)
         self._key: Hashable = (url, size, version, block_size)
         self._pos = 0
         self._last_end = -1
@@ -1156,11 +1157,12 @@ class BlockReader(io.RawIOBase):
         start, end = self._pos, self._pos + n
         sequential = start == self._last_end
         ahead = min(self.size, end + self.readahead) if sequential else end
+        ahead = max(end, min(ahead, self.ahead_limit))
         self._ensure(start, end, ahead)
         bs = self.block_size
         out = 0
         for block in range(start // bs, (end - 1) // bs + 1):
-            data = self._block(block)
+            data = memoryview(self._block(block))  # sliced without a copy
             lo = max(start, block * bs) - block * bs
             hi = min(end, (block + 1) * bs) - block * bs
             view[out : out + hi - lo] = data[lo:hi]

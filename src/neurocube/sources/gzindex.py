@@ -170,7 +170,7 @@ class GzipIndexSpec:
         return not storage.is_local(self.path)
 
 
-def _source(spec: GzipIndexSpec, *, readahead: int = storage.READAHEAD) -> Any:
+def _source(spec: GzipIndexSpec, *, readahead: int | None = None) -> Any:
     """Return what the inflaters read: the local path, or a seekable reader over the object."""
     if not spec.remote:
         return spec.path
@@ -575,10 +575,29 @@ class SequentialReader:
     the CPU cache for the caller.
     """
 
-    def __init__(self, handle: Any, path: str, start: int) -> None:
+    def __init__(
+        self,
+        handle: Any,
+        path: str,
+        start: int,
+        source: Any = None,
+        spec: GzipIndexSpec | None = None,
+    ) -> None:
         self._handle = handle
         self._path = path
         self._position = start
+        self._source = source  # the BlockReader of a remote file (None locally)
+        self._spec = spec
+
+    def limit_to(self, end: int) -> None:
+        """Let a remote file's read-ahead go no further than uncompressed byte ``end`` needs."""
+        if self._source is None or self._spec is None or self._spec.index_path is None:
+            return
+        try:
+            _, hi = compressed_range(self._spec.index_path, end, end, self._spec.size)
+        except (OSError, NeurocubeError):
+            return
+        self._source.ahead_limit = hi
 
     def readinto(self, view: memoryview) -> None:
         """Fill ``view`` with the next ``len(view)`` bytes (else :class:`SequentialReadError`)."""
@@ -626,8 +645,9 @@ def open_sequential(spec: GzipIndexSpec, start: int) -> SequentialReader | None:
     except ImportError:
         return None
     handle = None
+    source = _source(spec)
     try:
-        handle = rapidgzip.RapidgzipFile(_source(spec), parallelization=1)
+        handle = rapidgzip.RapidgzipFile(source, parallelization=1)
         handle.import_index(spec.index_path)
         handle.seek(start)
     except Exception:  # an index rapidgzip cannot load: indexed_gzip reads (or reports) it
@@ -636,7 +656,8 @@ def open_sequential(spec: GzipIndexSpec, start: int) -> SequentialReader | None:
                 handle.close()
         return None
     IO_STATS.add_open()
-    return SequentialReader(handle, spec.path, start)
+    remote = None if isinstance(source, str) else source
+    return SequentialReader(handle, spec.path, start, remote, spec)
 
 
 _HEADER = struct.Struct("<5sBBQQIII")  # magic, version, flags, csize, usize, spacing, window, n

@@ -720,6 +720,9 @@ class VolumeArray:
             with reader:
                 while (piece := runs.take(r, step)) is not None:
                     a, b = piece
+                    # fetch no further ahead than this run's end (another thread may have
+                    # taken its back half): a remote pass then moves each byte once
+                    reader.limit_to(spec.vox_offset + runs.end(r) * spec.volume_bytes)
                     buf = scratch[: (b - a) * spec.volume_bytes]
                     try:
                         reader.readinto(memoryview(buf))  # type: ignore[arg-type]
@@ -792,6 +795,11 @@ class VolumeRuns:
         """Return the next volume of run ``r`` not yet taken."""
         with self._lock:
             return self._runs[r][0]
+
+    def end(self, r: int) -> int:
+        """Return the end (exclusive) of run ``r`` as it is now."""
+        with self._lock:
+            return self._runs[r][1]
 
     def take(self, r: int, step: int) -> tuple[int, int] | None:
         """Take the next (up to) ``step`` volumes of run ``r``: ``(a, b)``, or None when done."""
