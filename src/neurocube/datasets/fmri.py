@@ -551,13 +551,14 @@ class Subject:
                 custom = roi_ops.coerce_selection_mask(mask, brain, source=self._subject_id)
         ncs: list[np.ndarray] = []
         if nc_threshold is not None:
+            roi_ops.check_nc_threshold(nc_threshold)  # before any map is read
             if session is None:
                 raise SelectionError("nc_threshold needs the session(s) whose noise ceiling to use")
             for ses in self._sessions_arg(session):
                 ncs.append(self._volume(self._nc_session_path(ses))[0])
         return roi_ops.select_voxels(
             brain, roi_mask=roi_mask, custom_mask=custom, noise_ceilings=ncs,
-            nc_threshold=nc_threshold,
+            nc_threshold=nc_threshold, allow_empty=False,
         )
 
     def _nc_session_path(self, session: str) -> str:
@@ -802,6 +803,13 @@ class Subject:
                         "stimuli/task-images_metadata.csv. Download the stimuli folder."
                     )
                 keep = (table["unique_or_shared"] == keep_kind).to_numpy()
+                if not keep.any():
+                    raise SelectionError(
+                        f"{self._subject_id} {ses}: stimuli={stimuli!r} leaves no trial: the "
+                        f"session's {len(table)} trials are all "
+                        f"{sorted(set(table['unique_or_shared']) - {keep_kind})}. Choose other "
+                        "sessions or another stimuli= filter."
+                    )
                 if not keep.all():
                     data = data[np.flatnonzero(keep)]
                     table = table[keep]

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from neurocube.errors import GridMismatchError, SelectionError
+from neurocube.errors import GridMismatchError, NeurocubeWarning, SelectionError
 
 __all__ = [
     "coerce_selection_mask",
@@ -190,6 +191,7 @@ def select_voxels(
     custom_mask: np.ndarray | None = None,
     noise_ceilings: Sequence[np.ndarray] = (),
     nc_threshold: float | None = None,
+    allow_empty: bool = True,
 ) -> np.ndarray:
     """Apply the selection order of FORMATS.md §1 and return a 3-D bool volume.
 
@@ -205,34 +207,92 @@ def select_voxels(
         Noise-ceiling volumes of the sessions in the call.
     nc_threshold
         Keep voxels with NC >= threshold in *every* session; None keeps all.
+        Noise ceilings are in percent: a threshold outside [0, 100] is refused,
+        one below 1 warns (:class:`NoiseCeilingUnitsWarning`).
+    allow_empty
+        False to refuse a selection with no voxel left, naming the filter that
+        removed the last ones.
 
     Raises
     ------
     SelectionError
-        If both ``roi_mask`` and ``custom_mask`` are given, or a threshold is
-        given without noise ceilings.
+        If both ``roi_mask`` and ``custom_mask`` are given, a threshold is
+        given without noise ceilings or outside [0, 100], or (``allow_empty``
+        False) nothing is left.
     """
     if roi_mask is not None and custom_mask is not None:
         raise SelectionError(
             "give either a ROI query or a custom mask, not both: the custom mask replaces the "
             "ROI selection (intersect them yourself with roi_mask(...) & mask if you need both)"
         )
+    if nc_threshold is not None:
+        check_nc_threshold(nc_threshold)
+    steps: list[tuple[str, int]] = []  # (filter, voxels left after it), for empty selections
     selected = brain_mask.copy()
+    steps.append(("the brain mask", int(selected.sum())))
     if roi_mask is not None:
         selected &= roi_mask
+        steps.append(("the ROI selection", int(selected.sum())))
     if custom_mask is not None:
         selected &= custom_mask
+        steps.append(("the custom mask", int(selected.sum())))
     if nc_threshold is not None:
         if not noise_ceilings:
             raise SelectionError("nc_threshold was given but no noise ceiling was found")
-        for volume in noise_ceilings:
+        for n, volume in enumerate(noise_ceilings):
             if volume.shape != brain_mask.shape:
                 raise GridMismatchError(
                     f"noise ceiling of shape {volume.shape} does not match the grid "
                     f"{brain_mask.shape}"
                 )
             selected &= nc_threshold_mask(volume, nc_threshold)
+            steps.append((
+                f"nc_threshold={nc_threshold} (noise ceiling of session {n + 1} of "
+                f"{len(noise_ceilings)}, max {float(np.nanmax(volume)):.4g} %)"
+                if np.isfinite(volume).any() else f"nc_threshold={nc_threshold} (an all-NaN map)",
+                int(selected.sum()),
+            ))
+    if not allow_empty and not selected.any():
+        first = next(name for name, left in steps if left == 0)
+        raise SelectionError(
+            f"the selection has no voxel left: {first} removed every voxel ("
+            + ", then ".join(f"{name}: {left}" for name, left in steps)
+            + "). Loosen that filter (a lower nc_threshold, another ROI or mask)."
+        )
     return selected
+
+
+class NoiseCeilingUnitsWarning(NeurocubeWarning):
+    """A noise-ceiling threshold below 1 is probably a fraction; noise ceilings are in percent."""
+
+
+def check_nc_threshold(nc_threshold: Any) -> None:
+    """Refuse a threshold that cannot be a noise ceiling in percent; warn on a likely fraction.
+
+    Raises
+    ------
+    SelectionError
+        If ``nc_threshold`` is not a number in [0, 100] (NaN included).
+    """
+    try:
+        value = float(nc_threshold)
+    except (TypeError, ValueError):
+        raise SelectionError(
+            f"nc_threshold={nc_threshold!r}: expected a number of percent in [0, 100]"
+        ) from None
+    if not (0.0 <= value <= 100.0):  # NaN fails both comparisons
+        raise SelectionError(
+            f"nc_threshold={nc_threshold!r}: expected a noise ceiling in percent, in [0, 100] "
+            "(e.g. 15 keeps voxels whose noise ceiling is at least 15 %)"
+        )
+    if 0.0 < value < 1.0:
+        warnings.warn(
+            f"nc_threshold={nc_threshold!r}: noise ceilings are in percent (0-100), so this "
+            f"keeps voxels above {value} %; for {value * 100:g} % pass nc_threshold="
+            f"{value * 100:g}.",
+            NoiseCeilingUnitsWarning,
+            stacklevel=4,
+        )
 
 
 def read_small_volume(

@@ -682,3 +682,30 @@ def test_stimuli_filter_needs_the_shared_flag(bucket, tmp_path):
     with pytest.raises(FormatError, match=r"_trials\.tsv: stimuli='shared' needs each trial's "
                                           r"shared/unique flag, unknown for 24 trials"):
         sub.betas("ses-01", stimuli="shared")
+
+
+def test_selections_that_leave_nothing_are_refused(bucket):
+    from neurocube.ops.roi import NoiseCeilingUnitsWarning
+
+    sub = neurocube.open_subject(bucket.root, "sub-01")
+    ses = sub.sessions[0]
+    with pytest.raises(SelectionError, match=r"nc_threshold=100 .*removed every voxel"):
+        sub.betas(ses, nc_threshold=100)
+    with pytest.raises(SelectionError, match=r"\[0, 100\]"):
+        sub.betas(ses, nc_threshold=float("nan"))
+    with pytest.raises(SelectionError, match=r"\[0, 100\]"):
+        sub.voxel_selection(ses, nc_threshold=250)
+    with pytest.warns(NoiseCeilingUnitsWarning, match="in percent"):
+        sub.betas(ses, nc_threshold=0.2)
+
+
+def test_a_stimuli_filter_that_leaves_no_trial_is_refused(tmp_path):
+    make_bucket(tmp_path, subjects=1, sessions=2, trials=8, grid=(6, 7, 5), n_shared=1,
+                shared_repeats=1, stimuli=False, seed=3)
+    # ses-01 shows only unique images: relabel its one shared trial
+    (tsv,) = tmp_path.rglob("sub-01_ses-01_*_trials.tsv")
+    tsv.write_text(tsv.read_text().replace("shared_", "unique_"))
+    sub = neurocube.open_subject(tmp_path, "sub-01")
+    with pytest.raises(SelectionError, match=r"ses-01: stimuli='shared' leaves no trial"):
+        sub.betas("ses-01", stimuli="shared")
+    assert sub.betas(["ses-01", "ses-02"], stimuli="unique").betas.shape[0] == 15

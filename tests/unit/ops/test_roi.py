@@ -110,7 +110,8 @@ def test_coerce_selection_mask_forms():
 @settings(max_examples=40, deadline=None)
 @given(
     seed=st.integers(0, 2**32 - 1),
-    threshold=st.floats(0, 100),
+    # thresholds below 1 warn that noise ceilings are in percent (tested below)
+    threshold=st.one_of(st.just(0.0), st.floats(1, 100)),
     n_sessions=st.integers(1, 3),
 )
 def test_select_voxels_matches_a_loop_oracle(seed, threshold, n_sessions):
@@ -145,3 +146,24 @@ def test_read_small_volume(tmp_path):
     nib.Nifti1Image(np.zeros((2, 2, 2, 3), np.float32), np.eye(4)).to_filename(four_d)
     with pytest.raises(FormatError, match=r"expected a 3-D volume.*found shape \(2, 2, 2, 3\)"):
         read_small_volume(four_d)
+
+
+def test_empty_selections_and_thresholds_that_cannot_be_percent():
+    from neurocube.ops.roi import NoiseCeilingUnitsWarning
+
+    brain = np.zeros((3, 4, 2), bool)
+    brain[1:, 1:, :] = True
+    roi = np.zeros_like(brain)
+    roi[2, 3, 1] = True
+    nc = np.full(brain.shape, 12.0)
+    assert not select_voxels(brain, noise_ceilings=[nc], nc_threshold=50).any()  # allowed
+    with pytest.raises(SelectionError, match=r"nc_threshold=50 \(noise ceiling of session 1 "
+                       r"of 1, max 12 %\) removed every voxel"):
+        select_voxels(brain, noise_ceilings=[nc], nc_threshold=50, allow_empty=False)
+    with pytest.raises(SelectionError, match="the ROI selection removed every voxel"):
+        select_voxels(brain, roi_mask=roi & ~brain, allow_empty=False)
+    for bad in (150, -1, float("nan"), "high"):
+        with pytest.raises(SelectionError, match=r"nc_threshold=.*\[0, 100\]"):
+            select_voxels(brain, noise_ceilings=[nc], nc_threshold=bad)
+    with pytest.warns(NoiseCeilingUnitsWarning, match="in percent.*nc_threshold=15"):
+        select_voxels(brain, noise_ceilings=[nc], nc_threshold=0.15)
