@@ -25,6 +25,8 @@ _LAZY: dict[str, str] = {
     "open_subject": "neurocube.datasets.fmri",
     "open_subjects": "neurocube.datasets.fmri",
     "roi_means": "neurocube.datasets.fmri",
+    # Train/test splits that keep every repeat of a stimulus on one side
+    "split_trials": "neurocube.ops.splits",
     "Subject": "neurocube.datasets.fmri",
     # HDF5: spectral decompositions and TMS traces
     "open_spectral": "neurocube.datasets.spectral",
