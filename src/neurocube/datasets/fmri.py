@@ -555,7 +555,16 @@ class Subject:
             if session is None:
                 raise SelectionError("nc_threshold needs the session(s) whose noise ceiling to use")
             for ses in self._sessions_arg(session):
-                ncs.append(self._volume(self._nc_session_path(ses))[0])
+                nc_path = self._nc_session_path(ses)
+                volume = self._volume(nc_path)[0]
+                if volume.shape != brain.shape:
+                    raise GridMismatchError(
+                        f"{nc_path}: the noise ceiling of {ses} lies on a {volume.shape} grid, "
+                        f"but the {mask_source} brain mask {self.brain_mask_path(mask_source)} "
+                        f"(the functional grid) is {brain.shape}. Use the noise-ceiling map "
+                        "written for this grid (or re-download it)."
+                    )
+                ncs.append(volume)
         return roi_ops.select_voxels(
             brain, roi_mask=roi_mask, custom_mask=custom, noise_ceilings=ncs,
             nc_threshold=nc_threshold, allow_empty=False,

@@ -709,3 +709,13 @@ def test_a_stimuli_filter_that_leaves_no_trial_is_refused(tmp_path):
     with pytest.raises(SelectionError, match=r"ses-01: stimuli='shared' leaves no trial"):
         sub.betas("ses-01", stimuli="shared")
     assert sub.betas(["ses-01", "ses-02"], stimuli="unique").betas.shape[0] == 15
+
+
+def test_a_noise_ceiling_on_another_grid_names_its_file(tmp_path):
+    make_bucket(tmp_path, subjects=1, sessions=1, trials=6, grid=(6, 7, 5), stimuli=False, seed=5)
+    sub = neurocube.open_subject(tmp_path, "sub-01")
+    path = Path(sub._nc_session_path("ses-01"))
+    nib.Nifti1Image(np.full((4, 4, 4), 50.0, np.float32), np.eye(4)).to_filename(path)
+    with pytest.raises(GridMismatchError, match=rf"{path.name}: the noise ceiling of ses-01 lies "
+                       r"on a \(4, 4, 4\) grid"):
+        sub.betas("ses-01", nc_threshold=10)
