@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from _report import judge, write_report
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -337,15 +339,7 @@ def main() -> int:
     for name, v in r.items():
         print(f"| {name} | {v['seconds_median']:.3f} | {v['mb_per_s']:.1f} | "
               f"{v['peak_rss_mb']:.0f} | {v['rss_growth_mb']:.0f} |")
-    print("\n| ratio | value | target | met |")
-    print("|---|---:|---|---|")
-    verdicts = {}
-    for key, value in ratios.items():
-        op, bound = targets.get(key, ("", None))
-        met = None if bound is None else (value >= bound if op == ">=" else value <= bound)
-        verdicts[key] = met
-        print(f"| {key} | {value:.2f} | {op} {bound if bound is not None else ''} | "
-              f"{'' if met is None else ('yes' if met else 'NO')} |")
+    verdicts = judge(ratios, targets, digits=2)
     report = {
         "benchmark": "nifti",
         "file": {"grid": list(grid), "trials": n_trials, "uncompressed_mb": raw_bytes / 1e6,
@@ -357,9 +351,7 @@ def main() -> int:
         "ratios": ratios,
         "targets_met": verdicts,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

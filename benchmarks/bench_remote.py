@@ -55,6 +55,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _report import judge, write_report
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -491,15 +493,7 @@ def main() -> int:
               f"{v['server_cpu_seconds_median']:.2f} | {v['peak_rss_mb']:.0f} | "
               f"{v['rss_growth_mb']:.0f} | "
               f"{v['disk_used_bytes'] / 1e6:.2f} | {ok} |")
-    print("\n| ratio | value | target | met |")
-    print("|---|---:|---|---|")
-    verdicts: dict[str, bool | None] = {}
-    for key, value in ratios.items():
-        op, bound = targets.get(key, ("", None))
-        met = None if bound is None else (value >= bound if op == ">=" else value <= bound)
-        verdicts[key] = met
-        print(f"| {key} | {value:.3f} | {op} {bound if bound is not None else ''} | "
-              f"{'' if met is None else ('yes' if met else 'NO')} |")
+    verdicts = judge(ratios, targets, digits=3)
     report = {
         "benchmark": "remote",
         "file": {"grid": list(grid), "trials": n_trials, "uncompressed_mb": raw_bytes / 1e6,
@@ -517,9 +511,7 @@ def main() -> int:
         "targets": {k: f"{op} {b}" for k, (op, b) in targets.items()},
         "targets_met": verdicts,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 
