@@ -27,7 +27,9 @@ __all__ = [
     "UnsafePathError",
     "AttributeMismatchError",
     "AccessDeniedError",
+    "CorruptDataError",
     "DataChangedError",
+    "SourceChangedError",
     "StorageError",
 ]
 
@@ -107,5 +109,14 @@ class AccessDeniedError(StorageError, PermissionError):
     """The storage backend refused access (HTTP 403): credentials or ``storage_options`` needed."""
 
 
-class DataChangedError(FormatError):
-    """A file or object changed between opening it and reading its values."""
+class SourceChangedError(FormatError):
+    """A file or object changed (size, mtime, ETag) between opening it and reading its values."""
+
+
+#: The name this error had before issue 11; kept so ``except DataChangedError`` keeps working.
+DataChangedError = SourceChangedError
+
+
+class CorruptDataError(FormatError):
+    """Bytes read from a source or cache failed their checksum (gzip CRC32, per-volume checksum,
+    crc32c of a cache chunk, parquet page CRC, zip CRC, HDF5 fletcher32): the values are not returned."""
