@@ -31,6 +31,7 @@ __all__ = [
     "DataChangedError",
     "SourceChangedError",
     "StorageError",
+    "ArgumentError",
 ]
 
 
@@ -120,3 +121,11 @@ DataChangedError = SourceChangedError
 class CorruptDataError(FormatError):
     """Bytes read from a source or cache failed their checksum (gzip CRC32, per-volume checksum,
     crc32c of a cache chunk, parquet page CRC, zip CRC, HDF5 fletcher32): the values are not returned."""
+
+
+class ArgumentError(NeurocubeError, TypeError, ValueError):
+    """An argument of the wrong type or value (``open_nifti(123)``, ``chunks=0``, ...).
+
+    Both a ``TypeError`` and a ``ValueError``, so either ``except`` keeps working; the message
+    names the argument, what was expected and what was found.
+    """

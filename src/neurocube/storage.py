@@ -40,6 +40,7 @@ from typing import IO, Any
 
 from neurocube.errors import (
     AccessDeniedError,
+    ArgumentError,
     DataChangedError,
     DataNotFoundError,
     NeurocubeError,
@@ -227,7 +228,7 @@ def as_options(options: Mapping[str, Any] | None) -> StorageOptions | None:
     if isinstance(options, StorageOptions):
         return options
     if not isinstance(options, Mapping):
-        raise TypeError(
+        raise ArgumentError(
             f"storage_options must be a dict (e.g. {{'anon': True}}), found "
             f"{type(options).__name__}"
         )
@@ -260,7 +261,14 @@ def local_path(path: str | os.PathLike[str]) -> Path:
         if not text.startswith("file://"):
             raise ValueError(f"{text}: a remote URL, not a local path")
         text = text[len("file://") :]
-    return Path(text).expanduser().resolve()
+    try:
+        return Path(text).expanduser().resolve()
+    except RuntimeError as exc:  # Python < 3.13: a symlink loop
+        raise DataNotFoundError(
+            f"{text}: a symlink loop ({exc}); expected a file or folder. Fix or remove the link."
+        ) from exc
+    except ValueError as exc:  # a NUL byte in the path
+        raise ArgumentError(f"{text!r}: not a usable path ({exc}); expected a file name") from exc
 
 
 def normalize(path: str | os.PathLike[str]) -> str:
@@ -273,7 +281,9 @@ def normalize(path: str | os.PathLike[str]) -> str:
     ):
         return str(local_path(path))
     if not isinstance(path, str):
-        raise TypeError(f"expected a path or URL string, found {type(path).__name__}: {path!r}")
+        raise ArgumentError(
+            f"expected a path or URL string, found {type(path).__name__}: {path!r}"
+        )
     return path.rstrip("/") if not path.endswith("://") else path
 
 

@@ -51,6 +51,7 @@ from neurocube import storage
 from neurocube.catalog.fmri import natural_key, scan_bucket, subject_ids
 from neurocube.errors import (
     AccessDeniedError,
+    ArgumentError,
     DataNotDownloadedError,
     FormatError,
     GridMismatchError,
@@ -65,6 +66,33 @@ __all__ = ["Subject", "open_subject", "open_subjects", "roi_means"]
 MASK_SOURCES = ("anatomical", "rsquare")
 STIMULI_FILTERS = ("shared", "unique")
 _LABEL_PREFIX = re.compile(r"^(shared|unique)_(.+)$")
+
+
+def _names(
+    value: Any, what: str, expected: str, *, items: type | tuple[type, ...] = str
+) -> list[Any]:
+    """``value`` as a list: one name alone, or the items of a list (else :class:`ArgumentError`).
+
+    ``what`` names the argument, ``expected`` says what one item is; every item must be an
+    instance of ``items``.
+    """
+    if isinstance(value, items) and not isinstance(value, (bool, bytes)):
+        return [value]
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(
+        value, (Sequence, np.ndarray, pd.Index, pd.Series, set, frozenset)
+    ):
+        raise ArgumentError(
+            f"{what}={value!r}: expected {expected} or a list of them, found "
+            f"{type(value).__name__}"
+        )
+    chosen = list(value)
+    bad = [v for v in chosen if not isinstance(v, items) or isinstance(v, (bool, bytes))]
+    if bad:
+        raise ArgumentError(
+            f"{what}={value!r}: expected {expected} or a list of them, found "
+            f"{bad[0]!r} ({type(bad[0]).__name__})"
+        )
+    return chosen
 
 
 def _download_hint(what: str) -> str:
@@ -191,7 +219,7 @@ class Subject:
     def _sessions_arg(self, session: str | Sequence[str] | None) -> list[str]:
         if session is None or (isinstance(session, str) and session == "all"):
             return self.sessions
-        chosen = [session] if isinstance(session, str) else list(session)
+        chosen = _names(session, "session", "a session id such as 'ses-01'")
         if not chosen:
             raise SelectionError(f"{self._subject_id}: empty session list")
         if len(set(chosen)) != len(chosen):
@@ -398,7 +426,7 @@ class Subject:
         if category is not None:  # one known (category, name) pair
             pairs = [(category, str(query))]
         else:
-            tokens = [query] if isinstance(query, str) else list(query)
+            tokens = _names(query, "roi", "a ROI name, a category or 'all'")
             anywhere = self.roi_categories("any")
             known = {n for names in categories.values() for n in names} | set(categories)
             elsewhere = [
@@ -437,7 +465,7 @@ class Subject:
         self, queries: roi_ops.RoiQuery, mask_source: str = "anatomical"
     ) -> dict[str, np.ndarray]:
         """Return ``{query: roi_mask(query)}`` keyed by the caller's strings."""
-        items = [queries] if isinstance(queries, str) else list(queries)
+        items = _names(queries, "queries", "a ROI name, a category or 'all'")
         return {str(q): self.roi_mask(q, mask_source=mask_source) for q in items}
 
     def roi_data(
@@ -486,6 +514,7 @@ class Subject:
             hemis = {hemi}
         else:
             raise SelectionError(f"hemi={hemi!r}: expected 'L', 'R', 'all' or None")
+        _names(query, "query", "a ROI name, a category or 'all'")
         pairs = roi_ops.resolve_roi_query(query, self.roi_categories("any"), where=self._subject_id)
         wanted = allowed[fmt]
         on_grid = self.roi_categories("volume")
@@ -884,7 +913,7 @@ class Subject:
         else:
             assert desc is not None
             dim = "desc"
-            keys = [desc] if isinstance(desc, str) else list(desc)
+            keys = _names(desc, "desc", "a noise-ceiling desc such as '12rep'")
             paths = [self._nc_desc_path(d) for d in keys]
             single = isinstance(desc, str)
         selection = self.voxel_selection(roi=roi, mask=mask, mask_source=mask_source)
@@ -892,7 +921,15 @@ class Subject:
         flat = selection.reshape(-1)
         maps = []
         for key, path in zip(keys, paths, strict=True):
-            ds = open_nifti(path, mask=flat, **self._read_kwargs(path))
+            try:
+                ds = open_nifti(path, mask=flat, **self._read_kwargs(path))
+            except GridMismatchError as exc:
+                raise GridMismatchError(
+                    f"{path}: this noise-ceiling map ({dim} {key}) does not lie on the grid of "
+                    f"the {mask_source} brain mask {self.brain_mask_path(mask_source)} (the "
+                    f"functional grid, {selection.shape}): {exc}. Use the noise-ceiling map "
+                    "written for this grid (or re-download it)."
+                ) from exc
             values = ds["data"].isel(trial=0, drop=True) if "trial" in ds["data"].dims else ds[
                 "data"
             ]
@@ -991,6 +1028,11 @@ class Subject:
 
         rows = self._stimuli_files[self._stimuli_files["kind"] == "embeddings"]
         models = sorted(rows["label"])
+        if not isinstance(model, str):
+            raise ArgumentError(
+                f"model={model!r}: expected the name of an embedding model (one of {models}), "
+                f"found {type(model).__name__}"
+            )
         path = self._stimuli_file(
             "embeddings", f"task-images_desc-{model}_embeddings.h5 (models on disk: {models})",
             label=model,
@@ -1070,11 +1112,16 @@ SIDECAR_BLOCK = 8 << 20
 
 def _read_csv(path: str, sep: str = ",", storage_options: Any = None) -> pd.DataFrame:
     with storage.open_file(path, "rb", storage_options, block_size=SIDECAR_BLOCK) as handle:
+        kind = "TSV" if sep == chr(9) else "CSV"
         try:
             return pd.read_csv(handle, sep=sep, dtype=str, keep_default_na=False)
+        except pd.errors.EmptyDataError as exc:
+            raise FormatError(
+                f"{path}: an empty {kind} (no header line); expected a header naming its columns "
+                "and one row per entry. Re-download the file."
+            ) from exc
         except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-            raise FormatError(f"{path}: not a readable {'TSV' if sep == chr(9) else 'CSV'} ({exc})"
-                              ) from exc
+            raise FormatError(f"{path}: not a readable {kind} ({exc})") from exc
 
 
 _INT_COLUMNS = ("run", "beta_index")
@@ -1243,6 +1290,13 @@ def open_subject(
     """
     location = storage.normalize(root)
     opts = storage.as_options(storage_options)
+    if catalog is not None and not (
+        isinstance(catalog, pd.DataFrame) and {"kind", "subject", "path"} <= set(catalog.columns)
+    ):
+        raise ArgumentError(
+            f"catalog={type(catalog).__name__}: expected a scan of the bucket "
+            "(neurocube.catalog.fmri.scan_bucket(root)) or None"
+        )
     table = scan_bucket(location, opts) if catalog is None else catalog
     if isinstance(subject, (int, np.integer)) and not isinstance(subject, bool):
         known = subject_ids(table)
@@ -1271,9 +1325,11 @@ def open_subjects(
     location = storage.normalize(root)
     opts = storage.as_options(storage_options)
     table = scan_bucket(location, opts)
-    chosen: Sequence[str | int] = subject_ids(table) if subjects is None else subjects
-    if isinstance(chosen, (str, int)):
-        chosen = [chosen]
+    chosen: Sequence[str | int] = (
+        subject_ids(table) if subjects is None
+        else _names(subjects, "subjects", "a subject id such as 'sub-01' or an index",
+                    items=(str, int, np.integer))
+    )
     return [
         open_subject(location, s, chunks=chunks, catalog=table, storage_options=opts)
         for s in chosen
@@ -1320,7 +1376,17 @@ def roi_means(
     import dask.array as da
     import xarray as xr
 
-    subs = list(subjects.values()) if isinstance(subjects, Mapping) else list(subjects)
+    subs = (
+        list(subjects.values()) if isinstance(subjects, Mapping)
+        else _names(subjects, "subjects", "a Subject (from neurocube.open_subjects)",
+                    items=Subject)
+    )
+    wrong = [s for s in subs if not isinstance(s, Subject)]
+    if wrong:
+        raise ArgumentError(
+            f"roi_means: expected Subjects (from neurocube.open_subjects), found {wrong[0]!r} "
+            f"({type(wrong[0]).__name__})"
+        )
     if not subs:
         raise SelectionError("roi_means: no subject given")
     means = []

@@ -27,6 +27,7 @@ import numpy as np
 
 from neurocube import config, storage
 from neurocube.errors import (
+    ArgumentError,
     FormatError,
     NeurocubeError,
     TruncatedFileError,
@@ -82,8 +83,8 @@ class _VolumeGeometry:
 
     @property
     def volume_elems(self) -> int:
-        """Voxels in one volume."""
-        return int(np.prod(self.grid_shape))
+        """Voxels in one volume (a Python int: a damaged header's product never overflows)."""
+        return math.prod(int(n) for n in self.grid_shape)
 
     @property
     def volume_bytes(self) -> int:
@@ -244,7 +245,7 @@ def read_header(
     import nibabel as nib
 
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(
+        raise ArgumentError(
             f"expected the path or URL of a .nii/.nii.gz file, found {type(path).__name__}: "
             f"{path!r}"
         )
@@ -261,6 +262,7 @@ def read_header(
             f"{spath}: {what} is not NIfTI: expected sizeof_hdr 348 (NIfTI-1) or 540 (NIfTI-2) "
             f"with the 'n+1'/'n+2' magic, found first bytes {head[:8]!r}. Is this the right file?"
         )
+    _check_header_fields(spath, head, version)
     header_cls = nib.Nifti1Header if version == 1 else nib.Nifti2Header
     hdr_size = 348 if version == 1 else 540
     # Extensions are skipped (their bytes lie before vox_offset): clear the extension flag so
@@ -293,7 +295,15 @@ def read_header(
         raise FormatError(
             f"{spath}: voxel type {dtype} is not supported (expected integer or float voxels)."
         )
-    slope, inter = hdr.get_slope_inter()
+    try:
+        slope, inter = hdr.get_slope_inter()
+    except nib.spatialimages.HeaderDataError as exc:  # a valid scl_slope with a NaN/inf scl_inter
+        raise FormatError(
+            f"{spath}: the header's scaling cannot be applied: {exc} (scl_slope "
+            f"{hdr['scl_slope'].item()}, scl_inter {hdr['scl_inter'].item()}); expected a finite "
+            "scl_inter whenever scl_slope is a finite non-zero number. The header is damaged: "
+            "re-download or re-write the file."
+        ) from exc
     if slope is not None and (not math.isfinite(slope) or slope == 0):
         slope = None
     if inter is not None and not math.isfinite(inter):
@@ -318,6 +328,7 @@ def read_header(
         file_version=meta.mtime_ns if storage.is_local(spath) else meta.etag,
         storage_options=options,
     )
+    _check_declared_size(info)
     if not compressed:
         size = meta.size
         if size < info.data_end:
@@ -329,6 +340,75 @@ def read_header(
                 "truncated: re-download or re-write it."
             )
     return info
+
+
+#: The most bytes deflate can inflate from one compressed byte (RFC 1951: a 258-byte match
+#: per ~2 bits, about 1032:1). A ``.nii.gz`` declaring more image than its size times this
+#: cannot hold it: the header is damaged (or the file truncated), whatever the stream says.
+DEFLATE_MAX_RATIO = 1032
+
+# NIfTI-1 / NIfTI-2 field layout: (dim offset, dim format, datatype offset, vox_offset offset,
+# vox_offset format); both keep the 4 extension-flag bytes right after the header.
+_FIELDS = {1: (40, "8h", 70, 108, "f"), 2: (16, "8q", 12, 168, "q")}
+
+
+def _check_header_fields(path: str, head: bytes, version: int) -> None:
+    """Refuse a header whose shape, datatype or data offset cannot describe an image.
+
+    Read from the raw bytes (in the byte order ``sizeof_hdr`` gives) before nibabel parses
+    them: nibabel guesses the byte order from ``dim[0]`` and fails on these with a
+    ``KeyError`` or an overflow, or accepts them (a zero or negative dimension).
+    """
+    import nibabel as nib
+
+    order = "<" if struct.unpack_from("<i", head, 0)[0] in (348, 540) else ">"
+    dim_at, dim_fmt, dtype_at, off_at, off_fmt = _FIELDS[version]
+    dim = struct.unpack_from(order + dim_fmt, head, dim_at)
+    (code,) = struct.unpack_from(order + "h", head, dtype_at)
+    (vox_offset,) = struct.unpack_from(order + off_fmt, head, off_at)
+    damaged = "The header is damaged: re-download or re-write the file."
+    if not 1 <= dim[0] <= 7:
+        raise FormatError(
+            f"{path}: dim[0] (the number of dimensions) is {dim[0]}; expected 1 to 7. {damaged}"
+        )
+    sizes = dim[1 : dim[0] + 1]
+    if any(n < 1 for n in sizes):
+        raise FormatError(
+            f"{path}: the header declares dimensions {tuple(sizes)}; expected every dimension "
+            f"to be at least 1. {damaged}"
+        )
+    try:
+        nib.nifti1.data_type_codes.dtype[code]
+    except KeyError:
+        raise FormatError(
+            f"{path}: datatype code {code} is not a NIfTI datatype (expected e.g. 2 uint8, "
+            f"4 int16, 8 int32, 16 float32, 64 float64, 256 int8, 512 uint16). {damaged}"
+        ) from None
+    first = 352 if version == 1 else 544  # header + extension flag
+    if not math.isfinite(vox_offset) or vox_offset < first:
+        raise FormatError(
+            f"{path}: vox_offset (where the voxel data starts) is {vox_offset}; expected a byte "
+            f"offset of at least {first}, just past the NIfTI-{version} header. {damaged}"
+        )
+
+
+def _check_declared_size(info: NiftiInfo) -> None:
+    """Refuse a ``.nii.gz`` declaring more image than its compressed bytes can inflate to.
+
+    Checked at open, before anything is allocated for the declared shape (a 1 KB file can
+    declare 32767^4 voxels). A ``.nii`` is checked against its size by the caller.
+    """
+    if not info.compressed:
+        return
+    limit = info.size * DEFLATE_MAX_RATIO
+    if info.data_end > limit:
+        raise FormatError(
+            f"{info.path}: the header declares {info.data_end} bytes of image (shape "
+            f"{info.shape}, {info.dtype}, data from byte {info.vox_offset}), but a gzip file of "
+            f"{info.size} bytes inflates to at most {limit} (deflate's maximum ratio is "
+            f"{DEFLATE_MAX_RATIO}:1). The header is damaged or the file is truncated: "
+            "re-download or re-write it."
+        )
 
 
 class _BytesReader:
@@ -966,7 +1046,7 @@ def _volumes_per_chunk(chunks: Any, spec: NiftiSpec, path: str) -> int:
         target = DEFAULT_CHUNK_BYTES
     elif isinstance(chunks, dict):
         if set(chunks) - {"trial"}:
-            raise ValueError(
+            raise ArgumentError(
                 f"{path}: chunks={chunks!r}: neurocube chunks NIfTI data along 'trial' only "
                 "(whole volumes are the unit of I/O); pass chunks={'trial': n}."
             )
@@ -975,18 +1055,18 @@ def _volumes_per_chunk(chunks: Any, spec: NiftiSpec, path: str) -> int:
         if chunks == -1:
             return max(n, 1)
         if chunks < 1:
-            raise ValueError(f"{path}: chunks={chunks}: expected a positive number of volumes")
+            raise ArgumentError(f"{path}: chunks={chunks}: expected a positive number of volumes")
         return int(min(chunks, max(n, 1)))
     elif isinstance(chunks, str):
         match = _SIZE_RE.match(chunks)
         if not match:
-            raise ValueError(
+            raise ArgumentError(
                 f"{path}: chunks={chunks!r}: expected 'auto', a number of volumes, "
                 "{'trial': n} or a size such as '64MiB'"
             )
         target = int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
     else:
-        raise ValueError(
+        raise ArgumentError(
             f"{path}: chunks={chunks!r}: expected 'auto', a number of volumes, "
             "{'trial': n} or a size such as '64MiB'"
         )
