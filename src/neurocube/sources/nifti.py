@@ -544,6 +544,16 @@ class NiftiSpec(_VolumeGeometry):
         """True for a file reached over the network."""
         return not storage.is_local(self.path)
 
+    def check_unchanged(self) -> None:
+        """Raise :class:`~neurocube.errors.SourceChangedError` if the file is not the one opened.
+
+        Its size and version (mtime locally, ETag remotely) are compared with those recorded
+        at open: one stat per chunk task (a remote object is asked once per process and
+        version). A file replaced by one with another grid or ``vox_offset`` would otherwise
+        be read with the old header's geometry; nothing is re-hashed.
+        """
+        storage.check_unchanged(self.path, self.storage_options, self.size, self.file_version)
+
     def read_volumes(self, start: int, stop: int, buffer: np.ndarray | None = None) -> np.ndarray:
         """Return volumes ``[start, stop)`` as raw on-disk values, shape ``(n, X*Y*Z)``.
 
@@ -683,6 +693,7 @@ class VolumeArray:
         return ("neurocube.VolumeArray", self.spec, tokenize(self.voxels), tokenize(self.volumes))
 
     def __getitem__(self, key: Any) -> np.ndarray:
+        self.spec.check_unchanged()  # one stat per chunk task: no values from a replaced file
         if not isinstance(key, tuple):
             key = (key,)
         key = key + (slice(None),) * (self.ndim - len(key))
@@ -980,6 +991,7 @@ def direct_load(
     arr, chunks = entry
     if tuple(data.chunks) != chunks or arr.voxels is None:
         return None
+    arr.spec.check_unchanged()  # one stat for the whole load: no values from a replaced file
     if out is None:
         out = np.empty(arr.shape, dtype=arr.dtype)
     if arr.spec.gzip is not None and not gzindex.has_index(arr.spec.gzip):
