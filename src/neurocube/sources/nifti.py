@@ -238,9 +238,16 @@ def read_header(
         If the file does not exist.
     FormatError
         If it is not NIfTI-1/NIfTI-2 (by magic bytes), or is a ``.hdr/.img``
-        pair, or has an unsupported shape.
+        pair, or has an unsupported shape; if a header field cannot describe an
+        image (an unknown datatype code, ``dim[0]`` outside 1..7, a dimension
+        below 1, a NaN or too small ``vox_offset``, a non-finite ``scl_inter``
+        with a valid ``scl_slope``); if a ``.nii.gz`` declares more image than
+        its size can inflate to (:data:`DEFLATE_MAX_RATIO`). Nothing is
+        allocated for the declared shape before these checks.
     TruncatedFileError
         If an uncompressed file is shorter than its header says.
+    ArgumentError
+        If ``path`` is not a path or URL.
     """
     import nibabel as nib
 
@@ -1228,6 +1235,9 @@ def open_nifti(
     ------
     DataNotFoundError, FormatError, TruncatedFileError, GridMismatchError, IndexMismatchError
         With the file, what was expected and what was found.
+    SourceChangedError
+        When computed, if the file changed (size or modification time, ETag
+        remotely) since it was opened: open it again.
 
     Examples
     --------
