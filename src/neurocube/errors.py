@@ -119,8 +119,11 @@ DataChangedError = SourceChangedError
 
 
 class CorruptDataError(FormatError):
-    """Bytes read from a source or cache failed their checksum (gzip CRC32, per-volume checksum,
-    crc32c of a cache chunk, parquet page CRC, zip CRC, HDF5 fletcher32): the values are not returned."""
+    """Bytes read from a source or cache failed their checksum; their values are not returned.
+
+    The checksums: gzip CRC32, per-volume checksums, crc32c of cache chunks, parquet page CRCs,
+    zip CRCs of NPZ members, HDF5 fletcher32.
+    """
 
 
 class ArgumentError(NeurocubeError, TypeError, ValueError):
