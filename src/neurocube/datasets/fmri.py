@@ -586,11 +586,16 @@ class Subject:
         mask: Any = None,
         mask_source: str = "anatomical",
     ) -> pd.DataFrame:
-        """Return grid indices ``i, j, k`` and scanner ``x, y, z`` (mm) of the selected voxels."""
+        """Return grid indices ``i, j, k`` and scanner ``x, y, z`` (mm) of the selected voxels.
+
+        The table's index is ``voxel``, the flat C-order grid index that labels
+        the ``voxel`` dim of :meth:`betas` and :meth:`noise_ceiling`.
+        """
         selection = self.voxel_selection(roi=roi, mask=mask, mask_source=mask_source)
         _, affine = self._brain(mask_source)
         coords = voxel_coords(selection, affine)
-        return pd.DataFrame({name: values for name, (_, values) in coords.items()})
+        index = pd.Index(coords.pop("voxel")[1], name="voxel")
+        return pd.DataFrame({name: values for name, (_, values) in coords.items()}, index=index)
 
     # ------------------------------------------------------------------ trial table
 

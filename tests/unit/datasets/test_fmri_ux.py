@@ -1,0 +1,83 @@
+"""Issue 12 (items 1, 2, 3, 10): masked results align, carry their provenance, go back to NIfTI."""
+
+from __future__ import annotations
+
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pytest
+import xarray as xr
+
+import neurocube
+from neurocube.synthetic.bucket import make_bucket
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bucket_ux")
+    return make_bucket(root, subjects=2, sessions=2, trials=16, grid=(8, 9, 7), seed=11)
+
+
+def _flat_index(truth_selection):
+    return np.flatnonzero(truth_selection.reshape(-1)).astype(np.int64)
+
+
+# ------------------------------------------------------------------ 12.1: a voxel index
+
+
+def test_voxel_dim_is_indexed_by_the_flat_grid_index(bucket):
+    sub = neurocube.open_subject(bucket.root, "sub-01")
+    truth = bucket.subjects["sub-01"]
+    ds = sub.betas("ses-01", roi="face")
+    face = truth.brain_mask & (truth.rois["FFA1"] | truth.rois["FFA2"] | truth.rois["OFA"])
+    assert "voxel" in ds.indexes
+    assert ds.voxel.dtype == np.int64
+    np.testing.assert_array_equal(ds.voxel.values, _flat_index(face))
+    # i, j, k, x, y, z stay plain coordinates along voxel
+    assert not {"i", "j", "k", "x", "y", "z"} & set(ds.indexes)
+    flat = np.ravel_multi_index((ds.i.values, ds.j.values, ds.k.values), truth.brain_mask.shape)
+    np.testing.assert_array_equal(ds.voxel.values, flat)
+    nc = sub.noise_ceiling(session="ses-01", roi="FFA1")
+    assert "voxel" in nc.indexes
+    many = sub.noise_ceiling(session=["ses-01", "ses-02"], roi="FFA1")
+    assert "voxel" in many.indexes
+
+
+def test_selections_of_one_subject_align(bucket):
+    sub = neurocube.open_subject(bucket.root, "sub-01")
+    truth = bucket.subjects["sub-01"]
+    ds = sub.betas("ses-01", roi="face", nc_threshold=5)
+    nc = sub.noise_ceiling(session="ses-01", roi="FFA1")
+    assert ds.sizes["voxel"] != nc.sizes["voxel"]
+    both = ds.assign(nc=nc)  # reindexed onto ds's voxels (NaN where FFA1 does not reach)
+    ffa1 = truth.brain_mask & truth.rois["FFA1"]
+    expected = np.where(ffa1.reshape(-1)[ds.voxel.values],
+                        truth.noise_ceilings["ses-01"].reshape(-1)[ds.voxel.values], np.nan)
+    np.testing.assert_allclose(both.nc.values, expected, equal_nan=True)
+    a, b = xr.align(ds.betas, nc, join="inner")
+    common = np.intersect1d(ds.voxel.values, nc.voxel.values)
+    np.testing.assert_array_equal(a.voxel.values, common)
+    np.testing.assert_array_equal(b.voxel.values, common)
+    merged = xr.merge([ds.betas, nc], join="inner", compat="override")
+    assert merged.sizes["voxel"] == common.size
+    picked = ds.betas.sel(voxel=common[:3])
+    volumes = np.asarray(nib.load(truth.betas_paths["ses-01"]).get_fdata(dtype=np.float32))
+    grid = volumes.reshape(-1, volumes.shape[-1])
+    np.testing.assert_allclose(picked.values, grid[common[:3]].T, equal_nan=True)
+
+
+def test_open_nifti_masked_has_the_voxel_index_and_it_survives_the_cache(tmp_path):
+    data = np.arange(4 * 5 * 6 * 3, dtype=np.float32).reshape(4, 5, 6, 3)
+    path = tmp_path / "b.nii.gz"
+    nib.Nifti1Image(data, np.eye(4)).to_filename(path)
+    mask = np.zeros((4, 5, 6), bool)
+    mask[1:3, 2, 1::2] = True
+    ds = neurocube.open_nifti(path, mask=mask)
+    np.testing.assert_array_equal(ds.voxel.values, np.flatnonzero(mask.reshape(-1)))
+    assert "voxel" in ds.indexes
+    cached = neurocube.cache(ds, store=tmp_path / "store", key="v")
+    assert "voxel" in cached.indexes
+    np.testing.assert_array_equal(cached.voxel.values, ds.voxel.values)
+    again = neurocube.open_cached("v", store=tmp_path / "store")
+    assert "voxel" in again.indexes and again.voxel.dtype == np.int64
