@@ -378,16 +378,20 @@ class Subject:
                 names.append(label)
         return {c: sorted(n, key=natural_key) for c, n in sorted(categories.items())}
 
-    def _roi_volume(self, category: str, name: str) -> np.ndarray:
+    def _roi_path(self, category: str, name: str) -> str:
         rows = self._rows("roi", category=category, label=name)
         rows = rows[rows["fmt"].isin(["nii.gz", "nii"]) & rows["res"].isin(["1pt8", ""])]
-        path = str(rows.sort_values("res", ascending=False)["path"].iloc[0])
-        volume, _ = self._volume(path)
-        return volume
+        return str(rows.sort_values("res", ascending=False)["path"].iloc[0])
 
     def _roi_grid_mask(
-        self, query: roi_ops.RoiQuery, brain: np.ndarray, *, category: str | None = None
+        self,
+        query: roi_ops.RoiQuery,
+        brain: np.ndarray,
+        *,
+        category: str | None = None,
+        used: list[str] | None = None,
     ) -> np.ndarray:
+        """Return the union of the ROIs of ``query`` in ``brain``; add their files to ``used``."""
         categories = self.roi_categories("volume")
         if not categories:
             raise DataNotDownloadedError(
@@ -415,7 +419,10 @@ class Subject:
             pairs = roi_ops.resolve_roi_query(query, categories, where=self._subject_id)
         volumes = []
         for category, name in pairs:
-            volume = self._roi_volume(category, name)
+            path = self._roi_path(category, name)
+            volume, _ = self._volume(path)
+            if used is not None and path not in used:
+                used.append(path)
             if volume.shape != brain.shape:
                 raise GridMismatchError(
                     f"{self._subject_id}: ROI {name!r} ({category}) has grid {volume.shape}, the "
@@ -521,13 +528,28 @@ class Subject:
         nc_threshold: float | None = None,
         mask_source: str = "anatomical",
     ) -> np.ndarray:
-        """Return the selected voxels as a 3-D bool volume (FORMATS.md §1 order).
+        """Return the selected voxels as a 3-D bool volume (order: :mod:`neurocube.ops.roi`).
 
         With several sessions and ``nc_threshold``, a voxel must pass the
         threshold in every session (intersection).
         """
+        return self._select(
+            session, roi=roi, mask=mask, nc_threshold=nc_threshold, mask_source=mask_source
+        )[0]
+
+    def _select(
+        self,
+        session: str | Sequence[str] | None = None,
+        *,
+        roi: roi_ops.RoiQuery | None = None,
+        mask: Any = None,
+        nc_threshold: float | None = None,
+        mask_source: str = "anatomical",
+    ) -> tuple[np.ndarray, list[str]]:
+        """:meth:`voxel_selection` plus every file the selection depends on (brain mask first)."""
         brain, _ = self._brain(mask_source)
-        roi_mask = None if roi is None else self._roi_grid_mask(roi, brain)
+        used = [self.brain_mask_path(mask_source)]
+        roi_mask = None if roi is None else self._roi_grid_mask(roi, brain, used=used)
         if roi is not None and mask is not None:
             raise SelectionError(
                 f"{self._subject_id}: give either roi= or mask=, not both: a custom mask replaces "
@@ -537,6 +559,7 @@ class Subject:
         if mask is not None:
             if isinstance(mask, (str, os.PathLike)):
                 volume, mask_affine = self._volume(str(mask))
+                used.append(storage.normalize(mask))
                 custom = roi_ops.coerce_selection_mask(volume, brain, source=str(mask))
                 _, brain_affine = self._brain(mask_source)
                 if not np.allclose(mask_affine, brain_affine, atol=1e-3):
@@ -565,10 +588,12 @@ class Subject:
                         "written for this grid (or re-download it)."
                     )
                 ncs.append(volume)
-        return roi_ops.select_voxels(
+                used.append(nc_path)
+        selection = roi_ops.select_voxels(
             brain, roi_mask=roi_mask, custom_mask=custom, noise_ceilings=ncs,
             nc_threshold=nc_threshold, allow_empty=False,
         )
+        return selection, used
 
     def _nc_session_path(self, session: str) -> str:
         glm = f"derivatives/glmsingle-tedana/{self._subject_id}/{session}/func"
@@ -778,7 +803,7 @@ class Subject:
         keep_kind = None if stimuli is None else _stimuli_filter(stimuli)
         metadata = self.metadata
         self._check_access(sessions)
-        selection = self.voxel_selection(
+        selection, sources = self._select(
             sessions, roi=roi, mask=mask, nc_threshold=nc_threshold, mask_source=mask_source
         )
         brain_path = self.brain_mask_path(mask_source)
@@ -786,7 +811,6 @@ class Subject:
         flat = selection.reshape(-1)
         arrays = []
         rows = []
-        sources = []
         for ses in sessions:
             path = self.betas_path(ses)
             try:
@@ -830,8 +854,6 @@ class Subject:
             arrays.append(data)
             rows.append(table)
             sources += [path, self.trials_path(ses)]
-            if nc_threshold is not None:
-                sources.append(self._nc_session_path(ses))
         data = concatenate_trials(arrays)  # neurocube.load reads it session by session
         trials = pd.concat(rows)
         coords: dict[str, Any] = {"trial": trials.index.to_numpy(dtype=np.int64)}
@@ -845,7 +867,7 @@ class Subject:
             "affine": np.asarray(affine).tolist(),
             "grid_shape": [int(n) for n in selection.shape],
             "units": "percent signal change",
-            "neurocube_sources": [brain_path, *sources],
+            "neurocube_sources": sources,
         }
         if roi is not None:
             attrs["roi"] = [roi] if isinstance(roi, str) else [str(r) for r in roi]
@@ -853,7 +875,11 @@ class Subject:
             attrs["nc_threshold"] = float(nc_threshold)
         if stimuli is not None:
             attrs["stimuli"] = stimuli
-        return xr.Dataset({"betas": (("trial", "voxel"), data)}, coords=coords, attrs=attrs)
+        # The variable carries the same attributes: ds.betas alone (cached, grouped, written
+        # back with .neuro.to_nifti) still knows its subject, grid and files.
+        return xr.Dataset(
+            {"betas": (("trial", "voxel"), data, dict(attrs))}, coords=coords, attrs=attrs
+        )
 
     # ------------------------------------------------------------------ noise ceilings
 
@@ -892,9 +918,15 @@ class Subject:
             keys = [desc] if isinstance(desc, str) else list(desc)
             paths = [self._nc_desc_path(d) for d in keys]
             single = isinstance(desc, str)
-        selection = self.voxel_selection(roi=roi, mask=mask, mask_source=mask_source)
+        selection, used = self._select(roi=roi, mask=mask, mask_source=mask_source)
         _, affine = self._brain(mask_source)
         flat = selection.reshape(-1)
+        grid_attrs = {
+            "subject": self._subject_id,
+            "units": "percent",
+            "affine": np.asarray(affine).tolist(),
+            "grid_shape": [int(n) for n in selection.shape],
+        }
         maps = []
         for key, path in zip(keys, paths, strict=True):
             ds = open_nifti(path, mask=flat, **self._read_kwargs(path))
@@ -905,18 +937,16 @@ class Subject:
                 xr.DataArray(
                     values.data, dims=("voxel",), coords=voxel_coords(selection, affine),
                     name="noise_ceiling",
-                    attrs={"units": "percent", "source": path, dim: key},
+                    attrs={**grid_attrs, "source": path, dim: key,
+                           "neurocube_sources": [*used, path]},
                 )
             )
         if single:
-            out = maps[0]
-            out.attrs["neurocube_sources"] = [paths[0]]
-            return out
+            return maps[0]
         stacked = xr.concat(maps, dim=dim, combine_attrs="drop")
         stacked = stacked.assign_coords({dim: np.asarray(keys, dtype=str)})
-        return stacked.to_dataset(name="noise_ceiling").assign_attrs(
-            subject=self._subject_id, units="percent", neurocube_sources=list(paths)
-        )
+        stacked.attrs = {**grid_attrs, "neurocube_sources": [*used, *paths]}
+        return stacked.to_dataset(name="noise_ceiling").assign_attrs(stacked.attrs)
 
     def _nc_desc_path(self, desc: str) -> str:
         rows = self._rows("noise_ceiling_subject")
@@ -1377,6 +1407,7 @@ def roi_means(
             },
             coords={"subject": names, "image_name": np.asarray(images, dtype=str)},
         )
+        out["roi_mean"].attrs.update(attrs)
         return out.assign_attrs(attrs)
     longest = max(m.sizes["trial"] for m in means)
     padded = []
@@ -1400,7 +1431,9 @@ def roi_means(
         stacked = np.vstack(columns)
         coords["global_trial" if name == "trial" else name] = (("subject", "trial"), stacked)
     values = da.stack(padded, axis=0)
-    return xr.Dataset({"roi_mean": (("subject", "trial"), values)}, coords=coords, attrs=attrs)
+    return xr.Dataset(
+        {"roi_mean": (("subject", "trial"), values, dict(attrs))}, coords=coords, attrs=attrs
+    )
 
 
 def _pad(values: np.ndarray, length: int) -> np.ndarray:

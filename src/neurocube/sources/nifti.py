@@ -1167,7 +1167,9 @@ def open_nifti(
     if gz is not None and gz.index_path is not None and gz.store is not None:
         gzindex.fetch_index(gz)  # an index shared in the store: no first pass over the data
     data = volume_dask_array(arr, parts.chunks, parts.dims, parts.identity)
-    return xr.Dataset({"data": (parts.dims, data)}, coords=parts.coords, attrs=parts.attrs)
+    return xr.Dataset(
+        {"data": (parts.dims, data, parts.variable_attrs())}, coords=parts.coords, attrs=parts.attrs
+    )
 
 
 def volume_dask_array(
@@ -1305,6 +1307,11 @@ class NiftiParts:
     coords: dict[str, Any]
     attrs: dict[str, Any]
     identity: tuple[str, int, int | str]
+
+    def variable_attrs(self) -> dict[str, Any]:
+        """Attributes of the ``data`` variable: what places it (affine, grid) and its files."""
+        keep = ("affine", "grid_shape", "source", "mask_source", "neurocube_sources")
+        return {name: self.attrs[name] for name in keep if name in self.attrs}
 
 
 def build_parts(

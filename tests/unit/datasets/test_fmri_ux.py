@@ -81,3 +81,72 @@ def test_open_nifti_masked_has_the_voxel_index_and_it_survives_the_cache(tmp_pat
     np.testing.assert_array_equal(cached.voxel.values, ds.voxel.values)
     again = neurocube.open_cached("v", store=tmp_path / "store")
     assert "voxel" in again.indexes and again.voxel.dtype == np.int64
+
+
+# ------------------------------------------------------------------ 12.2: variables stand alone
+
+_INTERPRETING = ("units", "subject", "affine", "grid_shape", "neurocube_sources")
+
+
+def _roi_file(root, subject, name):
+    return next((root / "derivatives/rois" / subject).glob(f"*/*res-1pt8*label-{name}_mask.nii.gz"))
+
+
+def test_each_variable_carries_what_interprets_it(bucket, tmp_path):
+    sub = neurocube.open_subject(bucket.root, "sub-01")
+    truth = bucket.subjects["sub-01"]
+    ds = sub.betas(["ses-01", "ses-02"], roi="FFA1", nc_threshold=5)
+    for name in _INTERPRETING:
+        assert name in ds.betas.attrs, name
+    assert ds.betas.attrs["subject"] == "sub-01"
+    np.testing.assert_allclose(ds.betas.attrs["affine"], truth.affine)
+    assert list(ds.betas.attrs["grid_shape"]) == list(truth.brain_mask.shape)
+    sources = ds.betas.attrs["neurocube_sources"]
+    roi = str(_roi_file(bucket.root, "sub-01", "FFA1"))
+    assert roi in sources  # the ROI file the voxels depend on
+    assert sum("Noiseceiling" in p for p in sources) == 2
+    nc = sub.noise_ceiling(session="ses-01", roi="FFA1")
+    for name in _INTERPRETING:
+        assert name in nc.attrs, name
+    assert roi in nc.attrs["neurocube_sources"]
+    many = sub.noise_ceiling(session=["ses-01", "ses-02"], roi="FFA1")
+    assert roi in many.noise_ceiling.attrs["neurocube_sources"]
+    # a custom mask file is a source too
+    mask_path = tmp_path / "custom.nii.gz"
+    nib.Nifti1Image(truth.rois["PPA"].astype(np.uint8), truth.affine).to_filename(mask_path)
+    custom = sub.betas("ses-01", mask=str(mask_path))
+    assert str(mask_path) in custom.betas.attrs["neurocube_sources"]
+    assert str(mask_path) in custom.attrs["neurocube_sources"]
+    # open_nifti's variable too
+    opened = neurocube.open_nifti(truth.betas_paths["ses-01"], mask=mask_path)
+    for name in ("affine", "grid_shape", "neurocube_sources"):
+        assert name in opened.data.attrs, name
+    assert str(mask_path) in opened.data.attrs["neurocube_sources"]
+
+
+def test_caching_a_variable_or_its_groupby_keeps_provenance(bucket, tmp_path):
+    sub = neurocube.open_subject(bucket.root, "sub-01")
+    ds = sub.betas("ses-01", roi="face")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", neurocube.errors.NeurocubeWarning)
+        one = neurocube.cache(ds.betas, store=tmp_path / "s")
+        grouped = neurocube.cache(ds.betas.groupby("image_name").mean(), store=tmp_path / "s")
+    assert one.attrs["neurocube_sources"] == ds.betas.attrs["neurocube_sources"]
+    assert grouped.attrs["neurocube_sources"] == ds.betas.attrs["neurocube_sources"]
+
+
+def test_a_changed_roi_file_makes_a_named_entry_stale(tmp_path):
+    truth = make_bucket(tmp_path / "b", subjects=1, sessions=1, trials=6, grid=(6, 7, 5),
+                        seed=3).subjects["sub-01"]
+    root = tmp_path / "b"
+    sub = neurocube.open_subject(root, "sub-01")
+    ds = sub.betas("ses-01", roi="FFA1")
+    neurocube.cache(ds, store=tmp_path / "s", key="ffa")
+    neurocube.cache(ds.betas, store=tmp_path / "s", key="ffa-var")
+    roi = _roi_file(root, "sub-01", "FFA1")
+    half = truth.rois["FFA1"].copy()
+    half.reshape(-1)[np.flatnonzero(half)[::2]] = False
+    nib.Nifti1Image(half.astype(np.uint8), truth.affine).to_filename(roi)
+    for key in ("ffa", "ffa-var"):
+        with pytest.raises(neurocube.errors.CacheError, match="stale"):
+            neurocube.open_cached(key, store=tmp_path / "s")
