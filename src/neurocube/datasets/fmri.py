@@ -969,28 +969,33 @@ class Subject:
         mask: Any = None,
         mask_source: str = "anatomical",
     ) -> Path:
-        """Scatter per-voxel values back onto the grid and write a 3-D NIfTI (atomically).
+        """Scatter per-voxel values back onto the subject's grid and write NIfTI (atomically).
 
-        ``values`` is a DataArray with ``i, j, k`` voxel coords (e.g. a
-        ``betas(...).betas.mean("trial")``), or a 1-D array over the voxels
-        selected by ``roi`` / ``mask`` / ``mask_source``. Voxels not given are NaN.
+        ``values`` is a DataArray of this subject with a ``voxel`` dim (e.g.
+        ``betas(...).betas.mean("trial")``, a noise-ceiling map, any ROI or
+        threshold selection): ``(voxel,)`` gives a 3-D image, ``(voxel, k)`` or
+        ``(k, voxel)`` a 4-D one. Or a 1-D array over the voxels selected by
+        ``roi`` / ``mask`` / ``mask_source``. Voxels not given are NaN.
+
+        Raises
+        ------
+        GridMismatchError
+            If ``values`` come from another subject or grid (their ``subject``,
+            ``grid_shape`` or ``affine`` attributes differ), or an array's length
+            is not the number of selected voxels.
+        FormatError
+            If ``path`` does not end in ``.nii`` or ``.nii.gz``.
         """
-        import nibabel as nib
+        from neurocube.io.nifti import check_nifti_name, save_nifti, scatter_voxels
 
-        from neurocube.io._atomic import atomic_path
-
+        final = check_nifti_name(path)
         _, affine = self._brain(mask_source)
         grid = self.grid_shape
-        volume = np.full(grid, np.nan, dtype=np.float32)
         coords = getattr(values, "coords", None)
-        if coords is not None and {"i", "j", "k"} <= set(coords) and roi is None and mask is None:
-            if values.ndim != 1:
-                raise SelectionError(
-                    f"to_nifti: values must be 1-D over voxels, got dims {values.dims}; reduce "
-                    "the other dims first (e.g. .mean('trial'))"
-                )
-            i, j, k = (np.asarray(values[c].values, dtype=np.int64) for c in ("i", "j", "k"))
-            volume[i, j, k] = np.asarray(values.values, dtype=np.float32)
+        placed = coords is not None and ("voxel" in coords or {"i", "j", "k"} <= set(coords))
+        if placed and roi is None and mask is None:
+            self._check_own(values, affine, grid, final)
+            volume = scatter_voxels(values, grid, label=f"to_nifti {final}")
         else:
             selection = self.voxel_selection(roi=roi, mask=mask, mask_source=mask_source)
             flat_values = np.asarray(values, dtype=np.float32).reshape(-1)
@@ -999,15 +1004,37 @@ class Subject:
                     f"to_nifti: {flat_values.size} values for {int(selection.sum())} selected "
                     f"voxels (mask_source={mask_source!r}, roi={roi!r}); pass one value per voxel"
                 )
+            volume = np.full(grid, np.nan, dtype=np.float32)
             volume[selection] = flat_values
-        out = Path(path)
-        suffix = ".nii.gz" if out.name.endswith(".gz") else ".nii"
-        with atomic_path(out) as tmp:
-            target = tmp if tmp.name.endswith(suffix) else tmp.with_name(tmp.name + suffix)
-            nib.Nifti1Image(volume, np.asarray(affine)).to_filename(target)
-            if target != tmp:
-                os.replace(target, tmp)
-        return out
+        return save_nifti(final, volume, affine, dtype=np.float32)
+
+    def _check_own(self, values: Any, affine: np.ndarray, grid: tuple[int, ...], out: Any) -> None:
+        """Refuse per-voxel values whose attributes say they belong to another subject or grid."""
+        attrs = getattr(values, "attrs", {})
+        where = f"to_nifti {out}"
+        subject = attrs.get("subject")
+        if subject is not None and subject != self._subject_id:
+            raise GridMismatchError(
+                f"{where}: the values are {subject}'s, this is {self._subject_id}: subjects lie "
+                f"on different grids. Write them with {subject}'s Subject (or "
+                "values.neuro.to_nifti(path), which uses the values' own grid)."
+            )
+        their_grid = attrs.get("grid_shape")
+        if their_grid is not None and tuple(int(n) for n in their_grid) != tuple(grid):
+            raise GridMismatchError(
+                f"{where}: the values lie on a {tuple(their_grid)} grid, {self._subject_id}'s "
+                f"functional grid is {tuple(grid)}. Use values.neuro.to_nifti(path) to write "
+                "them on their own grid."
+            )
+        their_affine = attrs.get("affine")
+        if their_affine is not None and not np.allclose(
+            np.asarray(their_affine, dtype=np.float64), affine, atol=1e-3
+        ):
+            raise GridMismatchError(
+                f"{where}: the values' affine differs from {self._subject_id}'s grid (same "
+                f"shape, other position).\nvalues:\n{np.round(np.asarray(their_affine), 4)}\n"
+                f"grid:\n{np.round(affine, 4)}"
+            )
 
     # ------------------------------------------------------------------ stimuli
 

@@ -1,4 +1,4 @@
-"""Writers: NIfTI, spectral HDF5 caches, connectome TSV, GIFTI, NPZ, embedding derivatives.
+"""Writers: NIfTI (``save_nifti``; per-voxel results with ``voxels_to_nifti``), spectral HDF5 caches, connectome TSV, GIFTI, NPZ, embedding derivatives.
 
 Every writer is atomic (temporary sibling, then rename). Names load lazily.
 """
@@ -11,6 +11,7 @@ from typing import Any
 _LAZY: dict[str, str] = {
     "atomic_path": "neurocube.io._atomic",
     "save_nifti": "neurocube.io.nifti",
+    "voxels_to_nifti": "neurocube.io.nifti",
     # spectral caches (issue: HDF5 sources)
     "save_spectral": "neurocube.io.spectral",
     "save_connectome": "neurocube.io.spectral",

@@ -150,3 +150,76 @@ def test_a_changed_roi_file_makes_a_named_entry_stale(tmp_path):
     for key in ("ffa", "ffa-var"):
         with pytest.raises(neurocube.errors.CacheError, match="stale"):
             neurocube.open_cached(key, store=tmp_path / "s")
+
+
+# ------------------------------------------------------------------ 12.3: maps back to NIfTI
+
+
+def test_to_nifti_is_the_inverse_of_a_masked_open(tmp_path):
+    rng = np.random.default_rng(5)
+    volumes = rng.normal(size=(5, 6, 4, 3)).astype(np.float32)
+    affine = np.array([[2.0, 0, 0, -5], [0, 2.0, 0, -6], [0, 0, 2.5, 3], [0, 0, 0, 1]])
+    src = tmp_path / "src.nii.gz"
+    nib.Nifti1Image(volumes, affine).to_filename(src)
+    mask = rng.random((5, 6, 4)) > 0.5
+    ds = neurocube.open_nifti(src, mask=mask)
+    # (trial, voxel) -> 4-D: the original values inside the mask, NaN outside
+    out4 = ds.data.neuro.to_nifti(tmp_path / "back4.nii.gz")
+    image = nib.load(out4)
+    back = np.asarray(image.get_fdata())
+    assert back.shape == volumes.shape
+    np.testing.assert_allclose(image.affine, affine)
+    np.testing.assert_array_equal(back[mask], volumes[mask])
+    assert np.isnan(back[~mask]).all()
+    # (voxel, trial) is the same image
+    out4t = ds.data.transpose("voxel", "trial").neuro.to_nifti(tmp_path / "back4t.nii")
+    np.testing.assert_array_equal(np.asarray(nib.load(out4t).get_fdata()), back)
+    # (voxel,) -> 3-D
+    mean = ds.data.mean("trial")
+    out3 = mean.neuro.to_nifti(tmp_path / "mean.nii.gz")
+    back3 = np.asarray(nib.load(out3).get_fdata())
+    assert back3.shape == mask.shape
+    np.testing.assert_allclose(back3[mask], volumes[mask].mean(axis=1), rtol=1e-6)
+    # re-read through the same mask: the round trip gives the values back
+    again = neurocube.open_nifti(out4, mask=mask)
+    np.testing.assert_array_equal(again.data.values, ds.data.values)
+    with pytest.raises(neurocube.errors.FormatError, match=r"\.nii' or '\.nii\.gz'"):
+        mean.neuro.to_nifti(tmp_path / "mean.png")
+    with pytest.raises(neurocube.errors.SelectionError, match="dims"):
+        ds.data.expand_dims(extra=2).neuro.to_nifti(tmp_path / "x.nii")
+
+
+def test_subject_results_go_back_with_the_accessor(bucket, tmp_path):
+    sub = neurocube.open_subject(bucket.root, "sub-02")
+    truth = bucket.subjects["sub-02"]
+    nc = sub.noise_ceiling(session="ses-01", roi="face")
+    path = nc.neuro.to_nifti(tmp_path / "nc.nii.gz")
+    back = np.asarray(nib.load(path).get_fdata())
+    face = truth.brain_mask & (truth.rois["FFA1"] | truth.rois["FFA2"] | truth.rois["OFA"])
+    np.testing.assert_allclose(back[face], truth.noise_ceilings["ses-01"][face], rtol=1e-6,
+                               equal_nan=True)
+    assert np.isnan(back[~face]).all()
+    np.testing.assert_allclose(nib.load(path).affine, truth.affine)
+    by_image = sub.betas("ses-01", roi="PPA").betas.groupby("image_name").mean()
+    out = by_image.neuro.to_nifti(tmp_path / "by_image.nii.gz")
+    assert nib.load(out).shape == (*truth.grid, by_image.sizes["image_name"])
+
+
+def test_subject_to_nifti_refuses_another_subjects_values(bucket, tmp_path):
+    one = neurocube.open_subject(bucket.root, "sub-01")
+    two = neurocube.open_subject(bucket.root, "sub-02")
+    mean = one.betas("ses-01").betas.mean("trial")
+    with pytest.raises(neurocube.errors.GridMismatchError, match="sub-01"):
+        two.to_nifti(mean, tmp_path / "wrong.nii.gz")
+    assert not (tmp_path / "wrong.nii.gz").exists()
+    # any selection of its own is fine: a ROI with a threshold, a noise-ceiling map
+    sel = one.betas("ses-01", roi="face", nc_threshold=5).betas.mean("trial")
+    path = one.to_nifti(sel, tmp_path / "own.nii.gz")
+    back = np.asarray(nib.load(path).get_fdata())
+    i, j, k = sel.i.values, sel.j.values, sel.k.values
+    np.testing.assert_allclose(back[i, j, k], sel.values, rtol=1e-6, equal_nan=True)
+    one.to_nifti(one.noise_ceiling(session="ses-02", roi="FFA1"), tmp_path / "nc.nii")
+    with pytest.raises(neurocube.errors.FormatError, match=r"\.nii' or '\.nii\.gz'"):
+        one.to_nifti(sel, tmp_path / "own.tif")
+    with pytest.raises(neurocube.errors.FormatError, match=r"\.nii' or '\.nii\.gz'"):
+        neurocube.io.save_nifti(tmp_path / "plain.img", np.zeros((2, 2, 2)), np.eye(4))
