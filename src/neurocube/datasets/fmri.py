@@ -930,9 +930,7 @@ class Subject:
         maps = []
         for key, path in zip(keys, paths, strict=True):
             ds = open_nifti(path, mask=flat, **self._read_kwargs(path))
-            values = ds["data"].isel(trial=0, drop=True) if "trial" in ds["data"].dims else ds[
-                "data"
-            ]
+            values = ds["data"]  # a 3-D map: (voxel,)
             maps.append(
                 xr.DataArray(
                     values.data, dims=("voxel",), coords=voxel_coords(selection, affine),

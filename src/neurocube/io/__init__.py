@@ -1,4 +1,7 @@
-"""Writers: NIfTI (``save_nifti``; per-voxel results with ``voxels_to_nifti``), spectral HDF5 caches, connectome TSV, GIFTI, NPZ, embedding derivatives.
+"""Writers: NIfTI, spectral HDF5 caches, connectome TSV, GIFTI, NPZ, embedding derivatives.
+
+NIfTI: ``save_nifti`` writes a 3-D/4-D array; ``voxels_to_nifti`` (``da.neuro.to_nifti``)
+scatters a per-voxel result onto its grid first.
 
 Every writer is atomic (temporary sibling, then rename). Names load lazily.
 """

@@ -223,3 +223,24 @@ def test_subject_to_nifti_refuses_another_subjects_values(bucket, tmp_path):
         one.to_nifti(sel, tmp_path / "own.tif")
     with pytest.raises(neurocube.errors.FormatError, match=r"\.nii' or '\.nii\.gz'"):
         neurocube.io.save_nifti(tmp_path / "plain.img", np.zeros((2, 2, 2)), np.eye(4))
+
+
+# ------------------------------------------------------------------ 12.10: everyday conventions
+
+
+@pytest.mark.parametrize("name", ["map.nii", "map.nii.gz"])
+def test_a_masked_3d_image_is_data_over_voxels(tmp_path, name):
+    rng = np.random.default_rng(2)
+    volume = rng.normal(size=(5, 4, 3)).astype(np.float32)
+    path = tmp_path / name
+    nib.Nifti1Image(volume, np.eye(4)).to_filename(path)
+    mask = volume > 0
+    ds = neurocube.open_nifti(path, mask=mask)
+    assert ds.data.dims == ("voxel",)
+    np.testing.assert_array_equal(ds.data.values, volume[mask])
+    np.testing.assert_array_equal(ds.voxel.values, np.flatnonzero(mask.reshape(-1)))
+    opened = xr.open_dataset(path, engine="neurocube", mask=mask)
+    assert opened.data.dims == ("voxel",)
+    np.testing.assert_array_equal(opened.data.values, volume[mask])
+    back = ds.data.neuro.to_nifti(tmp_path / f"back_{name}")
+    np.testing.assert_array_equal(np.asarray(nib.load(back).get_fdata())[mask], volume[mask])
