@@ -1154,15 +1154,29 @@ def _read_trial_table(path: str, session: str, storage_options: Any = None) -> p
             except ValueError as exc:
                 raise FormatError(f"{path}: column {column!r} must hold integers ({exc})") from exc
     if "session" in table.columns and not table.empty:
-        bad = set(table["session"]) - {session}
+        bad = {value for value in set(table["session"]) if not _same_session(value, session)}
         if bad:
             raise FormatError(
                 f"{path}: its 'session' column says {sorted(bad)}, but the file is in folder "
-                f"{session}; expected {session!r} on every row"
+                f"{session}; expected {session!r} (or its number) on every row"
             )
     table["session"] = session
     table["session_trial"] = np.arange(len(table), dtype=np.int64)
     return table
+
+
+def _same_session(value: str, session: str) -> bool:
+    """Return True if a trial table's ``session`` cell names ``session``.
+
+    Older tables write the number: ``ses-01``, ``01`` and ``1`` all name
+    folder ``ses-01``; ``ses-02`` or ``2`` do not.
+    """
+    cell = str(value).strip()
+    label = session[4:] if session.startswith("ses-") else session
+    cell = cell[4:] if cell.startswith("ses-") else cell
+    if cell == label:
+        return True
+    return cell.isdigit() and label.isdigit() and int(cell) == int(label)
 
 
 def _annotate_trials(table: pd.DataFrame, stimuli: pd.DataFrame | None, where: str) -> pd.DataFrame:

@@ -244,3 +244,30 @@ def test_a_masked_3d_image_is_data_over_voxels(tmp_path, name):
     np.testing.assert_array_equal(opened.data.values, volume[mask])
     back = ds.data.neuro.to_nifti(tmp_path / f"back_{name}")
     np.testing.assert_array_equal(np.asarray(nib.load(back).get_fdata())[mask], volume[mask])
+
+
+@pytest.mark.parametrize("written", ["ses-02", "02", "2", " 2"])
+def test_the_trial_table_session_column_may_hold_the_number(tmp_path, written):
+    import pandas as pd
+
+    make_bucket(tmp_path, subjects=1, sessions=2, trials=5, grid=(5, 6, 4), seed=1)
+    tsv = next((tmp_path / "derivatives/glmsingle-tedana/sub-01/ses-02/func").glob("*_trials.tsv"))
+    table = pd.read_csv(tsv, sep="\t", dtype=str, keep_default_na=False)
+    table["session"] = written
+    table.to_csv(tsv, sep="\t", index=False)
+    sub = neurocube.open_subject(tmp_path, "sub-01")
+    assert set(sub.metadata["session"]) == {"ses-01", "ses-02"}
+    assert sub.betas("ses-02").sizes["trial"] == 5
+
+
+@pytest.mark.parametrize("written", ["ses-01", "1", "03", "ses-2x"])
+def test_a_different_session_in_the_trial_table_is_refused(tmp_path, written):
+    import pandas as pd
+
+    make_bucket(tmp_path, subjects=1, sessions=2, trials=5, grid=(5, 6, 4), seed=1)
+    tsv = next((tmp_path / "derivatives/glmsingle-tedana/sub-01/ses-02/func").glob("*_trials.tsv"))
+    table = pd.read_csv(tsv, sep="\t", dtype=str, keep_default_na=False)
+    table["session"] = written
+    table.to_csv(tsv, sep="\t", index=False)
+    with pytest.raises(neurocube.errors.FormatError, match="'session' column"):
+        _ = neurocube.open_subject(tmp_path, "sub-01").metadata
