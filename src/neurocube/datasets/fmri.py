@@ -2,7 +2,7 @@
 
 A bucket holds, per subject and session, a 4-D betas NIfTI (one volume per
 trial), its trial table, noise ceilings, brain masks, ROIs and the stimuli the
-trials showed (FORMATS.md §1). :func:`open_subject` scans the bucket (names
+trials showed (docs/fmri.md). :func:`open_subject` scans the bucket (names
 only) and returns a :class:`Subject`; its :meth:`Subject.betas` builds one lazy
 ``(trial, voxel)`` Dataset over any number of sessions, reading only headers,
 masks, noise ceilings and TSVs until computed.
@@ -12,7 +12,7 @@ The bucket may be a local folder or a URL (``s3://laion-fmri`` with
 read goes through :mod:`neurocube.storage` with the subject's
 ``storage_options``, which travel inside the specs to Dask workers.
 
-Voxel selection follows FORMATS.md §1, in this order: ROI union within the
+Voxel selection follows docs/fmri.md ("Selection rules"), in this order: ROI union within the
 brain mask (or a custom mask instead, never both), AND ``NC >= nc_threshold``;
 then trials are filtered by shared / unique. **With several sessions and a
 noise-ceiling threshold, a voxel is kept only if it passes the threshold in
