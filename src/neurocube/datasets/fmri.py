@@ -809,14 +809,16 @@ class Subject:
         brain_path = self.brain_mask_path(mask_source)
         _, affine = self._brain(mask_source)
         flat = selection.reshape(-1)
+        trial_chunks = self.chunks if chunks is None else chunks
+        if trial_chunks is None or trial_chunks == "auto":
+            trial_chunks = _trials_per_chunk(int(selection.sum()))
         arrays = []
         rows = []
         for ses in sessions:
             path = self.betas_path(ses)
             try:
                 ds = open_nifti(
-                    path, mask=flat, chunks=self.chunks if chunks is None else chunks,
-                    **self._read_kwargs(path),
+                    path, mask=flat, chunks=trial_chunks, **self._read_kwargs(path)
                 )
             except GridMismatchError as exc:
                 raise GridMismatchError(
@@ -1101,6 +1103,22 @@ class Subject:
 
 
 # ---------------------------------------------------------------------- helpers
+
+#: Default size of a betas chunk, counted in *selected* voxels (the output), not in whole volumes.
+BETAS_CHUNK_BYTES = 32 << 20
+
+
+def _trials_per_chunk(n_voxels: int, itemsize: int = 4) -> int:
+    """Trials per chunk for ``n_voxels`` selected voxels: about :data:`BETAS_CHUNK_BYTES` each.
+
+    ``open_nifti``'s ``"auto"`` counts whole volumes (32 MiB of *input*), so a ROI of a few
+    thousand voxels got chunks of a dozen trials holding a few hundred kB: a group-by over
+    ``image_name`` then worked on hundreds of tiny pieces (flox splits each chunk by the groups
+    in it, down to single trials). Chunks sized by what they hold keep a ROI's session in one
+    chunk and a whole-brain selection in chunks of tens of trials; a task still reads its
+    volumes a few MiB at a time, so memory per task is the chunk plus that buffer.
+    """
+    return max(1, BETAS_CHUNK_BYTES // max(n_voxels * itemsize, 1))
 
 
 def _res(res: str | None) -> str:

@@ -271,3 +271,37 @@ def test_a_different_session_in_the_trial_table_is_refused(tmp_path, written):
     table.to_csv(tsv, sep="\t", index=False)
     with pytest.raises(neurocube.errors.FormatError, match="'session' column"):
         _ = neurocube.open_subject(tmp_path, "sub-01").metadata
+
+
+# ------------------------------------------------------------------ issue 13, item 4
+
+
+def test_betas_chunks_count_the_selected_voxels_not_whole_volumes(bucket, monkeypatch):
+    """A ROI's session is one chunk, so a lazy group-by works on few, large pieces."""
+    from neurocube.datasets import fmri
+    from neurocube.sources import nifti
+
+    truth = bucket.subjects["sub-01"]
+    volume_bytes = int(np.prod(truth.grid)) * 4
+    # the proportions of a real session: 32 MiB chunks hold ~12 whole 2.5 MB volumes
+    monkeypatch.setattr(nifti, "DEFAULT_CHUNK_BYTES", 12 * volume_bytes)
+    monkeypatch.setattr(fmri, "BETAS_CHUNK_BYTES", 12 * volume_bytes, raising=False)
+    sub = neurocube.open_subject(bucket.root, "sub-01")
+    ds = sub.betas(["ses-01", "ses-02"], roi="face")
+    per_session = [len(t) for t in (truth.trials["ses-01"], truth.trials["ses-02"])]
+    assert ds.betas.data.chunks[0] == tuple(per_session)  # one chunk per session
+    means = ds.betas.groupby("image_name").mean()
+    assert len(means.data.__dask_graph__()) < 40
+    # the whole brain: chunks of many trials, still about the same bytes each
+    whole = sub.betas(["ses-01"]).betas
+    n_vox = whole.sizes["voxel"]
+    assert whole.data.chunks[0][0] == min(per_session[0], 12 * volume_bytes // (4 * n_vox))
+    # values against numpy
+    values = ds.betas.values
+    labels = ds.image_name.values
+    names = np.unique(labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = np.stack([np.nanmean(values[labels == n], axis=0) for n in names])
+    np.testing.assert_allclose(means.sel(image_name=names).values, expected, rtol=1e-5,
+                               equal_nan=True)
