@@ -1,8 +1,8 @@
 """The ``.neuro`` accessor on xarray objects: ``ds.neuro.cache()``.
 
-Importing :mod:`neurocube.caching` registers it, and so do neurocube's readers
-(e.g. ``open_nifti``), so any Dataset neurocube returns has it. To use it on an
-object you built yourself, ``import neurocube.accessor`` first.
+``import neurocube`` registers it as soon as xarray is imported too (before or
+after neurocube), so every xarray object has it; ``import neurocube.accessor``
+registers it at once.
 
 Examples
 --------
