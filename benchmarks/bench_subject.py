@@ -15,7 +15,11 @@ above its RSS after imports), median of ``--repeats`` runs, all in the same run:
 - ``streaming``: the reference library's low-memory mode, re-implemented from FORMATS.md: one
   sequential gzip stream per session, volume by volume, the combined mask applied inline.
 
-Run: ``python benchmarks/bench_subject.py [--trials 100] [--repeats 5]``. Writes
+Also measured: ``betas.groupby("image_name").mean()`` computed lazily against ``neurocube.load``
+plus a numpy group-by (sort, ``np.add.reduceat``), whole brain, both sessions (issue 13, item 4:
+lazy <= 1.3 x), with the graph's task count and smallest trial chunk.
+
+Run: ``python benchmarks/bench_subject.py [--trials 100] [--repeats 5] [--skip-groupby]``. Writes
 ``benchmarks/results/subject.json``. The machine is shared (2 noisy cores): compare ratios.
 """
 
@@ -151,6 +155,76 @@ STREAMING = _PRELUDE + textwrap.dedent(
 )
 
 
+# Issue 13, item 4: a lazy group-by over trials against load + a numpy group-by, whole brain,
+# both sessions, the index present. Target: lazy <= 1.3 x load + numpy.
+_GROUPBY_OPEN = textwrap.dedent(
+    """
+    import dask, neurocube
+    base = rss_now()
+    t0 = time.perf_counter()
+    sub = neurocube.open_subject(root, "sub-01")
+    betas = sub.betas(["ses-01", "ses-02"]).betas
+    """
+)
+
+GROUPBY_LAZY = _PRELUDE + _GROUPBY_OPEN + textwrap.dedent(
+    """
+    means = betas.groupby("image_name").mean()
+    tasks = len(means.data.__dask_graph__())
+    with dask.config.set(scheduler="threads", num_workers=2):
+        values = means.values
+    wall = time.perf_counter() - t0
+    print(json.dumps({"wall": wall, "peak": peak_rss() - base, "shape": list(values.shape),
+                      "tasks": tasks, "smallest_chunk": min(betas.data.chunks[0]),
+                      "checksum": float(np.nansum(values, dtype=np.float64))}))
+    """
+)
+
+GROUPBY_NUMPY = _PRELUDE + _GROUPBY_OPEN + textwrap.dedent(
+    """
+    with dask.config.set(scheduler="threads", num_workers=2):
+        data = neurocube.load(betas, progress=False).values
+    names, codes = np.unique(betas.image_name.values, return_inverse=True)
+    order = np.argsort(codes, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(codes[order]) != 0])
+    rows = data[order]
+    finite = np.isfinite(rows)
+    sums = np.add.reduceat(np.where(finite, rows, 0).astype(np.float64), starts, axis=0)
+    counts = np.add.reduceat(finite, starts, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        values = (sums / counts).astype(np.float32)
+    wall = time.perf_counter() - t0
+    print(json.dumps({"wall": wall, "peak": peak_rss() - base, "shape": list(values.shape),
+                      "checksum": float(np.nansum(values, dtype=np.float64))}))
+    """
+)
+
+
+def groupby_measure(root: Path, env: dict[str, str], repeats: int) -> dict[str, object]:
+    """Lazy ``groupby("image_name").mean()`` vs load + numpy group-by, medians, same run."""
+    lazy, plain, tasks, smallest = [], [], 0, 0
+    for _ in range(repeats):
+        a = run(GROUPBY_LAZY, root, env)
+        b = run(GROUPBY_NUMPY, root, env)
+        if abs(a["checksum"] - b["checksum"]) > 1e-3 * max(1.0, abs(b["checksum"])):
+            raise SystemExit(f"group-by results disagree: {a['checksum']} vs {b['checksum']}")
+        lazy.append(a["wall"])
+        plain.append(b["wall"])
+        tasks, smallest = int(a["tasks"]), int(a["smallest_chunk"])
+        print(f"  group-by: lazy {a['wall']:.2f} s ({tasks} tasks), load + numpy "
+              f"{b['wall']:.2f} s", flush=True)
+    ratio = statistics.median(lazy) / statistics.median(plain)
+    return {
+        "lazy_wall_s_median": statistics.median(lazy),
+        "load_numpy_wall_s_median": statistics.median(plain),
+        "lazy_over_load_numpy": ratio,
+        "target": "<= 1.3",
+        "met": ratio <= 1.3,
+        "tasks": tasks,
+        "smallest_trial_chunk": smallest,
+    }
+
+
 def run(script: str, root: Path, env: dict[str, str]) -> dict[str, float]:
     done = subprocess.run(
         [sys.executable, "-c", script, str(root)], capture_output=True, text=True, env=env,
@@ -166,6 +240,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--keep", action="store_true", help="keep the generated bucket")
+    parser.add_argument("--skip-groupby", action="store_true",
+                        help="skip the lazy group-by measurement (issue 13, item 4)")
     args = parser.parse_args()
 
     from neurocube.synthetic.bucket import make_bucket
@@ -238,6 +314,13 @@ def main() -> None:
     print()
     for key, value in ratios.items():
         print(f"{key}: {value:.2f}")
+    groupby = None
+    if not args.skip_groupby:
+        print("\nlazy group-by (whole brain, both sessions, index present):")
+        groupby = groupby_measure(root, env, args.repeats)
+        print(f"lazy_groupby_over_load_numpy: {groupby['lazy_over_load_numpy']:.2f} "
+              f"(target <= 1.3: {'met' if groupby['met'] else 'NOT met'}); "
+              f"{groupby['tasks']} tasks, smallest trial chunk {groupby['smallest_trial_chunk']}")
     record = {
         "benchmark": "subject",
         "grid": list(GRID),
@@ -250,6 +333,7 @@ def main() -> None:
         "repeats": args.repeats,
         "results": results,
         "ratios": ratios,
+        "groupby": groupby,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform()},
         "note": "2 shared, noisy cores; compare ratios within one run",

@@ -1,8 +1,8 @@
 """The ``.neuro`` accessor on xarray objects: ``ds.neuro.cache()``.
 
-Importing :mod:`neurocube.caching` registers it, and so do neurocube's readers
-(e.g. ``open_nifti``), so any Dataset neurocube returns has it. To use it on an
-object you built yourself, ``import neurocube.accessor`` first.
+``import neurocube`` registers it as soon as xarray is imported too (before or
+after neurocube), so every xarray object has it; ``import neurocube.accessor``
+registers it at once.
 
 Examples
 --------
@@ -59,6 +59,34 @@ class NeuroAccessor(Generic[Obj]):
         from neurocube.loading import load
 
         return load(self._obj, progress=progress)
+
+    def to_nifti(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        affine: Any = None,
+        grid_shape: Any = None,
+        dtype: Any = None,
+        overwrite: bool = True,
+    ) -> Any:
+        """Write a DataArray with a ``voxel`` dim as NIfTI on its grid (NaN elsewhere).
+
+        ``(voxel,)`` gives a 3-D image, ``(voxel, k)`` or ``(k, voxel)`` a 4-D
+        one, placed with the DataArray's ``affine`` and ``grid_shape``
+        attributes; the inverse of ``open_nifti(path, mask=...)``. See
+        :func:`neurocube.io.nifti.voxels_to_nifti`.
+        """
+        from neurocube.io.nifti import voxels_to_nifti
+
+        if not isinstance(self._obj, xr.DataArray):
+            raise TypeError(
+                "to_nifti writes one variable: call it on a DataArray, e.g. ds.betas.mean('trial')"
+                ".neuro.to_nifti(path)"
+            )
+        return voxels_to_nifti(
+            self._obj, path, affine=affine, grid_shape=grid_shape, dtype=dtype,
+            overwrite=overwrite,
+        )
 
     def cache_key(self) -> str:
         """Return the key :func:`neurocube.cache` would file this object under."""

@@ -48,7 +48,8 @@ def _open_nifti_lazy(path: str, **kwargs: Any) -> Any:
     if gz is not None and gz.index_path is not None and gz.store is not None:
         gzindex.fetch_index(gz)  # an index shared in the store: no first pass over the data
     var = xr.Variable(
-        parts.dims, indexing.LazilyIndexedArray(_NiftiBackendArray(parts.array)), attrs={}
+        parts.dims, indexing.LazilyIndexedArray(_NiftiBackendArray(parts.array)),
+        attrs=parts.variable_attrs(),
     )
     trial_chunks = parts.chunks[parts.dims.index("trial")] if "trial" in parts.dims else None
     if trial_chunks:

@@ -1,4 +1,4 @@
-"""Catalog of a single-trial betas bucket (the ``laion_fmri`` layout, FORMATS.md §1).
+"""Catalog of a single-trial betas bucket (the ``laion_fmri`` layout, docs/fmri.md).
 
 :func:`scan_bucket` lists a bucket (a local folder or a URL such as
 ``s3://laion-fmri``) through :mod:`neurocube.storage` and classifies every file
@@ -23,7 +23,7 @@ layout     ``"current"`` or the name of the older layout it follows
 path       absolute path or URL (str)
 ========== ==================================================================
 
-Older layouts (FORMATS.md §1): ``desc-singletrial_stat-effect`` betas, the
+Older layouts (docs/fmri.md): ``desc-singletrial_stat-effect`` betas, the
 ``desc-meanR2gt15mask_mask`` brain mask and ROIs under
 ``derivatives/atlases/sub-XX/rois/<roi>.nii.gz`` are catalogued and used;
 ``stimuli/stimuli.tsv`` is catalogued as ``stimuli_table_legacy`` and refused

@@ -2,7 +2,7 @@
 
 A bucket holds, per subject and session, a 4-D betas NIfTI (one volume per
 trial), its trial table, noise ceilings, brain masks, ROIs and the stimuli the
-trials showed (FORMATS.md §1). :func:`open_subject` scans the bucket (names
+trials showed (docs/fmri.md). :func:`open_subject` scans the bucket (names
 only) and returns a :class:`Subject`; its :meth:`Subject.betas` builds one lazy
 ``(trial, voxel)`` Dataset over any number of sessions, reading only headers,
 masks, noise ceilings and TSVs until computed.
@@ -12,7 +12,7 @@ The bucket may be a local folder or a URL (``s3://laion-fmri`` with
 read goes through :mod:`neurocube.storage` with the subject's
 ``storage_options``, which travel inside the specs to Dask workers.
 
-Voxel selection follows FORMATS.md §1, in this order: ROI union within the
+Voxel selection follows docs/fmri.md ("Selection rules"), in this order: ROI union within the
 brain mask (or a custom mask instead, never both), AND ``NC >= nc_threshold``;
 then trials are filtered by shared / unique. **With several sessions and a
 noise-ceiling threshold, a voxel is kept only if it passes the threshold in
@@ -406,16 +406,20 @@ class Subject:
                 names.append(label)
         return {c: sorted(n, key=natural_key) for c, n in sorted(categories.items())}
 
-    def _roi_volume(self, category: str, name: str) -> np.ndarray:
+    def _roi_path(self, category: str, name: str) -> str:
         rows = self._rows("roi", category=category, label=name)
         rows = rows[rows["fmt"].isin(["nii.gz", "nii"]) & rows["res"].isin(["1pt8", ""])]
-        path = str(rows.sort_values("res", ascending=False)["path"].iloc[0])
-        volume, _ = self._volume(path)
-        return volume
+        return str(rows.sort_values("res", ascending=False)["path"].iloc[0])
 
     def _roi_grid_mask(
-        self, query: roi_ops.RoiQuery, brain: np.ndarray, *, category: str | None = None
+        self,
+        query: roi_ops.RoiQuery,
+        brain: np.ndarray,
+        *,
+        category: str | None = None,
+        used: list[str] | None = None,
     ) -> np.ndarray:
+        """Return the union of the ROIs of ``query`` in ``brain``; add their files to ``used``."""
         categories = self.roi_categories("volume")
         if not categories:
             raise DataNotDownloadedError(
@@ -443,7 +447,10 @@ class Subject:
             pairs = roi_ops.resolve_roi_query(query, categories, where=self._subject_id)
         volumes = []
         for category, name in pairs:
-            volume = self._roi_volume(category, name)
+            path = self._roi_path(category, name)
+            volume, _ = self._volume(path)
+            if used is not None and path not in used:
+                used.append(path)
             if volume.shape != brain.shape:
                 raise GridMismatchError(
                     f"{self._subject_id}: ROI {name!r} ({category}) has grid {volume.shape}, the "
@@ -550,13 +557,28 @@ class Subject:
         nc_threshold: float | None = None,
         mask_source: str = "anatomical",
     ) -> np.ndarray:
-        """Return the selected voxels as a 3-D bool volume (FORMATS.md §1 order).
+        """Return the selected voxels as a 3-D bool volume (order: :mod:`neurocube.ops.roi`).
 
         With several sessions and ``nc_threshold``, a voxel must pass the
         threshold in every session (intersection).
         """
+        return self._select(
+            session, roi=roi, mask=mask, nc_threshold=nc_threshold, mask_source=mask_source
+        )[0]
+
+    def _select(
+        self,
+        session: str | Sequence[str] | None = None,
+        *,
+        roi: roi_ops.RoiQuery | None = None,
+        mask: Any = None,
+        nc_threshold: float | None = None,
+        mask_source: str = "anatomical",
+    ) -> tuple[np.ndarray, list[str]]:
+        """:meth:`voxel_selection` plus every file the selection depends on (brain mask first)."""
         brain, _ = self._brain(mask_source)
-        roi_mask = None if roi is None else self._roi_grid_mask(roi, brain)
+        used = [self.brain_mask_path(mask_source)]
+        roi_mask = None if roi is None else self._roi_grid_mask(roi, brain, used=used)
         if roi is not None and mask is not None:
             raise SelectionError(
                 f"{self._subject_id}: give either roi= or mask=, not both: a custom mask replaces "
@@ -566,6 +588,7 @@ class Subject:
         if mask is not None:
             if isinstance(mask, (str, os.PathLike)):
                 volume, mask_affine = self._volume(str(mask))
+                used.append(storage.normalize(mask))
                 custom = roi_ops.coerce_selection_mask(volume, brain, source=str(mask))
                 _, brain_affine = self._brain(mask_source)
                 if not np.allclose(mask_affine, brain_affine, atol=1e-3):
@@ -594,10 +617,12 @@ class Subject:
                         "written for this grid (or re-download it)."
                     )
                 ncs.append(volume)
-        return roi_ops.select_voxels(
+                used.append(nc_path)
+        selection = roi_ops.select_voxels(
             brain, roi_mask=roi_mask, custom_mask=custom, noise_ceilings=ncs,
             nc_threshold=nc_threshold, allow_empty=False,
         )
+        return selection, used
 
     def _nc_session_path(self, session: str) -> str:
         glm = f"derivatives/glmsingle-tedana/{self._subject_id}/{session}/func"
@@ -615,11 +640,16 @@ class Subject:
         mask: Any = None,
         mask_source: str = "anatomical",
     ) -> pd.DataFrame:
-        """Return grid indices ``i, j, k`` and scanner ``x, y, z`` (mm) of the selected voxels."""
+        """Return grid indices ``i, j, k`` and scanner ``x, y, z`` (mm) of the selected voxels.
+
+        The table's index is ``voxel``, the flat C-order grid index that labels
+        the ``voxel`` dim of :meth:`betas` and :meth:`noise_ceiling`.
+        """
         selection = self.voxel_selection(roi=roi, mask=mask, mask_source=mask_source)
         _, affine = self._brain(mask_source)
         coords = voxel_coords(selection, affine)
-        return pd.DataFrame({name: values for name, (_, values) in coords.items()})
+        index = pd.Index(coords.pop("voxel")[1], name="voxel")
+        return pd.DataFrame({name: values for name, (_, values) in coords.items()}, index=index)
 
     # ------------------------------------------------------------------ trial table
 
@@ -802,21 +832,22 @@ class Subject:
         keep_kind = None if stimuli is None else _stimuli_filter(stimuli)
         metadata = self.metadata
         self._check_access(sessions)
-        selection = self.voxel_selection(
+        selection, sources = self._select(
             sessions, roi=roi, mask=mask, nc_threshold=nc_threshold, mask_source=mask_source
         )
         brain_path = self.brain_mask_path(mask_source)
         _, affine = self._brain(mask_source)
         flat = selection.reshape(-1)
+        trial_chunks = self.chunks if chunks is None else chunks
+        if trial_chunks is None or trial_chunks == "auto":
+            trial_chunks = _trials_per_chunk(int(selection.sum()))
         arrays = []
         rows = []
-        sources = []
         for ses in sessions:
             path = self.betas_path(ses)
             try:
                 ds = open_nifti(
-                    path, mask=flat, chunks=self.chunks if chunks is None else chunks,
-                    **self._read_kwargs(path),
+                    path, mask=flat, chunks=trial_chunks, **self._read_kwargs(path)
                 )
             except GridMismatchError as exc:
                 raise GridMismatchError(
@@ -854,8 +885,6 @@ class Subject:
             arrays.append(data)
             rows.append(table)
             sources += [path, self.trials_path(ses)]
-            if nc_threshold is not None:
-                sources.append(self._nc_session_path(ses))
         data = concatenate_trials(arrays)  # neurocube.load reads it session by session
         trials = pd.concat(rows)
         coords: dict[str, Any] = {"trial": trials.index.to_numpy(dtype=np.int64)}
@@ -869,7 +898,7 @@ class Subject:
             "affine": np.asarray(affine).tolist(),
             "grid_shape": [int(n) for n in selection.shape],
             "units": "percent signal change",
-            "neurocube_sources": [brain_path, *sources],
+            "neurocube_sources": sources,
         }
         if roi is not None:
             attrs["roi"] = [roi] if isinstance(roi, str) else [str(r) for r in roi]
@@ -877,7 +906,11 @@ class Subject:
             attrs["nc_threshold"] = float(nc_threshold)
         if stimuli is not None:
             attrs["stimuli"] = stimuli
-        return xr.Dataset({"betas": (("trial", "voxel"), data)}, coords=coords, attrs=attrs)
+        # The variable carries the same attributes: ds.betas alone (cached, grouped, written
+        # back with .neuro.to_nifti) still knows its subject, grid and files.
+        return xr.Dataset(
+            {"betas": (("trial", "voxel"), data, dict(attrs))}, coords=coords, attrs=attrs
+        )
 
     # ------------------------------------------------------------------ noise ceilings
 
@@ -916,9 +949,15 @@ class Subject:
             keys = _names(desc, "desc", "a noise-ceiling desc such as '12rep'")
             paths = [self._nc_desc_path(d) for d in keys]
             single = isinstance(desc, str)
-        selection = self.voxel_selection(roi=roi, mask=mask, mask_source=mask_source)
+        selection, used = self._select(roi=roi, mask=mask, mask_source=mask_source)
         _, affine = self._brain(mask_source)
         flat = selection.reshape(-1)
+        grid_attrs = {
+            "subject": self._subject_id,
+            "units": "percent",
+            "affine": np.asarray(affine).tolist(),
+            "grid_shape": [int(n) for n in selection.shape],
+        }
         maps = []
         for key, path in zip(keys, paths, strict=True):
             try:
@@ -930,25 +969,21 @@ class Subject:
                     f"functional grid, {selection.shape}): {exc}. Use the noise-ceiling map "
                     "written for this grid (or re-download it)."
                 ) from exc
-            values = ds["data"].isel(trial=0, drop=True) if "trial" in ds["data"].dims else ds[
-                "data"
-            ]
+            values = ds["data"]  # a 3-D map: (voxel,)
             maps.append(
                 xr.DataArray(
                     values.data, dims=("voxel",), coords=voxel_coords(selection, affine),
                     name="noise_ceiling",
-                    attrs={"units": "percent", "source": path, dim: key},
+                    attrs={**grid_attrs, "source": path, dim: key,
+                           "neurocube_sources": [*used, path]},
                 )
             )
         if single:
-            out = maps[0]
-            out.attrs["neurocube_sources"] = [paths[0]]
-            return out
+            return maps[0]
         stacked = xr.concat(maps, dim=dim, combine_attrs="drop")
         stacked = stacked.assign_coords({dim: np.asarray(keys, dtype=str)})
-        return stacked.to_dataset(name="noise_ceiling").assign_attrs(
-            subject=self._subject_id, units="percent", neurocube_sources=list(paths)
-        )
+        stacked.attrs = {**grid_attrs, "neurocube_sources": [*used, *paths]}
+        return stacked.to_dataset(name="noise_ceiling").assign_attrs(stacked.attrs)
 
     def _nc_desc_path(self, desc: str) -> str:
         rows = self._rows("noise_ceiling_subject")
@@ -971,28 +1006,33 @@ class Subject:
         mask: Any = None,
         mask_source: str = "anatomical",
     ) -> Path:
-        """Scatter per-voxel values back onto the grid and write a 3-D NIfTI (atomically).
+        """Scatter per-voxel values back onto the subject's grid and write NIfTI (atomically).
 
-        ``values`` is a DataArray with ``i, j, k`` voxel coords (e.g. a
-        ``betas(...).betas.mean("trial")``), or a 1-D array over the voxels
-        selected by ``roi`` / ``mask`` / ``mask_source``. Voxels not given are NaN.
+        ``values`` is a DataArray of this subject with a ``voxel`` dim (e.g.
+        ``betas(...).betas.mean("trial")``, a noise-ceiling map, any ROI or
+        threshold selection): ``(voxel,)`` gives a 3-D image, ``(voxel, k)`` or
+        ``(k, voxel)`` a 4-D one. Or a 1-D array over the voxels selected by
+        ``roi`` / ``mask`` / ``mask_source``. Voxels not given are NaN.
+
+        Raises
+        ------
+        GridMismatchError
+            If ``values`` come from another subject or grid (their ``subject``,
+            ``grid_shape`` or ``affine`` attributes differ), or an array's length
+            is not the number of selected voxels.
+        FormatError
+            If ``path`` does not end in ``.nii`` or ``.nii.gz``.
         """
-        import nibabel as nib
+        from neurocube.io.nifti import check_nifti_name, save_nifti, scatter_voxels
 
-        from neurocube.io._atomic import atomic_path
-
+        final = check_nifti_name(path)
         _, affine = self._brain(mask_source)
         grid = self.grid_shape
-        volume = np.full(grid, np.nan, dtype=np.float32)
         coords = getattr(values, "coords", None)
-        if coords is not None and {"i", "j", "k"} <= set(coords) and roi is None and mask is None:
-            if values.ndim != 1:
-                raise SelectionError(
-                    f"to_nifti: values must be 1-D over voxels, got dims {values.dims}; reduce "
-                    "the other dims first (e.g. .mean('trial'))"
-                )
-            i, j, k = (np.asarray(values[c].values, dtype=np.int64) for c in ("i", "j", "k"))
-            volume[i, j, k] = np.asarray(values.values, dtype=np.float32)
+        placed = coords is not None and ("voxel" in coords or {"i", "j", "k"} <= set(coords))
+        if placed and roi is None and mask is None:
+            self._check_own(values, affine, grid, final)
+            volume = scatter_voxels(values, grid, label=f"to_nifti {final}")
         else:
             selection = self.voxel_selection(roi=roi, mask=mask, mask_source=mask_source)
             flat_values = np.asarray(values, dtype=np.float32).reshape(-1)
@@ -1001,15 +1041,37 @@ class Subject:
                     f"to_nifti: {flat_values.size} values for {int(selection.sum())} selected "
                     f"voxels (mask_source={mask_source!r}, roi={roi!r}); pass one value per voxel"
                 )
+            volume = np.full(grid, np.nan, dtype=np.float32)
             volume[selection] = flat_values
-        out = Path(path)
-        suffix = ".nii.gz" if out.name.endswith(".gz") else ".nii"
-        with atomic_path(out) as tmp:
-            target = tmp if tmp.name.endswith(suffix) else tmp.with_name(tmp.name + suffix)
-            nib.Nifti1Image(volume, np.asarray(affine)).to_filename(target)
-            if target != tmp:
-                os.replace(target, tmp)
-        return out
+        return save_nifti(final, volume, affine, dtype=np.float32)
+
+    def _check_own(self, values: Any, affine: np.ndarray, grid: tuple[int, ...], out: Any) -> None:
+        """Refuse per-voxel values whose attributes say they belong to another subject or grid."""
+        attrs = getattr(values, "attrs", {})
+        where = f"to_nifti {out}"
+        subject = attrs.get("subject")
+        if subject is not None and subject != self._subject_id:
+            raise GridMismatchError(
+                f"{where}: the values are {subject}'s, this is {self._subject_id}: subjects lie "
+                f"on different grids. Write them with {subject}'s Subject (or "
+                "values.neuro.to_nifti(path), which uses the values' own grid)."
+            )
+        their_grid = attrs.get("grid_shape")
+        if their_grid is not None and tuple(int(n) for n in their_grid) != tuple(grid):
+            raise GridMismatchError(
+                f"{where}: the values lie on a {tuple(their_grid)} grid, {self._subject_id}'s "
+                f"functional grid is {tuple(grid)}. Use values.neuro.to_nifti(path) to write "
+                "them on their own grid."
+            )
+        their_affine = attrs.get("affine")
+        if their_affine is not None and not np.allclose(
+            np.asarray(their_affine, dtype=np.float64), affine, atol=1e-3
+        ):
+            raise GridMismatchError(
+                f"{where}: the values' affine differs from {self._subject_id}'s grid (same "
+                f"shape, other position).\nvalues:\n{np.round(np.asarray(their_affine), 4)}\n"
+                f"grid:\n{np.round(affine, 4)}"
+            )
 
     # ------------------------------------------------------------------ stimuli
 
@@ -1084,6 +1146,22 @@ class Subject:
 
 # ---------------------------------------------------------------------- helpers
 
+#: Default size of a betas chunk, counted in *selected* voxels (the output), not in whole volumes.
+BETAS_CHUNK_BYTES = 32 << 20
+
+
+def _trials_per_chunk(n_voxels: int, itemsize: int = 4) -> int:
+    """Trials per chunk for ``n_voxels`` selected voxels: about :data:`BETAS_CHUNK_BYTES` each.
+
+    ``open_nifti``'s ``"auto"`` counts whole volumes (32 MiB of *input*), so a ROI of a few
+    thousand voxels got chunks of a dozen trials holding a few hundred kB: a group-by over
+    ``image_name`` then worked on hundreds of tiny pieces (flox splits each chunk by the groups
+    in it, down to single trials). Chunks sized by what they hold keep a ROI's session in one
+    chunk and a whole-brain selection in chunks of tens of trials; a task still reads its
+    volumes a few MiB at a time, so memory per task is the chunk plus that buffer.
+    """
+    return max(1, BETAS_CHUNK_BYTES // max(n_voxels * itemsize, 1))
+
 
 def _res(res: str | None) -> str:
     if res in (None, "", "full"):
@@ -1141,15 +1219,29 @@ def _read_trial_table(path: str, session: str, storage_options: Any = None) -> p
             except ValueError as exc:
                 raise FormatError(f"{path}: column {column!r} must hold integers ({exc})") from exc
     if "session" in table.columns and not table.empty:
-        bad = set(table["session"]) - {session}
+        bad = {value for value in set(table["session"]) if not _same_session(value, session)}
         if bad:
             raise FormatError(
                 f"{path}: its 'session' column says {sorted(bad)}, but the file is in folder "
-                f"{session}; expected {session!r} on every row"
+                f"{session}; expected {session!r} (or its number) on every row"
             )
     table["session"] = session
     table["session_trial"] = np.arange(len(table), dtype=np.int64)
     return table
+
+
+def _same_session(value: str, session: str) -> bool:
+    """Return True if a trial table's ``session`` cell names ``session``.
+
+    Older tables write the number: ``ses-01``, ``01`` and ``1`` all name
+    folder ``ses-01``; ``ses-02`` or ``2`` do not.
+    """
+    cell = str(value).strip()
+    label = session[4:] if session.startswith("ses-") else session
+    cell = cell[4:] if cell.startswith("ses-") else cell
+    if cell == label:
+        return True
+    return cell.isdigit() and label.isdigit() and int(cell) == int(label)
 
 
 def _annotate_trials(table: pd.DataFrame, stimuli: pd.DataFrame | None, where: str) -> pd.DataFrame:
@@ -1438,6 +1530,7 @@ def roi_means(
             },
             coords={"subject": names, "image_name": np.asarray(images, dtype=str)},
         )
+        out["roi_mean"].attrs.update(attrs)
         return out.assign_attrs(attrs)
     longest = max(m.sizes["trial"] for m in means)
     padded = []
@@ -1461,7 +1554,9 @@ def roi_means(
         stacked = np.vstack(columns)
         coords["global_trial" if name == "trial" else name] = (("subject", "trial"), stacked)
     values = da.stack(padded, axis=0)
-    return xr.Dataset({"roi_mean": (("subject", "trial"), values)}, coords=coords, attrs=attrs)
+    return xr.Dataset(
+        {"roi_mean": (("subject", "trial"), values, dict(attrs))}, coords=coords, attrs=attrs
+    )
 
 
 def _pad(values: np.ndarray, length: int) -> np.ndarray:

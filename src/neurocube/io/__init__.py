@@ -1,5 +1,8 @@
 """Writers: NIfTI, spectral HDF5 caches, connectome TSV, GIFTI, NPZ, embedding derivatives.
 
+NIfTI: ``save_nifti`` writes a 3-D/4-D array; ``voxels_to_nifti`` (``da.neuro.to_nifti``)
+scatters a per-voxel result onto its grid first.
+
 Every writer is atomic (temporary sibling, then rename). Names load lazily.
 """
 
@@ -11,6 +14,7 @@ from typing import Any
 _LAZY: dict[str, str] = {
     "atomic_path": "neurocube.io._atomic",
     "save_nifti": "neurocube.io.nifti",
+    "voxels_to_nifti": "neurocube.io.nifti",
     # spectral caches (issue: HDF5 sources)
     "save_spectral": "neurocube.io.spectral",
     "save_connectome": "neurocube.io.spectral",

@@ -1,4 +1,4 @@
-"""ROI query grammar and voxel selection rules of the betas bucket (FORMATS.md §1).
+"""ROI query grammar and voxel selection rules of the betas bucket (docs/fmri.md).
 
 Everything here is eager NumPy on 3-D boolean volumes of one functional grid,
 known when a graph is built; nothing here touches betas.
@@ -193,7 +193,7 @@ def select_voxels(
     nc_threshold: float | None = None,
     allow_empty: bool = True,
 ) -> np.ndarray:
-    """Apply the selection order of FORMATS.md §1 and return a 3-D bool volume.
+    """Apply the selection order above (docs/fmri.md) and return a 3-D bool volume.
 
     Parameters
     ----------

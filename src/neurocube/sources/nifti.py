@@ -37,6 +37,7 @@ from neurocube.sources.voxels import check_mask_grid, mask_from_array, voxel_coo
 from neurocube.storage import IO_STATS, StorageOptions
 
 __all__ = [
+    "MaskedVolume",
     "NiftiInfo",
     "NiftiParts",
     "build_parts",
@@ -857,6 +858,32 @@ class VolumeArray:
         return block[key[0], key[1], key[2], inner]
 
 
+class MaskedVolume:
+    """The masked voxels of a 3-D image as a 1-D array ``(n_voxels,)`` (for ``from_array``).
+
+    Wraps the ``(1, n_voxels)`` :class:`VolumeArray` of the image's single
+    volume. ``voxels`` is None: it is not a ``(trial, voxel)`` array, so it is
+    read through Dask (one small chunk), not by :func:`direct_load`.
+    """
+
+    voxels = None
+
+    def __init__(self, volumes: VolumeArray) -> None:
+        self.volumes = volumes
+        self.spec = volumes.spec
+        self.shape: tuple[int, ...] = (volumes.shape[1],)
+        self.dtype = volumes.dtype
+        self.ndim = 1
+
+    def __dask_tokenize__(self) -> Any:
+        return ("neurocube.MaskedVolume", self.volumes.__dask_tokenize__())
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if not isinstance(key, tuple):
+            key = (key,)
+        return self.volumes[(0,) + tuple(key)]
+
+
 class VolumeRuns:
     """Volumes ``[0, n)`` shared out as contiguous runs to threads that read forward passes.
 
@@ -1269,11 +1296,13 @@ def open_nifti(
     if gz is not None and gz.index_path is not None and gz.store is not None:
         gzindex.fetch_index(gz)  # an index shared in the store: no first pass over the data
     data = volume_dask_array(arr, parts.chunks, parts.dims, parts.identity)
-    return xr.Dataset({"data": (parts.dims, data)}, coords=parts.coords, attrs=parts.attrs)
+    return xr.Dataset(
+        {"data": (parts.dims, data, parts.variable_attrs())}, coords=parts.coords, attrs=parts.attrs
+    )
 
 
 def volume_dask_array(
-    arr: VolumeArray,
+    arr: VolumeArray | MaskedVolume,
     chunks: tuple[tuple[int, ...], ...],
     dims: tuple[str, ...],
     identity: tuple[str, int, int | str],
@@ -1304,7 +1333,7 @@ def volume_dask_array(
         data = da.from_array(
             arr, chunks=chunks, name=name, asarray=False, fancy=False, lock=False, meta=meta
         )
-    if arr.voxels is not None:
+    if isinstance(arr, VolumeArray) and arr.voxels is not None:
         _register_direct(name, arr, chunks)
     return data
 
@@ -1355,7 +1384,7 @@ def _chunk_done(_chunk: Any) -> None:
 
 
 def _streaming_array(
-    arr: VolumeArray,
+    arr: VolumeArray | MaskedVolume,
     chunks: tuple[tuple[int, ...], ...],
     dims: tuple[str, ...],
     name: str,
@@ -1401,12 +1430,17 @@ class NiftiParts:
     """The pieces of an opened NIfTI Dataset before they are wrapped (Dask or xarray-lazy)."""
 
     info: NiftiInfo
-    array: VolumeArray
+    array: VolumeArray | MaskedVolume
     dims: tuple[str, ...]
     chunks: tuple[tuple[int, ...], ...]
     coords: dict[str, Any]
     attrs: dict[str, Any]
     identity: tuple[str, int, int | str]
+
+    def variable_attrs(self) -> dict[str, Any]:
+        """Attributes of the ``data`` variable: what places it (affine, grid) and its files."""
+        keep = ("affine", "grid_shape", "source", "mask_source", "neurocube_sources")
+        return {name: self.attrs[name] for name in keep if name in self.attrs}
 
 
 def build_parts(
@@ -1460,10 +1494,15 @@ def build_parts(
     x_n, y_n, _ = info.grid_shape
     fortran_pos = (i + x_n * (j + y_n * k)).astype(np.int64)
     arr = VolumeArray(spec, fortran_pos)
-    chunk_spec = (_chunk_tuple(info.n_volumes, per), (int(fortran_pos.size),))
-    coords = {"trial": np.arange(info.n_volumes), **voxel_coords(grid, info.affine)}
     attrs["n_voxels"] = int(fortran_pos.size)
     if isinstance(mask, (str, os.PathLike)):
         attrs["mask_source"] = storage.normalize(mask)
         attrs["neurocube_sources"] = [info.path, attrs["mask_source"]]
+    coords = voxel_coords(grid, info.affine)
+    if len(info.shape) == 3:  # a masked map: one value per voxel, no length-1 trial dim
+        single = MaskedVolume(arr)
+        return NiftiParts(info, single, ("voxel",), ((int(fortran_pos.size),),), coords, attrs,
+                          identity)
+    chunk_spec = (_chunk_tuple(info.n_volumes, per), (int(fortran_pos.size),))
+    coords = {"trial": np.arange(info.n_volumes), **coords}
     return NiftiParts(info, arr, ("trial", "voxel"), chunk_spec, coords, attrs, identity)

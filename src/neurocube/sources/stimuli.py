@@ -48,7 +48,7 @@ def _spec(
         if dataset not in h5:
             raise FormatError(
                 f"{key[0]}: no dataset {dataset!r}; found {sorted(h5.keys())}. Expected the "
-                "stimuli layout of FORMATS.md §1."
+                "stimuli layout described in docs/fmri.md."
             )
         return HDF5DatasetSpec.from_dataset(h5[dataset], key, storage_options)
 

@@ -76,14 +76,19 @@ def mask_from_array(
 def voxel_coords(selection: np.ndarray, affine: Any) -> dict[str, Any]:
     """Coordinates along ``voxel`` for the voxels of a 3-D boolean ``selection``, in C order.
 
-    Returns ``i, j, k`` (int32 grid indices) and ``x, y, z`` (scanner mm through
-    ``affine``), each as ``("voxel", values)`` ready for an xarray object.
+    Returns ``voxel`` (the index: each voxel's flat C-order position on the
+    grid, int64, so selections of one grid align and merge like any xarray
+    data), ``i, j, k`` (int32 grid indices) and ``x, y, z`` (scanner mm
+    through ``affine``), each as ``("voxel", values)`` ready for an xarray
+    object.
     """
     i, j, k = np.nonzero(selection)
+    flat = np.ravel_multi_index((i, j, k), selection.shape).astype(np.int64)
     xyz = np.asarray(affine, dtype=np.float64) @ np.vstack([i, j, k, np.ones_like(i)]).astype(
         np.float64
     )
     return {
+        "voxel": ("voxel", flat),
         "i": ("voxel", i.astype(np.int32)),
         "j": ("voxel", j.astype(np.int32)),
         "k": ("voxel", k.astype(np.int32)),

@@ -1,4 +1,4 @@
-"""A synthetic single-trial betas bucket in the ``laion_fmri`` layout (FORMATS.md §1).
+"""A synthetic single-trial betas bucket in the ``laion_fmri`` layout (docs/fmri.md).
 
 :func:`make_bucket` writes a small but complete bucket (betas, trial tables,
 noise ceilings, R² map, anatomical masks, ROIs as volume / GIFTI / FreeSurfer

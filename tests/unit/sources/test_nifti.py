@@ -101,7 +101,9 @@ def test_three_d_image(nifti_factory):
     assert ds.data.dims == ("x", "y", "z")
     np.testing.assert_array_equal(ds.data.values, oracle(path))
     masked = neurocube.open_nifti(path, mask=brain_mask())
-    assert masked.data.shape == (1, brain_mask().sum())
+    # a map over voxels, no length-1 trial dim (issue 12, item 10)
+    assert masked.data.dims == ("voxel",)
+    np.testing.assert_array_equal(masked.data.values, oracle(path)[brain_mask()])
 
 
 def test_voxel_order_and_coordinates(nifti_factory):
