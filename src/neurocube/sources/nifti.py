@@ -881,7 +881,7 @@ class MaskedVolume:
     def __getitem__(self, key: Any) -> np.ndarray:
         if not isinstance(key, tuple):
             key = (key,)
-        return self.volumes[(0,) + tuple(key)]
+        return self.volumes[(0, *tuple(key))]
 
 
 class VolumeRuns:
