@@ -881,7 +881,8 @@ class MaskedVolume:
     def __getitem__(self, key: Any) -> np.ndarray:
         if not isinstance(key, tuple):
             key = (key,)
-        return self.volumes[(0, *tuple(key))]
+        full_key = (0, *tuple(key))
+        return self.volumes[full_key]
 
 
 class VolumeRuns:
