@@ -48,7 +48,7 @@ def _flip(path, at=-10):
 
 
 def test_every_chunk_is_stored_with_crc32c_and_listed_in_the_manifest(entry):
-    store, folder, ds = entry
+    _, folder, _ = entry
     marker = json.loads((folder / MARKER_NAME).read_text())
     files = marker["manifest"]["files"]
     chunks = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
@@ -57,7 +57,8 @@ def test_every_chunk_is_stored_with_crc32c_and_listed_in_the_manifest(entry):
     assert {"data/c/0/0", "data/c/1/0", "data/c/2/0"} <= set(files)
     variables = marker["manifest"]["variables"]
     assert variables["data"]["shape"] == [6, 40] and variables["data"]["chunks"] == [2, 40]
-    assert variables["data"]["dims"] == ["trial", "voxel"] and variables["data"]["dtype"] == "float32"
+    assert variables["data"]["dims"] == ["trial", "voxel"]
+    assert variables["data"]["dtype"] == "float32"
     for name in ("data", "other", "label", "i", "trial"):
         meta = json.loads((folder / name / "zarr.json").read_text())
         assert meta["codecs"][-1]["name"] == "crc32c", name
@@ -69,11 +70,11 @@ def test_a_flipped_bit_is_a_corrupt_data_error_naming_entry_and_chunk(entry):
     reopened = neurocube.open_cached("k", store=store)  # same size: the listing passes
     np.testing.assert_array_equal(reopened.data[:2].values, ds.data[:2].values)  # chunk 0 fine
     with pytest.raises(CorruptDataError, match=r"'k'.*chunk data/c/1/0 failed its crc32c"):
-        reopened.data.values
+        _ = reopened.data.values
     # through plain zarr the same bytes fail Zarr's own crc32c codec
     with pytest.raises(ValueError, match="checksum"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr's note about the .neurocube folder
-        xr.open_zarr(folder, consolidated=False).data.values
+        _ = xr.open_zarr(folder, consolidated=False).data.values
 
 
 def test_a_flipped_bit_in_an_in_memory_coordinate_fails_at_reopen(entry):
@@ -107,14 +108,14 @@ def test_a_missing_chunk_or_variable_makes_the_entry_incomplete(entry, damage):
 
 
 def test_a_chunk_deleted_after_reopen_is_an_error_not_nan(entry):
-    store, folder, ds = entry
+    store, folder, _ = entry
     reopened = neurocube.open_cached("k", store=store)
     (folder / "data" / "c" / "1" / "0").unlink()
     (folder / "other" / "c" / "0").unlink()
     with pytest.raises(CacheError, match=r"data/c/1/0 is missing.*never filled"):
-        reopened.data.values
+        _ = reopened.data.values
     with pytest.raises(CacheError, match=r"other/c/0 is missing"):
-        reopened.other.values
+        _ = reopened.other.values
 
 
 @pytest.mark.parametrize("what", ["empty chunk", "garbage zarr.json", "truncated chunk"])
@@ -139,8 +140,8 @@ def test_same_size_garbage_in_zarr_json_is_caught_by_its_crc(entry):
     store, folder, _ = entry
     path = folder / "data" / "zarr.json"
     text = path.read_text()
-    path.write_text(text.replace('"float32"', '"float64"').replace('"dimension_names"',
-                                                                   '"dimension_nameX"'))  # fmt: skip
+    damaged = text.replace('"float32"', '"float64"').replace("dimension_names", "dimension_nameX")
+    path.write_text(damaged)
     with pytest.raises(CorruptDataError, match=r"data/zarr.json differs from what was written"):
         neurocube.open_cached("k", store=store)
 
