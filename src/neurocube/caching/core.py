@@ -23,8 +23,10 @@ from neurocube.caching.integrity import (
     VerifiedStore,
     build_manifest,
     check_listing,
+    checked_metadata,
     direct_readable,
     marker_checksum,
+    plain_variable,
     rebuild_hint,
 )
 from neurocube.caching.keys import CACHE_FORMAT_VERSION, Fingerprint, fingerprint, source_identity
@@ -32,6 +34,7 @@ from neurocube.caching.store import (
     LAST_USE_NAME,
     MARKER_NAME,
     CacheRoot,
+    LocalRoot,
     open_root,
     validate_key,
 )
@@ -495,6 +498,111 @@ def _prepare(
 
 
 def _reopen(root: CacheRoot, entry: str, marker: dict[str, Any]) -> xr.Dataset | xr.DataArray:
+    dataset = _fast_open(root, entry, marker) if isinstance(root, LocalRoot) else None
+    if dataset is None:
+        dataset = _open_with_xarray(root, entry, marker)
+    result: xr.Dataset | xr.DataArray = dataset
+    if marker.get("kind") == "DataArray":
+        result = dataset[_DATAARRAY_VARIABLE].rename(marker.get("dataarray_name"))
+    with _REOPENED_LOCK:
+        _REOPENED[_identity_of(result)] = (root.url, str(marker["key"]))
+    return result
+
+
+def _dask_name(marker: Mapping[str, Any], root: CacheRoot, name: Hashable, chunks: Any) -> str:
+    """Name the Dask array of a cached variable after the entry, its creation and its chunks."""
+    token = dask.base.tokenize(
+        root.url, marker.get("key"), marker.get("created_unix"), marker.get("fingerprint")
+    )
+    return f"neurocube-cached-{name}-{dask.base.tokenize(token, name, chunks)}"
+
+
+def _fast_open(root: CacheRoot, entry: str, marker: Mapping[str, Any]) -> xr.Dataset | None:
+    """Build the Dataset straight from the entry's metadata documents and chunks.
+
+    For local entries whose variables xarray would open unchanged (numbers and
+    strings without CF decoding, see :func:`~neurocube.caching.integrity.plain_variable`):
+    each ``zarr.json`` is read once and checked against the manifest, coordinates
+    that were in memory are read by the direct chunk reader, and every other
+    variable becomes a Dask array over that reader. This skips xarray's and Zarr's
+    generic open (member listing, async round trips per array) that cost several
+    times the checks themselves. Returns None when anything is unusual: the caller
+    then opens the entry through xarray (same checks, same result).
+    """
+    import dask.array as da
+
+    key = str(marker.get("key"))
+    manifest = marker["manifest"]
+    files: Mapping[str, Any] = manifest.get("files", {})
+    specs: Mapping[str, Mapping[str, Any]] = manifest.get("variables", {})
+    string_dtypes: Mapping[str, str] = marker.get("string_dtypes", {})
+    metas: dict[str, Any] = {}
+    for rel in ["zarr.json", *(f"{name}/zarr.json" for name in specs)]:
+        raw = root.read_entry_file(entry, rel)
+        if raw is None or rel not in files:
+            return None  # the xarray path reports it
+        checked_metadata(raw, files[rel], entry=entry, key=key, rel=rel)
+        try:
+            metas[rel] = json.loads(raw)
+        except ValueError:
+            return None
+    attrs = dict(metas["zarr.json"].get("attributes") or {})
+    coord_names = set(str(attrs.pop("coordinates", "")).split())
+    plain: dict[str, tuple[Any, np.dtype[Any], dict[str, Any]]] = {}
+    for name, spec in specs.items():
+        meta = metas[f"{name}/zarr.json"]
+        found = plain_variable(meta)
+        if found is None or "/" in name or list(meta["shape"]) != list(spec["shape"]):
+            return None
+        if found[0].kind == "O" and name not in string_dtypes:
+            return None  # strings of another numpy type: leave them to xarray
+        coord_names.update(str((meta.get("attributes") or {}).get("coordinates", "")).split())
+        plain[name] = (meta, *found)
+    in_memory = set(marker.get("in_memory_coords", []))
+    coords: dict[Hashable, xr.Variable] = {}
+    data_vars: dict[Hashable, xr.Variable] = {}
+    for name, (meta, dtype, var_attrs) in plain.items():
+        dims = tuple(meta.get("dimension_names") or ())
+        if len(dims) != len(meta["shape"]) or not all(isinstance(d, str) for d in dims):
+            return None
+        spec = specs[name]
+        reader = ChunkArray(root, entry, key, name, spec, dtype)
+        chunk_shape = tuple(int(c) for c in spec["chunks"])
+        preferred = dict(zip(dims, chunk_shape, strict=True))
+        encoding = {"chunks": chunk_shape, "preferred_chunks": preferred, "dtype": dtype,
+                    "compressors": _compressors(meta)}  # fmt: skip
+        if dtype.kind == "f":
+            encoding["_FillValue"] = np.nan
+        is_index = dims == (name,)
+        data: Any
+        if is_index or name in in_memory:
+            data = reader[...]
+            if name in string_dtypes:  # numpy strings first: xarray checks object arrays slowly
+                data = data.astype(np.dtype(string_dtypes[name]))
+        else:
+            data = da.from_array(
+                reader,
+                chunks=chunk_shape,
+                name=_dask_name(marker, root, name, preferred),
+                lock=False,
+                asarray=False,
+                meta=np.empty((0,) * len(dims), reader.dtype),
+            )
+        variable = xr.Variable(dims, data, var_attrs, encoding=encoding)
+        if name in string_dtypes and variable.dtype != np.dtype(string_dtypes[name]):
+            variable = variable.astype(np.dtype(string_dtypes[name]))
+        (coords if is_index or name in coord_names else data_vars)[name] = variable
+    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+
+def _compressors(meta: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Return the bytes-to-bytes codecs of an array, as xarray puts them in ``encoding``."""
+    from zarr.registry import get_codec_class
+
+    return tuple(get_codec_class(c["name"]).from_dict(c) for c in meta.get("codecs", [])[1:])
+
+
+def _open_with_xarray(root: CacheRoot, entry: str, marker: dict[str, Any]) -> xr.Dataset:
     key = str(marker.get("key"))
     manifest = marker["manifest"]
     specs: dict[str, dict[str, Any]] = manifest.get("variables", {})
@@ -525,9 +633,6 @@ def _reopen(root: CacheRoot, entry: str, marker: dict[str, Any]) -> xr.Dataset |
                 )
         in_memory = set(marker.get("in_memory_coords", []))
         string_dtypes = marker.get("string_dtypes", {})
-        token = dask.base.tokenize(
-            root.url, marker.get("key"), marker.get("created_unix"), marker.get("fingerprint")
-        )
         coords: dict[Hashable, xr.Variable] = {}
         data_vars: dict[Hashable, xr.Variable] = {}
         for name, variable in plain.variables.items():
@@ -545,7 +650,7 @@ def _reopen(root: CacheRoot, entry: str, marker: dict[str, Any]) -> xr.Dataset |
                     variable = variable.load()
             elif variable.ndim:
                 chunks = variable.encoding.get("preferred_chunks", {})
-                dask_name = f"neurocube-cached-{name}-{dask.base.tokenize(token, name, chunks)}"
+                dask_name = _dask_name(marker, root, name, chunks)
                 if direct:
                     import dask.array as da
 
@@ -568,12 +673,7 @@ def _reopen(root: CacheRoot, entry: str, marker: dict[str, Any]) -> xr.Dataset |
     dataset = plain.assign_coords(coords) if coords else plain
     if data_vars:
         dataset = dataset.assign(data_vars)
-    result: xr.Dataset | xr.DataArray = dataset
-    if marker.get("kind") == "DataArray":
-        result = dataset[_DATAARRAY_VARIABLE].rename(marker.get("dataarray_name"))
-    with _REOPENED_LOCK:
-        _REOPENED[_identity_of(result)] = (root.url, str(marker["key"]))
-    return result
+    return dataset
 
 
 def _identity_of(obj: xr.Dataset | xr.DataArray) -> str:

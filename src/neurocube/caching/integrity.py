@@ -247,7 +247,8 @@ class ChunkArray:
         self.root, self.entry, self.key, self.name = root, entry, key, name
         self.shape = tuple(int(s) for s in spec["shape"])
         self.chunk_shape = tuple(int(c) for c in spec["chunks"])
-        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.strings = spec.get("codecs") == ["vlen-utf8", "zstd", "crc32c"]
+        self.dtype = np.dtype(object) if self.strings else np.dtype(dtype).newbyteorder("<")
         self.ndim = len(self.shape)
 
     def _chunk(self, idx: tuple[int, ...]) -> np.ndarray:
@@ -260,8 +261,14 @@ class ChunkArray:
         payload = checked_chunk(data, entry=self.entry, key=self.key, rel=rel)
         out = np.empty(self.chunk_shape, self.dtype)
         try:
-            numcodecs.blosc.decompress(payload, out)
-        except Exception as exc:  # crc matched, yet not Blosc data of this size: not ours
+            if self.strings:
+                from numcodecs import VLenUTF8, Zstd
+
+                items = VLenUTF8().decode(Zstd().decode(payload))
+                out = np.asarray(items, dtype=object).reshape(self.chunk_shape)
+            else:
+                numcodecs.blosc.decompress(payload, out)
+        except Exception as exc:  # crc matched, yet not data of this size: not ours
             raise CorruptDataError(
                 f"cache entry {self.key!r} ({self.entry}): chunk {rel} does not decompress to "
                 f"{out.nbytes} bytes ({exc}). {rebuild_hint(self.key)}"
@@ -326,6 +333,60 @@ class ChunkArray:
                 dst.append(slice(a - lo, b - lo))
             out[tuple(dst)] = chunk[tuple(src)]
         return out
+
+
+#: zarr.json attributes through which xarray changes values (CF decoding): such variables are
+#: opened by xarray itself, not by :func:`fast_variable`.
+_DECODED_ATTRS = frozenset(
+    {"missing_value", "scale_factor", "add_offset", "calendar", "dtype", "_Unsigned", "_Encoding"}
+)
+_TIME_UNITS = frozenset(
+    {"days", "hours", "minutes", "seconds", "milliseconds", "microseconds", "nanoseconds"}
+)
+_NUMERIC_TYPES = frozenset(
+    {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+     "float16", "float32", "float64"}
+)  # fmt: skip
+
+
+def plain_variable(meta: Mapping[str, Any]) -> tuple[np.dtype[Any], dict[str, Any]] | None:
+    """Return ``(dtype, attrs)`` of an array xarray would open unchanged, or None.
+
+    "Unchanged": numeric (no bool, time or complex) stored as bytes + blosc + crc32c,
+    or strings stored as vlen-utf8 + zstd + crc32c, with no CF attribute that makes
+    xarray rewrite the values (a fill value other than NaN, scale, offset, time units).
+    """
+    codecs = [c.get("name") for c in meta.get("codecs", [])]
+    kind = meta.get("data_type")
+    if not meta.get("shape") or meta.get("node_type") != "array":
+        return None
+    if kind in _NUMERIC_TYPES and codecs == ["bytes", "blosc", "crc32c"]:
+        dtype = np.dtype(str(kind))
+    elif kind == "string" and codecs == ["vlen-utf8", "zstd", "crc32c"]:
+        dtype = np.dtype(object)
+    else:
+        return None
+    attrs = dict(meta.get("attributes") or {})
+    if _DECODED_ATTRS & attrs.keys():
+        return None
+    units = attrs.get("units")
+    if isinstance(units, str) and (" since " in units or units in _TIME_UNITS):
+        return None
+    fill = attrs.pop("_FillValue", None)
+    if fill is not None:
+        if dtype.kind != "f" or not isinstance(fill, str):
+            return None
+        import base64
+
+        try:
+            raw = base64.b64decode(fill)
+            value = np.frombuffer(raw, {2: "<f2", 4: "<f4", 8: "<f8"}[len(raw)])
+        except (ValueError, TypeError, KeyError):
+            return None
+        if value.size != 1 or not np.isnan(value[0]):
+            return None
+    attrs.pop("coordinates", None)
+    return dtype, attrs
 
 
 def direct_readable(spec: Mapping[str, Any], variable: Any) -> bool:
