@@ -4,8 +4,9 @@ A small dataset is cached once per test (numeric data in several chunks, an in-m
 coordinate, a string coordinate); each example copies the entry, damages one of its files (a data
 chunk, a coordinate chunk, a ``zarr.json``, the manifest-carrying marker or the last-use record) at
 hypothesis-chosen offsets, and reopens + computes it both ways (``open_cached`` and a ``cache()``
-hit; ``cache()`` rebuilds what it finds unusable before reading). Cache entries are checksummed end to end (crc32c per chunk, crc32c of each metadata document
-and a sha256 of the marker), so values that differ from the oracle fail the test.
+hit; ``cache()`` rebuilds what it finds unusable before reading). Cache entries are checksummed
+end to end (crc32c per chunk, crc32c of each metadata document and a sha256 of the marker), so
+values that differ from the oracle fail the test.
 """
 
 from __future__ import annotations
