@@ -145,12 +145,12 @@ def entry_problem(root: CacheRoot, entry: str, marker: Mapping[str, Any]) -> Ent
 def touch_entry(root: CacheRoot, entry: str) -> None:
     """Record a hit on ``entry`` (time and count), for LRU eviction and listings."""
     previous = root.read_json(entry, LAST_USE_NAME) or {}
+    try:
+        hits = int(previous.get("hits", 0))
+    except (TypeError, ValueError):  # a damaged record only loses the count
+        hits = 0
     now = time.time()
-    record = {
-        "last_used": _iso(now),
-        "last_used_unix": now,
-        "hits": int(previous.get("hits", 0)) + 1,
-    }
+    record = {"last_used": _iso(now), "last_used_unix": now, "hits": hits + 1}
     with contextlib.suppress(OSError):  # a read-only cache still serves hits
         root.write_json(entry, LAST_USE_NAME, record, durable=False)
 

@@ -242,3 +242,11 @@ def test_direct_reader_matches_numpy_indexing(entry):
                 (Ellipsis, 7), (slice(4, 2),)]:  # fmt: skip
         np.testing.assert_array_equal(reader[key], want[key])
     assert cache_cli is not None
+
+
+def test_a_damaged_last_use_record_costs_only_the_hit_count(entry):
+    store, folder, ds = entry
+    (folder / ".neurocube" / "last_use.json").write_text('{"hits": "many", "last_used_unix": []}')
+    xr.testing.assert_identical(neurocube.open_cached("k", store=store).compute(), ds.compute())
+    info = neurocube.cache_info(store=store)
+    assert info["status"].tolist() == ["complete"] and info["hits"].tolist() == [1]
