@@ -33,6 +33,8 @@ smaller, so the cache's advantage here is conservative). Three measurements, in 
 Run: ``python benchmarks/bench_cache.py [--trials 200] [--repeats 5]`` (about 5 minutes here,
 mostly fresh Python processes; data under ``benchmarks/data/``, removed at the end). Writes
 ``benchmarks/results/cache.json``. The machine is shared (2 noisy cores): compare ratios.
+``--quick`` times only the gzip read, the cache hit and ``open_cached`` (2 repeats, ~2 minutes)
+and writes ``results/cache-quick.json``: a check that the script works, not figures of record.
 """
 
 from __future__ import annotations
