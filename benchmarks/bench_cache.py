@@ -33,6 +33,8 @@ smaller, so the cache's advantage here is conservative). Three measurements, in 
 Run: ``python benchmarks/bench_cache.py [--trials 200] [--repeats 5]`` (about 5 minutes here,
 mostly fresh Python processes; data under ``benchmarks/data/``, removed at the end). Writes
 ``benchmarks/results/cache.json``. The machine is shared (2 noisy cores): compare ratios.
+``--quick`` times only the gzip read, the cache hit and ``open_cached`` (2 repeats, ~2 minutes)
+and writes ``results/cache-quick.json``: a check that the script works, not figures of record.
 """
 
 from __future__ import annotations
@@ -330,7 +332,16 @@ def main() -> None:
         help="also time gzip vs open_cached on a second session with this many trials",
     )
     parser.add_argument("--keep", action="store_true", help="keep the generated data")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="only the gzip read, the cache hit and open_cached of the ROI, 2 repeats; no write "
+        "or distributed runs; writes results/cache-quick.json (a check that the script works "
+        "and a rough ratio, not the figures of record)",
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.repeats = min(args.repeats, 2)
 
     from neurocube.synthetic.bucket import make_bucket
 
@@ -355,7 +366,8 @@ def main() -> None:
               f"{gz.stat().st_size / 1e6:.0f} MB gzip (made in {made:.0f} s)")  # fmt: skip
 
         # 1. reopen + ROI: warm-up runs build the gzip index and the two cache entries.
-        for script in (GZIP_ROI, CACHE_ROI, CACHE_BRAIN_THEN_ROI):
+        warmups = [GZIP_ROI, CACHE_ROI] + ([] if args.quick else [CACHE_BRAIN_THEN_ROI])
+        for script in warmups:
             run(script, str(root), str(store), env=env)
         contenders = {
             "gzip, indexed (neurocube)": GZIP_ROI,
@@ -364,6 +376,9 @@ def main() -> None:
             "open_cached(key) of the ROI": OPEN_CACHED_ROI,
             "cache: brain entry, ROI after": CACHE_BRAIN_THEN_ROI,
         }
+        if args.quick:
+            for name in ("nibabel 4-D load, then ROI", "cache: brain entry, ROI after"):
+                del contenders[name]
         reopen = []
         for name, script in contenders.items():
             outs = [run(script, str(root), str(store), env=env) for _ in range(args.repeats)]
@@ -378,13 +393,25 @@ def main() -> None:
             r["speedup_vs_gzip"] = gzip_cold / float(r["wall_median_s"])
             r["warm_speedup_vs_gzip"] = gzip_warm / float(r["warm_median_s"])
         results["reopen_roi"] = reopen
+        opened = next(r for r in reopen if r["name"] == "open_cached(key) of the ROI")
         if args.scaling:
             results["scaling"] = [
                 {"trials": args.trials, "gzip_warm_s": gzip_warm,
-                 "open_cached_warm_s": reopen[3]["warm_median_s"]},
+                 "open_cached_warm_s": opened["warm_median_s"]},
                 scaling_point(work, args.scaling, args.repeats, env),
             ]  # fmt: skip
             print(f"  scaling: {results['scaling']}", flush=True)
+
+        if args.quick:
+            out = HERE / "results" / "cache-quick.json"
+            out.parent.mkdir(exist_ok=True)
+            out.write_text(json.dumps(results, indent=2))
+            for r in reopen:
+                print(f"{r['name']:<32} cold {r['wall_median_s']:.3f} s "
+                      f"({r['speedup_vs_gzip']:.1f} x gzip), warm {r['warm_median_s']:.3f} s "
+                      f"({r['warm_speedup_vs_gzip']:.1f} x gzip)")  # fmt: skip
+            print(f"wrote {out}")
+            return
 
         # 2. write throughput
         writes = []

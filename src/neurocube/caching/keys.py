@@ -34,7 +34,7 @@ from neurocube.storage import file_identity, identity, is_url, options_for
 __all__ = ["CACHE_FORMAT_VERSION", "Fingerprint", "fingerprint", "source_identity", "source_paths"]
 
 #: Bump when the layout of a cache entry changes; old entries are then ignored.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 
 #: Length of the hex keys used as entry names (160 bits of sha256).
 KEY_LENGTH = 40

@@ -114,6 +114,30 @@ class CacheRoot(ABC):
     @abstractmethod
     def _read_bytes(self, path: str) -> bytes | None: ...
 
+    def read_entry_file(self, entry: str, rel: str) -> bytes | None:
+        """Return the bytes of file ``rel`` (a chunk, a ``zarr.json``) of ``entry``, or None."""
+        return self._read_bytes(f"{entry}/{rel}")
+
+    def list_entry_files(self, entry: str) -> dict[str, int]:
+        """Return ``{relative path: size}`` of the entry's Zarr files, in one listing.
+
+        The ``.neurocube/`` records are left out.
+        """
+        base = storage.normalize(entry).rstrip("/") + "/"
+        out = {}
+        for location, info in self._find(entry).items():
+            rel = location[len(base):] if location.startswith(base) else location
+            if not rel.startswith(".neurocube/"):
+                out[rel] = info.size
+        return out
+
+    @abstractmethod
+    def _find(self, entry: str) -> dict[str, storage.ObjectInfo]: ...
+
+    @abstractmethod
+    def zarr_read_store(self, entry: str) -> Any:
+        """Return a read-only Zarr store object over ``entry``."""
+
     @abstractmethod
     def _write_bytes(self, path: str, data: bytes, *, durable: bool) -> None: ...
 
@@ -193,6 +217,15 @@ class LocalRoot(CacheRoot):
     def zarr_store(self, entry: str) -> Any:
         """Return the entry folder's path."""
         return entry
+
+    def _find(self, entry: str) -> dict[str, storage.ObjectInfo]:
+        return storage.find(entry, hidden=True)
+
+    def zarr_read_store(self, entry: str) -> Any:
+        """Return a read-only ``zarr.storage.LocalStore`` over the entry folder."""
+        from zarr.storage import LocalStore
+
+        return LocalStore(entry, read_only=True)
 
     def has_entry(self, entry: str) -> bool:
         """Return True if the entry folder exists."""
@@ -321,6 +354,17 @@ class RemoteRoot(CacheRoot):
     def zarr_store(self, entry: str) -> Any:
         """Return the entry URL (xarray opens it through fsspec with ``storage_options``)."""
         return entry
+
+    def _find(self, entry: str) -> dict[str, storage.ObjectInfo]:
+        return storage.find(entry, self._opts, hidden=True)
+
+    def zarr_read_store(self, entry: str) -> Any:
+        """Return a read-only ``zarr.storage.FsspecStore`` over the entry URL."""
+        from zarr.storage import FsspecStore
+
+        return FsspecStore.from_url(
+            entry, storage_options=dict(self.storage_options or {}), read_only=True
+        )
 
     def has_entry(self, entry: str) -> bool:
         """Return True if any object exists under the entry's prefix."""

@@ -48,7 +48,7 @@ def test_masked_nifti_round_trip_keeps_values_coords_attrs(betas_path, brain_mas
     meta = json.loads((entry / "data" / "zarr.json").read_text())
     assert meta["zarr_format"] == 3
     assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [SHAPE[3], int(brain_mask.sum())]
-    assert [c["name"] for c in meta["codecs"]] == ["bytes", "blosc"]
+    assert [c["name"] for c in meta["codecs"]] == ["bytes", "blosc", "crc32c"]
     blosc = meta["codecs"][1]["configuration"]
     assert (blosc["cname"], blosc["shuffle"], blosc["typesize"]) == ("lz4", "bitshuffle", 4)
     assert cached.data.encoding["compressors"][0].cname.value == "lz4"

@@ -86,7 +86,7 @@ def test_fingerprint_records_source_identities(tmp_path):
     assert source["size"] == path.stat().st_size
     assert source["mtime_ns"] == path.stat().st_mtime_ns
     assert len(source["ends_sha256"]) == 64
-    assert CACHE_FORMAT_VERSION == 1
+    assert CACHE_FORMAT_VERSION == 2
 
 
 def test_nondeterministic_token_is_an_error():
