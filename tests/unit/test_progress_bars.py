@@ -148,3 +148,17 @@ def test_computes_of_other_graphs_get_no_bar(bars_on, monkeypatch, capfd):
     assert callable(neurocube.open_nifti)  # the NIfTI reader (and its compute watcher) loaded
     assert int(da.ones(100, chunks=10).sum().compute()) == 100
     assert bars_on == [] and capfd.readouterr().err == ""
+
+
+def test_the_readme_claim_neurocube_progress_0(bucket, bars_on, monkeypatch, capfd):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert "`NEUROCUBE_PROGRESS=0` in the environment turns every bar off" in readme
+    monkeypatch.setenv("NEUROCUBE_PROGRESS", "0")
+    monkeypatch.setattr(progress, "DELAY", 0.0)
+    sub = neurocube.open_subject(bucket, "sub-01")
+    ds = sub.betas(["ses-01", "ses-02"], roi="face")
+    neurocube.cache(ds, key="env-off")
+    neurocube.load(sub.betas("ses-02", roi="place"))
+    assert bars_on == [] and capfd.readouterr().err == ""
