@@ -246,11 +246,10 @@ def _open_connectome(path: str, storage_options: Any = None) -> Any:
 
         with storage.open_file(path, "rb", storage_options) as fh:
             raw = fh.read()
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, "connectome.tsv")
-            with open(local, "wb") as out:
-                out.write(raw)
-            matrix = read_connectome(local).load()
+        with tempfile.NamedTemporaryFile(suffix=".tsv") as local:  # the reader takes a path
+            local.write(raw)
+            local.flush()
+            matrix = read_connectome(local.name).load()
         matrix.attrs["neurocube_sources"] = [str(path)]
     ds = matrix.to_dataset(name="connectome")
     ds.attrs["source_format"] = "connectome TSV"

@@ -105,7 +105,7 @@ class _ByteTicker:
 def _build(args: argparse.Namespace) -> int:
     from neurocube import storage
     from neurocube.errors import NeurocubeError
-    from neurocube.progress import progress_bar
+    from neurocube.progress import operation
     from neurocube.sources.gzindex import index_store
     from neurocube.sources.nifti import build_index
 
@@ -121,8 +121,9 @@ def _build(args: argparse.Namespace) -> int:
             failed += 1
     results: list[tuple[str, str | None]] = []
     # One bar for all files: the per-file gzip streams inside draw none of their own.
-    with progress_bar(
-        sum(sizes.values()) or None, f"indexing {len(sizes)} file{'s' * (len(sizes) != 1)}",
+    with operation(
+        f"indexing {len(sizes)} file{'s' * (len(sizes) != 1)}",
+        sum(sizes.values()) or None,
         progress=show,
     ) as bar:
         ticker = _ByteTicker(bar)

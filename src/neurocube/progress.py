@@ -132,6 +132,7 @@ class _LineBar:
         self.n = 0.0
         self.start = time.monotonic()
         self.last: float | None = None
+        self.last_update = self.start
         self.lock = threading.Lock()
 
     def _line(self, now: float, end: bool = False) -> str:
@@ -152,7 +153,7 @@ class _LineBar:
         """Advance by ``n``; write a line when one is due."""
         with self.lock:
             self.n += n
-            now = time.monotonic()
+            now = self.last_update = time.monotonic()
             if now - self.start < DELAY:
                 return
             if self.last is None or now - self.last >= LOG_INTERVAL:
@@ -160,11 +161,14 @@ class _LineBar:
                 self._write(self._line(now))
 
     def close(self) -> None:
-        """Write the final line if the work lasted long enough to be worth reporting."""
+        """Write the final line if the work lasted long enough to be worth reporting.
+
+        Work counts up to its last update: a reader closed long after its last
+        read (an idle handle) reports nothing it did not report already.
+        """
         with self.lock:
-            now = time.monotonic()
-            if self.last is not None or now - self.start >= DELAY:
-                self._write(self._line(now, end=True))
+            if self.last is not None or self.last_update - self.start >= DELAY:
+                self._write(self._line(self.last_update, end=True))
 
 
 def _in_notebook() -> bool:
@@ -244,16 +248,21 @@ def operation(
             _leave()
 
 
+@contextlib.contextmanager
 def progress_bar(
     total: float | None,
     description: str,
     *,
     unit: str = "B",
     progress: bool | None = None,
-) -> contextlib.AbstractContextManager[Bar]:
-    """Yield a bar to ``update(n)`` while some long loop runs (e.g. bytes inflated).
+) -> Iterator[Bar]:
+    """Yield a bar to ``update(n)`` while some piece of work runs (e.g. bytes inflated).
 
-    The same as :func:`operation`: inside another operation it draws nothing.
+    For work that may run inside a user-level operation (the gzip stream of one
+    file): it draws nothing while an :func:`operation` runs, and unlike an
+    operation it does not silence anything else, so a stream kept open for
+    later reads never holds other bars back. Like every bar, it appears only
+    after :data:`DELAY` seconds.
 
     Parameters
     ----------
@@ -266,7 +275,14 @@ def progress_bar(
     progress
         True/False forces the bar on/off; None follows ``NEUROCUBE_PROGRESS``.
     """
-    return operation(description, total, unit=unit, progress=progress)
+    if busy() or not progress_enabled(progress):
+        yield _SilentBar()
+        return
+    bar = _new_bar(total, description, unit)
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 class TaskProgress(Callback):

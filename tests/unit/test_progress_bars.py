@@ -162,3 +162,20 @@ def test_the_readme_claim_neurocube_progress_0(bucket, bars_on, monkeypatch, cap
     neurocube.cache(ds, key="env-off")
     neurocube.load(sub.betas("ses-02", roi="place"))
     assert bars_on == [] and capfd.readouterr().err == ""
+
+
+def test_an_open_stream_does_not_hold_other_bars_back(tmp_path, bars_on, monkeypatch, capfd):
+    # A .nii.gz read outside any operation keeps its gzip stream open for later reads; that
+    # must not count as a running operation, or every later bar would stay silent.
+    import nibabel as nib
+
+    monkeypatch.setattr(progress, "DELAY", 0.0)
+    values = np.arange(4 * 4 * 4 * 6, dtype=np.float32).reshape(4, 4, 4, 6)
+    path = tmp_path / "open.nii.gz"
+    nib.save(nib.Nifti1Image(values, np.eye(4)), path)
+    ds = neurocube.open_nifti(path, chunks=2)
+    np.testing.assert_array_equal(ds.data.isel(trial=0).values, values[..., 0])
+    assert not progress.busy()
+    with progress.operation("later work", 10, unit="step") as bar:
+        bar.update(10)
+    assert "later work: done" in capfd.readouterr().err
