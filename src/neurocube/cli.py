@@ -22,7 +22,34 @@ COMMAND_MODULES: list[str] = [
     "neurocube.demo",
     "neurocube.caching.cli",
     "neurocube.indexing_cli",
+    "neurocube.info_cli",
 ]
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Plain-text help that keeps descriptions as written and shows each option's default.
+
+    A default is added as ``(default: X)`` unless the help text already says
+    what the default is, or there is none to show (None, False).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        if not action.option_strings and action.nargs not in ("?", "*"):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _plain_help_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Give ``parser`` and every subcommand under it :class:`HelpFormatter`."""
+    if parser.formatter_class in (argparse.HelpFormatter, argparse.RawDescriptionHelpFormatter):
+        parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                _plain_help_everywhere(sub)
 
 
 def json_options(text: str) -> dict[str, Any]:
@@ -80,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    _plain_help_everywhere(parser)
     return parser
 
 

@@ -9,11 +9,8 @@ through them instead of streaming the whole object first.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 from neurocube.cli import add_storage_options
@@ -58,22 +55,6 @@ def register(subparsers: Any) -> None:
 def _help(parser: argparse.ArgumentParser) -> int:
     parser.print_help()
     return 2
-
-
-@contextlib.contextmanager
-def _per_file_bars_off() -> Iterator[None]:
-    """Silence the per-file bars of the gzip streams: the command draws one bar for all."""
-    from neurocube.config import PROGRESS_ENV
-
-    before = os.environ.get(PROGRESS_ENV)
-    os.environ[PROGRESS_ENV] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(PROGRESS_ENV, None)
-        else:
-            os.environ[PROGRESS_ENV] = before
 
 
 class _ByteTicker:
@@ -123,13 +104,12 @@ class _ByteTicker:
 
 def _build(args: argparse.Namespace) -> int:
     from neurocube import storage
-    from neurocube.config import progress_enabled
     from neurocube.errors import NeurocubeError
-    from neurocube.progress import progress_bar
+    from neurocube.progress import operation
     from neurocube.sources.gzindex import index_store
     from neurocube.sources.nifti import build_index
 
-    show = progress_enabled(False if args.no_progress else None)
+    show = False if args.no_progress else None
     store = index_store(args.store)
     sizes: dict[str, int] = {}
     failed = 0
@@ -140,8 +120,10 @@ def _build(args: argparse.Namespace) -> int:
             print(f"neurocube: error: {exc}", file=sys.stderr)
             failed += 1
     results: list[tuple[str, str | None]] = []
-    with _per_file_bars_off(), progress_bar(
-        sum(sizes.values()) or None, f"indexing {len(sizes)} file{'s' * (len(sizes) != 1)}",
+    # One bar for all files: the per-file gzip streams inside draw none of their own.
+    with operation(
+        f"indexing {len(sizes)} file{'s' * (len(sizes) != 1)}",
+        sum(sizes.values()) or None,
         progress=show,
     ) as bar:
         ticker = _ByteTicker(bar)

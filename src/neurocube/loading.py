@@ -11,7 +11,6 @@ several sessions' betas (``Subject.betas``) are loaded so session by session.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import numpy as np
@@ -50,7 +49,6 @@ def load(obj: Any, *, progress: bool | None = None) -> Any:
     import dask.array as da
     import xarray as xr
 
-    from neurocube.config import progress_enabled
     from neurocube.progress import TaskProgress, active_client
 
     if active_client() is not None:
@@ -61,7 +59,7 @@ def load(obj: Any, *, progress: bool | None = None) -> Any:
     replaced: dict[Any, xr.Variable] = {}
     direct = _direct_loader()
     # The bar follows every Dask computation inside, also the pieces a direct loader stores.
-    with TaskProgress("loading") if progress_enabled(progress) else contextlib.nullcontext():
+    with TaskProgress("loading", progress=progress):
         for name, variable in dataset.variables.items():
             if isinstance(variable.data, da.Array):
                 loaded_directly = direct(variable.data) if direct is not None else None

@@ -50,6 +50,7 @@ __all__ = [
     "aggregate_mean",
     "combined_table_path",
     "guess_npz_embedding",
+    "open_combined_file",
     "open_combined_table",
     "open_embeddings",
     "write_combined_tables",
@@ -743,14 +744,10 @@ def open_combined_table(
     FormatError
         If it has no ``embedding_*`` columns or they are not numeric.
     """
-    import dask.array as da
-    import xarray as xr
-    from dask.base import tokenize
-
     path = combined_table_location(root, model_key, condition, representation)
     opts = storage.as_options(storage_options) if storage.is_url(path) else None
     try:
-        layout = parquet_layout(path, opts)
+        parquet_layout(path, opts)
     except DataNotFoundError:
         folder = storage.parent(path)
         existing = sorted(
@@ -760,6 +757,32 @@ def open_combined_table(
             f"{path}: combined table not found (tables in {folder}: {existing or 'none'}). "
             "Write it with neurocube.write_combined_tables(root, model_key)."
         ) from None
+    return open_combined_file(
+        path, representation, model_key=model_key, condition=condition,
+        aggregate_by=aggregate_by, storage_options=storage_options,
+    )  # fmt: skip
+
+
+def open_combined_file(
+    path: str | os.PathLike[str],
+    representation: str = "recording",
+    *,
+    model_key: str = "",
+    condition: str = "",
+    aggregate_by: str | Sequence[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Any:
+    """Open a combined embedding table given by its path (see :func:`open_combined_table`).
+
+    ``representation`` names the row dim; ``model_key`` and ``condition`` go to attrs.
+    """
+    import dask.array as da
+    import xarray as xr
+    from dask.base import tokenize
+
+    path = str(path)
+    opts = storage.as_options(storage_options) if storage.is_url(path) else None
+    layout = parquet_layout(path, opts)
     if opts is not None:
         storage.remember_options(path, opts)
     features = [c for c in layout.columns if c.startswith("embedding_")]

@@ -32,9 +32,13 @@ from neurocube.errors import (
     NeurocubeError,
     TruncatedFileError,
 )
+from neurocube.progress import watch_computes
 from neurocube.sources import gzindex
 from neurocube.sources.voxels import check_mask_grid, mask_from_array, voxel_coords
 from neurocube.storage import IO_STATS, StorageOptions
+
+# A plain .compute() of a NIfTI selection gets one progress bar, not one per file it streams.
+watch_computes()
 
 __all__ = [
     "MaskedVolume",

@@ -7,10 +7,17 @@ import sys
 
 import dask.array as da
 import numpy as np
+import pytest
 import xarray as xr
 
 import neurocube
 from neurocube.progress import active_client, compute, progress_bar
+
+
+@pytest.fixture(autouse=True)
+def _no_delay(monkeypatch):
+    """These operations are quick: show their bars from the start."""
+    monkeypatch.setattr("neurocube.progress.DELAY", 0.0)
 
 
 def test_compute_shows_a_task_bar_when_enabled(capsys):
@@ -34,7 +41,7 @@ def test_environment_turns_bars_on(capsys, monkeypatch):
     with progress_bar(4 << 20, "inflating betas.nii.gz") as bar:
         bar.update(4 << 20)
     err = capsys.readouterr().err
-    assert "inflating betas.nii.gz" in err and "100%" in err and "4.00M" in err
+    assert "inflating betas.nii.gz" in err and "100%" in err and "4.0 MiB" in err
 
 
 def test_cache_write_shows_progress(tmp_path, capsys):

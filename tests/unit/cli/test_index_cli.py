@@ -36,6 +36,7 @@ def gz_files(tmp_path_factory):
 def test_index_build_into_a_store_then_read_through_it(s3, gz_files, tmp_path, capsys,
                                                        monkeypatch):
     monkeypatch.setenv("NEUROCUBE_PROGRESS", "1")
+    monkeypatch.setattr("neurocube.progress.DELAY", 0.0)  # small files: show the bar anyway
     folder, values, mask = gz_files
     urls = [s3.put(folder / n, f"data/{n}") for n in ("a.nii.gz", "b.nii.gz", "c.nii")]
     store = f"{s3.url}/indexes"
@@ -51,6 +52,7 @@ def test_index_build_into_a_store_then_read_through_it(s3, gz_files, tmp_path, c
     # one bar for the command, none per file
     assert "indexing 3 files" in out.err
     assert "indexing a.nii.gz" not in out.err and "indexing b.nii.gz" not in out.err
+    assert "\x1b[" not in out.err and "\r" not in out.err  # stderr is no terminal: plain lines
     stored = sorted(p.rsplit("/", 1)[-1] for p in s3.fs().find(f"{s3.name}/indexes"))
     assert [p.split(".")[0] for p in stored] == ["a", "a", "b", "b"]
     assert {p.rsplit(".", 1)[-1] for p in stored} == {"gzidx", "json"}
