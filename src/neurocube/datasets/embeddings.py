@@ -679,6 +679,7 @@ def write_combined_tables(
             writer_options = {
                 # dictionaries help the repeated id strings, not float features
                 "use_dictionary": [*id_columns],
+                "write_page_checksum": True,  # readers verify page CRCs (issue 11)
             }
             data = ds["embedding"].data
             window = ds.coords["window_index"].data if level == "epoch" else None

@@ -984,7 +984,8 @@ def save_tracks(
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     started = _now()
     with atomic_path(target, overwrite=overwrite) as tmp:
-        pq.write_table(arrow, tmp, row_group_size=row_group_size, write_statistics=True)
+        pq.write_table(arrow, tmp, row_group_size=row_group_size, write_statistics=True,
+                       write_page_checksum=True)
     n_keypoints = len([c for c in table.columns if re.fullmatch(r"poseX\d+", str(c))])
     row = {
         "abs_path": _stored_path(catalog, target),
