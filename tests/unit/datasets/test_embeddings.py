@@ -19,6 +19,7 @@ import neurocube
 import neurocube.sources.npz as npz_source
 from neurocube.datasets.embeddings import aggregate_mean, open_combined_table, write_combined_tables
 from neurocube.errors import (
+    CorruptDataError,
     DataNotFoundError,
     FormatError,
     SelectionError,
@@ -157,23 +158,24 @@ def test_generated_tokens_float16(tree):
     np.testing.assert_array_equal(ds.embedding.values, expected)
 
 
-def test_stored_archives_are_memory_mapped(tmp_path, monkeypatch):
+def test_stored_archives_are_read_and_crc_checked(tmp_path):
+    # stored (np.savez) members are read straight into the output and checked against the
+    # ZIP directory's CRC-32: a flipped byte is an error naming the file, never a value
     recordings = make_tree(tmp_path, models=("cbramod",), conditions=("EO",), compressed=False)
-    calls = []
-    real = np.memmap
-
-    def counting_memmap(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(npz_source.np, "memmap", counting_memmap)
     ds = neurocube.open_embeddings(tmp_path, "epoch")
-    values = ds.embedding.values
-    assert len(calls) == len(recordings)
     ordered = sorted(recordings, key=lambda r: str(r.path))
     np.testing.assert_array_equal(
-        values, np.concatenate([window_values(r.number, r.n_windows, 6) for r in ordered])
+        ds.embedding.values,
+        np.concatenate([window_values(r.number, r.n_windows, 6) for r in ordered]),
     )
+    victim = ordered[1].path
+    member = npz_source.read_npz_directory(victim)["window_embeddings"]
+    raw = bytearray(victim.read_bytes())
+    raw[member.data_offset + member.npy_header_size + 3] ^= 0x01
+    victim.write_bytes(bytes(raw))
+    ds = neurocube.open_embeddings(tmp_path, "epoch")
+    with pytest.raises(CorruptDataError, match=victim.name):
+        ds.embedding.compute()
 
 
 def test_deflated_members_inflated_per_chunk(tree, monkeypatch):
@@ -265,7 +267,7 @@ def test_corrupt_member_is_named_when_computing(tmp_path):
     with pytest.raises(
         FormatError,
         match=re.escape(victim.name) + r": array 'window_embeddings' (does not "
-        r"inflate|fails its CRC)",
+        r"inflate|fails its ZIP CRC)",
     ):
         _ = ds.embedding.values
 
