@@ -643,7 +643,7 @@ def _fill(member: NpzMember, fh: Any, out: np.ndarray) -> None:
         return
     fh.seek(member.data_offset)
     header = fh.read(member.npy_header_size)
-    view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
+    view = memoryview(out.reshape(-1).view(np.uint8).data) if out.size else memoryview(b"")
     got = fh.readinto(view) if len(view) else 0
     IO_STATS.add_bytes(len(header) + (got or 0))
     if len(header) + (got or 0) != member.uncompressed_size:

@@ -31,7 +31,7 @@ import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import dask.array as da
 import numpy as np
@@ -509,7 +509,7 @@ class _Reading:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> Literal[False]:
         if exc is None or isinstance(exc, FormatError) or not isinstance(
             exc, (OSError, pa.ArrowException, ValueError, IndexError, KeyError, EOFError)
         ):

@@ -22,6 +22,7 @@ from neurocube.errors import (
     CorruptDataError,
     DataNotFoundError,
     FormatError,
+    NeurocubeWarning,
     SelectionError,
     TruncatedFileError,
     UnsafeDataError,
@@ -615,3 +616,58 @@ def test_property_group_mean_matches_pandas(groups, chunk, nan_fraction):
         got.embedding.values, expected.to_numpy().astype(np.float32), rtol=1e-6, atol=1e-8
     )
     assert list(got.row_count.values) == list(pd.Series(groups).value_counts(sort=False))
+
+
+def _break_sidecars(recordings):
+    """Damage three sidecars three ways: gone, empty, and without model_key."""
+    gone, empty, keyless = (r.path.with_suffix(".json") for r in recordings[1:4])
+    gone.unlink()
+    empty.write_text("")
+    saved = json.loads(keyless.read_text())
+    del saved["model_key"]
+    keyless.write_text(json.dumps(saved))
+    return gone, empty, keyless
+
+
+def test_a_bad_sidecar_is_an_error_naming_it_not_a_dropped_row(tmp_path):
+    recordings = make_tree(tmp_path, models=("cbramod",), conditions=("EO",), tokens=False)
+    assert neurocube.open_embeddings(tmp_path, model_key="cbramod").sizes["recording"] == 6
+    gone, empty, keyless = _break_sidecars(recordings)
+    with pytest.raises(DataNotFoundError, match=re.escape(str(gone))):
+        neurocube.open_embeddings(tmp_path, model_key="cbramod")
+    gone.write_text(recordings[0].path.with_suffix(".json").read_text())
+    with pytest.raises(FormatError, match=re.escape(str(empty)) + r": sidecar is not valid JSON"):
+        neurocube.open_embeddings(tmp_path, model_key="cbramod")
+    empty.write_text("[" * 100_000)  # deep nesting: json's recursion limit
+    with pytest.raises(FormatError, match=re.escape(str(empty))):
+        neurocube.open_embeddings(tmp_path, model_key="cbramod")
+    empty.write_text('{"model_key": "cbramod", "sfreq": ' + "9" * 5000 + "}")
+    with pytest.raises(FormatError, match=re.escape(str(empty))):
+        neurocube.open_embeddings(tmp_path, model_key="cbramod")
+    empty.write_text(recordings[0].path.with_suffix(".json").read_text())
+    with pytest.raises(FormatError, match=re.escape(str(keyless)) + r": the sidecar has no"):
+        neurocube.open_embeddings(tmp_path, model_key="cbramod")
+
+
+def test_on_error_skip_warns_and_lists_what_it_skipped(tmp_path):
+    recordings = make_tree(tmp_path, models=("cbramod",), conditions=("EO",), tokens=False)
+    broken = _break_sidecars(recordings)
+    with pytest.warns(NeurocubeWarning, match="skipped") as caught:
+        ds = neurocube.open_embeddings(tmp_path, model_key="cbramod", on_error="skip")
+    assert ds.sizes["recording"] == 3
+    assert sorted(ds.attrs["skipped"]) == sorted(str(p.with_suffix(".npz")) for p in broken)
+    assert len(ds.attrs["skipped_errors"]) == 3
+    assert len([w for w in caught if "skipped" in str(w.message)]) == 3
+    kept = sorted(str(r.path) for r in recordings[:1] + recordings[4:])
+    assert sorted(ds.attrs["neurocube_sources"]) == kept
+    with pytest.raises(SelectionError, match="on_error"):
+        neurocube.open_embeddings(tmp_path, model_key="cbramod", on_error="ignore")
+
+
+def test_a_record_its_writer_marked_failed_is_skipped_silently(tmp_path):
+    # the fixture's manifest holds a failed record whose archive is junk and has no sidecar:
+    # that is the writer's verdict, not damage, in the manifest and in a rescan alike
+    make_tree(tmp_path, models=("cbramod",), conditions=("EO",), tokens=False)
+    assert neurocube.open_embeddings(tmp_path, model_key="cbramod").sizes["recording"] == 6
+    with pytest.raises(DataNotFoundError, match="No embedding artifacts found"):
+        neurocube.open_embeddings(tmp_path, model_key="other")  # rescans the folder
