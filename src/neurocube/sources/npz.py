@@ -35,6 +35,7 @@ import math
 import os
 import struct
 import threading
+import warnings
 import zlib
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -332,11 +333,14 @@ def _decode_header(header: bytes, major: int) -> tuple[tuple[int, ...], np.dtype
     """Decode a whole .npy header (memoised: thousands of artifacts share a few headers)."""
     stream = io.BytesIO(header)
     stream.seek(8)
-    # numpy's own header parser (ast.literal_eval of a dict literal; never eval).
-    if major == 1:
-        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
-    else:
-        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+    # numpy's own header parser (ast.literal_eval of a dict literal; never eval). A damaged
+    # header can look like one written by Python 2: numpy warns, the checks below decide.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        if major == 1:
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+        else:
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
     return tuple(int(s) for s in shape), dtype, bool(fortran_order)
 
 

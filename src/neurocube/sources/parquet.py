@@ -381,6 +381,13 @@ def read_parquet_info(
     rows: list[int] = []
     for i in range(meta.num_row_groups):
         rg = meta.row_group(i)
+        if rg.num_columns != meta.num_columns or rg.num_rows < 0:
+            # pyarrow aborts the process on a column index its footer does not hold
+            raise FormatError(
+                f"{local}: damaged parquet footer: row group {i} lists {rg.num_columns} "
+                f"columns and {rg.num_rows} rows, the schema has {meta.num_columns} columns. "
+                "Restore or rewrite the file."
+            )
         rows.append(rg.num_rows)
         rg_stats: dict[str, ColumnStats] = {}
         for j, name in positions:
