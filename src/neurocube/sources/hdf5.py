@@ -385,13 +385,15 @@ def _changed(handle: h5py.File, key: _PoolKey) -> DataChangedError | None:
     _, path, size, version = key
     try:
         st = os.fstat(handle.id.get_vfd_handle())
-    except (OSError, RuntimeError, ValueError, TypeError):
-        st = os.stat(path)
-    if (st.st_size, st.st_mtime_ns) != (size, version):
+        now: tuple[int, Version] = (st.st_size, st.st_mtime_ns)
+    except (OSError, RuntimeError, ValueError, TypeError):  # a driver without a descriptor
+        _, now_size, now_version = storage.stat_key(path)
+        now = (now_size, now_version)
+    if now != (size, version):
         return DataChangedError(
             f"{path}: changed since it was opened (then {size} bytes, mtime {version}; now "
-            f"{st.st_size} bytes, mtime {st.st_mtime_ns}). Values read now would mix two "
-            "versions: open it again."
+            f"{now[0]} bytes, mtime {now[1]}). Values read now would mix two versions: open "
+            "it again."
         )
     return None
 
