@@ -348,6 +348,10 @@ class BehaviorDataset:
         start_time: float | None,
         end_time: float | None,
     ) -> tuple[int | None, int | None]:
+        start_frame = _bound("start_frame", start_frame, self.manifest.path, whole=True)
+        end_frame = _bound("end_frame", end_frame, self.manifest.path, whole=True)
+        start_time = _bound("start_time", start_time, self.manifest.path, whole=False)
+        end_time = _bound("end_time", end_time, self.manifest.path, whole=False)
         if start_time is not None or end_time is not None:
             fps = self.fps_default
             if fps is None or fps <= 0:
@@ -1417,6 +1421,21 @@ class _LabelSpec:
     group: str
     sequence: str
     source: _LabelSource | None = None
+
+
+def _bound(name: str, value: Any, where: Any, *, whole: bool) -> Any:
+    """Check a frame or time bound: None, or a finite number (a whole one for frames)."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+        raise SelectionError(f"{where}: {name} must be a number or None, got {value!r}.")
+    if not math.isfinite(float(value)):
+        raise SelectionError(f"{where}: {name} must be a finite number or None, got {value!r}.")
+    if whole:
+        if float(value) != int(value):
+            raise SelectionError(f"{where}: {name} must be a whole frame number, got {value!r}.")
+        return int(value)
+    return float(value)
 
 
 @contextlib.contextmanager
