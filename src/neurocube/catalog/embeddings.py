@@ -32,6 +32,7 @@ from neurocube import storage
 from neurocube.errors import (
     DataNotFoundError,
     FormatError,
+    NeurocubeError,
     NeurocubeWarning,
     SelectionError,
     StorageError,
@@ -138,7 +139,7 @@ def read_sidecar(
     IO_STATS.add_bytes(len(raw))
     try:
         metadata = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a 5000-digit number
         raise FormatError(f"{side}: sidecar is not valid JSON ({exc}); fix or rewrite it.") from exc
     if not isinstance(metadata, dict):
         raise FormatError(
@@ -252,7 +253,8 @@ def read_manifest_artifacts(
     return found if tree.remote else [Path(p) for p in found]
 
 
-def _manifest_artifacts(tree: _Tree) -> list[str]:
+def _manifest_artifacts(tree: _Tree, failed: set[str] | None = None) -> list[str]:
+    """Return the successful records' artifacts; add the failed records' ones to ``failed``."""
     manifest = tree.join(MANIFEST_NAME)
     if manifest not in tree.files:
         return []
@@ -267,7 +269,7 @@ def _manifest_artifacts(tree: _Tree) -> list[str]:
             raise TypeError("'records' is not a list")
     except StorageError:
         raise  # access denied, no credentials, network: not a bad manifest
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+    except (OSError, ValueError, RecursionError, TypeError, AttributeError) as exc:
         warnings.warn(
             f"{manifest}: unreadable run manifest ({exc}); scanning {base} for artifacts instead.",
             NeurocubeWarning,
@@ -279,7 +281,10 @@ def _manifest_artifacts(tree: _Tree) -> list[str]:
     for record in records:
         if not isinstance(record, Mapping):
             continue
-        if record.get("status") != "success" or not record.get("artifact_path"):
+        if not record.get("artifact_path"):
+            continue
+        succeeded = record.get("status") == "success"
+        if not succeeded and failed is None:
             continue
         rel = str(record["artifact_path"])
         if tree.remote:
@@ -300,6 +305,10 @@ def _manifest_artifacts(tree: _Tree) -> list[str]:
             # strings, not Path objects: manifests list thousands of records
             candidate_text = os.path.normpath(os.path.join(base, rel))
             inside = _inside_text(base, candidate_text)
+        if not succeeded:
+            if failed is not None and inside:
+                failed.add(candidate_text)
+            continue
         if not inside:
             warnings.warn(
                 f"{manifest}: record artifact_path {record['artifact_path']!r} points outside the "
@@ -319,13 +328,19 @@ def _read_sidecars(
     max_workers: int = 1,
     storage_options: Mapping[str, Any] | None = None,
 ) -> None:
-    """Fill ``cache[str(path)]`` with each sidecar (None if missing or unreadable)."""
+    """Fill ``cache[str(path)]`` with each sidecar (None if missing or unreadable).
+
+    The error of a sidecar that could not be read is kept in :data:`_SIDECAR_ERRORS`
+    of the cache (``cache[_ERRORS_KEY]``) so a caller can report it by name.
+    """
     todo = [p for p in paths if str(p) not in cache]
+    errors = _errors_of(cache)
 
     def load(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         try:
             return read_sidecar(path, storage_options)
-        except (DataNotFoundError, FormatError):
+        except (DataNotFoundError, FormatError) as exc:
+            errors[str(path)] = exc
             return None
 
     remote = any(is_url(p) for p in todo)
@@ -340,12 +355,52 @@ def _read_sidecars(
         cache[str(path)] = metadata
 
 
+#: Key under which a sidecar cache keeps the errors of sidecars it could not read.
+_ERRORS_KEY = "\0errors"
+
+ON_ERROR = ("raise", "skip")
+
+
+def _errors_of(cache: dict[str, Any]) -> dict[str, Exception]:
+    errors: dict[str, Exception] = cache.setdefault(_ERRORS_KEY, {})
+    return errors
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ON_ERROR:
+        raise SelectionError(f"on_error must be one of {list(ON_ERROR)}, got {on_error!r}.")
+
+
+def _sidecar_problem(path: str, cache: dict[str, Any], need: str) -> Exception | None:
+    """Return the error of ``path``'s sidecar (unreadable, or no key ``need``), or None."""
+    metadata = cache.get(path)
+    if metadata is None:
+        found = _errors_of(cache).get(path)
+        if found is not None:
+            return found
+        return FormatError(f"{sidecar_location(path)}: unreadable embedding sidecar.")
+    value = metadata.get(need)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return FormatError(
+            f"{sidecar_location(path)}: the sidecar has no {need!r}, so its artifact cannot be "
+            f"selected by {need}; add it to the sidecar (or pass on_error='skip' to leave the "
+            "artifact out, listed in the result's attrs)."
+        )
+    return None
+
+
+def _skip(skipped: list[dict[str, str]], path: str, exc: BaseException) -> None:
+    skipped.append({"path": str(path), "error": str(exc)})
+    warnings.warn(f"skipped {path}: {exc}", NeurocubeWarning, stacklevel=4)
+
+
 def discover_embedding_artifacts(
     root: str | os.PathLike[str],
     model_key: str | None = None,
     *,
     kind: str = "embedding",
     storage_options: Mapping[str, Any] | None = None,
+    on_error: str = "raise",
 ) -> list[Path] | list[str]:
     """Return the artifact NPZ paths of one kind under a derivative root, sorted.
 
@@ -360,6 +415,11 @@ def discover_embedding_artifacts(
         ``"embedding"`` (``*_embedding.npz``) or ``"token"`` (``*_tokens.npz``).
     storage_options
         fsspec options for a URL (e.g. ``{"anon": True}``).
+    on_error
+        With ``model_key``: an artifact whose sidecar is missing, unreadable, not JSON
+        or has no ``model_key`` is an error naming the sidecar (``"raise"``, the
+        default), or is left out with a :class:`~neurocube.errors.NeurocubeWarning`
+        (``"skip"``).
 
     Returns
     -------
@@ -369,12 +429,15 @@ def discover_embedding_artifacts(
     Raises
     ------
     DataNotFoundError
-        If ``root`` is not a folder.
+        If ``root`` is not a folder, or (``model_key`` given) a sidecar is missing.
+    FormatError
+        If (``model_key`` given) a sidecar is not JSON or has no ``model_key``.
     SelectionError
-        If ``kind`` is unknown.
+        If ``kind`` or ``on_error`` is unknown.
     """
+    _check_on_error(on_error)
     tree = _Tree(root, as_options(storage_options) if is_url(root) else None)
-    found = _discover(tree, model_key, kind, {})
+    found = _discover(tree, model_key, kind, {}, on_error=on_error, skipped=[])
     return found if tree.remote else [Path(p) for p in found]
 
 
@@ -383,15 +446,21 @@ def _discover(
     model_key: str | None,
     kind: str,
     sidecars: dict[str, dict[str, Any] | None],
+    *,
+    on_error: str = "raise",
+    skipped: list[dict[str, str]] | None = None,
 ) -> list[str]:
     if kind not in ARTIFACT_SUFFIX:
         raise SelectionError(f"kind must be one of {sorted(ARTIFACT_SUFFIX)}, got {kind!r}.")
     if not tree.is_dir():
         raise DataNotFoundError(f"{tree.root}: no such derivative folder.")
     suffix = ARTIFACT_SUFFIX[kind]
-    paths = sorted({p for p in _manifest_artifacts(tree) if p.endswith(suffix)}, key=_sort_key)
+    failed: set[str] = set()  # the writer's own verdict: never read, never reported
+    paths = sorted(
+        {p for p in _manifest_artifacts(tree, failed) if p.endswith(suffix)}, key=_sort_key
+    )
     if not paths:
-        paths = tree.with_suffix(suffix)
+        paths = [p for p in tree.with_suffix(suffix) if p not in failed]
     paths = [p for p in paths if not storage.basename(p).startswith(".")]  # temp files
     if model_key is None:
         return paths
@@ -399,16 +468,23 @@ def _discover(
 
     def select(candidates: list[str]) -> list[str]:
         _read_sidecars(candidates, sidecars, storage_options=tree.options)
-        return [
-            p
-            for p in candidates
-            if str((sidecars[str(p)] or {}).get("model_key", "")).lower() == wanted
-        ]
+        kept = []
+        for p in candidates:
+            problem = _sidecar_problem(str(p), sidecars, "model_key")
+            if problem is not None:
+                if on_error == "raise":
+                    raise problem
+                if skipped is not None and all(s["path"] != str(p) for s in skipped):
+                    _skip(skipped, str(p), problem)
+                continue
+            if str((sidecars[str(p)] or {}).get("model_key", "")).lower() == wanted:
+                kept.append(p)
+        return kept
 
     selected = select(paths)
     if selected:
         return selected
-    return select(tree.with_suffix(suffix))
+    return select([p for p in tree.with_suffix(suffix) if p not in failed])
 
 
 @dataclass(frozen=True)
@@ -674,12 +750,20 @@ def _select(
     kind: str,
     condition: str | None,
     storage_options: Mapping[str, Any] | None = None,
+    *,
+    on_error: str = "raise",
+    skipped: list[dict[str, str]] | None = None,
 ) -> list[EmbeddingArtifact]:
     """Discover (or take) artifact paths, scan them, filter by condition.
 
     A folder is listed once (one recursive listing per root); its NPZ sizes and
-    versions come from that listing, so a remote file costs no stat.
+    versions come from that listing, so a remote file costs no stat. With
+    ``on_error="skip"`` an artifact that cannot be selected or scanned (its sidecar
+    or NPZ damaged) is left out with a warning and recorded in ``skipped``.
     """
+    _check_on_error(on_error)
+    if skipped is None:
+        skipped = []
     sidecars: dict[str, dict[str, Any] | None] = {}
     listing: dict[str, ObjectInfo] = {}
     opts: StorageOptions | None = None
@@ -687,7 +771,9 @@ def _select(
         opts = as_options(storage_options) if is_url(root) else None
         tree = _Tree(root, opts)
         if tree.is_dir():
-            paths: list[str] = _discover(tree, model_key, kind, sidecars)
+            paths: list[str] = _discover(
+                tree, model_key, kind, sidecars, on_error=on_error, skipped=skipped
+            )
             listing = tree.files
         elif storage.exists(tree.root, opts):
             paths = [tree.root]
@@ -705,4 +791,15 @@ def _select(
             if sidecars[str(p)] is None  # reported by the scan below
             or str(sidecars[str(p)].get("condition")) == condition  # type: ignore[union-attr]
         ]
-    return scan_artifacts(paths, sidecars=sidecars, storage_options=opts, listing=listing)
+    if on_error == "raise":
+        return scan_artifacts(paths, sidecars=sidecars, storage_options=opts, listing=listing)
+    kept: list[EmbeddingArtifact] = []
+    for path in paths:
+        try:
+            kept += scan_artifacts([path], sidecars=sidecars, storage_options=opts,
+                                   listing=listing)
+        except NeurocubeError as exc:
+            if isinstance(exc, StorageError):  # access or network: not a bad artifact
+                raise
+            _skip(skipped, str(path), exc)
+    return kept

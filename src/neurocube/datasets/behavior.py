@@ -16,12 +16,13 @@ aligned with the dense tracks (:meth:`labels_dense`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import warnings
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,10 +43,13 @@ from neurocube.catalog.behavior import (
     std_format_of,
 )
 from neurocube.errors import (
+    CorruptDataError,
     DataNotFoundError,
     FormatError,
+    NeurocubeError,
     NeurocubeWarning,
     SelectionError,
+    UnsafeDataError,
 )
 from neurocube.sources.parquet import (
     ParquetChunkSpec,
@@ -344,6 +348,10 @@ class BehaviorDataset:
         start_time: float | None,
         end_time: float | None,
     ) -> tuple[int | None, int | None]:
+        start_frame = _bound("start_frame", start_frame, self.manifest.path, whole=True)
+        end_frame = _bound("end_frame", end_frame, self.manifest.path, whole=True)
+        start_time = _bound("start_time", start_time, self.manifest.path, whole=False)
+        end_time = _bound("end_time", end_time, self.manifest.path, whole=False)
         if start_time is not None or end_time is not None:
             fps = self.fps_default
             if fps is None or fps <= 0:
@@ -807,7 +815,9 @@ class BehaviorDataset:
     ) -> dict[int, str]:
         if trusted:
             for path in table["path"]:
-                with self._label_source(path).open() as fh, np.load(fh, allow_pickle=True) as npz:
+                with _npz_errors(path), self._label_source(path).open() as fh, np.load(
+                    fh, allow_pickle=True
+                ) as npz:
                     if "label_names" in npz.files and "label_ids" in npz.files:
                         ids = np.asarray(npz["label_ids"]).tolist()
                         names = [str(n) for n in np.asarray(npz["label_names"]).tolist()]
@@ -1013,7 +1023,9 @@ class BehaviorDataset:
             objects = {n for n, (_, dt) in headers.items() if dt == "object"}
             if objects and not trusted:
                 skipped |= objects
-            with source.open() as fh, np.load(fh, allow_pickle=trusted) as npz:
+            with _npz_errors(source.path), source.open() as fh, np.load(
+                fh, allow_pickle=trusted
+            ) as npz:
                 members = {n: np.asarray(npz[n]) for n in npz.files if trusted or n not in objects}
             ids = members.get("ids")
             for n, values in members.items():
@@ -1411,9 +1423,53 @@ class _LabelSpec:
     source: _LabelSource | None = None
 
 
+def _bound(name: str, value: Any, where: Any, *, whole: bool) -> Any:
+    """Check a frame or time bound: None, or a finite number (a whole one for frames)."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+        raise SelectionError(f"{where}: {name} must be a number or None, got {value!r}.")
+    if not math.isfinite(float(value)):
+        raise SelectionError(f"{where}: {name} must be a finite number or None, got {value!r}.")
+    if whole:
+        if float(value) != int(value):
+            raise SelectionError(f"{where}: {name} must be a whole frame number, got {value!r}.")
+        return int(value)
+    return float(value)
+
+
+@contextlib.contextmanager
+def _npz_errors(path: str) -> Iterator[None]:
+    """Turn numpy's and zipfile's errors while loading a label NPZ into neurocube errors.
+
+    ``np.load`` checks each member's ZIP CRC-32 as it reads it (``BadZipFile: Bad
+    CRC-32``): that is a :class:`CorruptDataError`; an object member without
+    ``trusted=True`` an :class:`UnsafeDataError`; anything else a :class:`FormatError`.
+    """
+    import zipfile
+
+    try:
+        yield
+    except NeurocubeError:
+        raise
+    except zipfile.BadZipFile as exc:
+        kind = CorruptDataError if "crc" in str(exc).lower() else FormatError
+        raise kind(f"{path}: the label NPZ is damaged ({exc}); restore or rewrite it.") from exc
+    except (ValueError, KeyError, OSError, EOFError, TypeError) as exc:
+        if isinstance(exc, ValueError) and "allow_pickle" in str(exc):
+            raise UnsafeDataError(
+                f"{path}: the label NPZ holds object arrays ({exc}); loading them would "
+                "unpickle data from the file. Pass trusted=True if you trust this file."
+            ) from exc
+        raise FormatError(
+            f"{path}: the label NPZ cannot be read ({type(exc).__name__}: {exc}); expected "
+            "numeric 'frames' and 'labels' arrays. Restore or rewrite it."
+        ) from exc
+
+
 def _read_label_events(spec: _LabelSpec) -> dict[str, np.ndarray]:
     source = spec.source or _LabelSource(spec.path, 0, "")
-    with source.open() as fh, np.load(fh, allow_pickle=False) as npz:
+    with _npz_errors(spec.path), source.open() as fh, np.load(fh, allow_pickle=False) as npz:
         frames = np.asarray(npz["frames"]).astype(np.int64).reshape(-1)
         labels = np.asarray(npz["labels"]).astype(np.int64).reshape(-1)
         if "individual_ids" in npz.files:

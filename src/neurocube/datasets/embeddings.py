@@ -216,6 +216,7 @@ def open_embeddings(
     files_per_chunk: int | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     storage_options: Mapping[str, Any] | None = None,
+    on_error: str = "raise",
 ) -> Any:
     """Open embedding artifacts as one lazy :class:`xarray.Dataset`.
 
@@ -250,6 +251,13 @@ def open_embeddings(
         endpoint and keys). A remote root is listed once; opening reads the
         sidecars and each NPZ's directory and member headers (a few byte ranges
         per file); the specs carry the options so Dask workers read with them.
+    on_error
+        ``"raise"`` (default): an artifact that cannot be used (its sidecar missing,
+        empty, not JSON, or without ``model_key`` when selecting by it; its NPZ
+        damaged) is an error naming the file. ``"skip"``: it is left out with a
+        :class:`~neurocube.errors.NeurocubeWarning`, and the result's attrs list it
+        (``skipped``: paths, ``skipped_errors``: why). A manifest record its writer
+        marked as failed is left out in both modes (as coco-pipe does).
 
     Returns
     -------
@@ -275,7 +283,9 @@ def open_embeddings(
             "(the subject level is aggregate_by='subject' on representation='epoch')."
         )
     kind = "token" if representation == "token" else "embedding"
-    artifacts = _select(root, model_key, kind, condition, storage_options)
+    skipped: list[dict[str, str]] = []
+    artifacts = _select(root, model_key, kind, condition, storage_options, on_error=on_error,
+                        skipped=skipped)
     _remember(root, storage_options)
     if model_key is not None:
         other = [
@@ -302,9 +312,13 @@ def open_embeddings(
         )
     _check_compatible(artifacts, representation)
 
-    return _dataset_from_artifacts(
+    ds = _dataset_from_artifacts(
         artifacts, representation, condition, aggregate_by, files_per_chunk, chunk_bytes
     )
+    if on_error == "skip":
+        ds.attrs["skipped"] = [s["path"] for s in skipped]
+        ds.attrs["skipped_errors"] = [s["error"] for s in skipped]
+    return ds
 
 
 def _remember(
@@ -680,6 +694,7 @@ def write_combined_tables(
             writer_options = {
                 # dictionaries help the repeated id strings, not float features
                 "use_dictionary": [*id_columns],
+                "write_page_checksum": True,  # readers verify page CRCs (issue 11)
             }
             data = ds["embedding"].data
             window = ds.coords["window_index"].data if level == "epoch" else None

@@ -25,12 +25,15 @@ from neurocube import storage
 from neurocube.errors import FormatError, IncompleteFileError, NeurocubeWarning
 from neurocube.sources.hdf5 import (
     HDF5DatasetSpec,
+    check_declared_size,
     hdf5_dask_array,
     is_hdf5,
     location,
+    member,
     open_hdf5,
     pooled_file,
     stat_key,
+    structure_errors,
 )
 
 __all__ = [
@@ -164,7 +167,7 @@ def open_spectral(
     options = None if storage.is_local(local) else options
     storage.remember_options(local, options)
     chunks = dict(chunks or {})
-    with pooled_file(*key, options) as h5:
+    with pooled_file(*key, options) as h5, structure_errors(local):
         names = set(h5.keys())
         unknown_groups = sorted(
             name
@@ -198,7 +201,7 @@ def open_spectral(
                 specs[name] = (spec, _dims_for(dims, dset.ndim))
         descriptor_names: list[str] = []
         if _DESCRIPTORS in names:
-            group = h5[_DESCRIPTORS]
+            group = member(h5, _DESCRIPTORS, local)
             import h5py
 
             if not isinstance(group, h5py.Group):
@@ -214,10 +217,11 @@ def open_spectral(
                 specs[var] = (HDF5DatasetSpec.from_dataset(dset, key, options), dims)
                 descriptor_names.append(var)
         for name in unknown_groups:
-            obj = h5[name]
+            obj = member(h5, name, local)
             import h5py
 
             if isinstance(obj, h5py.Dataset):
+                check_declared_size(obj, local)
                 dims = tuple(f"{name}_dim{i}" for i in range(obj.ndim))
                 specs[name] = (HDF5DatasetSpec.from_dataset(obj, key, options), dims)
         attrs: dict[str, Any] = {}
@@ -241,9 +245,11 @@ def open_spectral(
 def _dataset(h5: Any, name: str, local: str) -> Any:
     import h5py
 
-    obj = h5[name]
+    group, _, leaf = name.rpartition("/")
+    obj = member(h5[group] if group else h5, leaf, local)
     if not isinstance(obj, h5py.Dataset):
         raise FormatError(f"{local}: expected {name!r} to be a dataset, found a group")
+    check_declared_size(obj, local)
     return obj
 
 

@@ -35,10 +35,13 @@ from neurocube.errors import FormatError, SelectionError
 from neurocube.sources.hdf5 import (
     TraceStackSpec,
     Version,
+    check_declared_size,
     is_hdf5,
+    member,
     open_hdf5,
     pooled_file,
     stat_key,
+    structure_errors,
     trace_stack_dask_array,
 )
 
@@ -117,7 +120,10 @@ def decode_attr(text: Any) -> Any:
     if stripped in _FALSE_TEXTS:
         return False
     if _INT_RE.fullmatch(stripped):
-        return int(stripped)
+        try:
+            return int(stripped)
+        except ValueError:  # more digits than Python converts (4300): not a number to compute
+            return text
     if _FLOAT_RE.fullmatch(stripped):
         return float(stripped)
     special = _SPECIAL_FLOATS.get(stripped.lower())
@@ -374,14 +380,14 @@ def origin_groups(h5: Any, path: str) -> list[tuple[str, Any]]:
 
     groups = []
     for origin in h5.keys():  # HDF5 name order, as the original library iterates
-        group = h5[origin]
+        group = member(h5, origin, path)
         if not isinstance(group, h5py.Group) or _TRACES not in group:
             raise FormatError(
                 f"{path}: expected every root member to be an origin group holding a "
                 f"'{_TRACES}' group (the offspect layout); {origin!r} is not. For spectral caches "
                 "use neurocube.open_spectral."
             )
-        groups.append((str(origin), group[_TRACES]))
+        groups.append((str(origin), member(group, _TRACES, path)))
     return groups
 
 
@@ -477,7 +483,7 @@ def _scan_file(
     import h5py
 
     local = key[0]
-    with pooled_file(*key, storage_options) as h5:
+    with pooled_file(*key, storage_options) as h5, structure_errors(local):
         groups = origin_groups(h5, local)
         if not groups:
             raise FormatError(
@@ -489,12 +495,13 @@ def _scan_file(
         for origin, group in groups:
             origin_attrs[origin] = read_raw_attrs(h5[origin])
             for name in sorted(group.keys(), key=trace_sort_key):
-                dset = group[name]
+                dset = member(group, name, local)
                 if not isinstance(dset, h5py.Dataset):
                     raise FormatError(
                         f"{local}: expected {origin}/{_TRACES}/{name} to be a trace dataset, "
                         "found a group."
                     )
+                check_declared_size(dset, local, f"/{origin}/{_TRACES}/{name}")
                 traces.append(
                     TraceEntry(
                         origin=origin,

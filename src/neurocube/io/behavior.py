@@ -309,14 +309,17 @@ class Manifest:
         remote = is_url(manifest_path)
         with open_file(manifest_path, "rb", storage_options if remote else None,
                        cache_type="all" if remote else None) as fh:
-            text = fh.read().decode("utf-8")
+            raw = fh.read()
         try:
+            text = raw.decode("utf-8")
             if os.path.splitext(str(manifest_path))[1].lower() == ".json":
                 data = json.loads(text) if text.strip() else {}
             else:
                 data = yaml.safe_load(text) or {}
-        except (yaml.YAMLError, json.JSONDecodeError) as exc:
-            raise FormatError(f"{manifest_path}: manifest is not valid YAML/JSON ({exc}).") from exc
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:  # UTF-8, JSON, digits
+            raise FormatError(
+                f"{manifest_path}: manifest is not valid YAML/JSON ({exc}); fix or rewrite it."
+            ) from exc
         if not isinstance(data, dict):
             raise FormatError(
                 f"{manifest_path}: expected a mapping at the top of the manifest, found "
@@ -984,7 +987,8 @@ def save_tracks(
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     started = _now()
     with atomic_path(target, overwrite=overwrite) as tmp:
-        pq.write_table(arrow, tmp, row_group_size=row_group_size, write_statistics=True)
+        pq.write_table(arrow, tmp, row_group_size=row_group_size, write_statistics=True,
+                       write_page_checksum=True)
     n_keypoints = len([c for c in table.columns if re.fullmatch(r"poseX\d+", str(c))])
     row = {
         "abs_path": _stored_path(catalog, target),

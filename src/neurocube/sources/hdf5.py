@@ -57,7 +57,14 @@ import h5py
 import numpy as np
 
 from neurocube import storage
-from neurocube.errors import DataChangedError, DataNotFoundError, FormatError, NeurocubeError
+from neurocube.errors import (
+    CorruptDataError,
+    DataChangedError,
+    DataNotFoundError,
+    FormatError,
+    NeurocubeError,
+    ReaderNotFoundError,
+)
 from neurocube.storage import (
     IO_STATS,
     BlockReader,
@@ -92,6 +99,10 @@ __all__ = [
     "release_file",
     "stat_key",
     "trace_stack_dask_array",
+    "check_declared_size",
+    "member",
+    "read_errors",
+    "structure_errors",
 ]
 
 #: What identifies the version of a file: its mtime (ns) locally, its ETag remotely.
@@ -139,7 +150,14 @@ def location(path: str | os.PathLike[str]) -> str:
     caller used stays the name in attrs and messages); ``file://`` URLs are
     local paths.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise ReaderNotFoundError(
+            f"expected the path of an HDF5 file (a str or os.PathLike), got {path!r} "
+            f"({type(path).__name__}). Pass the file's path or URL."
+        )
     text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
     if is_url(text) and not text.startswith("file://"):
         return storage.normalize(text)
     return str(Path(text.removeprefix("file://")).expanduser().absolute())
@@ -340,11 +358,44 @@ def pooled_file(
         return open_hdf5(path, storage_options, size=size, version=version)
 
     handle, lock = HDF5_POOL.acquire(key, opener)
+    if is_local(path):
+        with lock:
+            changed = _changed(handle, key)
+        if changed is not None:
+            HDF5_POOL.discard(key)  # that handle reads another version: never use it again
+            raise changed
     with lock, _storage_errors(handle):
         reader = getattr(handle, "_neurocube_reader", None)
         if reader is not None:
             reader.error = None
         yield handle
+
+
+def _changed(handle: h5py.File, key: _PoolKey) -> DataChangedError | None:
+    """Return the error for a local handle whose file is not the version ``key`` names.
+
+    One fstat.
+
+    The check is on the open file itself, so a file edited in place (same inode, new
+    size or mtime) is refused, while a file *replaced* by rename leaves the old inode,
+    and a handle already open on it, unchanged: that handle still reads exactly the
+    version that was opened. A handle opened after the replacement sees the new file
+    and is refused.
+    """
+    _, path, size, version = key
+    try:
+        st = os.fstat(handle.id.get_vfd_handle())
+        now: tuple[int, Version] = (st.st_size, st.st_mtime_ns)
+    except (OSError, RuntimeError, ValueError, TypeError):  # a driver without a descriptor
+        _, now_size, now_version = storage.stat_key(path)
+        now = (now_size, now_version)
+    if now != (size, version):
+        return DataChangedError(
+            f"{path}: changed since it was opened (then {size} bytes, mtime {version}; now "
+            f"{now[0]} bytes, mtime {now[1]}). Values read now would mix two versions: open "
+            "it again."
+        )
+    return None
 
 
 def release_file(path: str | os.PathLike[str]) -> bool:
@@ -450,7 +501,8 @@ def read_selection(spec: HDF5DatasetSpec, key: Any) -> np.ndarray:
             bounds, deflated, batches = plan
             stored = _stored_chunks(dset, batches[0])
         if stored is None:  # not a case for the direct path, or a chunk never written
-            out = np.asarray(dset[key])
+            with read_errors(spec.path, spec.dataset, dset):
+                out = np.asarray(dset[key])
             IO_STATS.add_bytes(out.nbytes)
             return out
     out = np.empty(tuple(stop - start for start, stop, is_int in bounds if not is_int), spec.dtype)
@@ -460,7 +512,8 @@ def read_selection(spec: HDF5DatasetSpec, key: Any) -> np.ndarray:
             dset = _checked_dataset(h5, spec)
             stored = _stored_chunks(dset, batch)
             if stored is None:  # a chunk never written: h5py knows its fill value
-                out = np.asarray(dset[key])
+                with read_errors(spec.path, spec.dataset, dset):
+                    out = np.asarray(dset[key])
                 IO_STATS.add_bytes(out.nbytes)
                 return out
     _inflate_into(spec, out, bounds, deflated, stored)
@@ -531,7 +584,9 @@ def _read_remote(spec: HDF5DatasetSpec, key: Any) -> np.ndarray:
     if reader is not None and ranges:
         prefetch(reader, ranges)
     with _pooled(spec) as h5:
-        out = np.asarray(_checked_dataset(h5, spec)[key])
+        dset = _checked_dataset(h5, spec)
+        with read_errors(spec.path, spec.dataset, dset):
+            out = np.asarray(dset[key])
     IO_STATS.add_bytes(out.nbytes)
     return out
 
@@ -709,7 +764,7 @@ def _checked_dataset(h5: h5py.File, spec: HDF5DatasetSpec) -> h5py.Dataset:
     """Return the dataset of ``spec`` from an open file, refusing one that changed."""
     try:
         dset = h5[spec.dataset]
-    except KeyError as exc:
+    except (KeyError, RuntimeError, OSError) as exc:
         raise FormatError(
             f"{spec.path}: dataset {spec.dataset!r} is gone; the file changed after it was "
             "opened. Open it again."
@@ -811,10 +866,11 @@ def _inflate_into(
         if deflated and not mask & 1:  # bit 0 set: HDF5 skipped the filter for this chunk
             try:
                 data = zlib.decompress(data, bufsize=expected)
-            except zlib.error as exc:
-                raise FormatError(
-                    f"{spec.path}: chunk {offset} of {spec.dataset!r} does not inflate ({exc}); "
-                    "the file is damaged. Re-create it."
+            except zlib.error as exc:  # zlib streams carry an Adler-32 of their content
+                raise CorruptDataError(
+                    f"{spec.path}: chunk {offset} of {spec.dataset!r} does not inflate or fails "
+                    f"its Adler-32 check ({exc}); the file is damaged. Its values are not "
+                    "returned: restore or re-create it."
                 ) from exc
         if len(data) != expected:
             raise FormatError(
@@ -1054,7 +1110,7 @@ class TraceStackProxy:
                 name = spec.datasets[index]
                 try:
                     dset = h5[name]
-                except KeyError as exc:
+                except (KeyError, RuntimeError, OSError) as exc:
                     raise FormatError(
                         f"{spec.path}: trace {name!r} is gone; the file changed after it was "
                         "opened. Open it again."
@@ -1067,7 +1123,8 @@ class TraceStackProxy:
                         f"{tuple(dset.shape)}; the file changed. Open it again."
                     )
                 if length:
-                    values = dset[()]
+                    with read_errors(spec.path, name, dset):
+                        values = dset[()]
                     block[row, :length] = values
                     nbytes += values.nbytes
         IO_STATS.add_bytes(nbytes)
@@ -1122,3 +1179,149 @@ def trace_stack_dask_array(spec: TraceStackSpec, traces_per_chunk: int) -> Any:
         inline_array=False,
         meta=np.empty((0,) * len(shape), dtype=np.dtype(spec.dtype)),
     )
+
+
+# -- reading safely: links, declared sizes, damaged chunks ------------------------------------
+
+#: deflate's largest compression ratio (a run of one byte value): no stored chunk inflates more.
+DEFLATE_MAX_RATIO = 1032
+
+#: A declared dataset at most this large is never refused for its size (fill values are legal).
+DECLARED_SLACK_BYTES = 1 << 20
+
+#: Filters whose output is never more than deflate's ratio smaller than their input.
+_BOUNDED_FILTERS = frozenset({
+    h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_FLETCHER32,
+    h5py.h5z.FILTER_SCALEOFFSET, h5py.h5z.FILTER_NBIT, h5py.h5z.FILTER_SZIP,
+})  # fmt: skip
+
+
+def _filters(dset: h5py.Dataset) -> list[int]:
+    try:
+        plist = dset.id.get_create_plist()
+        return [int(plist.get_filter(i)[0]) for i in range(plist.get_nfilters())]
+    except (RuntimeError, OSError, ValueError):
+        return []
+
+
+def check_declared_size(dset: h5py.Dataset, path: str, what: str = "") -> None:
+    """Refuse a dataset that declares more data than the file stores for it.
+
+    The bytes its shape and dtype declare are compared with the bytes stored for it
+    (``H5Dget_storage_size``: the chunks actually written) times the largest ratio its
+    filters allow (deflate's 1032:1; 1 without compression). Datasets up to
+    :data:`DECLARED_SLACK_BYTES` are never refused (unwritten chunks read as fill values).
+    Nothing is allocated in proportion to the declared shape.
+
+    Raises
+    ------
+    FormatError
+        Naming the file and the dataset, with the declared shape and the stored bytes.
+    """
+    shape = tuple(int(n) for n in dset.shape or ())
+    declared = int(np.prod(shape, dtype=object)) * int(np.dtype(dset.dtype).itemsize)
+    if declared <= DECLARED_SLACK_BYTES:
+        return
+    try:
+        stored = int(dset.id.get_storage_size())
+    except (RuntimeError, OSError, ValueError):
+        stored = 0
+    filters = _filters(dset)
+    compressing = [f for f in filters if f not in (h5py.h5z.FILTER_FLETCHER32,)]
+    if not compressing:
+        ratio = 1
+    elif set(compressing) <= _BOUNDED_FILTERS:
+        ratio = DEFLATE_MAX_RATIO
+    else:
+        ratio = 100_000  # a plugin compressor: bound it generously, never by the shape alone
+    if declared > stored * ratio + DECLARED_SLACK_BYTES:
+        name = what or str(dset.name)
+        raise FormatError(
+            f"{path}: dataset {name!r} declares shape {shape} of {np.dtype(dset.dtype)} "
+            f"({declared:,} bytes) but the file stores only {stored:,} bytes for it; the "
+            "header is damaged or the data was never written. Re-create the file."
+        )
+
+
+def member(group: h5py.Group, name: str, path: str) -> Any:
+    """Return ``group[name]``, refusing links that leave the file or lead nowhere.
+
+    Hard links and soft links to an object of the same file are followed; an external
+    link (it would open another file, possibly any file on the machine), a dangling
+    soft link or a user-defined link is a :class:`~neurocube.errors.FormatError`
+    naming the file and the member.
+    """
+    where = f"{group.name.rstrip('/')}/{name}"
+    try:
+        link = group.get(name, getlink=True)
+    except (KeyError, RuntimeError, OSError, ValueError) as exc:
+        raise FormatError(f"{path}: member {where!r} cannot be read ({exc}); the file is "
+                          "damaged. Re-create it.") from exc
+    if link is None:
+        raise FormatError(f"{path}: member {where!r} is missing (the file changed or is "
+                          "damaged). Open it again or re-create it.")
+    if isinstance(link, h5py.ExternalLink):
+        raise FormatError(
+            f"{path}: member {where!r} is an external link to {link.filename}:{link.path}; "
+            "neurocube never follows links into other files. Copy the data into this file."
+        )
+    if not isinstance(link, (h5py.HardLink, h5py.SoftLink)):
+        raise FormatError(f"{path}: member {where!r} is a {type(link).__name__}, expected a "
+                          "dataset or group of this file.")
+    try:
+        return group[name]
+    except (KeyError, RuntimeError, OSError, ValueError) as exc:
+        target = f" to {link.path!r}" if isinstance(link, h5py.SoftLink) else ""
+        raise FormatError(
+            f"{path}: member {where!r} is a link{target} that leads nowhere ({exc}); the file "
+            "is damaged or was edited. Remove the link or re-create the file."
+        ) from exc
+
+
+@contextlib.contextmanager
+def read_errors(path: str, dataset: str, dset: h5py.Dataset | None = None) -> Iterator[None]:
+    """Turn h5py's errors while reading values of ``dataset`` into neurocube errors.
+
+    A dataset with the fletcher32 filter whose read fails is a
+    :class:`~neurocube.errors.CorruptDataError` (HDF5 checks fletcher32 on every chunk
+    it reads); any other failure of HDF5 (a chunk that does not inflate, an index
+    pointing past the end) is a :class:`~neurocube.errors.FormatError`. Both name the
+    file and the dataset.
+    """
+    try:
+        yield
+    except NeurocubeError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+        if isinstance(exc, (TypeError, ValueError)) and "synchronously" not in str(exc):
+            raise  # a caller's bad selection, not the file
+        filters = _filters(dset) if dset is not None else []
+        if h5py.h5z.FILTER_FLETCHER32 in filters or h5py.h5z.FILTER_DEFLATE in filters:
+            check = "fletcher32" if h5py.h5z.FILTER_FLETCHER32 in filters else "deflate Adler-32"
+            raise CorruptDataError(
+                f"{path}: dataset {dataset!r} could not be read ({exc}); its chunks carry "
+                f"{check} checksums, so a chunk failed its check or is damaged. Its values are "
+                "not returned: restore or re-create the file."
+            ) from exc
+        raise FormatError(
+            f"{path}: dataset {dataset!r} could not be read ({exc}); a stored chunk is "
+            "damaged or the file is truncated. Restore or re-create the file."
+        ) from exc
+
+
+@contextlib.contextmanager
+def structure_errors(path: str) -> Iterator[None]:
+    """Turn HDF5's errors while reading a file's groups, links and attributes into FormatError.
+
+    Used around the code that opens a layout (headers only); a damaged object header,
+    B-tree or attribute names the file instead of leaking h5py's ``OSError`` / ``KeyError``.
+    """
+    try:
+        yield
+    except NeurocubeError:
+        raise
+    except (OSError, RuntimeError, KeyError) as exc:
+        raise FormatError(
+            f"{path}: the HDF5 structure cannot be read ({type(exc).__name__}: {exc}); the "
+            "file is damaged. Restore or re-create it."
+        ) from exc

@@ -35,6 +35,7 @@ import math
 import os
 import struct
 import threading
+import warnings
 import zlib
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +45,13 @@ from typing import Any, Literal
 import numpy as np
 
 from neurocube import storage
-from neurocube.errors import FormatError, TruncatedFileError, UnsafeDataError
+from neurocube.errors import (
+    CorruptDataError,
+    FormatError,
+    SourceChangedError,
+    TruncatedFileError,
+    UnsafeDataError,
+)
 from neurocube.storage import IO_STATS, StorageOptions, as_options, is_url, open_file
 
 __all__ = [
@@ -97,9 +104,10 @@ class NpzMember:
         Bytes of the ``.npy`` header inside the (uncompressed) member.
     crc32
         CRC-32 of the uncompressed member, from the central directory.
-    file_size, version
-        Size and ETag of the remote archive the directory was read from (a
-        changed object is refused at read time); ``0`` / ``""`` for local files.
+    file_size, version, mtime_ns
+        Size and ETag of a remote archive, or size and mtime (ns) of a local one, when the
+        directory was read: a changed archive is refused at read time
+        (:class:`~neurocube.errors.SourceChangedError`). ``0`` / ``""`` when unknown.
     storage_options
         The options to read a remote archive with (travel to Dask workers;
         their text never shows a secret).
@@ -120,6 +128,7 @@ class NpzMember:
     file_size: int = 0
     version: str = ""
     storage_options: StorageOptions | None = field(default=None, repr=False)
+    mtime_ns: int = 0
 
     @property
     def is_remote(self) -> bool:
@@ -324,11 +333,14 @@ def _decode_header(header: bytes, major: int) -> tuple[tuple[int, ...], np.dtype
     """Decode a whole .npy header (memoised: thousands of artifacts share a few headers)."""
     stream = io.BytesIO(header)
     stream.seek(8)
-    # numpy's own header parser (ast.literal_eval of a dict literal; never eval).
-    if major == 1:
-        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
-    else:
-        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+    # numpy's own header parser (ast.literal_eval of a dict literal; never eval). A damaged
+    # header can look like one written by Python 2: numpy warns, the checks below decide.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        if major == 1:
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+        else:
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
     return tuple(int(s) for s in shape), dtype, bool(fortran_order)
 
 
@@ -424,6 +436,7 @@ def read_npz_directory(
     remote = is_url(path)
     local = str(path) if remote else os.path.abspath(path)
     opts = as_options(storage_options) if remote else None
+    mtime_ns = 0
     with contextlib.ExitStack() as stack:
         if remote:
             if size is None or version is None:
@@ -432,7 +445,8 @@ def read_npz_directory(
             fh = None
         else:
             fh = stack.enter_context(open_file(local))
-            size = os.fstat(fh.fileno()).st_size
+            fst = os.fstat(fh.fileno())
+            size, mtime_ns = fst.st_size, fst.st_mtime_ns
             version = ""
         if size < _EOCD_SIZE:
             raise _truncated(local, f"only {size} bytes")
@@ -517,9 +531,10 @@ def read_npz_directory(
                 npy_header_size=header_size,
                 crc32=crc,
                 structured_header=b"" if np.dtype(dtype.str) == dtype else prefix[:header_size],
-                file_size=size if remote else 0,
+                file_size=size,
                 version=version or "",
                 storage_options=opts,
+                mtime_ns=0 if remote else mtime_ns,
             )
             if usize != header_size + member.nbytes:
                 raise FormatError(
@@ -556,6 +571,9 @@ def open_member_memmap(member: NpzMember) -> np.memmap[Any, Any] | np.ndarray:
     A member of a remote archive cannot be mapped: it is read (one range
     request) into memory and returned as a read-only array.
 
+    A mapping is not checked against the member's CRC-32 (its bytes are read later, page
+    by page); :func:`read_member` and :func:`read_members_into` check it.
+
     Raises
     ------
     FormatError
@@ -590,26 +608,60 @@ def _inflate(member: NpzMember, fh: Any) -> bytes:
     return _check_member(member, raw)
 
 
-def _fill(member: NpzMember, fh: Any, out: np.ndarray) -> None:
-    """Read the whole of ``member`` into ``out`` (C-ordered, shape ``member.shape``)."""
-    dtype = member.numpy_dtype
-    order: Literal["C", "F"] = "F" if member.fortran_order else "C"
-    if member.is_stored:
-        if member.nbytes == 0:
-            return
-        mapped = np.memmap(
-            fh,
-            dtype=dtype,
-            mode="r",
-            offset=member.data_offset + member.npy_header_size,
-            shape=member.shape,
-            order=order,
-        )
-        out[...] = mapped
-        IO_STATS.add_bytes(member.nbytes)
-        del mapped
+def _check_local_unchanged(member: NpzMember, fh: Any) -> None:
+    """Refuse an archive whose size or mtime changed since its directory was read (one fstat)."""
+    if not member.mtime_ns:
         return
-    _place(member, _inflate(member, fh), out)
+    st = os.fstat(fh.fileno())
+    if (st.st_size, st.st_mtime_ns) != (member.file_size, member.mtime_ns):
+        raise SourceChangedError(
+            f"{member.path}: changed since it was opened (then {member.file_size} bytes, "
+            f"mtime {member.mtime_ns}; now {st.st_size} bytes, mtime {st.st_mtime_ns}). "
+            "Values read now could mix two versions: open it again."
+        )
+
+
+def _fill(member: NpzMember, fh: Any, out: np.ndarray) -> None:
+    """Read the whole of ``member`` into ``out`` (C-ordered, shape ``member.shape``).
+
+    Every member is checked against the CRC-32 of the ZIP directory before ``out`` is
+    returned to the caller: a deflated one after inflating it, a stored one over the
+    bytes read (straight into ``out`` when its layout allows, so without a copy).
+    """
+    dtype = member.numpy_dtype
+    if not member.is_stored:
+        _place(member, _inflate(member, fh), out)
+        return
+    direct = (
+        out.flags.c_contiguous
+        and out.dtype == dtype
+        and out.shape == member.shape
+        and (not member.fortran_order or out.ndim <= 1)
+        and not dtype.hasobject
+    )
+    if not direct:
+        fh.seek(member.data_offset)
+        raw = fh.read(member.compressed_size)
+        IO_STATS.add_bytes(len(raw))
+        _place(member, _check_member(member, raw), out)
+        return
+    fh.seek(member.data_offset)
+    header = fh.read(member.npy_header_size)
+    view = memoryview(out.reshape(-1).view(np.uint8).data) if out.size else memoryview(b"")
+    got = fh.readinto(view) if len(view) else 0
+    IO_STATS.add_bytes(len(header) + (got or 0))
+    if len(header) + (got or 0) != member.uncompressed_size:
+        raise _truncated(member.path, f"array {member.name!r} is cut short")
+    if zlib.crc32(view, zlib.crc32(header)) != member.crc32:
+        raise _crc_failed(member, member.uncompressed_size)
+
+
+def _crc_failed(member: NpzMember, n: int) -> CorruptDataError:
+    return CorruptDataError(
+        f"{member.path}: array {member.name!r} fails its ZIP CRC-32 check ({n} bytes read, "
+        f"{member.uncompressed_size} expected, CRC {member.crc32:#010x} expected); the NPZ "
+        "file is damaged or changed. Its values are not returned: restore or rewrite it."
+    )
 
 
 def _check_member(member: NpzMember, data: bytes) -> bytes:
@@ -620,16 +672,12 @@ def _check_member(member: NpzMember, data: bytes) -> bytes:
         try:
             data = zlib.decompress(data, -15, member.uncompressed_size)
         except zlib.error as exc:
-            raise FormatError(
+            raise CorruptDataError(
                 f"{member.path}: array {member.name!r} does not inflate ({exc}); "
-                "the NPZ file is damaged, rewrite it."
+                "the NPZ file is damaged, restore or rewrite it."
             ) from exc
     if len(data) != member.uncompressed_size or zlib.crc32(data) != member.crc32:
-        raise FormatError(
-            f"{member.path}: array {member.name!r} fails its CRC/size check "
-            f"({len(data)} bytes, {member.uncompressed_size} expected); "
-            "the NPZ file is damaged or changed, rewrite it."
-        )
+        raise _crc_failed(member, len(data))
     return data
 
 
@@ -683,6 +731,7 @@ def read_member(member: NpzMember) -> np.ndarray:
         _fill_from_bytes(member, _fetch_remote([member])[0], out)
         return out
     with open_file(member.path) as fh:
+        _check_local_unchanged(member, fh)
         _fill(member, fh, out)
     return out
 
@@ -720,6 +769,7 @@ def read_members_into(
             row += n
             continue
         with open_file(member.path) as fh:
+            _check_local_unchanged(member, fh)
             if stack:
                 _fill(member, fh, out[row])
                 row += 1

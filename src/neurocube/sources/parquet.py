@@ -31,7 +31,7 @@ import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import dask.array as da
 import numpy as np
@@ -41,7 +41,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from neurocube import storage
-from neurocube.errors import FormatError
+from neurocube.errors import CorruptDataError, FormatError
 from neurocube.storage import (
     IO_STATS,
     HandlePool,
@@ -381,6 +381,13 @@ def read_parquet_info(
     rows: list[int] = []
     for i in range(meta.num_row_groups):
         rg = meta.row_group(i)
+        if rg.num_columns != meta.num_columns or rg.num_rows < 0:
+            # pyarrow aborts the process on a column index its footer does not hold
+            raise FormatError(
+                f"{local}: damaged parquet footer: row group {i} lists {rg.num_columns} "
+                f"columns and {rg.num_rows} rows, the schema has {meta.num_columns} columns. "
+                "Restore or rewrite the file."
+            )
         rows.append(rg.num_rows)
         rg_stats: dict[str, ColumnStats] = {}
         for j, name in positions:
@@ -480,21 +487,59 @@ def _footer(
 
 
 def _check_unchanged(spec: ParquetChunkSpec) -> None:
-    if is_url(spec.path):
-        storage.check_unchanged(spec.path, spec.storage_options, spec.size, spec.etag)
-        return
-    from neurocube.errors import DataNotFoundError
+    """Refuse a file whose size or version (mtime locally, ETag remotely) changed since opening.
 
-    try:
-        _, size, mtime_ns = storage.stat_key(spec.path)
-    except DataNotFoundError as exc:
-        raise DataNotFoundError(f"{spec.path}: file vanished after the dataset was opened") from exc
-    if (size, mtime_ns) != (spec.size, spec.mtime_ns):
+    One stat per task locally; a HEAD request once per process and version remotely.
+    Raises :class:`~neurocube.errors.SourceChangedError` (or ``DataNotFoundError`` if gone).
+    """
+    version: int | str = spec.etag if is_url(spec.path) else spec.mtime_ns
+    storage.check_unchanged(spec.path, spec.storage_options, spec.size, version)
+
+
+def verified_file(fh: Any, metadata: pq.FileMetaData, **kwargs: Any) -> pq.ParquetFile:
+    """Return a :class:`pyarrow.parquet.ParquetFile` that verifies the page CRCs the file carries.
+
+    pyarrow checks page checksums only when asked (``page_checksum_verification``);
+    pages written without one are read as before. Read through :func:`reading`, so a
+    failed check or a damaged page is a neurocube error naming the file.
+    """
+    return pq.ParquetFile(fh, metadata=metadata, page_checksum_verification=True, **kwargs)
+
+
+class _Reading:
+    """Context manager that turns pyarrow's errors while reading pages into neurocube errors."""
+
+    def __init__(self, path: str, what: str) -> None:
+        self.path = path
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> Literal[False]:
+        if exc is None or isinstance(exc, FormatError) or not isinstance(
+            exc, (OSError, pa.ArrowException, ValueError, IndexError, KeyError, EOFError)
+        ):
+            return False
+        from neurocube.errors import NeurocubeError
+
+        if isinstance(exc, NeurocubeError):
+            return False
+        text = str(exc)
+        if "checksum" in text.lower() or "crc" in text.lower():
+            raise CorruptDataError(
+                f"{self.path}: {self.what} failed its page checksum ({text}); the file is "
+                "damaged. Restore or rewrite it; values from it are not returned."
+            ) from exc
         raise FormatError(
-            f"{spec.path}: file changed since it was opened "
-            f"(size/mtime {spec.size}/{spec.mtime_ns} "
-            f"-> {size}/{mtime_ns}); open the dataset again."
-        )
+            f"{self.path}: {self.what} cannot be decoded ({type(exc).__name__}: {text}); the "
+            "file is damaged or truncated. Restore or rewrite it."
+        ) from exc
+
+
+def reading(path: str, what: str) -> _Reading:
+    """Translate pyarrow errors raised reading ``what`` of ``path`` (see :class:`_Reading`)."""
+    return _Reading(path, what)
 
 
 def read_table(
@@ -511,8 +556,9 @@ def read_table(
     wanted = [c for c in columns]
     with open_row_groups(spec.path, spec.storage_options, spec.size, spec.etag, meta,
                          spec.row_groups, wanted) as fh:
-        pf = pq.ParquetFile(fh, metadata=meta, pre_buffer=True)
-        table = pf.read_row_groups(list(spec.row_groups), columns=wanted, use_threads=False)
+        with reading(spec.path, f"row groups {list(spec.row_groups)} (columns {wanted})"):
+            pf = verified_file(fh, meta, pre_buffer=True)
+            table = pf.read_row_groups(list(spec.row_groups), columns=wanted, use_threads=False)
     names = set(wanted)
     nbytes = 0
     for i in spec.row_groups:

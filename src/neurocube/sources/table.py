@@ -154,22 +154,22 @@ def parquet_layout(
 def _check_unchanged(
     path: str, options: StorageOptions | None, size: int, mtime_ns: int, etag: str
 ) -> None:
-    """Refuse a table that changed since its footer was read (a remote one: once per process)."""
-    if is_url(path):
-        storage.check_unchanged(path, options, size, etag)
+    """Refuse a table that changed since its footer was read (one stat; remote: once)."""
+    storage.check_unchanged(path, options, size, etag if is_url(path) else mtime_ns)
 
 
 def read_columns(layout: ParquetLayout, columns: list[str]) -> dict[str, np.ndarray]:
     """Read whole columns (e.g. the small id columns) eagerly, as numpy arrays."""
-    import pyarrow.parquet as pq
+    from neurocube.sources.parquet import open_row_groups, reading, verified_file
 
-    from neurocube.sources.parquet import open_row_groups
-
+    _check_unchanged(layout.path, layout.storage_options, layout.size, layout.mtime_ns,
+                     layout.etag)
     metadata = _metadata(layout.path, layout.size, layout.mtime_ns, layout.etag,
                          layout.storage_options)
     with open_row_groups(layout.path, layout.storage_options, layout.size, layout.etag,
                          metadata, range(metadata.num_row_groups), columns) as fh:
-        table = pq.ParquetFile(fh, metadata=metadata).read(columns=columns)
+        with reading(layout.path, f"columns {columns}"):
+            table = verified_file(fh, metadata).read(columns=columns)
     IO_STATS.add_bytes(table.nbytes)
     out: dict[str, np.ndarray] = {}
     for name in columns:
@@ -179,17 +179,16 @@ def read_columns(layout: ParquetLayout, columns: list[str]) -> dict[str, np.ndar
 
 def read_feature_rowgroup(spec: ParquetRowGroup) -> np.ndarray:
     """Read the feature columns of one row group into a ``(rows, len(columns))`` array."""
-    import pyarrow.parquet as pq
-
-    from neurocube.sources.parquet import open_row_groups
+    from neurocube.sources.parquet import open_row_groups, reading, verified_file
 
     _check_unchanged(spec.path, spec.storage_options, spec.size, spec.mtime_ns, spec.etag)
     metadata = _metadata(spec.path, spec.size, spec.mtime_ns, spec.etag, spec.storage_options)
     with open_row_groups(spec.path, spec.storage_options, spec.size, spec.etag, metadata,
                          [spec.row_group], spec.columns) as fh:
-        table = pq.ParquetFile(fh, metadata=metadata).read_row_group(
-            spec.row_group, columns=list(spec.columns)
-        )
+        with reading(spec.path, f"row group {spec.row_group}"):
+            table = verified_file(fh, metadata).read_row_group(
+                spec.row_group, columns=list(spec.columns)
+            )
     IO_STATS.add_bytes(table.nbytes)
     out = np.empty((table.num_rows, len(spec.columns)), dtype=np.dtype(spec.dtype))
     for j, column in enumerate(table.columns):

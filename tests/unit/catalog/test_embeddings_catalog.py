@@ -84,7 +84,7 @@ def test_manifest_wins_over_scan(tmp_path):
 
 
 def test_model_key_case_insensitive_with_rescan(tmp_path):
-    recordings = make_tree(tmp_path)
+    recordings = make_tree(tmp_path, failed_record=False)
     labram = sorted(r.path for r in recordings if r.model_key == "Labram")
     # keep only cbramod records in the manifest: labram is found by the rescan
     manifest = json.loads((tmp_path / "run_manifest.json").read_text())

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import dask
 import numpy as np
@@ -531,7 +532,6 @@ class _Canary:
         self.path = path
 
     def __reduce__(self):
-        from pathlib import Path
 
         return (Path.touch, (Path(self.path),))
 
@@ -617,3 +617,15 @@ def test_legacy_flat_layout_values_match_pandas(tmp_path):
     np.testing.assert_array_equal(dense["frame_start"].values, [1, 0])
     assert np.isnan(dense["position"].values[0, 6]).all()  # frame 7 of seq 0 is missing
     assert np.isnan(dense["position"].values[1, 2, :, :, 0]).all()  # NaN rows of id 0
+
+
+@pytest.mark.parametrize(
+    "bounds",
+    [{"start_frame": float("nan")}, {"end_frame": float("inf")}, {"start_frame": 2.5},
+     {"start_frame": "3"}, {"start_time": float("nan")}],
+)
+def test_non_finite_or_fractional_frame_bounds_are_selection_errors(sample, bounds):
+    ds = neurocube.open_behavior(sample)
+    with pytest.raises(SelectionError, match=next(iter(bounds))):
+        ds.tracks(**bounds)
+

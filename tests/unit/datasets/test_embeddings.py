@@ -19,8 +19,10 @@ import neurocube
 import neurocube.sources.npz as npz_source
 from neurocube.datasets.embeddings import aggregate_mean, open_combined_table, write_combined_tables
 from neurocube.errors import (
+    CorruptDataError,
     DataNotFoundError,
     FormatError,
+    NeurocubeWarning,
     SelectionError,
     TruncatedFileError,
     UnsafeDataError,
@@ -157,23 +159,24 @@ def test_generated_tokens_float16(tree):
     np.testing.assert_array_equal(ds.embedding.values, expected)
 
 
-def test_stored_archives_are_memory_mapped(tmp_path, monkeypatch):
+def test_stored_archives_are_read_and_crc_checked(tmp_path):
+    # stored (np.savez) members are read straight into the output and checked against the
+    # ZIP directory's CRC-32: a flipped byte is an error naming the file, never a value
     recordings = make_tree(tmp_path, models=("cbramod",), conditions=("EO",), compressed=False)
-    calls = []
-    real = np.memmap
-
-    def counting_memmap(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(npz_source.np, "memmap", counting_memmap)
     ds = neurocube.open_embeddings(tmp_path, "epoch")
-    values = ds.embedding.values
-    assert len(calls) == len(recordings)
     ordered = sorted(recordings, key=lambda r: str(r.path))
     np.testing.assert_array_equal(
-        values, np.concatenate([window_values(r.number, r.n_windows, 6) for r in ordered])
+        ds.embedding.values,
+        np.concatenate([window_values(r.number, r.n_windows, 6) for r in ordered]),
     )
+    victim = ordered[1].path
+    member = npz_source.read_npz_directory(victim)["window_embeddings"]
+    raw = bytearray(victim.read_bytes())
+    raw[member.data_offset + member.npy_header_size + 3] ^= 0x01
+    victim.write_bytes(bytes(raw))
+    ds = neurocube.open_embeddings(tmp_path, "epoch")
+    with pytest.raises(CorruptDataError, match=victim.name):
+        ds.embedding.compute()
 
 
 def test_deflated_members_inflated_per_chunk(tree, monkeypatch):
@@ -265,7 +268,7 @@ def test_corrupt_member_is_named_when_computing(tmp_path):
     with pytest.raises(
         FormatError,
         match=re.escape(victim.name) + r": array 'window_embeddings' (does not "
-        r"inflate|fails its CRC)",
+        r"inflate|fails its ZIP CRC)",
     ):
         _ = ds.embedding.values
 
@@ -613,3 +616,58 @@ def test_property_group_mean_matches_pandas(groups, chunk, nan_fraction):
         got.embedding.values, expected.to_numpy().astype(np.float32), rtol=1e-6, atol=1e-8
     )
     assert list(got.row_count.values) == list(pd.Series(groups).value_counts(sort=False))
+
+
+def _break_sidecars(recordings):
+    """Damage three sidecars three ways: gone, empty, and without model_key."""
+    gone, empty, keyless = (r.path.with_suffix(".json") for r in recordings[1:4])
+    gone.unlink()
+    empty.write_text("")
+    saved = json.loads(keyless.read_text())
+    del saved["model_key"]
+    keyless.write_text(json.dumps(saved))
+    return gone, empty, keyless
+
+
+def test_a_bad_sidecar_is_an_error_naming_it_not_a_dropped_row(tmp_path):
+    recordings = make_tree(tmp_path, models=("cbramod",), conditions=("EO",), tokens=False)
+    assert neurocube.open_embeddings(tmp_path, model_key="cbramod").sizes["recording"] == 6
+    gone, empty, keyless = _break_sidecars(recordings)
+    with pytest.raises(DataNotFoundError, match=re.escape(str(gone))):
+        neurocube.open_embeddings(tmp_path, model_key="cbramod")
+    gone.write_text(recordings[0].path.with_suffix(".json").read_text())
+    with pytest.raises(FormatError, match=re.escape(str(empty)) + r": sidecar is not valid JSON"):
+        neurocube.open_embeddings(tmp_path, model_key="cbramod")
+    empty.write_text("[" * 100_000)  # deep nesting: json's recursion limit
+    with pytest.raises(FormatError, match=re.escape(str(empty))):
+        neurocube.open_embeddings(tmp_path, model_key="cbramod")
+    empty.write_text('{"model_key": "cbramod", "sfreq": ' + "9" * 5000 + "}")
+    with pytest.raises(FormatError, match=re.escape(str(empty))):
+        neurocube.open_embeddings(tmp_path, model_key="cbramod")
+    empty.write_text(recordings[0].path.with_suffix(".json").read_text())
+    with pytest.raises(FormatError, match=re.escape(str(keyless)) + r": the sidecar has no"):
+        neurocube.open_embeddings(tmp_path, model_key="cbramod")
+
+
+def test_on_error_skip_warns_and_lists_what_it_skipped(tmp_path):
+    recordings = make_tree(tmp_path, models=("cbramod",), conditions=("EO",), tokens=False)
+    broken = _break_sidecars(recordings)
+    with pytest.warns(NeurocubeWarning, match="skipped") as caught:
+        ds = neurocube.open_embeddings(tmp_path, model_key="cbramod", on_error="skip")
+    assert ds.sizes["recording"] == 3
+    assert sorted(ds.attrs["skipped"]) == sorted(str(p.with_suffix(".npz")) for p in broken)
+    assert len(ds.attrs["skipped_errors"]) == 3
+    assert len([w for w in caught if "skipped" in str(w.message)]) == 3
+    kept = sorted(str(r.path) for r in recordings[:1] + recordings[4:])
+    assert sorted(ds.attrs["neurocube_sources"]) == kept
+    with pytest.raises(SelectionError, match="on_error"):
+        neurocube.open_embeddings(tmp_path, model_key="cbramod", on_error="ignore")
+
+
+def test_a_record_its_writer_marked_failed_is_skipped_silently(tmp_path):
+    # the fixture's manifest holds a failed record whose archive is junk and has no sidecar:
+    # that is the writer's verdict, not damage, in the manifest and in a rescan alike
+    make_tree(tmp_path, models=("cbramod",), conditions=("EO",), tokens=False)
+    assert neurocube.open_embeddings(tmp_path, model_key="cbramod").sizes["recording"] == 6
+    with pytest.raises(DataNotFoundError, match="No embedding artifacts found"):
+        neurocube.open_embeddings(tmp_path, model_key="other")  # rescans the folder

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import zipfile
 
@@ -10,7 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from neurocube.errors import FormatError, TruncatedFileError, UnsafeDataError
+from neurocube.errors import (
+    CorruptDataError,
+    FormatError,
+    SourceChangedError,
+    TruncatedFileError,
+    UnsafeDataError,
+)
 from neurocube.sources.npz import (
     is_zip_file,
     open_member_memmap,
@@ -148,8 +155,9 @@ def test_corrupt_deflate_stream_detected_on_read(tmp_path):
     middle = member.data_offset + member.compressed_size // 2
     raw[middle : middle + 64] = bytes(64)
     path.write_bytes(bytes(raw))
+    member = read_npz_directory(path)["x"]  # the damaged file, opened after the damage
     with pytest.raises(
-        FormatError, match=r"flipped\.npz: array 'x' (does not inflate|fails its CRC)"
+        CorruptDataError, match=r"flipped\.npz: array 'x' (does not inflate|fails its ZIP CRC)"
     ):
         read_member(member)
 
@@ -199,3 +207,54 @@ def test_long_npy_header_and_archive_comment(tmp_path, compressed):
     got = read_member(members["s"])
     np.testing.assert_array_equal(got["field_with_a_long_name_042"], [1.0, 2.0, 3.0])
     np.testing.assert_array_equal(read_member(members["x"]), np.arange(4))
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize("fortran", [False, True])
+def test_a_flipped_byte_in_any_member_is_a_crc_error(tmp_path, compressed, fortran):
+    values = np.arange(2_000, dtype="<f8").reshape(40, 50)
+    values = np.asfortranarray(values) if fortran else values
+    path = tmp_path / "one.npz"
+    (np.savez_compressed if compressed else np.savez)(path, x=values)
+    member = read_npz_directory(path)["x"]
+    raw = bytearray(path.read_bytes())
+    spot = member.data_offset + member.compressed_size // 2
+    if not compressed:
+        spot = member.data_offset + member.npy_header_size + 777
+    raw[spot] ^= 0x10
+    path.write_bytes(bytes(raw))
+    member = read_npz_directory(path)["x"]
+    with pytest.raises(CorruptDataError, match=r"one\.npz: array 'x'"):
+        read_member(member)
+    out = np.empty(member.shape)
+    with pytest.raises(CorruptDataError, match=r"one\.npz"):
+        read_members_into([member], out)
+    with pytest.raises(Exception) as numpy_error:  # the oracle refuses it too
+        np.load(path)["x"]
+    assert not isinstance(numpy_error.value, AssertionError)
+
+
+def test_stored_member_read_straight_into_the_output_equals_numpy(tmp_path):
+    rng = np.random.default_rng(3)
+    rows = [rng.standard_normal((3, 7)).astype("<f4") for _ in range(4)]
+    paths = []
+    for i, row in enumerate(rows):
+        paths.append(tmp_path / f"r{i}.npz")
+        np.savez(paths[-1], x=row)
+    members = [read_npz_directory(p)["x"] for p in paths]
+    out = np.empty((12, 7), "<f4")
+    read_members_into(members, out)
+    np.testing.assert_array_equal(out, np.concatenate([np.load(p)["x"] for p in paths]))
+    stacked = np.empty((4, 3, 7), "<f4")
+    read_members_into(members, stacked, stack=True)
+    np.testing.assert_array_equal(stacked, np.stack([np.load(p)["x"] for p in paths]))
+
+
+def test_an_archive_rewritten_after_opening_is_refused(tmp_path):
+    path = tmp_path / "moving.npz"
+    np.savez(path, x=np.zeros(10))
+    member = read_npz_directory(path)["x"]
+    np.savez(path, x=np.ones(12))
+    os.utime(path, ns=(member.mtime_ns + 10**9, member.mtime_ns + 10**9))
+    with pytest.raises(SourceChangedError, match=r"moving\.npz: changed since it was opened"):
+        read_member(member)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -206,3 +207,33 @@ def test_changed_file_refused(tmp_path):
     write(path, n=50)
     with pytest.raises(FormatError, match="changed since it was opened"):
         read_chunk(specs[0])
+
+
+def test_page_crcs_are_verified_and_a_change_is_source_changed(tmp_path):
+    import pyarrow as pa
+
+    from neurocube.errors import CorruptDataError, SourceChangedError
+    from neurocube.sources.parquet import lazy_columns, plan_chunks, read_parquet_info
+
+    path = tmp_path / "crc.parquet"
+    x = np.random.default_rng(0).standard_normal(4000)
+    pq.write_table(pa.table({"frame": np.arange(4000), "x": x}), path, row_group_size=1000,
+                   write_page_checksum=True, compression="none", use_dictionary=False)
+
+    def values():
+        info = read_parquet_info(path)
+        chunks = plan_chunks(info, ["x"], ["float64"])
+        return lazy_columns(chunks, ["x"], ["float64"])["x"].compute()
+
+    np.testing.assert_array_equal(values(), x)
+    column = pq.read_metadata(path).row_group(2).column(1)
+    raw = bytearray(path.read_bytes())
+    raw[column.data_page_offset + 200] ^= 0x10  # inside the first data page
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptDataError, match=r"crc\.parquet: row groups \[.*checksum"):
+        values()
+    info = read_parquet_info(path)
+    arrays = lazy_columns(plan_chunks(info, ["x"], ["float64"]), ["x"], ["float64"])
+    os.utime(path, ns=(info.mtime_ns + 10**9, info.mtime_ns + 10**9))
+    with pytest.raises(SourceChangedError, match=r"crc\.parquet: changed since it was opened"):
+        arrays["x"].compute()
