@@ -124,7 +124,7 @@ def batches(
 
 
 class BlockReader:
-    """Reads the variables of ``data`` one *block* (a chunk of the read grid along ``dim``) at a time.
+    """Reads the variables of ``data`` one *block* (a chunk of the read grid along ``dim``).
 
     Holds the lazy arrays and the in-memory coordinates along ``dim``; the
     optimized Dask graph is built on the first read (and again after
@@ -433,7 +433,7 @@ class BatchIterator:
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:  # noqa: S110 - interpreter shutdown
+        except Exception:  # at interpreter shutdown
             pass
 
     def _run(self) -> Iterator[dict[str, np.ndarray]]:
@@ -459,11 +459,12 @@ class BatchIterator:
                     need = size - (0 if carry is None else len(carry["__position__"]))
                     pick = rows[start : start + need]
                     start += pick.size
-                    piece = _gather(loaded, which[pick], within[pick], reader.names)
-                    piece["__position__"] = position[pick]
-                    if carry is not None:
-                        piece = {k: np.concatenate([carry[k], piece[k]]) for k in piece}
-                        carry = None
+                    # within a batch, rows are grouped by chunk (order inside a batch does not
+                    # matter to a gradient step) so that each group is copied without temporaries
+                    pick = pick[np.argsort(which[pick], kind="stable")]
+                    piece = _gather(loaded, which[pick], within[pick], position[pick],
+                                    reader.names, carry)
+                    carry = None
                     if len(piece["__position__"]) < size:
                         carry = piece
                         break
@@ -482,15 +483,30 @@ class BatchIterator:
 
 
 def _gather(
-    loaded: list[dict[str, np.ndarray]], which: np.ndarray, within: np.ndarray, names: list[str]
+    loaded: list[dict[str, np.ndarray]],
+    which: np.ndarray,
+    within: np.ndarray,
+    position: np.ndarray,
+    names: list[str],
+    carry: dict[str, np.ndarray] | None,
 ) -> dict[str, np.ndarray]:
-    """Rows ``within[i]`` of blocks ``which[i]``, as new arrays in that order."""
+    """``carry``'s rows, then rows ``within[i]`` of blocks ``which[i]`` (grouped by block)."""
+    k = 0 if carry is None else len(carry["__position__"])
     out: dict[str, np.ndarray] = {}
+    cuts = np.flatnonzero(np.diff(which)) + 1
+    starts = np.concatenate(([0], cuts)).tolist()
+    stops = np.concatenate((cuts, [which.size])).tolist()
     for name in names:
         first = loaded[0][name]
-        result = np.empty((which.size, *first.shape[1:]), dtype=first.dtype)
-        for b in np.unique(which).tolist():
-            sel = which == b
-            result[sel] = loaded[b][name][within[sel]]
+        result = np.empty((k + which.size, *first.shape[1:]), dtype=first.dtype)
+        if carry is not None:
+            result[:k] = carry[name]
+        for a, b in zip(starts, stops, strict=True):
+            if b > a:
+                block = loaded[int(which[a])][name]
+                np.take(block, within[a:b], axis=0, out=result[k + a : k + b])
         out[name] = result
+    out["__position__"] = (
+        position if carry is None else np.concatenate([carry["__position__"], position])
+    )
     return out
