@@ -1282,6 +1282,9 @@ def _runs(blocks: list[int], max_len: int) -> Iterator[tuple[int, int]]:
 # --- handle pool ------------------------------------------------------------------------------
 
 
+_ABANDONED_AFTER_FORK: list[Any] = []  # a forked child's inherited handles, never touched
+
+
 def _forget_after_fork(ref: Any) -> None:
     pool = ref()
     if pool is not None:
@@ -1307,7 +1310,13 @@ class HandlePool:
             os.register_at_fork(after_in_child=lambda: _forget_after_fork(ref))
 
     def _after_fork(self) -> None:
-        """In a forked child: forget the parent's handles and locks; open files anew."""
+        """In a forked child: leave the parent's handles alone and open files anew.
+
+        The old handles are kept referenced, never closed or collected here: their
+        destructors may take library locks that another thread of the parent held
+        at fork time (h5py's, for one), which would hang the child.
+        """
+        _ABANDONED_AFTER_FORK.append(self._handles)
         self._lock = threading.Lock()
         self._handles = collections.OrderedDict()
 
