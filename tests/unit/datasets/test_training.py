@@ -72,7 +72,7 @@ def test_items_line_up_with_an_eager_oracle(bucket):
 
 
 def test_decoded_images_and_first_caption(bucket):
-    sub, tds = dataset(bucket, images="array", captions="first", embeddings=None)
+    _, tds = dataset(bucket, images="array", captions="first", embeddings=None)
     item = tds[3]
     assert item["image"].dtype == np.uint8 and item["image"].shape == (8, 8, 3)
     assert isinstance(item["captions"], str) and "picture" in item["captions"]
@@ -108,7 +108,7 @@ def test_building_the_dataset_reads_no_betas(bucket):
     root, _ = bucket
     sub = neurocube.open_subject(root, "sub-01")
     sub.voxel_selection(SESSIONS, roi="face")  # masks, tables: small, read eagerly
-    sub.metadata
+    assert len(sub.metadata) == 28
     IO_STATS.reset()
     tds = sub.to_torch_dataset(SESSIONS, roi="face", chunks=4)
     opens_before_items = IO_STATS.snapshot()[0]
