@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from neurocube.errors import SelectionError
-from neurocube.ops.batches import BlockReader, batches
+from neurocube.ops.batches import BlockReader, batches, epoch_order
 
 __all__ = ["TrialDataset", "trial_dataset"]
 
@@ -124,6 +124,33 @@ class TrialDataset:
         values = self._chunk(block)
         row = i - int(self.reader.bounds[block])
         return self._item({name: array[row] for name, array in values.items()}, i)
+
+    def sampler(
+        self, *, seed: int | None = None, epoch: int = 0, buffer_chunks: int | None = None
+    ) -> list[int]:
+        """Return a shuffled order of every position that the chunk LRU serves cheaply.
+
+        Chunks are permuted, then the trials of ``buffer_chunks`` chunks at a time
+        (default: ``cache_chunks``) are shuffled together: the order of
+        :func:`neurocube.batches` for the same ``(seed, epoch)``. Read in this
+        order (``DataLoader(ds, sampler=ds.sampler(seed=0, epoch=e))``), each
+        chunk is decoded once per epoch; a uniform random order over many more
+        chunks than the LRU holds would decode about one chunk per item.
+        """
+        buffer = self.cache_chunks if buffer_chunks is None else int(buffer_chunks)
+        if not 1 <= buffer <= self.cache_chunks:
+            raise SelectionError(
+                f"sampler(buffer_chunks={buffer_chunks}): expected 1 to cache_chunks "
+                f"({self.cache_chunks}); a larger window would evict chunks before their last use"
+            )
+        bounds = self.reader.bounds
+        order: list[int] = []
+        for blocks, rows in epoch_order(
+            bounds, shuffle=True, seed=seed, epoch=epoch, buffer_chunks=buffer
+        ):
+            positions = np.concatenate([np.arange(bounds[b], bounds[b + 1]) for b in blocks])
+            order.extend(positions[rows].tolist())
+        return order
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Yield the items in order, chunk by chunk (each chunk read once, read ahead)."""

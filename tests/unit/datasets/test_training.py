@@ -94,6 +94,21 @@ def test_random_access_reads_each_chunk_once_with_its_lru(bucket):
     np.testing.assert_array_equal(items[5]["betas"], small[5]["betas"])
 
 
+def test_the_chunk_aware_sampler_is_random_and_reads_each_chunk_once(bucket):
+    _, tds = dataset(bucket, cache_chunks=2)
+    order = tds.sampler(seed=5, epoch=0)
+    assert sorted(order) == list(range(len(tds)))  # every trial once
+    assert order == tds.sampler(seed=5, epoch=0) != tds.sampler(seed=5, epoch=1)
+    for i in order:
+        tds[i]
+    assert tds.chunk_reads == tds.reader.n_blocks
+    # the same order as batches() for the same (seed, epoch) and window
+    trials = np.concatenate([
+        b["trial"] for b in neurocube.batches(tds.data, batch_size=3, seed=5, buffer_chunks=2)
+    ])
+    np.testing.assert_array_equal(trials, tds.data.trial.values[order])
+
+
 def test_iteration_in_order_gives_the_same_items(bucket):
     _, tds = dataset(bucket, images=True)
     listed = list(tds)
