@@ -34,6 +34,8 @@ _LAZY: dict[str, str] = {
     "roi_means": "neurocube.datasets.fmri",
     # Train/test splits that keep every repeat of a stimulus on one side
     "split_trials": "neurocube.ops.splits",
+    # Mini-batches for model training, each chunk read once per epoch
+    "batches": "neurocube.ops.batches",
     "Subject": "neurocube.datasets.fmri",
     # HDF5: spectral decompositions and TMS traces
     "open_spectral": "neurocube.datasets.spectral",

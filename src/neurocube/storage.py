@@ -32,6 +32,7 @@ import io
 import json
 import os
 import threading
+import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -1291,6 +1292,15 @@ def _runs(blocks: list[int], max_len: int) -> Iterator[tuple[int, int]]:
 # --- handle pool ------------------------------------------------------------------------------
 
 
+_ABANDONED_AFTER_FORK: list[Any] = []  # a forked child's inherited handles, never touched
+
+
+def _forget_after_fork(ref: Any) -> None:
+    pool = ref()
+    if pool is not None:
+        pool._after_fork()
+
+
 class HandlePool:
     """A per-process LRU of open handles, each with its own lock.
 
@@ -1305,6 +1315,20 @@ class HandlePool:
         self._handles: collections.OrderedDict[Hashable, tuple[Any, threading.Lock]] = (
             collections.OrderedDict()
         )
+        if hasattr(os, "register_at_fork"):  # a forked child (e.g. a DataLoader worker)
+            ref = weakref.ref(self)
+            os.register_at_fork(after_in_child=lambda: _forget_after_fork(ref))
+
+    def _after_fork(self) -> None:
+        """In a forked child: leave the parent's handles alone and open files anew.
+
+        The old handles are kept referenced, never closed or collected here: their
+        destructors may take library locks that another thread of the parent held
+        at fork time (h5py's, for one), which would hang the child.
+        """
+        _ABANDONED_AFTER_FORK.append(self._handles)
+        self._lock = threading.Lock()
+        self._handles = collections.OrderedDict()
 
     def acquire(self, key: Hashable, opener: Callable[[], Any]) -> tuple[Any, threading.Lock]:
         """Return the handle for ``key`` (opening it with ``opener`` if needed) and its lock."""

@@ -1114,6 +1114,34 @@ class Subject:
             attrs={"model": model_name, "subject": self._subject_id, "neurocube_sources": [path]},
         )
 
+    def to_torch_dataset(
+        self,
+        sessions: str | Sequence[str] | None,
+        *,
+        roi: roi_ops.RoiQuery | None = None,
+        nc_threshold: float | None = None,
+        stimuli: str | None = None,
+        embeddings: str | None = None,
+        images: bool | str = False,
+        captions: bool | str = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Return the selected trials as a map-style dataset for ``torch.utils.data.DataLoader``.
+
+        Items are dicts: ``betas`` (float32, per voxel), ``embedding``
+        (``embeddings="CLIP"``), ``image`` (``images=True`` / ``"array"``),
+        ``captions`` (``captions=True`` / ``"first"``) and the trial's labels.
+        neurocube does not import torch. See
+        :func:`neurocube.datasets.training.trial_dataset` for every option
+        (``mask``, ``mask_source``, ``chunks``, ``cache_chunks``).
+        """
+        from neurocube.datasets.training import trial_dataset
+
+        return trial_dataset(
+            self, sessions, roi=roi, nc_threshold=nc_threshold, stimuli=stimuli,
+            embeddings=embeddings, images=images, captions=captions, **kwargs,
+        )
+
     @property
     def images(self) -> Any:
         """Per-trial stimulus JPEG bytes, read lazily (a ``TrialImages``)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -57,14 +57,26 @@ def _rows_chunk(spec: HDF5DatasetSpec, rows: np.ndarray) -> np.ndarray:
     return read_rows(spec, rows)
 
 
-def _rows_array(spec: HDF5DatasetSpec, rows: np.ndarray, per_chunk: int, prefix: str) -> Any:
-    """Dask array of ``dataset[rows]`` in chunks of ``per_chunk`` rows (deterministic name)."""
+def _rows_array(
+    spec: HDF5DatasetSpec, rows: np.ndarray, per_chunk: int | Sequence[int], prefix: str
+) -> Any:
+    """Dask array of ``dataset[rows]`` in chunks of ``per_chunk`` rows (deterministic name).
+
+    ``per_chunk`` may also be the chunk sizes themselves (summing to ``rows.size``), e.g.
+    the chunks of betas the rows must line up with.
+    """
     import dask.array as da
     from dask.base import tokenize
 
     n = int(rows.size)
-    per = max(1, int(per_chunk))
-    bounds = [*list(range(0, n, per)), n]
+    if isinstance(per_chunk, (int, np.integer)):
+        per: Any = max(1, int(per_chunk))
+        bounds = [*list(range(0, n, per)), n]
+    else:
+        per = tuple(int(s) for s in per_chunk)
+        if sum(per) != n or any(s < 1 for s in per):
+            raise ValueError(f"chunk sizes {per} do not split {n} rows")
+        bounds = [0, *np.cumsum(per).tolist()] if n else [0, 0]
     sizes = tuple(b - a for a, b in itertools.pairwise(bounds)) or (0,)
     tail = tuple(spec.shape[1:])
     name = f"{prefix}-{tokenize(spec, rows, per)}"
@@ -81,7 +93,7 @@ def open_trial_embeddings(
     path: str | os.PathLike[str],
     image_names: np.ndarray,
     *,
-    trials_per_chunk: int = 1024,
+    trials_per_chunk: int | Sequence[int] = 1024,
     storage_options: Mapping[str, Any] | None = None,
 ) -> tuple[Any, np.ndarray]:
     """Return ``(embedding, valid)`` aligned with ``image_names`` (one row per trial).
@@ -90,7 +102,8 @@ def open_trial_embeddings(
     (float16); ``valid`` is a bool array (False where the file flags the row
     invalid or does not list the image). ``image_ids`` and ``valid`` are read
     here (small); the embedding matrix only when computed. ``path`` may be
-    a URL, read with ``storage_options``.
+    a URL, read with ``storage_options``. ``trials_per_chunk`` is a number of
+    trials per chunk or the chunk sizes (e.g. the chunks of the betas).
 
     Raises
     ------

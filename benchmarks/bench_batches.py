@@ -1,0 +1,204 @@
+"""One training epoch over a masked session: trials/s and peak RSS, neurocube vs per-item loops.
+
+Generates a session-like ``.nii.gz`` (81x96x81x300 float32 by default, a third of
+the grid in the brain mask) and measures, each in a fresh subprocess (so peak
+RSS is its own), one epoch of masked trials:
+
+- ``load``: ``neurocube.load`` of the whole masked selection (the reference for (a));
+- (a) ``batches_gz``: ``neurocube.batches`` over the ``.nii.gz`` with its gzip index,
+  shuffled, batches of 64;
+- (b) ``batches_zarr``: the same over the selection's Zarr cache (``neurocube.cache``);
+- (c) ``map_random``: the map-style ``TrialDataset`` read item by item in a random
+  order from its chunk-aware sampler (chunks permuted, trials shuffled within the
+  LRU's window), as a ``DataLoader(ds, sampler=ds.sampler(...))`` would;
+- (d) ``isel_loop``: ``ds.isel(trial=i).values`` per trial, in a random order, on a
+  subset of trials and **extrapolated** to the epoch (the report says how many);
+- (e) ``nibabel_loop``: nibabel, one volume at a time through ``dataobj`` + the mask.
+
+Targets: (a) >= 0.8 x load; (b) >= 3 x (a); (c) >= 10 x (d). Writes
+``benchmarks/results/batches.json``.
+
+    python benchmarks/bench_batches.py              # full size (a few minutes)
+    python benchmarks/bench_batches.py --quick      # tiny, seconds (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _report import judge, write_report
+
+HERE = Path(__file__).resolve().parent
+
+
+def _rss_peak() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+
+
+def _rss_now() -> int:
+    """RSS now; also resets the peak mark read by :func:`_rss_peak`."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+
+
+def worker(name: str, path: str, mask_path: str, cache: str, subset: int) -> dict:
+    import dask
+    import dask.array as da
+    import numpy as np
+
+    import neurocube
+    from neurocube.datasets.training import TrialDataset
+
+    mask = np.load(mask_path)
+    da.ones(4, chunks=2).sum().compute()  # warm up dask (imports) outside the clock
+    ds = neurocube.open_nifti(path, mask=mask, cache_dir=cache).rename(data="betas")
+    n = ds.sizes["trial"]
+    zarr_store = str(Path(cache) / "zarr")
+    if name == "batches_zarr":
+        ds = neurocube.open_cached("bench-batches", store=zarr_store)
+    base = _rss_now()
+    trials = n
+    t0 = time.perf_counter()
+    checksum = 0.0
+    if name == "make_zarr":
+        neurocube.cache(ds, store=zarr_store, key="bench-batches", progress=False)
+    elif name == "load":
+        checksum = float(np.nansum(neurocube.load(ds.betas, progress=False).values[:, 0]))
+    elif name in ("batches_gz", "batches_zarr"):
+        for batch in neurocube.batches(ds, batch_size=64, seed=0):
+            checksum += float(np.nansum(batch["betas"][:, 0]))
+    elif name == "map_random":
+        items = TrialDataset(ds, cache_chunks=4)
+        for i in items.sampler(seed=0):
+            checksum += float(np.nansum(items[i]["betas"][0]))
+    elif name == "isel_loop":
+        order = np.random.default_rng(0).permutation(n)[:subset]
+        trials = len(order)
+        with dask.config.set(scheduler="threads"):
+            for i in order.tolist():
+                checksum += float(np.nansum(ds.betas.isel(trial=i).values[0]))
+    elif name == "nibabel_loop":
+        import nibabel as nib
+
+        img = nib.load(path, keep_file_open=True)
+        for t in range(img.shape[3]):
+            volume = np.asarray(img.dataobj[..., t], dtype=np.float32)
+            checksum += float(np.nansum(volume[mask][0]))
+    else:
+        raise SystemExit(f"unknown worker {name}")
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "trials": trials, "epoch_trials": n, "peak_rss": _rss_peak(),
+            "base_rss": base, "checksum": checksum}
+
+
+def run_worker(name: str, path: Path, mask_path: Path, cache: Path, subset: int) -> dict:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", name, str(path), str(mask_path), str(cache),
+         str(subset)],
+        capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny file (smoke test)")
+    parser.add_argument("--data", type=Path, default=HERE / "data" / "batches")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: results/batches.json (batches-quick.json with --quick)")
+    parser.add_argument("--worker", nargs=5, metavar=("NAME", "PATH", "MASK", "CACHE", "SUBSET"))
+    args = parser.parse_args()
+    if args.worker:
+        name, path, mask_path, cache, subset = args.worker
+        print(json.dumps(worker(name, path, mask_path, cache, int(subset))))
+        return 0
+
+    import nibabel as nib
+    import numpy as np
+
+    from neurocube.synthetic.session import make_session
+
+    if args.out is None:
+        args.out = HERE / "results" / ("batches-quick.json" if args.quick else "batches.json")
+    grid, n_trials, subset = ((20, 24, 20), 40, 10) if args.quick else ((81, 96, 81), 300, 40)
+    folder = args.data / ("quick" if args.quick else "full")
+    session_file = folder / "session.json"
+    if not session_file.exists():
+        print(f"generating {grid} x {n_trials} session in {folder} ...", flush=True)
+        s = make_session(folder, grid=grid, n_trials=n_trials, nan_fraction=0.01)
+        np.save(folder / "mask.npy", np.asarray(nib.load(str(s.brain_mask)).dataobj) > 0)
+        session_file.write_text(json.dumps({"betas": str(s.betas)}))
+    betas = Path(json.loads(session_file.read_text())["betas"])
+    mask_path = folder / "mask.npy"
+    cache = folder / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    with open(betas, "rb") as fh:  # warm the page cache: every method reads from RAM
+        while fh.read(64 << 20):
+            pass
+    run_worker("load", betas, mask_path, cache, subset)  # builds the gzip index
+    run_worker("make_zarr", betas, mask_path, cache, subset)
+
+    methods = ["load", "batches_gz", "batches_zarr", "map_random", "isel_loop", "nibabel_loop"]
+    results: dict[str, dict] = {}
+    for name in methods:
+        r = run_worker(name, betas, mask_path, cache, subset)
+        per_trial = r["seconds"] / r["trials"]
+        results[name] = {
+            "seconds": r["seconds"],
+            "trials_timed": r["trials"],
+            "epoch_seconds": per_trial * r["epoch_trials"],
+            "extrapolated": r["trials"] != r["epoch_trials"],
+            "trials_per_s": 1 / per_trial,
+            "peak_rss_mb": r["peak_rss"] / 1e6,
+            "rss_growth_mb": (r["peak_rss"] - r["base_rss"]) / 1e6,
+            "checksum": r["checksum"],
+        }
+        note = f" ({r['trials']} of {r['epoch_trials']} trials, extrapolated)" if (
+            results[name]["extrapolated"]) else ""
+        print(f"  {name:14s} {results[name]['trials_per_s']:10.1f} trials/s  "
+              f"peak {results[name]['peak_rss_mb']:7.0f} MB{note}", flush=True)
+
+    tps = {k: v["trials_per_s"] for k, v in results.items()}
+    ratios = {
+        "a_batches_gz_vs_load": tps["batches_gz"] / tps["load"],
+        "b_batches_zarr_vs_batches_gz": tps["batches_zarr"] / tps["batches_gz"],
+        "c_map_random_vs_isel_loop": tps["map_random"] / tps["isel_loop"],
+        "a_batches_gz_vs_nibabel_loop": tps["batches_gz"] / tps["nibabel_loop"],
+    }
+    targets = {
+        "a_batches_gz_vs_load": (">=", 0.8),
+        "b_batches_zarr_vs_batches_gz": (">=", 3.0),
+        "c_map_random_vs_isel_loop": (">=", 10.0),
+    }
+    verdicts = judge(ratios, targets)
+    report = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "python": platform.python_version()},
+        "data": {"grid": list(grid), "trials": n_trials, "gz_bytes": betas.stat().st_size,
+                 "isel_loop_subset": subset},
+        "notes": "isel_loop is timed on a random subset of trials and extrapolated to the epoch; "
+                 "map_random reads items in the dataset's chunk-aware random order (sampler()).",
+        "results": results,
+        "ratios": ratios,
+        "targets": {k: list(v) for k, v in targets.items()},
+        "met": verdicts,
+    }
+    write_report(args.out, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
