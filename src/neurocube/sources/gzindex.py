@@ -624,14 +624,20 @@ class _Stream:
         return self._high_water == 0 and not self.exported
 
     def seek(self, offset: int) -> None:
-        if self.hasher is not None and offset > self._high_water:
-            self.handle.seek(self._high_water)
+        if offset > self._high_water:  # rapidgzip checks the length only of what it read
+            self._seek(self._high_water)
             scratch = bytearray(min(offset - self._high_water, SEQUENTIAL_READ_BLOCK))
             while self._high_water < offset:  # read the gap: every byte gets its checksum
                 want = min(len(scratch), offset - self._high_water)
                 if not self.readinto(memoryview(scratch)[:want]):
                     break
-        self.handle.seek(offset)
+        self._seek(offset)
+
+    def _seek(self, offset: int) -> None:
+        try:
+            self.handle.seek(offset)
+        except Exception as exc:  # rapidgzip inflates (and checks) while it seeks
+            raise _gzip_error(self.path, exc, offset) from exc
 
     def readinto(self, view: memoryview) -> int:
         before = int(self.handle.tell())
@@ -655,12 +661,13 @@ class _Stream:
         the file) when the stream does not end as its trailer says.
         """
         scratch = memoryview(bytearray(SEQUENTIAL_READ_BLOCK))
-        self.handle.seek(max(self._high_water, int(self.handle.tell())))
+        self._seek(max(self._high_water, int(self.handle.tell())))
         while self.readinto(scratch):
             pass
         if self.failure is not None:  # indexed_gzip read on past the damage rapidgzip found
             raise self.failure
         if self.kind == "rapidgzip":
+            _check_trailer(self.spec, int(self.handle.tell()))
             self.verified = True
         return self.verified
 
@@ -679,6 +686,55 @@ class _Stream:
         self._bars.close()
         self.handle.close()
         _release_stream_threads(self.threads)
+
+
+def _check_trailer(spec: GzipIndexSpec, total: int) -> None:
+    """Check that the file ends with a gzip trailer for ``total`` inflated bytes.
+
+    rapidgzip checks the CRC32 and length of every trailer it meets, but a
+    stream cut inside its last (empty) block ends without one and without an
+    error (measured with rapidgzip 0.16). The trailer's ISIZE must be the
+    length mod 2**32; if it is not (a file of several gzip members, whose
+    last trailer counts its own member only), zlib inflates the file once to
+    decide.
+    """
+    import zlib
+
+    size = _compressed_size(spec)
+    if size < 8:
+        raise TruncatedFileError(f"{spec.path}: {size} bytes cannot hold a gzip stream.")
+    if spec.remote:
+        tail = storage.read_range(spec.path, size - 8, size, spec.storage_options)
+    else:
+        with storage.open_file(spec.path) as fh:
+            fh.seek(size - 8)
+            tail = fh.read(8)
+    if struct.unpack("<I", tail[4:8])[0] == total & 0xFFFFFFFF:
+        return
+    inflater = zlib.decompressobj(31)
+    done = 0
+    ended = False  # the last member seen so far reached its trailer
+    try:
+        source = _source(spec)
+        fh = storage.open_file(source) if isinstance(source, str) else source
+        with contextlib.closing(fh):
+            while block := fh.read(1 << 20):
+                while block:
+                    done += len(inflater.decompress(block))
+                    if not inflater.eof:
+                        break
+                    ended, block = True, inflater.unused_data
+                    if not block.strip(b"\0"):  # trailing zero padding
+                        break
+                    inflater, ended = zlib.decompressobj(31), False  # the next member
+    except zlib.error as exc:
+        raise _gzip_error(spec.path, exc, done) from exc
+    if not ended or done != total:
+        raise TruncatedFileError(
+            f"{spec.path}: the gzip stream ends without its trailer (CRC32 and length) after "
+            f"{done} inflated bytes: the file is truncated, and none of its values are "
+            "returned. Re-download or re-write it."
+        )
 
 
 def _gzip_error(path: str, exc: BaseException, at: int) -> NeurocubeError:
@@ -728,9 +784,14 @@ def has_index(spec: GzipIndexSpec | None) -> bool:
 
 
 def _readinto_exact(handle: Any, view: memoryview, start: int, path: str) -> None:
-    handle.seek(start)
     got = 0
     total = len(view)
+    try:
+        handle.seek(start)
+    except NeurocubeError:
+        raise
+    except (OSError, EOFError, ValueError, RuntimeError) as exc:  # seeking inflates too
+        raise _gzip_error(path, exc, start) from exc
     while got < total:
         try:
             n = handle.readinto(view[got:])

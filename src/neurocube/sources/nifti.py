@@ -499,11 +499,9 @@ class NiftiSpec(_VolumeGeometry):
                 )
             except TruncatedFileError as exc:
                 where = getattr(exc, "offset", None)
-                bad = (
-                    start
-                    if where is None
-                    else max(start, (where - self.vox_offset) // self.volume_bytes)
-                )
+                if where is None:  # the damage has no place (a missing trailer)
+                    raise
+                bad = max(start, (where - self.vox_offset) // self.volume_bytes)
                 raise TruncatedFileError(
                     f"{exc} Volume {bad} of {self.n_volumes} (0-based) is the first that cannot "
                     f"be read (while reading volumes {start}..{stop - 1})."
