@@ -7,9 +7,13 @@ each ``.nii.gz`` neurocube reads, in neurocube's cache folder, never beside the
 data:
 
 - first read: the file is streamed once, in order, through one shared handle
-  per process (rapidgzip when installed: faster than single-core zlib; else
-  indexed_gzip), which records seek points as it goes; when the stream has
-  passed the end of the data the index is exported atomically;
+  per process (rapidgzip's parallel decoder on all cores, :data:`STREAM_THREADS`;
+  indexed_gzip if rapidgzip is missing), which records seek points and a
+  checksum of every volume as it goes; the stream is read to its end, where
+  rapidgzip checks the gzip CRC32 and length (and neurocube the trailer's
+  presence), and the index is exported atomically from that same pass. No
+  value read through the stream is handed out before that check: a partial
+  first read goes on to the end of the file (see :func:`read_range`);
 - later reads: every thread opens its own indexed_gzip reader on the index and
   seeks straight to the bytes it needs, so chunks inflate in parallel (the
   libraries release the GIL) and in any order;
@@ -25,6 +29,18 @@ seek points around the volumes it needs. Indexes of objects are keyed by the
 URL, the size and the ETag (never a local mtime) and can be shared through an
 *index store* (a folder or URL, ``NEUROCUBE_INDEX_STORE``), so that a team or a
 cluster builds each one once.
+
+Verification. The index's JSON sidecar records, besides the file's identity,
+the CRC32 of the index file, one checksum per volume (:data:`VOLUME_SUM`,
+over the uncompressed bytes) and a CRC32 of its own content. Every read through
+the index checks the volumes it returns (:func:`check_volumes`): a mismatch is
+a :class:`~neurocube.errors.CorruptDataError` naming the file and the volume. A
+damaged index or sidecar is deleted and rebuilt with an
+:class:`IndexRebuildWarning`. Sidecars written before volume checksums existed
+are treated the same way (rebuilt by one verified pass on their next use: the
+choice made for old indexes). An index the caller names (``index=path``) has
+no neurocube sidecar unless one lies beside it; its volume checksums are then
+computed by one full pass per process before the first read through it.
 
 Index files of local files are keyed by the file's identity (path, size, mtime, hash of its
 first and last MiB), in two steps so that opening a file reads nothing but its
