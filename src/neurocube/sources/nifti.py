@@ -949,7 +949,10 @@ def direct_load(
         # First read (or indexing disabled): one sequential pass, which records the seek
         # index, gathered straight into the rows. Through Dask's ordered graph the chunks
         # read ahead of their stores piled up (about the output again, measured).
-        arr.read_masked_into(out, 0, arr.shape[0])
+        if arr.volumes is None and workers_for(num_workers) > 1:
+            _first_pass_pipelined(arr, out)
+        else:
+            arr.read_masked_into(out, 0, arr.shape[0])
         return out
     if arr.spec.gzip is not None and not gzindex.index_usable(arr.spec.gzip):
         return None  # stale cached index (deleted with a warning): Dask's graph streams
@@ -975,6 +978,43 @@ def direct_load(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(read, range(runs)))
     return out
+
+
+def workers_for(num_workers: int | None) -> int:
+    """Threads a load may use: ``num_workers``, else Dask's setting, else every core."""
+    import dask
+
+    return int(num_workers or dask.config.get("num_workers", None) or os.cpu_count() or 1)
+
+
+def _first_pass_pipelined(arr: VolumeArray, out: np.ndarray) -> None:
+    """Fill ``out`` from a first pass, reading and gathering in two threads.
+
+    This thread reads pieces of whole volumes from the pass (rapidgzip
+    decodes ahead on its own threads) into two alternating buffers; a helper
+    gathers the masked voxels of the previous piece meanwhile, so the reader
+    goes back to the decoder at once. The pass is verified (CRC32 to the end
+    of the stream) before ``out`` is returned.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    spec = arr.spec
+    assert spec.gzip is not None and arr.voxels is not None
+    step = max(1, READ_BLOCK // max(spec.volume_bytes, 1))
+    buffers = [np.empty(step * spec.volume_bytes, np.uint8) for _ in range(2)]
+    raw_dtype = np.dtype(spec.dtype)
+    n = spec.n_volumes
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for k, a in enumerate(range(0, n, step)):
+            b = min(n, a + step)
+            raw = spec.read_volumes(a, b, buffers[k % 2], verify=False)
+            if pending is not None:
+                pending.result()  # the other buffer is free again
+            pending = pool.submit(arr._gather, raw, out[a:b], raw_dtype)
+        if pending is not None:
+            pending.result()
+    gzindex.ensure_verified(spec.gzip, data_end=spec.data_end, volumes=spec.volume_layout)
 
 
 def _load_stacked(
