@@ -38,6 +38,8 @@ from pathlib import Path
 from _report import judge, write_report
 
 HERE = Path(__file__).resolve().parent
+SINGLE_THREADED = {"limit_zlib_stream", "nibabel_volume_loop", "nibabel_get_fdata",
+                   "laion_streaming", "nilearn_masker"}
 
 
 # --------------------------------------------------------------------------- workers
@@ -78,19 +80,34 @@ def worker(name: str, path: str, mask_path: str, cache: str, threads: int) -> di
     import xarray  # noqa: F401
 
     import neurocube
-    from neurocube.sources import nifti  # noqa: F401
+    from neurocube.sources import (
+        gzindex,
+        nifti,  # noqa: F401
+    )
 
     da.ones(4, chunks=2).sum().compute()
+    gzindex.STREAM_THREADS = threads  # a first pass decodes on this many threads
+    if name.endswith("_noverify"):  # the same read without per-volume checksums (their cost)
+        name = name[: -len("_noverify")]
+        gzindex.VERIFY_VOLUMES = False
     base = _rss_now()
     t0 = time.perf_counter()
-    if name in ("neurocube_first", "neurocube_indexed", "neurocube_indexed_compute"):
+    if name in ("neurocube_first", "neurocube_indexed", "neurocube_indexed_compute",
+                "neurocube_first_compute"):
         ds = neurocube.open_nifti(path, mask=mask, cache_dir=cache)
         with dask.config.set(scheduler="threads", num_workers=threads):
-            if name == "neurocube_indexed_compute":  # dask's gather + concatenate
+            if name.endswith("_compute"):  # dask's gather + concatenate (= .values)
                 out = ds.data.values
             else:  # chunks stored into one preallocated output
                 out = neurocube.load(ds.data, progress=False).values
         out_bytes = out.nbytes
+    elif name in ("neurocube_first_cache", "neurocube_indexed_cache"):
+        ds = neurocube.open_nifti(path, mask=mask, cache_dir=cache)
+        store = Path(cache) / "zarr"
+        shutil.rmtree(store, ignore_errors=True)
+        with dask.config.set(scheduler="threads", num_workers=threads):
+            neurocube.cache(ds, store=store, key="bench")
+        out_bytes = 0
     elif name in ("neurocube_trial_first", "neurocube_trial_last"):
         ds = neurocube.open_nifti(path, mask=mask, cache_dir=cache, chunks=1)
         t = 0 if name.endswith("first") else -1
@@ -133,6 +150,13 @@ def worker(name: str, path: str, mask_path: str, cache: str, threads: int) -> di
                 inflater.decompress(block)
     elif name in ("limit_parallel_inflate_igz", "limit_parallel_inflate_rapidgzip"):
         _parallel_inflate(path, cache, threads, name.rsplit("_", 1)[1])
+    elif name == "limit_rapidgzip_noindex":  # rapidgzip's parallel decoder, no index at all
+        import rapidgzip
+
+        with rapidgzip.RapidgzipFile(path, parallelization=threads) as fh:
+            buf = memoryview(bytearray(4 << 20))
+            while fh.readinto(buf):
+                pass
     else:
         raise SystemExit(f"unknown worker {name}")
     seconds = time.perf_counter() - t0
@@ -265,56 +289,90 @@ def main() -> int:
         while fh.read(64 << 20):
             pass
 
-    methods = [
-        "limit_zlib_stream",
-        "neurocube_first",  # (cache cleared before each repeat)
-        "limit_parallel_inflate_igz",
-        "limit_parallel_inflate_rapidgzip",
-        "neurocube_indexed",
-        "neurocube_indexed_compute",
-        "neurocube_trial_first",
-        "neurocube_trial_last",
-        "nibabel_volume_loop",
-        "nibabel_get_fdata",
-        "laion_streaming",
+    # (method, threads): every figure of one run; "@1t" / "@2t" rows are the scaling runs.
+    scaling = sorted({1, 2, threads})
+    methods: list[tuple[str, int]] = [
+        ("limit_zlib_stream", 1),
+        *[("limit_rapidgzip_noindex", t) for t in scaling],
+        *[("neurocube_first", t) for t in scaling],  # (cache cleared before each repeat)
+        ("neurocube_first_compute", threads),
+        ("neurocube_first_cache", threads),
+        *[("limit_parallel_inflate_igz", t) for t in scaling],
+        ("limit_parallel_inflate_rapidgzip", threads),
+        *[("neurocube_indexed", t) for t in scaling],
+        ("neurocube_indexed_noverify", threads),
+        ("neurocube_indexed_compute", threads),
+        ("neurocube_indexed_compute_noverify", threads),
+        ("neurocube_indexed_cache", threads),
+        ("neurocube_trial_first", threads),
+        ("neurocube_trial_last", threads),
+        ("nibabel_volume_loop", 1),
+        ("nibabel_get_fdata", 1),
+        ("laion_streaming", 1),
     ]
     try:
         import nilearn  # noqa: F401
 
-        methods.append("nilearn_masker")
+        methods.append(("nilearn_masker", 1))
     except ImportError:
         print("nilearn not installed: skipping NiftiMasker (pip install -e '.[bench]')")
 
+    def label(name: str, t: int) -> str:
+        return name if t == threads or name in SINGLE_THREADED else f"{name}@{t}t"
+
     results: dict[str, dict] = {}
-    for name in methods:
+    for name, t in methods:
         runs = []
         for _ in range(repeats):
-            if name == "neurocube_first":
+            if name.startswith("neurocube_first"):
                 shutil.rmtree(cache, ignore_errors=True)
             if name.startswith(("limit_parallel", "neurocube_indexed")) and not (
                 cache / "gzindex"
             ).exists():
                 run_worker("neurocube_first", betas, mask_path, cache, threads)
-            runs.append(run_worker(name, betas, mask_path, cache, threads))
+            runs.append(run_worker(name, betas, mask_path, cache, t))
         secs = [r["seconds"] for r in runs]
         med = statistics.median(secs)
-        results[name] = {
+        key = label(name, t)
+        results[key] = {
+            "threads": t,
             "seconds_median": med,
             "seconds_all": secs,
             "mb_per_s": raw_bytes / 1e6 / med,
+            "mb_per_s_per_thread": raw_bytes / 1e6 / med / t,
             "peak_rss_mb": statistics.median(r["peak_rss"] for r in runs) / 1e6,
             "rss_growth_mb": statistics.median(r["peak_rss"] - r["base_rss"] for r in runs) / 1e6,
             "out_mb": runs[0]["out_bytes"] / 1e6,
         }
-        print(f"  {name:24s} {med:8.3f} s  {results[name]['mb_per_s']:8.1f} MB/s  "
-              f"peak {results[name]['peak_rss_mb']:7.0f} MB", flush=True)
+        print(f"  {key:34s} {med:8.3f} s  {results[key]['mb_per_s']:8.1f} MB/s  "
+              f"peak {results[key]['peak_rss_mb']:7.0f} MB", flush=True)
 
     r = results
     out_mb = r["neurocube_indexed"]["out_mb"]
+    noindex_limit = r["limit_rapidgzip_noindex"]["mb_per_s"]
     limit = max(r["limit_parallel_inflate_igz"]["mb_per_s"],
-                r["limit_parallel_inflate_rapidgzip"]["mb_per_s"])
+                r["limit_parallel_inflate_rapidgzip"]["mb_per_s"], noindex_limit)
+    one = "@1t" if threads != 1 else ""
+    two = "@2t" if threads != 2 else ""
     ratios = {
-        "indexed_vs_parallel_inflate": r["neurocube_indexed"]["mb_per_s"] / limit,
+        "first_read_load_vs_noindex_limit": r["neurocube_first"]["mb_per_s"] / noindex_limit,
+        "first_read_values_vs_noindex_limit": r["neurocube_first_compute"]["mb_per_s"]
+        / noindex_limit,
+        "first_read_cache_vs_noindex_limit": r["neurocube_first_cache"]["mb_per_s"]
+        / noindex_limit,
+        "indexed_load_vs_all_cores_limit": r["neurocube_indexed"]["mb_per_s"] / limit,
+        "indexed_values_vs_all_cores_limit": r["neurocube_indexed_compute"]["mb_per_s"] / limit,
+        "indexed_cache_vs_all_cores_limit": r["neurocube_indexed_cache"]["mb_per_s"] / limit,
+        "first_read_2_threads_vs_1": r[f"neurocube_first{two}"]["mb_per_s"]
+        / r[f"neurocube_first{one}"]["mb_per_s"],
+        "noindex_limit_2_threads_vs_1": r[f"limit_rapidgzip_noindex{two}"]["mb_per_s"]
+        / r[f"limit_rapidgzip_noindex{one}"]["mb_per_s"],
+        "indexed_load_2_threads_vs_1": r[f"neurocube_indexed{two}"]["mb_per_s"]
+        / r[f"neurocube_indexed{one}"]["mb_per_s"],
+        "verified_vs_unverified_load": r["neurocube_indexed"]["mb_per_s"]
+        / r["neurocube_indexed_noverify"]["mb_per_s"],
+        "verified_vs_unverified_values": r["neurocube_indexed_compute"]["mb_per_s"]
+        / r["neurocube_indexed_compute_noverify"]["mb_per_s"],
         "indexed_vs_nibabel_volume_loop": r["neurocube_indexed"]["mb_per_s"]
         / r["nibabel_volume_loop"]["mb_per_s"],
         "first_read_vs_zlib_stream": r["neurocube_first"]["mb_per_s"]
@@ -325,20 +383,35 @@ def main() -> int:
         / r["neurocube_trial_first"]["seconds_median"],
         "indexed_rss_growth_minus_output_mb": r["neurocube_indexed"]["rss_growth_mb"] - out_mb,
         "first_rss_growth_minus_output_mb": r["neurocube_first"]["rss_growth_mb"] - out_mb,
+        "first_values_rss_growth_minus_2x_output_mb": r["neurocube_first_compute"]["rss_growth_mb"]
+        - 2 * out_mb,
+        "indexed_values_rss_growth_minus_2x_output_mb":
+        r["neurocube_indexed_compute"]["rss_growth_mb"] - 2 * out_mb,
     }
     targets = {
-        "indexed_vs_parallel_inflate": (">=", 0.8),
+        "first_read_load_vs_noindex_limit": (">=", 0.8),
+        "first_read_values_vs_noindex_limit": (">=", 0.8),
+        "first_read_cache_vs_noindex_limit": (">=", 0.8),
+        "indexed_load_vs_all_cores_limit": (">=", 0.9),
+        "indexed_values_vs_all_cores_limit": (">=", 0.8),
+        "indexed_cache_vs_all_cores_limit": (">=", 0.8),
+        "first_read_2_threads_vs_1": (">=", 1.6),
+        "verified_vs_unverified_load": (">=", 0.95),
+        "verified_vs_unverified_values": (">=", 0.95),
         "indexed_vs_nibabel_volume_loop": (">=", 3.0),
-        "first_read_vs_zlib_stream": (">=", 0.8),
         "last_trial_vs_first_trial_time": ("<=", 2.0),
         "indexed_rss_growth_minus_output_mb": ("<=", 200.0),
         "first_rss_growth_minus_output_mb": ("<=", 200.0),
+        "first_values_rss_growth_minus_2x_output_mb": ("<=", 200.0),
+        "indexed_values_rss_growth_minus_2x_output_mb": ("<=", 200.0),
     }
-    print("\n| method | median s | MB/s (uncompressed) | peak RSS MB | RSS growth MB |")
-    print("|---|---:|---:|---:|---:|")
+    print("\n| method | threads | median s | MB/s (uncompressed) | MB/s per thread | peak RSS MB "
+          "| RSS growth MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, v in r.items():
-        print(f"| {name} | {v['seconds_median']:.3f} | {v['mb_per_s']:.1f} | "
-              f"{v['peak_rss_mb']:.0f} | {v['rss_growth_mb']:.0f} |")
+        print(f"| {name} | {v['threads']} | {v['seconds_median']:.3f} | {v['mb_per_s']:.1f} | "
+              f"{v['mb_per_s_per_thread']:.1f} | {v['peak_rss_mb']:.0f} | "
+              f"{v['rss_growth_mb']:.0f} |")
     verdicts = judge(ratios, targets, digits=2)
     report = {
         "benchmark": "nifti",

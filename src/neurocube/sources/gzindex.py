@@ -7,9 +7,13 @@ each ``.nii.gz`` neurocube reads, in neurocube's cache folder, never beside the
 data:
 
 - first read: the file is streamed once, in order, through one shared handle
-  per process (rapidgzip when installed: faster than single-core zlib; else
-  indexed_gzip), which records seek points as it goes; when the stream has
-  passed the end of the data the index is exported atomically;
+  per process (rapidgzip's parallel decoder on all cores, :data:`STREAM_THREADS`;
+  indexed_gzip if rapidgzip is missing), which records seek points and a
+  checksum of every volume as it goes; the stream is read to its end, where
+  rapidgzip checks the gzip CRC32 and length (and neurocube the trailer's
+  presence), and the index is exported atomically from that same pass. No
+  value read through the stream is handed out before that check: a partial
+  first read goes on to the end of the file (see :func:`read_range`);
 - later reads: every thread opens its own indexed_gzip reader on the index and
   seeks straight to the bytes it needs, so chunks inflate in parallel (the
   libraries release the GIL) and in any order;
@@ -25,6 +29,18 @@ seek points around the volumes it needs. Indexes of objects are keyed by the
 URL, the size and the ETag (never a local mtime) and can be shared through an
 *index store* (a folder or URL, ``NEUROCUBE_INDEX_STORE``), so that a team or a
 cluster builds each one once.
+
+Verification. The index's JSON sidecar records, besides the file's identity,
+the CRC32 of the index file, one checksum per volume (:data:`VOLUME_SUM`,
+over the uncompressed bytes) and a CRC32 of its own content. Every read through
+the index checks the volumes it returns (:func:`check_volumes`): a mismatch is
+a :class:`~neurocube.errors.CorruptDataError` naming the file and the volume. A
+damaged index or sidecar is deleted and rebuilt with an
+:class:`IndexRebuildWarning`. Sidecars written before volume checksums existed
+are treated the same way (rebuilt by one verified pass on their next use: the
+choice made for old indexes). An index the caller names (``index=path``) has
+no neurocube sidecar unless one lies beside it; its volume checksums are then
+computed by one full pass per process before the first read through it.
 
 Index files of local files are keyed by the file's identity (path, size, mtime, hash of its
 first and last MiB), in two steps so that opening a file reads nothing but its
@@ -55,6 +71,7 @@ from typing import Any
 
 from neurocube import config, storage
 from neurocube.errors import (
+    CorruptDataError,
     DataNotFoundError,
     IndexMismatchError,
     NeurocubeError,
@@ -78,8 +95,8 @@ _MAGIC = b"GZIDX"
 SPACING = 4 << 20  # one seek point per 4 MiB of uncompressed data
 INDEXED_READ_BLOCK = 32 << 20  # bytes per read call through an index (one call per chunk)
 SEQUENTIAL_READ_BLOCK = 4 << 20  # bytes per read call of a forward pass (open_sequential)
-STREAM_THREADS = max(1, min(os.cpu_count() or 1, 4))  # rapidgzip's own inflate threads
-DECODED_CHUNK = 4 << 20
+STREAM_THREADS = max(1, os.cpu_count() or 1)  # a first pass decodes on all cores (rapidgzip)
+DECODED_CHUNK = 6 << 20  # rapidgzip chunk size of a first pass, in decoded bytes (2 threads)
 
 
 _STREAM_THREADS_IN_USE = 0
@@ -106,20 +123,123 @@ def _release_stream_threads(threads: int) -> None:
         _STREAM_THREADS_IN_USE = max(0, _STREAM_THREADS_IN_USE - threads)
 
 
-def stream_chunk_size(compressed: int, uncompressed: int) -> int:
-    """Return a rapidgzip chunk size (in *compressed* bytes) that decodes to about 4 MiB.
+def stream_chunk_size(compressed: int, uncompressed: int, threads: int = 2) -> int:
+    """Return a rapidgzip chunk size (in *compressed* bytes) for a first pass on ``threads``.
 
-    rapidgzip's chunk size counts compressed bytes, so its memory grows with
-    the compression ratio: a session that compresses 30:1 (zeros outside the
-    brain) held over 1 GB of decoded chunks at the default 4 MiB. Sizing the
-    chunk from the file's own ratio keeps the decoded chunks near 4 MiB
-    (measured: ~100 MB of RSS at 2 threads, both on 3:1 and on 60:1 data),
-    between 64 KiB and 1 MiB of compressed bytes.
+    rapidgzip's chunk size counts compressed bytes, and it holds about ``2 *
+    threads + 1`` chunks decoded, so its memory grows with the compression ratio
+    and the thread count: a session that compresses 30:1 (zeros outside the
+    brain) held over 1 GB at the default 4 MiB. The chunk is sized from the
+    file's own ratio to decode to about :data:`DECODED_CHUNK` at 2 threads
+    (less per chunk with more threads, at least 2 MiB), between 64 KiB and
+    2 MiB of compressed bytes. Smaller chunks cost CPU: on 3:1 data, 1 MiB
+    chunks took ~20 % more CPU per byte than 4 MiB ones, 2 MiB ~5 % (measured).
     """
     if compressed <= 0 or uncompressed <= 0:
         return 256 << 10
     ratio = max(1.0, uncompressed / compressed)
-    return int(min(1 << 20, max(64 << 10, DECODED_CHUNK / ratio)))
+    decoded = max(2 << 20, DECODED_CHUNK * 5 / (2 * max(1, threads) + 1))
+    return int(min(2 << 20, max(64 << 10, decoded / ratio)))
+
+
+# --- per-volume checksums -----------------------------------------------------------------
+#
+# The gzip CRC32 covers the whole stream and is checked only by a full sequential pass; reads
+# through an index (indexed_gzip seeking to a point) check nothing. The first pass therefore
+# records one checksum per volume in the index's sidecar, and every indexed read checks the
+# volumes it returns. The checksum: each 4 KiB block of the volume is summed as little-endian
+# uint64 words (mod 2**64; a last partial block is zero-padded to whole words), and the CRC32 of
+# those block sums is the volume's checksum. Summing runs at memory speed (about 4x zlib.crc32
+# measured), so verifying costs a few % of inflating; the CRC over the sums makes the result
+# depend on every block and its position, and a changed byte always changes its block's sum.
+
+Volumes = tuple[int, int, int]  # (offset of the first volume, bytes per volume, count)
+VOLUME_SUM = "sum64x4k-crc32"
+VERIFY_VOLUMES = True  # False only in benchmarks, to measure what verification costs
+SUM_BLOCK = 4096
+_SUM_WORDS = SUM_BLOCK // 8
+
+
+def _block_sums(data: Any) -> Any:
+    """Return the uint64 sums of the 4 KiB blocks of ``data`` (bytes-like; length any)."""
+    import numpy as np
+
+    raw = np.frombuffer(data, dtype=np.uint8)
+    full = raw.size // SUM_BLOCK
+    head = raw[: full * SUM_BLOCK].view("<u8").reshape(full, _SUM_WORDS)
+    sums = head.sum(axis=1, dtype=np.uint64)
+    rest = raw[full * SUM_BLOCK :]
+    if rest.size:
+        padded = np.zeros(-(-rest.size // 8) * 8, dtype=np.uint8)
+        padded[: rest.size] = rest
+        sums = np.append(sums, padded.view("<u8").sum(dtype=np.uint64))
+    return sums
+
+
+def volume_checksum(data: Any) -> int:
+    """Return the checksum (:data:`VOLUME_SUM`) of one volume's uncompressed bytes."""
+    import zlib
+
+    return zlib.crc32(_block_sums(data).astype("<u8").tobytes())
+
+
+class VolumeHasher:
+    """Per-volume checksums of a stream fed in order, in pieces that need not align to volumes.
+
+    ``feed(pos, data)`` takes the uncompressed bytes at ``pos`` (the next position expected);
+    bytes outside ``[offset, offset + size * count)`` are ignored. :attr:`sums` grows by one
+    checksum per finished volume.
+    """
+
+    def __init__(self, offset: int, size: int, count: int) -> None:
+        self.offset, self.size, self.count = offset, size, count
+        self.position = 0
+        self.sums: list[int] = []
+        self._crc = 0
+        self._carry = bytearray()  # the unfinished 4 KiB block of the current volume
+
+    @property
+    def complete(self) -> bool:
+        """True once every volume has its checksum."""
+        return len(self.sums) >= self.count
+
+    def feed(self, pos: int, data: Any) -> None:
+        import zlib
+
+        if pos != self.position:
+            raise ValueError(f"volume checksums fed out of order ({pos} after {self.position})")
+        view = memoryview(data).cast("B")
+        n = len(view)
+        i = 0
+        while i < n and not self.complete:
+            vol_start = self.offset + len(self.sums) * self.size
+            here = pos + i
+            if here < vol_start:  # header or extension bytes
+                i += min(n - i, vol_start - here)
+                continue
+            done = here - vol_start  # bytes of this volume already fed
+            take = min(n - i, self.size - done)
+            piece = view[i : i + take]
+            j = 0
+            if self._carry:
+                j = min(take, SUM_BLOCK - len(self._carry))
+                self._carry += piece[:j]
+                if len(self._carry) == SUM_BLOCK:
+                    self._crc = zlib.crc32(_block_sums(self._carry).astype("<u8"), self._crc)
+                    self._carry.clear()
+            whole = (take - j) // SUM_BLOCK * SUM_BLOCK
+            if whole:
+                sums = _block_sums(piece[j : j + whole])
+                self._crc = zlib.crc32(sums.astype("<u8"), self._crc)
+            self._carry += piece[j + whole :]
+            i += take
+            if done + take == self.size:  # the volume is complete
+                if self._carry:
+                    self._crc = zlib.crc32(_block_sums(self._carry).astype("<u8"), self._crc)
+                    self._carry.clear()
+                self.sums.append(self._crc)
+                self._crc = 0
+        self.position = pos + n
 
 
 class IndexWriteWarning(NeurocubeWarning):
@@ -319,6 +439,12 @@ _STATE_LOCK = threading.Lock()
 # even one that puts the old size and mtime back.
 _VERIFIED: set[tuple[str, str, int, int | str, int]] = set()
 _VERIFY_LOCK = threading.Lock()
+# Per-volume checksums of an index, per index path: ((offset, size, count), uint32 sums).
+_SUMS: dict[str, tuple[tuple[int, int, int], Any]] = {}
+_SUMS_LOCK = threading.Lock()
+# File versions (see _version, index part "") a stream of this process read in full with a
+# matching CRC32 and length.
+_PASSED: set[tuple[str, str, int, int | str, int]] = set()
 
 
 def _version(spec: GzipIndexSpec, index_path: str) -> tuple[str, str, int, int | str, int]:
@@ -355,9 +481,7 @@ def _cached_index_usable(spec: GzipIndexSpec, index_path: str) -> bool:
             return False
         sidecar = Path(index_path).with_suffix(".json")
         try:
-            recorded = json.loads(sidecar.read_text())
-            if not isinstance(recorded, dict):
-                raise ValueError(f"expected a JSON object, found {type(recorded).__name__}")
+            recorded = _unseal(sidecar.read_text())
         except (OSError, ValueError) as exc:
             _discard_cached_index(
                 spec, index_path, f"has no readable identity sidecar {sidecar.name} ({exc})"
@@ -378,6 +502,23 @@ def _cached_index_usable(spec: GzipIndexSpec, index_path: str) -> bool:
                 "and modification time)",
             )
             return False
+        try:
+            volumes = _parse_volumes(recorded)
+        except ValueError as exc:
+            _discard_cached_index(spec, index_path, f"cannot be trusted: its sidecar {exc}")
+            return False
+        try:
+            crc = _file_crc32(index_path)
+        except OSError:
+            return False  # another thread deleted it meanwhile
+        if crc != recorded.get("index_crc32"):
+            _discard_cached_index(
+                spec, index_path, f"is damaged (its CRC32 is {crc:#010x}, its sidecar recorded "
+                f"{recorded.get('index_crc32')!r})"
+            )
+            return False
+        with _SUMS_LOCK:
+            _SUMS[index_path] = volumes
         _VERIFIED.add(version)
         return True
 
@@ -406,13 +547,26 @@ def _indexed_gzip_file(spec: GzipIndexSpec, **kwargs: Any) -> Any:
 
 
 class _Stream:
-    """One sequential reader of a ``.gz`` that records seek points as it goes."""
+    """The first pass over a ``.gz``: one sequential reader that records seek points as it goes.
+
+    rapidgzip decodes ahead on :data:`STREAM_THREADS` threads (all cores) without an index and
+    checks the gzip CRC32 and length when the stream reaches its end. Bytes that pass the
+    stream's high-water mark for the first time also feed a :class:`VolumeHasher` (the
+    per-volume checksums stored with the index). A forward seek past the high-water mark reads
+    the gap, so the checksums always cover every byte.
+    """
 
     def __init__(
-        self, spec: GzipIndexSpec, *, uncompressed_size: int = 0, indexing: bool = True
+        self,
+        spec: GzipIndexSpec,
+        *,
+        uncompressed_size: int = 0,
+        indexing: bool = True,
+        volumes: tuple[int, int, int] | None = None,
     ) -> None:
         self.spec = spec
         self.path = path = spec.path
+        self.data_end = uncompressed_size
         self.kind: str
         self.handle: Any
         try:
@@ -422,7 +576,9 @@ class _Stream:
             self.handle = rapidgzip.RapidgzipFile(
                 _source(spec),
                 parallelization=self.threads,
-                chunk_size=stream_chunk_size(_compressed_size(spec), uncompressed_size),
+                chunk_size=stream_chunk_size(
+                    _compressed_size(spec), uncompressed_size, self.threads
+                ),
             )
             self.kind = "rapidgzip"
         except ImportError:
@@ -431,6 +587,9 @@ class _Stream:
             self.kind = "indexed_gzip"
         self.exported = False
         self.closed = False
+        self.verified = False  # the whole stream was read and its CRC32 and length matched
+        self.failure: NeurocubeError | None = None  # rapidgzip found damage: never deliver
+        self.hasher = None if volumes is None else VolumeHasher(*volumes)
         self._high_water = 0
         self._bars = contextlib.ExitStack()
         from neurocube.progress import progress_bar
@@ -439,40 +598,94 @@ class _Stream:
         self.bar = self._bars.enter_context(progress_bar(uncompressed_size or None, label))
 
     def use_indexed_gzip(self) -> None:
-        """Switch to indexed_gzip (after rapidgzip failed on a damaged file).
+        """Switch to indexed_gzip (after rapidgzip failed on a damaged file), to locate the damage.
 
         rapidgzip gives up on a truncated or corrupt stream as a whole, where
-        indexed_gzip inflates up to the damage: the volumes before it stay
-        readable and the error names the right place.
+        indexed_gzip inflates up to the damage, so the error can name the first
+        volume that cannot be read. indexed_gzip checks no CRC: the stream is
+        marked failed and delivers nothing after this.
         """
         self.handle.close()
         self.handle = _indexed_gzip_file(self.spec, spacing=SPACING)
         self.kind = "indexed_gzip"
+        self.hasher = None
         _release_stream_threads(self.threads)
         self.threads = 0
+
+    def locate_damage(self) -> None:
+        """Read on (indexed_gzip, small reads) to the first byte that cannot be inflated; raise.
+
+        indexed_gzip ends early on a truncated stream without an error and
+        inflates some damage without noticing: the first is reported where
+        the data ends short of the header's size, the second with rapidgzip's
+        error.
+        """
+        scratch = memoryview(bytearray(4096))
+        while self.readinto(scratch):
+            pass
+        at = int(self.handle.tell())
+        if at < self.data_end:
+            err = TruncatedFileError(
+                f"{self.path}: the gzip stream ends at uncompressed byte {at}, but the header "
+                f"promises {self.data_end} bytes. The file is truncated or corrupt: "
+                "re-download or re-write it."
+            )
+            err.offset = at  # type: ignore[attr-defined]
+            raise err
+        assert self.failure is not None
+        raise self.failure
 
     def untouched(self) -> bool:
         """Return True while nothing has been read through this stream (no seek points yet)."""
         return self._high_water == 0 and not self.exported
 
     def seek(self, offset: int) -> None:
-        self.handle.seek(offset)
+        if offset > self._high_water:  # rapidgzip checks the length only of what it read
+            self._seek(self._high_water)
+            scratch = bytearray(min(offset - self._high_water, SEQUENTIAL_READ_BLOCK))
+            while self._high_water < offset:  # read the gap: every byte gets its checksum
+                want = min(len(scratch), offset - self._high_water)
+                if not self.readinto(memoryview(scratch)[:want]):
+                    break
+        self._seek(offset)
+
+    def _seek(self, offset: int) -> None:
+        try:
+            self.handle.seek(offset)
+        except Exception as exc:  # rapidgzip inflates (and checks) while it seeks
+            raise _gzip_error(self.path, exc, offset) from exc
 
     def readinto(self, view: memoryview) -> int:
-        n = int(self.handle.readinto(view))
-        position = int(self.handle.tell())
+        before = int(self.handle.tell())
+        try:
+            n = int(self.handle.readinto(view))
+        except Exception as exc:  # rapidgzip raises ValueError/RuntimeError on damaged data
+            raise _gzip_error(self.path, exc, before) from exc
+        position = before + n
         if position > self._high_water:  # inflated for the first time: count it once
+            if self.hasher is not None:
+                fresh = position - max(before, self._high_water)
+                self.hasher.feed(position - fresh, view[n - fresh : n])
             self.bar.update(position - self._high_water)
             self._high_water = position
         return n
 
     def at_eof(self) -> bool:
-        """Read the (small) rest of the stream; True once the whole file has been inflated."""
-        scratch = bytearray(1 << 20)
-        while True:
-            n = self.handle.readinto(scratch)
-            if not n:
-                return True
+        """Read the rest of the stream (checking the CRC32 and length); True when verified.
+
+        Raises :class:`CorruptDataError` or :class:`TruncatedFileError` (naming
+        the file) when the stream does not end as its trailer says.
+        """
+        scratch = memoryview(bytearray(SEQUENTIAL_READ_BLOCK))
+        self._seek(max(self._high_water, int(self.handle.tell())))
+        while self.readinto(scratch):
+            pass
+        if self.failure is not None:  # indexed_gzip read on past the damage rapidgzip found
+            raise self.failure
+        if self.kind == "rapidgzip":
+            _check_trailer(self.spec, int(self.handle.tell()))
+            self.verified = True
+        return self.verified
 
     def export(self, index_path: str) -> None:
         if self.kind == "rapidgzip":
@@ -489,6 +702,75 @@ class _Stream:
         self._bars.close()
         self.handle.close()
         _release_stream_threads(self.threads)
+
+
+def _check_trailer(spec: GzipIndexSpec, total: int) -> None:
+    """Check that the file ends with a gzip trailer for ``total`` inflated bytes.
+
+    rapidgzip checks the CRC32 and length of every trailer it meets, but a
+    stream cut inside its last (empty) block ends without one and without an
+    error (measured with rapidgzip 0.16). The trailer's ISIZE must be the
+    length mod 2**32; if it is not (a file of several gzip members, whose
+    last trailer counts its own member only), zlib inflates the file once to
+    decide.
+    """
+    import zlib
+
+    size = _compressed_size(spec)
+    if size < 8:
+        raise TruncatedFileError(f"{spec.path}: {size} bytes cannot hold a gzip stream.")
+    if spec.remote:
+        tail = storage.read_range(spec.path, size - 8, size, spec.storage_options)
+    else:
+        with storage.open_file(spec.path) as fh:
+            fh.seek(size - 8)
+            tail = fh.read(8)
+    if struct.unpack("<I", tail[4:8])[0] == total & 0xFFFFFFFF:
+        return
+    inflater = zlib.decompressobj(31)
+    done = 0
+    ended = False  # the last member seen so far reached its trailer
+    try:
+        source = _source(spec)
+        fh = storage.open_file(source) if isinstance(source, str) else source
+        with contextlib.closing(fh):
+            while block := fh.read(1 << 20):
+                while block:
+                    done += len(inflater.decompress(block))
+                    if not inflater.eof:
+                        break
+                    ended, block = True, inflater.unused_data
+                    if not block.strip(b"\0"):  # trailing zero padding
+                        break
+                    inflater, ended = zlib.decompressobj(31), False  # the next member
+    except zlib.error as exc:
+        raise _gzip_error(spec.path, exc, done) from exc
+    if not ended or done != total:
+        raise TruncatedFileError(
+            f"{spec.path}: the gzip stream ends without its trailer (CRC32 and length) after "
+            f"{done} inflated bytes: the file is truncated, and none of its values are "
+            "returned. Re-download or re-write it."
+        )
+
+
+def _gzip_error(path: str, exc: BaseException, at: int) -> NeurocubeError:
+    """Translate an inflater's error on ``path`` into a neurocube error naming the file."""
+    if isinstance(exc, NeurocubeError):
+        return exc
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "Mismatching CRC32" in text or "Mismatching size" in text:
+        what = "CRC32" if "CRC32" in text else "length (ISIZE)"
+        return CorruptDataError(
+            f"{path}: the gzip {what} of the decompressed data does not match the one stored "
+            f"at the end of the file ({text}): the file is corrupt and no value of it is "
+            "returned. Re-download or re-write it."
+        )
+    err = TruncatedFileError(
+        f"{path}: the gzip stream is corrupt or truncated before uncompressed byte {at} "
+        f"({type(exc).__name__}: {text}). Re-download or re-write the file."
+    )
+    err.offset = at  # type: ignore[attr-defined]
+    return err
 
 
 def _open_indexed(spec: GzipIndexSpec, index_path: str) -> Any:
@@ -518,13 +800,20 @@ def has_index(spec: GzipIndexSpec | None) -> bool:
 
 
 def _readinto_exact(handle: Any, view: memoryview, start: int, path: str) -> None:
-    handle.seek(start)
     got = 0
     total = len(view)
+    try:
+        handle.seek(start)
+    except NeurocubeError:
+        raise
+    except (OSError, EOFError, ValueError, RuntimeError) as exc:  # seeking inflates too
+        raise _gzip_error(path, exc, start) from exc
     while got < total:
         try:
             n = handle.readinto(view[got:])
-        except (OSError, EOFError, ValueError) as exc:
+        except NeurocubeError:
+            raise
+        except (OSError, EOFError, ValueError, RuntimeError) as exc:
             err = TruncatedFileError(
                 f"{path}: the gzip stream is corrupt or truncated before uncompressed byte "
                 f"{start + got} ({exc}). Re-download or re-write the file."
@@ -582,12 +871,14 @@ class SequentialReader:
         start: int,
         source: Any = None,
         spec: GzipIndexSpec | None = None,
+        volumes: Volumes | None = None,
     ) -> None:
         self._handle = handle
         self._path = path
         self._position = start
         self._source = source  # the BlockReader of a remote file (None locally)
         self._spec = spec
+        self._volumes = volumes
 
     def limit_to(self, end: int) -> None:
         """Let a remote file's read-ahead go no further than uncompressed byte ``end`` needs."""
@@ -615,6 +906,8 @@ class SequentialReader:
             raise SequentialReadError(
                 f"{self._path}: the stream ended at uncompressed byte {self._position + got}"
             )
+        if self._volumes is not None and self._spec is not None:
+            check_volumes(self._spec, self._volumes, self._position, view)
         self._position += total
         IO_STATS.add_bytes(total)
 
@@ -630,7 +923,9 @@ class SequentialReader:
         self.close()
 
 
-def open_sequential(spec: GzipIndexSpec, start: int) -> SequentialReader | None:
+def open_sequential(
+    spec: GzipIndexSpec, start: int, volumes: Volumes | None = None
+) -> SequentialReader | None:
     """Open a :class:`SequentialReader` of ``spec.path`` at uncompressed byte ``start``.
 
     Returns None when the file has no usable index (see :func:`index_usable`),
@@ -657,7 +952,7 @@ def open_sequential(spec: GzipIndexSpec, start: int) -> SequentialReader | None:
         return None
     IO_STATS.add_open()
     remote = None if isinstance(source, str) else source
-    return SequentialReader(handle, spec.path, start, remote, spec)
+    return SequentialReader(handle, spec.path, start, remote, spec, volumes)
 
 
 _HEADER = struct.Struct("<5sBBQQIII")  # magic, version, flags, csize, usize, spacing, window, n
@@ -827,28 +1122,104 @@ def _warn_store(store: str, problem: str) -> None:
     )
 
 
+def _file_crc32(path: str | os.PathLike[str]) -> int:
+    import zlib
+
+    crc = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _seal(record: dict[str, Any]) -> str:
+    """Return ``record`` as sidecar JSON carrying the CRC32 of its own content."""
+    import zlib
+
+    body = json.dumps(record, sort_keys=True)
+    return json.dumps({**record, "sidecar_crc32": zlib.crc32(body.encode())}, sort_keys=True)
+
+
+def _unseal(text: str) -> dict[str, Any]:
+    """Parse a sidecar written by :func:`_seal`; ValueError if it is damaged or not sealed."""
+    import zlib
+
+    record = json.loads(text)
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, found {type(record).__name__}")
+    sealed = record.pop("sidecar_crc32", None)
+    if sealed is None:
+        raise ValueError("it carries no checksum of its own (written by an older neurocube)")
+    if zlib.crc32(json.dumps(record, sort_keys=True).encode()) != sealed:
+        raise ValueError("its content does not match its checksum (the sidecar is damaged)")
+    return record
+
+
+def _parse_volumes(record: dict[str, Any]) -> tuple[tuple[int, int, int], Any]:
+    """Return ``((offset, size, count), sums)`` from a sidecar record; ValueError if unusable."""
+    import numpy as np
+
+    vols = record.get("volumes")
+    if not isinstance(vols, dict) or vols.get("algorithm") != VOLUME_SUM:
+        raise ValueError(
+            "it records no per-volume checksums (written by an older neurocube, or with "
+            f"another algorithm than {VOLUME_SUM})"
+        )
+    geometry = tuple(vols.get(k) for k in ("offset", "size", "count"))
+    sums = vols.get("sums")
+    if (
+        not all(isinstance(v, int) and v >= 0 for v in geometry)
+        or geometry[1] <= 0  # type: ignore[operator]
+        or not isinstance(sums, list)
+        or len(sums) != geometry[2]
+        or not all(isinstance(v, int) and 0 <= v < 1 << 32 for v in sums)
+    ):
+        raise ValueError("its per-volume checksums are malformed")
+    return geometry, np.asarray(sums, dtype=np.uint32)  # type: ignore[return-value]
+
+
 def _store_index(stream: _Stream, spec: GzipIndexSpec) -> None:
-    """Export the stream's seek points to ``spec.index_path`` atomically (or warn and carry on)."""
+    """Export the stream's seek points to ``spec.index_path`` atomically (or warn and carry on).
+
+    The sidecar records the file's identity, the CRC32 of the index file, the
+    per-volume checksums of the pass (when the caller gave the volume layout)
+    and a CRC32 of its own content: a damaged index or sidecar is detected and
+    rebuilt, never read through.
+    """
     assert spec.index_path is not None
     target = Path(spec.index_path)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
     dense = tmp.with_name(tmp.name + ".dense")
+    side_tmp = tmp.with_name(tmp.name + ".json")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         stream.export(str(dense))
         thin_index(dense, tmp, SPACING)
         version = _version(spec, str(target))
-        target.with_suffix(".json").write_text(
-            json.dumps({"format": "GZIDX", **_identity(spec).as_dict()})
-        )
+        record: dict[str, Any] = {
+            "format": "GZIDX",
+            **_identity(spec).as_dict(),
+            "index_crc32": _file_crc32(tmp),
+        }
+        hasher = stream.hasher
+        if hasher is not None and hasher.complete:
+            record["volumes"] = {
+                "algorithm": VOLUME_SUM, "offset": hasher.offset, "size": hasher.size,
+                "count": hasher.count, "sums": hasher.sums,
+            }
+        side_tmp.write_text(_seal(record))
+        os.replace(side_tmp, target.with_suffix(".json"))
         os.replace(tmp, target)
         _upload_to_store(spec, target)
         with _VERIFY_LOCK:
             _VERIFIED.add(version)  # built from this very version: no need to hash it again
+        if "volumes" in record:
+            with _SUMS_LOCK:
+                _SUMS[str(target)] = _parse_volumes(record)
     except OSError as exc:
         _warn_unwritable(target.parent, exc)
     finally:
-        for leftover in (tmp, dense):
+        for leftover in (tmp, dense, side_tmp):
             with contextlib.suppress(OSError):
                 leftover.unlink()
 
@@ -886,6 +1257,8 @@ def _discard_cached_index(spec: GzipIndexSpec, index_path: str, problem: str) ->
                 stale.unlink()
     with _POINTS_LOCK:
         _POINTS.pop(index_path, None)
+    with _SUMS_LOCK:
+        _SUMS.pop(index_path, None)
     _INDEXED.discard_matching(  # readers that loaded the old index (or hold the old file)
         lambda key: isinstance(key, tuple) and key[:2] == (spec.path, index_path)
     )
@@ -916,15 +1289,39 @@ def _warn_unwritable(folder: Path, exc: BaseException) -> None:
     )
 
 
-def read_range(spec: GzipIndexSpec, start: int, view: memoryview, *, data_end: int) -> None:
+def read_range(
+    spec: GzipIndexSpec,
+    start: int,
+    view: memoryview,
+    *,
+    data_end: int,
+    volumes: Volumes | None = None,
+    verify: bool = True,
+) -> None:
     """Fill ``view`` with the uncompressed bytes ``[start, start + len(view))`` of ``spec.path``.
 
-    With a usable index this seeks directly (one handle per thread, parallel).
-    Without one it reads through the shared per-process stream, which records
-    seek points; once the stream has passed ``data_end`` the index is stored.
-    A cached index is checked against the file (the hash of its ends, in its
-    sidecar) the first time this process uses it for this version of the
-    file; a stale one is deleted with a warning and this read streams.
+    With a usable index this seeks directly (one handle per thread, parallel)
+    and checks each volume read against the checksums its first pass recorded
+    (``volumes`` gives their layout; the view must then hold whole volumes).
+    Without one it reads through the shared per-process stream (rapidgzip on
+    all cores), which records seek points and volume checksums; once the
+    stream has passed ``data_end`` the index is stored. A cached index is
+    checked against the file (the hash of its ends, in its sidecar) the first
+    time this process uses it for this version of the file; a stale one is
+    deleted with a warning and this read streams.
+
+    Values are never returned unverified: a read through the stream that
+    stops short of the end goes on to the end of the stream (checking its
+    CRC32 and length, and storing the index) before it returns, unless
+    ``verify`` is False, which only a caller that verifies the pass itself
+    may pass (the ordered Dask graph of a first read, see :func:`ensure_verified`).
+
+    Raises
+    ------
+    CorruptDataError
+        A volume's checksum or the stream's CRC32 / length does not match.
+    TruncatedFileError
+        The stream cannot be inflated up to the bytes asked for (or to its end).
     """
     index_path = spec.index_path
     if index_path is not None and spec.store and not spec.explicit:
@@ -941,24 +1338,29 @@ def read_range(spec: GzipIndexSpec, start: int, view: memoryview, *, data_end: i
             )
         except OSError as exc:  # indexed_gzip's ZranError: the index cannot be loaded
             _unusable_index(spec, index_path, exc)  # raises, or deletes a damaged cached index
-            return read_range(spec, start, view, data_end=data_end)  # streams and rebuilds it
+            return read_range(spec, start, view, data_end=data_end, volumes=volumes,
+                              verify=verify)  # streams and rebuilds it
         if spec.remote:
             _prefetch(spec, index_path, start, start + len(view))
         with lock:
             _readinto_exact(handle, view, start, spec.path)
         IO_STATS.add_bytes(len(view))
+        if volumes is not None:
+            check_volumes(spec, volumes, start, view)
         return
+
+    stream_key = (spec.path, index_path)
 
     def _open_stream() -> _Stream:
         IO_STATS.add_open()
-        return _Stream(spec, uncompressed_size=data_end, indexing=index_path is not None)
+        return _Stream(spec, uncompressed_size=data_end, indexing=index_path is not None,
+                       volumes=volumes if index_path is not None else None)
 
-    stream_key = (spec.path, index_path)
     stream, lock = _STREAMS.acquire(stream_key, _open_stream)
-    finished = False
     with lock:
         if stream.closed:  # another thread finished the index and retired this stream
-            return read_range(spec, start, view, data_end=data_end)
+            return read_range(spec, start, view, data_end=data_end, volumes=volumes,
+                              verify=verify)
         late = (
             index_path is not None
             and stream.untouched()
@@ -966,33 +1368,161 @@ def read_range(spec: GzipIndexSpec, start: int, view: memoryview, *, data_end: i
         )
     if late:  # this read chose to stream just before another stored the index: use the index
         _STREAMS.discard(stream_key)
-        return read_range(spec, start, view, data_end=data_end)
-    with lock:
-        if stream.closed:
-            return read_range(spec, start, view, data_end=data_end)
-        try:
-            _readinto_exact(stream, view, start, spec.path)
-        except TruncatedFileError:
-            if stream.kind != "rapidgzip":
-                raise
-            stream.use_indexed_gzip()
-            _readinto_exact(stream, view, start, spec.path)
-        IO_STATS.add_bytes(len(view))
-        if (
-            index_path is not None
-            and not spec.explicit
-            and not stream.exported
-            and start + len(view) >= data_end
-        ):
-            stream.at_eof()
-            _store_index(stream, spec)
-            stream.exported = finished = True
-        elif index_path is None and start + len(view) >= data_end:
-            finished = True  # streaming only (index=False, small maps read eagerly): done
-    if finished and (index_path is None or os.path.exists(index_path)):
+        return read_range(spec, start, view, data_end=data_end, volumes=volumes, verify=verify)
+    failed = False
+    try:
+        with lock:
+            if stream.closed:
+                return read_range(spec, start, view, data_end=data_end, volumes=volumes,
+                                  verify=verify)
+            _read_stream(stream, view, start)
+            IO_STATS.add_bytes(len(view))
+            if verify or start + len(view) >= data_end:
+                _finish_stream(stream, spec)
+    except NeurocubeError:
+        failed = True  # a damaged file: the next read starts afresh (and fails the same way)
+        raise
+    finally:
+        if failed:
+            _STREAMS.discard(stream_key)
+    if stream.closed or stream.verified:
         # Later reads go through the index, in parallel; a stream kept open would also keep
         # its inflate threads out of the budget of the next file's first read.
         _STREAMS.discard(stream_key)
+
+
+def _read_stream(stream: _Stream, view: memoryview, start: int) -> None:
+    """Read ``view`` at ``start`` through the first-pass stream (the caller holds its lock).
+
+    If rapidgzip finds damage, indexed_gzip re-reads the same bytes to name
+    the first one that cannot be inflated; if it inflates them anyway (it
+    checks no CRC), rapidgzip's error stands: nothing is delivered.
+    """
+    if stream.failure is not None:
+        raise stream.failure
+    try:
+        _readinto_exact(stream, view, start, stream.path)
+    except TruncatedFileError as exc:
+        if stream.kind != "rapidgzip":
+            raise
+        stream.failure = exc
+        stream.use_indexed_gzip()
+        _readinto_exact(stream, view, start, stream.path)  # raises if the damage is in view
+        stream.locate_damage()  # raises at the first byte it cannot inflate
+        raise
+
+
+def _finish_stream(stream: _Stream, spec: GzipIndexSpec) -> None:
+    """Read ``stream`` to its end (checking CRC32 and length) and store the index, once."""
+    if stream.verified or stream.closed:
+        return
+    stream.at_eof()
+    with _VERIFY_LOCK:
+        _PASSED.add(_version(spec, ""))
+    if spec.index_path is not None and not spec.explicit and not stream.exported:
+        _store_index(stream, spec)
+        stream.exported = True
+
+
+def ensure_verified(spec: GzipIndexSpec, *, data_end: int, volumes: Volumes | None) -> None:
+    """Make sure a full pass over ``spec.path`` checked its CRC32 (in this process or stored).
+
+    The ordered Dask graph of a first read reads its chunks with
+    ``verify=False`` and runs this after the last one: normally that pass has
+    just passed the end here (nothing to do); if the chunks were read in
+    another process, a stored index from a verified pass, or a pass of its
+    own now, vouches for the file.
+    """
+    with _VERIFY_LOCK:
+        if _version(spec, "") in _PASSED:
+            return
+    if spec.index_path is not None and not spec.explicit and index_usable(spec):
+        return  # stored only by a pass that reached the end with a matching CRC32
+    run_pass(spec, data_end=data_end, volumes=volumes)
+
+
+def run_pass(spec: GzipIndexSpec, *, data_end: int, volumes: Volumes | None) -> None:
+    """Read ``spec.path`` once in full through a first-pass stream: check it, store its index."""
+    stream_key = (spec.path, spec.index_path)
+    stream, lock = _STREAMS.acquire(
+        stream_key,
+        lambda: _Stream(spec, uncompressed_size=data_end, indexing=spec.index_path is not None,
+                        volumes=volumes if spec.index_path is not None else None),
+    )
+    try:
+        with lock:
+            retired = stream.closed  # another thread finished this pass meanwhile
+            if not retired:
+                _finish_stream(stream, spec)
+    finally:
+        _STREAMS.discard(stream_key)
+    if retired:
+        ensure_verified(spec, data_end=data_end, volumes=volumes)
+
+
+def _volume_sums(spec: GzipIndexSpec, volumes: Volumes) -> Any:
+    """Return the recorded checksums of ``volumes`` of the file behind ``spec``'s index.
+
+    A cached index carries them in its sidecar (loaded when the index is
+    checked). An index the caller named, or one recorded for another layout,
+    has none: a full pass over the file (CRC32 checked) computes them once per
+    process.
+    """
+    assert spec.index_path is not None
+    with _SUMS_LOCK:
+        known = _SUMS.get(spec.index_path)
+    if known is not None and known[0] == tuple(volumes):
+        return known[1]
+    if spec.explicit:
+        sidecar = Path(spec.index_path).with_suffix(".json")
+        with contextlib.suppress(OSError, ValueError):
+            known = _parse_volumes(_unseal(sidecar.read_text()))
+            if known[0] == tuple(volumes):
+                with _SUMS_LOCK:
+                    _SUMS[spec.index_path] = known
+                return known[1]
+    import numpy as np
+
+    plain = GzipIndexSpec(spec.path, None, storage_options=spec.storage_options,
+                          size=spec.size, etag=spec.etag)
+    stream = _Stream(plain, uncompressed_size=volumes[0] + volumes[1] * volumes[2],
+                     indexing=False, volumes=volumes)
+    try:
+        stream.at_eof()
+        assert stream.hasher is not None and stream.hasher.complete
+        sums = np.asarray(stream.hasher.sums, dtype=np.uint32)
+    finally:
+        stream.close()
+    with _SUMS_LOCK:
+        _SUMS[spec.index_path] = (tuple(volumes), sums)  # type: ignore[assignment]
+    return sums
+
+
+def check_volumes(spec: GzipIndexSpec, volumes: Volumes, start: int, data: Any) -> None:
+    """Check the whole volumes in ``data`` (uncompressed bytes at ``start``) against the index.
+
+    Raises :class:`CorruptDataError` naming the file and the first volume
+    whose bytes do not match the checksum recorded by the first full pass.
+    """
+    offset, size, count = volumes
+    if size <= 0 or len(data) == 0 or not VERIFY_VOLUMES:
+        return
+    first, rem = divmod(start - offset, size)
+    if first < 0 or rem or len(data) % size:
+        raise ValueError(f"{spec.path}: volume checks need whole volumes (read at {start})")
+    sums = _volume_sums(spec, volumes)
+    raw = memoryview(data).cast("B")
+    for k in range(len(raw) // size):
+        got = volume_checksum(raw[k * size : (k + 1) * size])
+        want = int(sums[first + k])
+        if got != want:
+            raise CorruptDataError(
+                f"{spec.path}: volume {first + k} (0-based) of {count} does not match the "
+                f"checksum recorded when the file was first read in full ({VOLUME_SUM} "
+                f"{got:#010x}, expected {want:#010x}, index {spec.index_path}): the file was "
+                "damaged since, and none of its values are returned. Re-download or re-write "
+                "the file (if you know it is good, delete the index to rebuild it)."
+            )
 
 
 @atexit.register
@@ -1007,3 +1537,6 @@ def reset_handles() -> None:
         _POINTS.clear()
     with _VERIFY_LOCK:
         _VERIFIED.clear()
+        _PASSED.clear()
+    with _SUMS_LOCK:
+        _SUMS.clear()

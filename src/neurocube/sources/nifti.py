@@ -566,11 +566,23 @@ class NiftiSpec(_VolumeGeometry):
         """
         storage.check_unchanged(self.path, self.storage_options, self.size, self.file_version)
 
-    def read_volumes(self, start: int, stop: int, buffer: np.ndarray | None = None) -> np.ndarray:
+    @property
+    def volume_layout(self) -> tuple[int, int, int]:
+        """``(vox_offset, volume_bytes, n_volumes)``: what per-volume checksums are taken over."""
+        return (self.vox_offset, self.volume_bytes, self.n_volumes)
+
+    def read_volumes(
+        self, start: int, stop: int, buffer: np.ndarray | None = None, *, verify: bool = True
+    ) -> np.ndarray:
         """Return volumes ``[start, stop)`` as raw on-disk values, shape ``(n, X*Y*Z)``.
 
         Each row is one volume in file order (x fastest). ``buffer`` (uint8, at
         least that many bytes) is filled and viewed instead of a new allocation.
+        From a ``.nii.gz`` the bytes are verified before they are returned (see
+        :func:`gzindex.read_range`); ``verify=False`` (or a read inside
+        :func:`_deferred_verification`) leaves the check of a first pass to
+        the caller, who must call :func:`gzindex.ensure_verified` before
+        handing values out.
         """
         n = stop - start
         nbytes = n * self.volume_bytes
@@ -584,14 +596,14 @@ class NiftiSpec(_VolumeGeometry):
                     offset,
                     memoryview(buf),  # type: ignore[arg-type]
                     data_end=self.vox_offset + self.n_volumes * self.volume_bytes,
+                    volumes=self.volume_layout,
+                    verify=verify and not _verification_deferred(),
                 )
             except TruncatedFileError as exc:
                 where = getattr(exc, "offset", None)
-                bad = (
-                    start
-                    if where is None
-                    else max(start, (where - self.vox_offset) // self.volume_bytes)
-                )
+                if where is None:  # the damage has no place (a missing trailer)
+                    raise
+                bad = max(start, (where - self.vox_offset) // self.volume_bytes)
                 raise TruncatedFileError(
                     f"{exc} Volume {bad} of {self.n_volumes} (0-based) is the first that cannot "
                     f"be read (while reading volumes {start}..{stop - 1})."
@@ -765,17 +777,25 @@ class VolumeArray:
             self._read_volume_span(out[row - lo : row - lo + n], first, first + n)
 
     def _read_volume_span(self, out: np.ndarray, lo: int, hi: int) -> None:
-        """Fill ``out`` with the masked voxels of the file's volumes ``[lo, hi)``."""
+        """Fill ``out`` with the masked voxels of the file's volumes ``[lo, hi)``.
+
+        On a first read (no index yet) the pieces go through the stream
+        unchecked and the pass is verified (CRC32, to the end of the stream)
+        once the span is read, before ``out`` is handed back.
+        """
         spec = self.spec
         assert self.voxels is not None
-        block = gzindex.INDEXED_READ_BLOCK if gzindex.has_index(spec.gzip) else READ_BLOCK
+        indexed = gzindex.has_index(spec.gzip)
+        block = gzindex.INDEXED_READ_BLOCK if indexed else READ_BLOCK
         step = max(1, block // max(spec.volume_bytes, 1))
         scratch = _scratch(step * spec.volume_bytes)
         raw_dtype = np.dtype(spec.dtype)
         for a in range(lo, hi, step):
             b = min(hi, a + step)
-            raw = spec.read_volumes(a, b, scratch)
+            raw = spec.read_volumes(a, b, scratch, verify=indexed)
             self._gather(raw, out[a - lo : b - lo], raw_dtype)
+        if spec.gzip is not None and not indexed and not _verification_deferred():
+            gzindex.ensure_verified(spec.gzip, data_end=spec.data_end, volumes=spec.volume_layout)
 
     def _gather(self, raw: np.ndarray, rows: np.ndarray, raw_dtype: np.dtype) -> None:
         """Store the masked voxels of raw volumes ``raw`` (``(n, X*Y*Z)``) into ``rows``."""
@@ -814,7 +834,9 @@ class VolumeArray:
         reader = None
         if spec.gzip is not None:
             start = runs.start(r)
-            reader = gzindex.open_sequential(spec.gzip, spec.vox_offset + start * spec.volume_bytes)
+            reader = gzindex.open_sequential(
+                spec.gzip, spec.vox_offset + start * spec.volume_bytes, spec.volume_layout
+            )
         failed = None
         if reader is not None:
             step = max(1, gzindex.SEQUENTIAL_READ_BLOCK // max(spec.volume_bytes, 1))
@@ -945,6 +967,27 @@ class VolumeRuns:
 _THREAD_STATE = threading.local()
 
 
+def _verification_deferred() -> bool:
+    """Return True inside :func:`_deferred_verification` (reads leave the check to it)."""
+    return bool(getattr(_THREAD_STATE, "defer", False))
+
+
+class _deferred_verification:
+    """Reads in this block go through a first-pass stream without finishing it.
+
+    Only the ordered graph of a first read uses this: its chunks are read in
+    file order, and its verification task (:func:`_verify_after`) finishes
+    the pass (CRC32 to the end of the stream) before any chunk is released.
+    """
+
+    def __enter__(self) -> None:
+        self._old = _verification_deferred()
+        _THREAD_STATE.defer = True
+
+    def __exit__(self, *exc: object) -> None:
+        _THREAD_STATE.defer = self._old
+
+
 def _scratch(nbytes: int) -> np.ndarray:
     """Return the calling thread's reusable read buffer, at least ``nbytes`` long."""
     buf: np.ndarray | None = getattr(_THREAD_STATE, "buffer", None)
@@ -1037,7 +1080,10 @@ def direct_load(
         # First read (or indexing disabled): one sequential pass, which records the seek
         # index, gathered straight into the rows. Through Dask's ordered graph the chunks
         # read ahead of their stores piled up (about the output again, measured).
-        arr.read_masked_into(out, 0, arr.shape[0])
+        if arr.volumes is None and workers_for(num_workers) > 1:
+            _first_pass_pipelined(arr, out)
+        else:
+            arr.read_masked_into(out, 0, arr.shape[0])
         return out
     if arr.spec.gzip is not None and not gzindex.index_usable(arr.spec.gzip):
         return None  # stale cached index (deleted with a warning): Dask's graph streams
@@ -1063,6 +1109,43 @@ def direct_load(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(read, range(runs)))
     return out
+
+
+def workers_for(num_workers: int | None) -> int:
+    """Threads a load may use: ``num_workers``, else Dask's setting, else every core."""
+    import dask
+
+    return int(num_workers or dask.config.get("num_workers", None) or os.cpu_count() or 1)
+
+
+def _first_pass_pipelined(arr: VolumeArray, out: np.ndarray) -> None:
+    """Fill ``out`` from a first pass, reading and gathering in two threads.
+
+    This thread reads pieces of whole volumes from the pass (rapidgzip
+    decodes ahead on its own threads) into two alternating buffers; a helper
+    gathers the masked voxels of the previous piece meanwhile, so the reader
+    goes back to the decoder at once. The pass is verified (CRC32 to the end
+    of the stream) before ``out`` is returned.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    spec = arr.spec
+    assert spec.gzip is not None and arr.voxels is not None
+    step = max(1, READ_BLOCK // max(spec.volume_bytes, 1))
+    buffers = [np.empty(step * spec.volume_bytes, np.uint8) for _ in range(2)]
+    raw_dtype = np.dtype(spec.dtype)
+    n = spec.n_volumes
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for k, a in enumerate(range(0, n, step)):
+            b = min(n, a + step)
+            raw = spec.read_volumes(a, b, buffers[k % 2], verify=False)
+            if pending is not None:
+                pending.result()  # the other buffer is free again
+            pending = pool.submit(arr._gather, raw, out[a:b], raw_dtype)
+        if pending is not None:
+            pending.result()
+    gzindex.ensure_verified(spec.gzip, data_end=spec.data_end, volumes=spec.volume_layout)
 
 
 def _load_stacked(
@@ -1369,18 +1452,27 @@ def build_index(
         )
     if gzindex.fetch_index(spec) and gzindex.index_usable(spec):
         return spec.index_path
-    step = max(1, gzindex.INDEXED_READ_BLOCK // max(info.volume_bytes, 1))
-    buf = np.empty(step * info.volume_bytes, dtype=np.uint8)
-    data_end = info.data_end
-    for start in range(info.vox_offset, data_end, len(buf)):
-        n = min(len(buf), data_end - start)
-        gzindex.read_range(spec, start, memoryview(buf[:n]), data_end=data_end)  # type: ignore[arg-type]
+    layout = (info.vox_offset, info.volume_bytes, info.n_volumes)
+    gzindex.run_pass(spec, data_end=info.data_end, volumes=layout)
     return spec.index_path
 
 
 def _read_after(arr: VolumeArray, key: tuple[slice, ...], _previous: Any) -> np.ndarray:
-    """Read ``arr[key]`` once the previous chunk of the same stream has been read."""
-    return arr[key]
+    """Read ``arr[key]`` once the previous chunk of the same stream has been read (unverified)."""
+    with _deferred_verification():
+        return arr[key]
+
+
+def _verify_after(arr: VolumeArray, _last: Any) -> None:
+    """Finish and check the first pass the chunks were read from (raises if it fails)."""
+    spec = arr.spec
+    if spec.gzip is not None:
+        gzindex.ensure_verified(spec.gzip, data_end=spec.data_end, volumes=spec.volume_layout)
+
+
+def _verified(chunk: np.ndarray, _check: Any) -> np.ndarray:
+    """Release ``chunk`` once the pass it was read from has been verified."""
+    return chunk
 
 
 def _chunk_done(_chunk: Any) -> None:
@@ -1412,6 +1504,7 @@ def _streaming_array(
         return da.from_array(arr, chunks=chunks, name=name, asarray=False, fancy=False,
                              lock=False, meta=meta)
     source_key = f"volumes-{name}"
+    verify_key = f"verify-{name}"
     graph: dict[Any, Any] = {source_key: arr}
     previous: Any = None
     start = 0
@@ -1421,11 +1514,14 @@ def _streaming_array(
             for ax, n in enumerate(chunks)
         )
         block_index = tuple(idx if ax == trial_axis else 0 for ax in range(len(chunks)))
+        raw_key = (f"unverified-{name}", *block_index)
+        graph[raw_key] = (_read_after, source_key, key_slices, previous)
         chunk_key = (name, *block_index)
-        graph[chunk_key] = (_read_after, source_key, key_slices, previous)
+        graph[chunk_key] = (_verified, raw_key, verify_key)
         previous = (f"read-{name}", idx)
-        graph[previous] = (_chunk_done, chunk_key)
+        graph[previous] = (_chunk_done, raw_key)
         start += size
+    graph[verify_key] = (_verify_after, source_key, previous)
     hlg = HighLevelGraph.from_collections(name, graph, dependencies=[])
     return da.Array(hlg, name, chunks=chunks, meta=meta)
 
