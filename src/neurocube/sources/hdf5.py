@@ -126,6 +126,59 @@ DIRECT_BATCH_BYTES = 16 * 2**20
 HDF5_POOL = HandlePool(maxsize=32)
 
 _OPEN_LOCK = threading.Lock()
+
+#: How often HDF5 re-reads a metadata object whose checksum fails in SWMR mode. A SWMR reader
+#: retries because a writer may be mid-update; HDF5's default is 100 tries with a sleep that
+#: doubles each time (1 ns, 2 ns, ... so the last tries sleep for years): a *damaged* file then
+#: hangs its reader. 20 tries sleep about a millisecond in all, plenty for a writer's update.
+SWMR_METADATA_READ_ATTEMPTS = 20
+
+
+def _hdf5_library() -> Any:
+    """Find the HDF5 C library h5py is linked with (a ctypes handle), or None."""
+    import ctypes
+
+    try:  # the process's own memory map (not source data): where h5py's libhdf5 is loaded from
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        paths = {line.split()[-1] for line in maps if "libhdf5" in line and "/" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        if os.path.basename(path).startswith("libhdf5") and "_hl" not in os.path.basename(path):
+            try:
+                lib = ctypes.CDLL(path)
+                lib.H5Pset_metadata_read_attempts  # noqa: B018 - the symbol must exist
+            except (OSError, AttributeError):
+                continue
+            return lib
+    return None
+
+
+_HDF5_LIB: list[Any] = []
+
+
+def _open_swmr_read(loc: str) -> h5py.File:
+    """Open ``loc`` read-only in SWMR mode with bounded metadata read attempts.
+
+    Falls back to h5py's own SWMR open (HDF5's default attempts) where the C library's
+    ``H5Pset_metadata_read_attempts`` cannot be reached (not Linux, or an unusual build).
+    """
+    import ctypes
+
+    if not _HDF5_LIB:
+        _HDF5_LIB.append(_hdf5_library())
+    lib = _HDF5_LIB[0]
+    if lib is None:
+        return h5py.File(loc, "r", libver="latest", swmr=True)
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
+    status = lib.H5Pset_metadata_read_attempts(
+        ctypes.c_int64(fapl.id), ctypes.c_uint(SWMR_METADATA_READ_ATTEMPTS)
+    )
+    if status < 0:
+        return h5py.File(loc, "r", libver="latest", swmr=True)
+    fid = h5py.h5f.open(os.fsencode(loc), h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ, fapl=fapl)
+    return h5py.File(fid)
 _PoolKey = tuple[str, str, int, Version]
 _CURRENT_KEY: dict[str, _PoolKey] = {}
 _KEYS_OF_PATH: dict[str, set[_PoolKey]] = {}  # every key pooled, per path
@@ -262,7 +315,7 @@ def open_hdf5(
     IO_STATS.add_open()
     with _OPEN_LOCK:
         try:
-            return h5py.File(loc, "r", libver="latest", swmr=True)
+            return _open_swmr_read(loc)
         except (OSError, ValueError):
             pass  # not SWMR-capable (or locked by a non-SWMR writer): plain read-only below
         try:

@@ -179,3 +179,26 @@ def test_a_handle_on_the_old_version_keeps_reading_that_version(tmp_path):
         h5["x"] = np.zeros(3)
     os.replace(tmp_path / "new.hdf5", path)
     np.testing.assert_array_equal(ds.data.values, first)
+
+
+def test_swmr_reads_retry_a_bad_checksum_a_bounded_number_of_times(tmp_path):
+    """HDF5's SWMR default (100 tries, sleeps doubling from 1 ns) hangs a reader of a damaged
+    file for ever; neurocube's SWMR opens ask for a bounded number of tries."""
+    import ctypes
+
+    from neurocube.sources import hdf5 as h5src
+
+    path = tmp_path / "latest.h5"
+    with h5py.File(path, "w", libver="latest") as h5:
+        h5["a"] = np.arange(5)
+    lib = h5src._hdf5_library()
+    if lib is None:
+        pytest.skip("the HDF5 C library is not reachable here (not Linux)")
+    with h5src.open_hdf5(path) as h5:
+        assert h5.swmr_mode
+        attempts = ctypes.c_uint(0)
+        fapl = h5.id.get_access_plist()
+        status = lib.H5Pget_metadata_read_attempts(ctypes.c_int64(fapl.id), ctypes.byref(attempts))
+        assert status >= 0
+        assert attempts.value == h5src.SWMR_METADATA_READ_ATTEMPTS
+        np.testing.assert_array_equal(h5["a"][()], np.arange(5))
