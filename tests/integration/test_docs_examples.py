@@ -26,6 +26,8 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -73,7 +75,12 @@ def neurocube_cli(*args: str, env: Mapping[str, str] | None = None) -> subproces
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
+    """``tmp_path`` as the working directory; the examples' ``tempfile.mkdtemp()`` inside it."""
     monkeypatch.chdir(tmp_path)
+    made = iter(range(1000))
+    real_mkdtemp = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp",
+                        lambda *a, **k: real_mkdtemp(dir=tmp_path, prefix=f"mkdtemp{next(made)}-"))
     return tmp_path
 
 
@@ -176,3 +183,57 @@ def test_readme_shell_block_runs_the_demo(workdir):
     for step in ("Generated a synthetic bucket", "Opened sub-01", "Averaged the repeats",
                  "first read", "second read", "Cached the selection", "back to NIfTI"):  # fmt: skip
         assert step in done.stdout, done.stdout
+
+
+# --------------------------------------------------------------------------- docs/fmri.md
+
+
+def test_fmri_doc_examples(bucket, workdir, capsys):
+    import nibabel as nib
+
+    doc = "docs/fmri.md"
+    code = blocks(doc)
+    assert len(code) == 4
+    ns: dict[str, Any] = {}
+    run(doc, 0, code[0], ns, substitute={"/data/laion_fmri": str(bucket.root)})
+    truth = bucket.subjects["sub-01"]
+    assert ns["sub"].sessions == ["ses-01", "ses-02"]
+    check_betas(ns["ds"], truth, ["ses-01", "ses-02"], ["FFA1", "FFA2", "OFA"], 15, "shared")
+
+    run(doc, 1, code[1], ns)
+    both = ns["both"]
+    check_betas(both, truth, ["ses-01"], ["FFA1", "FFA2", "OFA"])
+    clip = ns["sub"].stimulus_embeddings("CLIP").compute()
+    assert both.embedding.shape == (24, clip.sizes["feature"])
+    np.testing.assert_array_equal(both.embedding.values, clip.embedding.values[:24])
+
+    run(doc, 2, code[2], ns)
+    means = ns["means"].roi_mean
+    assert list(means.subject.values) == ["sub-01", "sub-03"]
+    for s, subject in enumerate(["sub-01", "sub-03"]):
+        values, _, _ = expected_betas(bucket.subjects[subject], ["ses-01", "ses-02"],
+                                      ["FFA1", "FFA2", "OFA"], 10)  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a trial with no finite voxel
+            expected = np.nanmean(values, axis=1)
+        np.testing.assert_allclose(means.values[s, : len(expected)], expected, rtol=1e-5)
+    by_image = ns["by_image"].roi_mean
+    assert by_image.dims == ("subject", "image_name")
+
+    capsys.readouterr()
+    run(doc, 3, code[3], ns)
+    printed = capsys.readouterr().out
+    betas = ns["ds"].betas
+    assert printed.startswith(f"{betas.shape} {betas.data.chunks}")
+    truth = ns["truth"].subjects["sub-01"]
+    values, keep, _ = expected_betas(truth, truth.sessions, ["FFA1", "FFA2", "OFA", "PPA"], 15,
+                                     "shared")  # fmt: skip
+    np.testing.assert_array_equal(betas.values, values)
+    written = np.asarray(nib.load(f"{ns['root']}/mean_face.nii.gz").dataobj)
+    np.testing.assert_allclose(written[keep], values.mean(0), rtol=1e-6)
+    assert np.isnan(written[~keep]).all()
+    avg = ns["avg"]
+    name = str(avg.image_name.values[0])
+    np.testing.assert_allclose(avg.sel(image_name=name).values,
+                               values[betas.image_name.values == name].mean(0), rtol=1e-6)  # fmt: skip
+
