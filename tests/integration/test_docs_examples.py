@@ -237,3 +237,73 @@ def test_fmri_doc_examples(bucket, workdir, capsys):
     np.testing.assert_allclose(avg.sel(image_name=name).values,
                                values[betas.image_name.values == name].mean(0), rtol=1e-6)  # fmt: skip
 
+
+
+# --------------------------------------------------------------------------- docs/nifti.md
+
+
+def write_nifti(path, data, affine):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+
+
+@pytest.fixture
+def nifti_files(workdir):
+    """The files docs/nifti.md names: a 1050-trial session (its example reads trial 1049) and a
+    small one, each with a brain mask (NaN outside, negative R² inside, as the doc says)."""
+    rng = np.random.default_rng(3)
+    affine = np.diag([1.8, 1.8, 1.8, 1.0])
+    affine[:3, 3] = [-4.0, -5.0, -2.0]
+    made = {}
+    for betas, mask, shape in [
+        ("sub-01_ses-01_..._SingletrialBetas_statmap.nii.gz",
+         "sub-01_..._res-1pt8_desc-brain_mask.nii.gz", (4, 5, 3, 1050)),
+        ("betas.nii.gz", "brain_mask.nii.gz", (6, 5, 4, 12)),
+    ]:  # fmt: skip
+        data = rng.standard_normal(shape).astype(np.float32)
+        data[0, 0, 0] = np.nan  # a voxel the GLM did not fit
+        r2 = rng.uniform(-0.2, 1.0, shape[:3]).astype(np.float32)
+        r2[rng.random(shape[:3]) < 0.3] = 0.0
+        r2[1, 1, 1] = np.nan
+        write_nifti(workdir / betas, data, affine)
+        write_nifti(workdir / mask, r2, affine)
+        made[betas] = (data, (r2 != 0) & ~np.isnan(r2), affine)
+    return made
+
+
+def test_nifti_doc_examples(nifti_files, workdir):
+    import nibabel as nib
+    import xarray as xr
+
+    doc = "docs/nifti.md"
+    code = blocks(doc)
+    assert len(code) == 3
+    ns: dict[str, Any] = {}
+    run(doc, 0, code[0], ns)
+    data, inside, _ = nifti_files["sub-01_ses-01_..._SingletrialBetas_statmap.nii.gz"]
+    flat = data[inside]  # (voxel, trial), C order of the grid
+    ds = ns["ds"]
+    assert ds.data.dims == ("trial", "voxel") and ds.data.dtype == np.float32
+    np.testing.assert_array_equal(ds.data.values, flat.T)
+    np.testing.assert_allclose(ds.data.mean("voxel").values, np.nanmean(flat, axis=0), atol=1e-6)
+    three = ns["ds"].data.isel(trial=[0, 500, 1049])
+    np.testing.assert_array_equal(three.values, flat[:, [0, 500, 1049]].T)
+
+    run(doc, 1, code[1], ns)
+    data, inside, affine = nifti_files["betas.nii.gz"]
+    assert isinstance(ns["ds"], xr.Dataset)
+    np.testing.assert_array_equal(ns["ds"].data.values, data[inside].T)
+
+    run(doc, 2, code[2], ns)
+    mean = np.asarray(nib.load("mean.nii.gz").dataobj)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = np.nanmean(data, axis=3)  # ds.data.mean skips NaN like nanmean
+    np.testing.assert_allclose(mean[inside], expected[inside], atol=1e-6)
+    assert np.isnan(mean[~inside]).all()
+    np.testing.assert_allclose(nib.load("mean.nii.gz").affine, affine)
+    four = np.asarray(nib.load("betas_in_mask.nii.gz").dataobj)
+    assert four.shape == data.shape
+    np.testing.assert_array_equal(four[inside], data[inside])
+    assert np.isnan(four[~inside]).all()
