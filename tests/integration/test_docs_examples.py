@@ -307,3 +307,151 @@ def test_nifti_doc_examples(nifti_files, workdir):
     assert four.shape == data.shape
     np.testing.assert_array_equal(four[inside], data[inside])
     assert np.isnan(four[~inside]).all()
+
+
+# --------------------------------------------------------------------------- docs/hdf5.md
+
+
+def check_repr(shown: str, ds, *, sizes: bool = True) -> int:
+    """Check the ``# name (dims) dtype [values]`` lines of a repr shown in a block against ``ds``.
+
+    Dims and dtypes always; values when the doc lists all of them (no ``...``). Returns how many
+    lines were checked."""
+    import shlex
+
+    checked = 0
+    for line in shown.splitlines():
+        if sizes and (m := re.match(r"#\s*Dimensions:\s*\((.*)\)", line)):
+            shown_sizes = dict(item.split(": ") for item in m.group(1).split(", "))
+            assert {k: int(v) for k, v in shown_sizes.items()} == dict(ds.sizes), line
+            continue
+        m = re.match(r"#\s+\*?\s*(\w+)\s+\(([\w, ]+)\)\s+(\S+)\s*(.*)", line)
+        if not m or m.group(1) not in ds.variables:
+            continue
+        name, dims, dtype, values = m.groups()
+        var = ds[name]
+        assert var.dims == tuple(d.strip() for d in dims.split(",")), line
+        if dtype.startswith("<U"):
+            assert var.dtype.kind == "U", line
+        else:
+            assert var.dtype == np.dtype(dtype), line
+        if values and "..." not in values and "dask" not in values:
+            expected = [float(v) if var.dtype.kind in "fi" else v for v in shlex.split(values)]
+            if var.dtype.kind == "b":
+                expected = [v == "True" for v in expected]
+            actual = var.values.tolist()
+            if var.dtype.kind == "f":
+                np.testing.assert_allclose(actual, expected, rtol=1e-3, err_msg=line)
+            else:
+                assert actual == expected, line
+        checked += 1
+    return checked
+
+
+@pytest.fixture
+def hdf5_files(workdir):
+    """The sample caches (spectralbrain's and offspect's own files) under the names the doc uses,
+    and a ``caches/`` folder of two subjects' left hemispheres."""
+    import h5py
+
+    for name in ("sub-01_lh_white_spectral.h5", "bad.h5"):
+        shutil.copy(DATA / "spectralbrain" / name, workdir / name)
+    shutil.copy(DATA / "offspect" / "merged.hdf5", workdir / "merged.hdf5")
+    (workdir / "caches").mkdir()
+    rng = np.random.default_rng(5)
+    for subject in ("sub-01", "sub-02"):
+        with h5py.File(workdir / "caches" / f"{subject}_hemi-L_white_spectral.h5", "w") as h5:
+            h5.create_dataset("eigenvalues", data=np.sort(rng.random(6)))
+            h5.create_dataset("eigenvectors", data=rng.standard_normal((40, 6)),
+                              compression="gzip", compression_opts=4)  # fmt: skip
+            h5.attrs["subject"] = subject
+            h5.attrs["spectralbrain_version"] = "0.1.0"
+    return workdir
+
+
+def test_hdf5_doc_examples(hdf5_files, workdir, capsys):
+    import h5py
+    import nibabel as nib
+
+    from neurocube.errors import IncompleteFileError, NeurocubeWarning
+
+    doc = "docs/hdf5.md"
+    code = blocks(doc)
+    assert len(code) == 8
+    ns: dict[str, Any] = {}
+    run(doc, 0, code[0], ns)
+    with h5py.File("sub-01_lh_white_spectral.h5") as h5:
+        sample = {k: h5[k][()] for k in ("eigenvalues", "eigenvectors", "vertices", "faces")}
+        sample["hks"] = h5["descriptors/hks"][()]
+    np.testing.assert_array_equal(ns["first_modes"], sample["eigenvectors"][:, :20])
+    # the repr shown is of a full-size surface: its variables, dims and dtypes, not its sizes
+    assert check_repr(code[0], ns["ds"], sizes=False) == 6
+    assert ns["ds"].attrs["neurocube_descriptors"][0] == "hks"
+
+    with pytest.warns(NeurocubeWarning, match="incomplete"), pytest.raises(IncompleteFileError):
+        run(doc, 1, code[1], ns)  # its second line is the strict=True refusal, as commented
+
+    run(doc, 2, code[2], ns)
+    assert ns["left"].eigenvectors.dims == ("subject", "vertex", "mode")
+    for s, subject in enumerate(["sub-01", "sub-02"]):
+        with h5py.File(f"caches/{subject}_hemi-L_white_spectral.h5") as h5:
+            np.testing.assert_array_equal(ns["left"].eigenvectors.values[s], h5["eigenvectors"])
+
+    rng = np.random.default_rng(7)
+    evecs = rng.standard_normal((200, 300))
+    arrays = {"evals": np.linspace(0.0, 1.0, 300), "evecs": evecs,
+              "hks": rng.random((200, 16)), "matrix": rng.random((3, 3)),
+              "verts": rng.random((200, 3)), "faces": rng.integers(0, 200, (390, 3))}  # fmt: skip
+    run(doc, 3, code[3], ns, placeholders=arrays)
+    with h5py.File("sub-01_lh_spectral.h5") as h5:
+        np.testing.assert_array_equal(h5["eigenvectors"], evecs)
+        np.testing.assert_array_equal(h5["descriptors/hks"], arrays["hks"])
+        assert h5.attrs["n_eigenvalues"] == 300 and "spectralbrain_version" in h5.attrs
+    with h5py.File("copy.h5") as h5:
+        for name, values in sample.items():
+            path = "descriptors/hks" if name == "hks" else name
+            np.testing.assert_array_equal(h5[path], values)
+    connectome = nio_read_connectome("conn.tsv")
+    np.testing.assert_allclose(connectome.values, arrays["matrix"], rtol=1e-9)
+    assert list(connectome.source.values) == ["V1", "V2", "MT"]
+    gifti = nib.load("hks.func.gii")
+    np.testing.assert_allclose(np.stack([d.data for d in gifti.darrays], 1),
+                               arrays["hks"].astype(np.float32))  # fmt: skip
+    with np.load("arrays.npz") as npz:
+        np.testing.assert_array_equal(npz["faces"], arrays["faces"])
+
+    run(doc, 4, code[4], ns)
+    traces = ns["ds"]
+    assert check_repr(code[4], traces) >= 8
+    with h5py.File("merged.hdf5") as h5:
+        first = np.stack([h5["template_R001.xdf/traces"][n][()] for n in ("0", "1")])
+        onset = int(h5["template_R001.xdf/traces/0"].attrs["onset_shift"])
+    np.testing.assert_array_equal(ns["first_origin"].values, first)
+    assert ns["accepted"].sizes["trace"] == 4  # no trace is rejected in the sample
+
+    run(doc, 5, code[5], ns)
+    with h5py.File("merged.hdf5") as h5:
+        trace0 = dict(h5["template_R001.xdf/traces/0"].attrs)
+        trace1 = dict(h5["template_R001.xdf/traces/1"].attrs)
+    assert int(trace0["onset_shift"]) == onset + 5
+    assert trace0["comment"] == "checked"
+    assert trace0["reject"] == trace1["reject"] == "True"
+
+    run(doc, 6, code[6], ns)
+
+    capsys.readouterr()
+    run(doc, 7, code[7], ns)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "((1000,), (30,))"
+    with h5py.File("sub-01_hemi-L_spectral.h5") as h5:
+        assert float(lines[1]) == pytest.approx(h5["eigenvectors"][:, 0].mean())
+    assert lines[2] == str(np.array([str(i) for i in range(12)]))  # numeric order, not 0 1 10 11
+    reject = np.zeros(12, bool)
+    reject[10] = True
+    assert lines[3] == str(reject)
+
+
+def nio_read_connectome(path):
+    import neurocube.io as nio
+
+    return nio.read_connectome(path)
