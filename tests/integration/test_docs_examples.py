@@ -455,3 +455,71 @@ def nio_read_connectome(path):
     import neurocube.io as nio
 
     return nio.read_connectome(path)
+
+
+# --------------------------------------------------------------------------- docs/embeddings.md
+
+
+def test_embeddings_doc_examples(workdir, capsys):
+    import pyarrow.parquet as pq
+
+    doc = "docs/embeddings.md"
+    code = blocks(doc)
+    assert len(code) == 6
+    sample = DATA / "coco_pipe" / "eeg_foundation_embeddings"
+    shutil.copytree(sample, workdir / "derivatives" / "eeg_foundation_embeddings")
+    ns: dict[str, Any] = {}
+    run(doc, 0, code[0], ns)
+    ds = ns["ds"]
+    assert ds.embedding.dims == ("recording", "feature") and ds.sizes["recording"] == 4
+    for row, path in enumerate(ds.artifact_path.values):
+        with np.load(path) as npz:  # the NPZ files coco-pipe wrote
+            np.testing.assert_array_equal(ds.embedding.values[row], npz["recording_embedding"])
+
+    run(doc, 1, code[1], ns)
+    table = ns["table"]
+    assert len(table) == 4 and set(table.n_windows) == {3} and set(table.n_features) == {4}
+
+    run(doc, 2, code[2], ns)
+    subjects = ns["subjects"]
+    assert list(subjects.subject.values) == ["0001", "0002"]
+
+    run(doc, 3, code[3], ns)
+    # the table neurocube wrote and reopened holds coco-pipe's own epoch table (in the sample)
+    coco = pq.read_table(sample / "combined" / "cbramod_EO_epoch_embeddings.parquet").to_pandas()
+    features = [c for c in coco.columns if c.startswith("embedding_")]
+    epoch = ns["table"]
+    order = np.lexsort((epoch.window_index.values, epoch.recording_id.values))
+    coco = coco.sort_values(["recording_id", "window_index"])
+    np.testing.assert_allclose(epoch.embedding.values[order], coco[features].to_numpy(), rtol=1e-6)
+    # and the subject means are those of each subject's epochs
+    for s, subject in enumerate(subjects.subject.values):
+        rows = coco[coco.subject.astype(str) == str(subject)]
+        np.testing.assert_allclose(subjects.embedding.values[s], rows[features].mean().to_numpy(),
+                                   rtol=1e-5)  # fmt: skip
+
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((6, 8)).astype(np.float32)
+    run(doc, 4, code[4], ns, placeholders={
+        "w": w, "starts": np.arange(6) * 250, "stops": np.arange(6) * 250 + 250,
+        "idx": np.arange(6)})  # fmt: skip
+    written = "sub-01/ses-01/eeg/sub-01_ses-01_task-rest_run-01_desc-cbramodEOMean_embedding.npz"
+    with np.load(written) as npz:
+        np.testing.assert_array_equal(npz["window_embeddings"], w)
+        np.testing.assert_array_equal(npz["recording_embedding"], w.mean(0))
+    from neurocube.io import validate_embedding_derivative
+
+    assert validate_embedding_derivative(written)["condition"] == "EO"
+
+    capsys.readouterr()
+    run(doc, 5, code[5], ns)
+    out = capsys.readouterr().out
+    assert "(epoch: 20, feature: 16)" in out.replace("\n", " ")
+    assert out.rstrip().splitlines()[-2:] == ["(2, 16)", "(2, 16)"]
+    root = ns["root"]
+    expected = []
+    for s in ["01", "02"]:
+        runs = [np.load(p)["window_embeddings"]
+                for p in sorted(root.glob(f"sub-{s}/eeg/*_embedding.npz"))]  # fmt: skip
+        expected.append(np.concatenate(runs).mean(0))
+    np.testing.assert_allclose(ns["subjects"].embedding.values, expected, rtol=1e-6)
