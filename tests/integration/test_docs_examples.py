@@ -523,3 +523,58 @@ def test_embeddings_doc_examples(workdir, capsys):
                 for p in sorted(root.glob(f"sub-{s}/eeg/*_embedding.npz"))]  # fmt: skip
         expected.append(np.concatenate(runs).mean(0))
     np.testing.assert_allclose(ns["subjects"].embedding.values, expected, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- docs/cache.md
+
+
+def test_cache_doc_examples(bucket, workdir, capsys):
+    import neurocube
+
+    doc = "docs/cache.md"
+    code = blocks(doc)
+    assert len(code) == 4
+    truth = bucket.subjects["sub-01"]
+    face = ["FFA1", "FFA2", "OFA"]
+    ns: dict[str, Any] = {}
+    run(doc, 0, code[0], ns, substitute={"/data/laion_fmri": str(bucket.root)})
+    check_betas(ns["ds"], truth, ["ses-01"], face, 15)
+    info = neurocube.cache_info()
+    assert list(info.status) == ["complete"] and int(info.hits.iloc[0]) >= 1  # written once, hit
+
+    run(doc, 1, code[1], ns)
+    check_betas(ns["ds"], truth, ["ses-01"], face)
+    assert set(neurocube.cache_info().key) >= {"sub01-face"}
+
+    run(doc, 2, code[2], ns)
+    assert neurocube.cache_info().empty  # its last line clears everything
+
+    capsys.readouterr()
+    run(doc, 3, code[3], ns)
+    printed = capsys.readouterr().out
+    assert re.search(r"demo-face\s+complete\s+\d+\s+\d+", printed), printed
+
+    # the console block, run after the last example (the block before it clears the cache, the
+    # example leaves the entry 'demo-face' for the commands to show)
+    (console,) = blocks(doc, "console")
+    commands = [line[2:].split() for line in console.splitlines() if line.startswith("$ ")]
+    assert [c[:3] for c in commands][:3] == [["neurocube", "cache", "ls"],
+                                             ["neurocube", "cache", "du"],
+                                             ["neurocube", "cache", "verify"]]  # fmt: skip
+    out, kept = {}, {}
+    for command in commands:
+        done = neurocube_cli(*command[1:])
+        assert done.returncode == 0, (command, done.stderr)
+        out[" ".join(command[1:])] = done.stdout
+        kept[" ".join(command[1:])] = list(neurocube.cache_info().key)
+    root = Path(os.environ["NEUROCUBE_CACHE_DIR"]) / "zarr"
+    listing = out["cache ls"].splitlines()
+    assert listing[0] == f"cache root: {root}"
+    assert listing[1].split() == "key status on disk last used hits sources".split()
+    assert re.match(r"demo-face\s+complete\s+[\d.]+ [KM]iB\s+\S+\s+\d+\s+\S+", listing[2])
+    assert re.match(r"[\d.]+ [KM]iB\t1 entries\t", out["cache du"]) and str(root) in out["cache du"]
+    assert re.match(r"ok\s+demo-face$", out["cache verify"].strip())
+    # within budget, used today, not damaged: kept; `clear --all` removes it
+    assert kept["cache evict 5GB"] == kept["cache clear --older-than 7d"] == ["demo-face"]
+    assert kept["cache clear --status damaged --dry-run"] == ["demo-face"]
+    assert kept["cache clear --all"] == []
