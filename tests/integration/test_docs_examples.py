@@ -69,8 +69,11 @@ def neurocube_cli(*args: str, env: Mapping[str, str] | None = None) -> subproces
     environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), environ.get("PYTHONPATH", "")])
     return subprocess.run(
         [sys.executable, "-m", "neurocube.cli", *args],
-        capture_output=True, text=True, env=environ, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=120,
+    )
 
 
 @pytest.fixture
@@ -79,8 +82,11 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     made = iter(range(1000))
     real_mkdtemp = tempfile.mkdtemp
-    monkeypatch.setattr(tempfile, "mkdtemp",
-                        lambda *a, **k: real_mkdtemp(dir=tmp_path, prefix=f"mkdtemp{next(made)}-"))
+    monkeypatch.setattr(
+        tempfile,
+        "mkdtemp",
+        lambda *a, **k: real_mkdtemp(dir=tmp_path, prefix=f"mkdtemp{next(made)}-"),
+    )
     return tmp_path
 
 
@@ -92,12 +98,13 @@ def bucket(workdir):
     """A generated laion_fmri bucket standing in for the docs' ``/data/laion_fmri``."""
     from neurocube.synthetic.bucket import make_bucket
 
-    return make_bucket(workdir / "laion_fmri", subjects=["sub-01", "sub-03"], sessions=2,
-                       trials=24, grid=(8, 9, 7))  # fmt: skip
+    return make_bucket(
+        workdir / "laion_fmri", subjects=["sub-01", "sub-03"], sessions=2, trials=24, grid=(8, 9, 7)
+    )
 
 
 def expected_betas(truth, sessions, rois, nc_threshold=None, stimuli=None):
-    """(values, voxel mask, kept trial rows) of a ``betas`` selection, from nibabel and the truth."""
+    """(values, voxel mask, kept trial rows) of a ``betas`` selection: nibabel and the truth."""
     import nibabel as nib
 
     keep = truth.brain_mask & np.logical_or.reduce([truth.rois[r] for r in rois])
@@ -122,7 +129,7 @@ def check_betas(ds, truth, sessions, rois, nc_threshold=None, stimuli=None):
     np.testing.assert_array_equal(ds.betas.values, values)
     # voxel index = flat C-order grid position, in the order of np.nonzero(mask)
     np.testing.assert_array_equal(ds.voxel.values, np.flatnonzero(keep))
-    assert [(s, lab) for s, lab in zip(ds.session.values, ds.label.values)] == rows
+    assert [(s, lab) for s, lab in zip(ds.session.values, ds.label.values, strict=True)] == rows
 
 
 # --------------------------------------------------------------------------- README.md
@@ -132,8 +139,10 @@ def test_readme_examples(bucket, workdir):
     doc = "README.md"
     code = blocks(doc)
     assert len(code) == 3
-    shutil.copytree(DATA / "coco_pipe" / "eeg_foundation_embeddings",
-                    workdir / "derivatives" / "eeg_foundation_embeddings")  # fmt: skip
+    shutil.copytree(
+        DATA / "coco_pipe" / "eeg_foundation_embeddings",
+        workdir / "derivatives" / "eeg_foundation_embeddings",
+    )
     ns: dict[str, Any] = {}
     run(doc, 0, code[0], ns, substitute={"/data/laion_fmri": str(bucket.root)})
     truth = bucket.subjects["sub-01"]
@@ -146,8 +155,9 @@ def test_readme_examples(bucket, workdir):
     by_image = ns["by_image"].compute()
     for name in by_image.image_name.values[:3]:
         rows = ds.image_name.values == name
-        np.testing.assert_allclose(by_image.sel(image_name=name).values,
-                                   ds.betas.values[rows].mean(0), rtol=1e-6)  # fmt: skip
+        np.testing.assert_allclose(
+            by_image.sel(image_name=name).values, ds.betas.values[rows].mean(0), rtol=1e-6
+        )
 
     run(doc, 1, code[1], ns)
     import pyarrow.parquet as pq
@@ -156,18 +166,26 @@ def test_readme_examples(bucket, workdir):
     assert epochs.shape == (12, 4)  # 2 subjects x 2 runs x 3 windows, 4 features
     # the subject table written by write_combined_tables holds the mean of each subject's epochs
     subjects = ns["table"]
-    written = pq.read_table(workdir / "derivatives/eeg_foundation_embeddings/combined"
-                            / "cbramod_EO_subject_embeddings.parquet").to_pandas()  # fmt: skip
+    written = pq.read_table(
+        workdir
+        / "derivatives/eeg_foundation_embeddings/combined"
+        / "cbramod_EO_subject_embeddings.parquet"
+    ).to_pandas()
     assert list(written["subject"]) == list(subjects.subject.values)
     features = [c for c in written.columns if c.startswith("embedding_")]
     np.testing.assert_allclose(subjects.embedding.values, written[features].to_numpy(), rtol=1e-6)
-    np.testing.assert_allclose(ns["subjects"].embedding.values, written[features].to_numpy(),
-                               rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        ns["subjects"].embedding.values, written[features].to_numpy(), rtol=1e-6
+    )
     # coco-pipe's own epoch table (in the sample) holds the same rows as the NPZ files
-    coco = pq.read_table(DATA / "coco_pipe/eeg_foundation_embeddings/combined"
-                         / "cbramod_EO_epoch_embeddings.parquet").to_pandas()  # fmt: skip
-    np.testing.assert_allclose(np.sort(epochs, axis=0),
-                               np.sort(coco[features].to_numpy(), axis=0), rtol=1e-6)  # fmt: skip
+    coco = pq.read_table(
+        DATA
+        / "coco_pipe/eeg_foundation_embeddings/combined"
+        / "cbramod_EO_epoch_embeddings.parquet"
+    ).to_pandas()
+    np.testing.assert_allclose(
+        np.sort(epochs, axis=0), np.sort(coco[features].to_numpy(), axis=0), rtol=1e-6
+    )
 
     # names the public bucket (anonymous S3, network): compiled only; the same calls run
     # against a loopback S3 server in test_docs_remote.py
@@ -180,8 +198,15 @@ def test_readme_shell_block_runs_the_demo(workdir):
     # `pip install` and `pytest` are this environment's setup and this suite; the demo runs
     done = neurocube_cli("demo")
     assert done.returncode == 0, done.stderr
-    for step in ("Generated a synthetic bucket", "Opened sub-01", "Averaged the repeats",
-                 "first read", "second read", "Cached the selection", "back to NIfTI"):  # fmt: skip
+    for step in (
+        "Generated a synthetic bucket",
+        "Opened sub-01",
+        "Averaged the repeats",
+        "first read",
+        "second read",
+        "Cached the selection",
+        "back to NIfTI",
+    ):
         assert step in done.stdout, done.stdout
 
 
@@ -211,8 +236,9 @@ def test_fmri_doc_examples(bucket, workdir, capsys):
     means = ns["means"].roi_mean
     assert list(means.subject.values) == ["sub-01", "sub-03"]
     for s, subject in enumerate(["sub-01", "sub-03"]):
-        values, _, _ = expected_betas(bucket.subjects[subject], ["ses-01", "ses-02"],
-                                      ["FFA1", "FFA2", "OFA"], 10)  # fmt: skip
+        values, _, _ = expected_betas(
+            bucket.subjects[subject], ["ses-01", "ses-02"], ["FFA1", "FFA2", "OFA"], 10
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a trial with no finite voxel
             expected = np.nanmean(values, axis=1)
@@ -226,17 +252,18 @@ def test_fmri_doc_examples(bucket, workdir, capsys):
     betas = ns["ds"].betas
     assert printed.startswith(f"{betas.shape} {betas.data.chunks}")
     truth = ns["truth"].subjects["sub-01"]
-    values, keep, _ = expected_betas(truth, truth.sessions, ["FFA1", "FFA2", "OFA", "PPA"], 15,
-                                     "shared")  # fmt: skip
+    values, keep, _ = expected_betas(
+        truth, truth.sessions, ["FFA1", "FFA2", "OFA", "PPA"], 15, "shared"
+    )
     np.testing.assert_array_equal(betas.values, values)
     written = np.asarray(nib.load(f"{ns['root']}/mean_face.nii.gz").dataobj)
     np.testing.assert_allclose(written[keep], values.mean(0), rtol=1e-6)
     assert np.isnan(written[~keep]).all()
     avg = ns["avg"]
     name = str(avg.image_name.values[0])
-    np.testing.assert_allclose(avg.sel(image_name=name).values,
-                               values[betas.image_name.values == name].mean(0), rtol=1e-6)  # fmt: skip
-
+    np.testing.assert_allclose(
+        avg.sel(image_name=name).values, values[betas.image_name.values == name].mean(0), rtol=1e-6
+    )
 
 
 # --------------------------------------------------------------------------- docs/nifti.md
@@ -257,10 +284,13 @@ def nifti_files(workdir):
     affine[:3, 3] = [-4.0, -5.0, -2.0]
     made = {}
     for betas, mask, shape in [
-        ("sub-01_ses-01_..._SingletrialBetas_statmap.nii.gz",
-         "sub-01_..._res-1pt8_desc-brain_mask.nii.gz", (4, 5, 3, 1050)),
+        (
+            "sub-01_ses-01_..._SingletrialBetas_statmap.nii.gz",
+            "sub-01_..._res-1pt8_desc-brain_mask.nii.gz",
+            (4, 5, 3, 1050),
+        ),
         ("betas.nii.gz", "brain_mask.nii.gz", (6, 5, 4, 12)),
-    ]:  # fmt: skip
+    ]:
         data = rng.standard_normal(shape).astype(np.float32)
         data[0, 0, 0] = np.nan  # a voxel the GLM did not fit
         r2 = rng.uniform(-0.2, 1.0, shape[:3]).astype(np.float32)
@@ -362,8 +392,12 @@ def hdf5_files(workdir):
     for subject in ("sub-01", "sub-02"):
         with h5py.File(workdir / "caches" / f"{subject}_hemi-L_white_spectral.h5", "w") as h5:
             h5.create_dataset("eigenvalues", data=np.sort(rng.random(6)))
-            h5.create_dataset("eigenvectors", data=rng.standard_normal((40, 6)),
-                              compression="gzip", compression_opts=4)  # fmt: skip
+            h5.create_dataset(
+                "eigenvectors",
+                data=rng.standard_normal((40, 6)),
+                compression="gzip",
+                compression_opts=4,
+            )
             h5.attrs["subject"] = subject
             h5.attrs["spectralbrain_version"] = "0.1.0"
     return workdir
@@ -399,9 +433,14 @@ def test_hdf5_doc_examples(hdf5_files, workdir, capsys):
 
     rng = np.random.default_rng(7)
     evecs = rng.standard_normal((200, 300))
-    arrays = {"evals": np.linspace(0.0, 1.0, 300), "evecs": evecs,
-              "hks": rng.random((200, 16)), "matrix": rng.random((3, 3)),
-              "verts": rng.random((200, 3)), "faces": rng.integers(0, 200, (390, 3))}  # fmt: skip
+    arrays = {
+        "evals": np.linspace(0.0, 1.0, 300),
+        "evecs": evecs,
+        "hks": rng.random((200, 16)),
+        "matrix": rng.random((3, 3)),
+        "verts": rng.random((200, 3)),
+        "faces": rng.integers(0, 200, (390, 3)),
+    }
     run(doc, 3, code[3], ns, placeholders=arrays)
     with h5py.File("sub-01_lh_spectral.h5") as h5:
         np.testing.assert_array_equal(h5["eigenvectors"], evecs)
@@ -415,8 +454,9 @@ def test_hdf5_doc_examples(hdf5_files, workdir, capsys):
     np.testing.assert_allclose(connectome.values, arrays["matrix"], rtol=1e-9)
     assert list(connectome.source.values) == ["V1", "V2", "MT"]
     gifti = nib.load("hks.func.gii")
-    np.testing.assert_allclose(np.stack([d.data for d in gifti.darrays], 1),
-                               arrays["hks"].astype(np.float32))  # fmt: skip
+    np.testing.assert_allclose(
+        np.stack([d.data for d in gifti.darrays], 1), arrays["hks"].astype(np.float32)
+    )
     with np.load("arrays.npz") as npz:
         np.testing.assert_array_equal(npz["faces"], arrays["faces"])
 
@@ -495,14 +535,24 @@ def test_embeddings_doc_examples(workdir, capsys):
     # and the subject means are those of each subject's epochs
     for s, subject in enumerate(subjects.subject.values):
         rows = coco[coco.subject.astype(str) == str(subject)]
-        np.testing.assert_allclose(subjects.embedding.values[s], rows[features].mean().to_numpy(),
-                                   rtol=1e-5)  # fmt: skip
+        np.testing.assert_allclose(
+            subjects.embedding.values[s], rows[features].mean().to_numpy(), rtol=1e-5
+        )
 
     rng = np.random.default_rng(11)
     w = rng.standard_normal((6, 8)).astype(np.float32)
-    run(doc, 4, code[4], ns, placeholders={
-        "w": w, "starts": np.arange(6) * 250, "stops": np.arange(6) * 250 + 250,
-        "idx": np.arange(6)})  # fmt: skip
+    run(
+        doc,
+        4,
+        code[4],
+        ns,
+        placeholders={
+            "w": w,
+            "starts": np.arange(6) * 250,
+            "stops": np.arange(6) * 250 + 250,
+            "idx": np.arange(6),
+        },
+    )
     written = "sub-01/ses-01/eeg/sub-01_ses-01_task-rest_run-01_desc-cbramodEOMean_embedding.npz"
     with np.load(written) as npz:
         np.testing.assert_array_equal(npz["window_embeddings"], w)
@@ -519,8 +569,10 @@ def test_embeddings_doc_examples(workdir, capsys):
     root = ns["root"]
     expected = []
     for s in ["01", "02"]:
-        runs = [np.load(p)["window_embeddings"]
-                for p in sorted(root.glob(f"sub-{s}/eeg/*_embedding.npz"))]  # fmt: skip
+        runs = [
+            np.load(p)["window_embeddings"]
+            for p in sorted(root.glob(f"sub-{s}/eeg/*_embedding.npz"))
+        ]
         expected.append(np.concatenate(runs).mean(0))
     np.testing.assert_allclose(ns["subjects"].embedding.values, expected, rtol=1e-6)
 
@@ -558,9 +610,11 @@ def test_cache_doc_examples(bucket, workdir, capsys):
     # example leaves the entry 'demo-face' for the commands to show)
     (console,) = blocks(doc, "console")
     commands = [line[2:].split() for line in console.splitlines() if line.startswith("$ ")]
-    assert [c[:3] for c in commands][:3] == [["neurocube", "cache", "ls"],
-                                             ["neurocube", "cache", "du"],
-                                             ["neurocube", "cache", "verify"]]  # fmt: skip
+    assert [c[:3] for c in commands][:3] == [
+        ["neurocube", "cache", "ls"],
+        ["neurocube", "cache", "du"],
+        ["neurocube", "cache", "verify"],
+    ]
     out, kept = {}, {}
     for command in commands:
         done = neurocube_cli(*command[1:])
@@ -588,9 +642,19 @@ def trex_export(path: Path, ident: int, n: int = 80, cm_per_pixel: float = 0.25)
     frame = np.arange(n, dtype=np.float64)
     x, y = 10.0 + frame * 0.5 + ident, 20.0 + frame * 0.25 + ident
     x[[5, 6]] = y[[5, 6]] = np.inf
-    arrays = {"frame": frame, "time": frame / 50.0, "X": x, "Y": y, "X#wcentroid": x,
-              "Y#wcentroid": y, "SPEED": np.ones(n), "poseX0": x + 1, "poseY0": y - 1,
-              "id": np.array([float(ident)]), "cm_per_pixel": np.array([cm_per_pixel])}  # fmt: skip
+    arrays = {
+        "frame": frame,
+        "time": frame / 50.0,
+        "X": x,
+        "Y": y,
+        "X#wcentroid": x,
+        "Y#wcentroid": y,
+        "SPEED": np.ones(n),
+        "poseX0": x + 1,
+        "poseY0": y - 1,
+        "id": np.array([float(ident)]),
+        "cm_per_pixel": np.array([cm_per_pixel]),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **arrays)
     return arrays
@@ -604,12 +668,14 @@ def behavior_data(workdir):
     standing in for ``/data/trex_exports``."""
     from tests.unit.datasets._behavior_data import hierarchical, make_dataset
 
-    gen = make_dataset(workdir / "my_dataset", hierarchical(n_fish=2, n_speed=3, n_frames=2500),
-                       row_group_size=500)  # fmt: skip
-    exports = {(video, ident): trex_export(workdir / "trex_exports" / f"{video}_fish{ident}.npz",
-                                           ident)
-               for video in ("fish01__speed3__loop1", "fish02__speed1__loop1")
-               for ident in (0, 1)}  # fmt: skip
+    gen = make_dataset(
+        workdir / "my_dataset", hierarchical(n_fish=2, n_speed=3, n_frames=2500), row_group_size=500
+    )
+    exports = {
+        (video, ident): trex_export(workdir / "trex_exports" / f"{video}_fish{ident}.npz", ident)
+        for video in ("fish01__speed3__loop1", "fish02__speed1__loop1")
+        for ident in (0, 1)
+    }
     return gen, exports
 
 
@@ -634,10 +700,12 @@ def test_behavior_doc_examples(behavior_data, workdir, capsys):
     long = ns["long"].compute()
     assert long.sizes["row"] == 3 * 1000 * 2  # three sequences of fish01, 1000 frames, 2 animals
     s_index = np.array([seqs.index(("fish01", str(q))) for q in long.sequence.values])
-    np.testing.assert_array_equal(long.poseX0.values,
-                                  value(s_index, long.frame.values, long.id.values, 0, 0))  # fmt: skip
-    np.testing.assert_array_equal(long.poseY0.values,
-                                  value(s_index, long.frame.values, long.id.values, 0, 1))  # fmt: skip
+    np.testing.assert_array_equal(
+        long.poseX0.values, value(s_index, long.frame.values, long.id.values, 0, 0)
+    )
+    np.testing.assert_array_equal(
+        long.poseY0.values, value(s_index, long.frame.values, long.id.values, 0, 1)
+    )
     assert long.frame.values.min() == 1000 and long.frame.values.max() == 1999
 
     run(doc, 2, code[2], ns)
@@ -649,7 +717,8 @@ def test_behavior_doc_examples(behavior_data, workdir, capsys):
         s = seqs.index(("fish01", sequence))
         np.testing.assert_array_equal(
             position.isel(sequence=q).sel(space="x", keypoint="2").values,
-            value(s, np.arange(2500)[:, None], np.array([0, 1])[None, :], 2, 0))
+            value(s, np.arange(2500)[:, None], np.array([0, 1])[None, :], 2, 0),
+        )
     np.testing.assert_allclose(dense["confidence"].sel(keypoint="1").values, 0.51)
 
     from neurocube.errors import NeurocubeWarning
@@ -660,8 +729,9 @@ def test_behavior_doc_examples(behavior_data, workdir, capsys):
         run(doc, 3, code[3], ns)
     events = ns["events"].compute()
     assert ns["ds"].label_map("behavior") == {0: "rest", 1: "swim", 2: "turn"}
-    with np.load(gen.root / "labels/behavior/lab-run/fish01__speed1__loop1.npz",
-                 allow_pickle=False) as npz:  # fmt: skip
+    with np.load(
+        gen.root / "labels/behavior/lab-run/fish01__speed1__loop1.npz", allow_pickle=False
+    ) as npz:
         frames, labels = npz["frames"], npz["labels"]
     first = events.sel(event=events.sequence == "speed1__loop1")
     np.testing.assert_array_equal(first.frames.values, frames)
@@ -676,7 +746,7 @@ def test_behavior_doc_examples(behavior_data, workdir, capsys):
     table = built.tracks(groups="fish01", columns=["X", "Y"]).compute()
     src = exports[("fish01__speed3__loop1", 0)]
     rows = table.id.values == 0
-    found = dict(zip(table.frame.values[rows].tolist(), table.X.values[rows].tolist()))
+    found = dict(zip(table.frame.values[rows].tolist(), table.X.values[rows].tolist(), strict=True))
     assert 5 not in found  # lost (inf) in both animals: no row
     assert found[10] == pytest.approx(src["X#wcentroid"][10] / 0.25)  # pixels = cm / cm_per_pixel
 
