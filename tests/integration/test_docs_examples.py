@@ -755,3 +755,21 @@ def test_behavior_doc_examples(behavior_data, workdir, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("40 ")  # 40 rows, known chunks
     assert lines[1] == "[12.  1.]"
+
+
+# --------------------------------------------------------------------------- coverage
+
+
+def test_every_document_with_code_has_its_test():
+    """A new page with python blocks gets a test here (or in its own test_docs_<page>.py)."""
+    here = Path(__file__).read_text()
+    tested = set(re.findall(r'doc = "([\w/.-]+\.md)"', here))
+    for page in ("remote", "training"):
+        assert (Path(__file__).parent / f"test_docs_{page}.py").exists()
+        tested.add(f"docs/{page}.md")
+    with_code = {
+        str(p.relative_to(ROOT))
+        for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+        if "```python" in p.read_text()
+    }
+    assert with_code <= tested, sorted(with_code - tested)
