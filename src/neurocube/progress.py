@@ -418,7 +418,11 @@ def watch_computes() -> None:
     global _watcher
     if _watcher is None:
         _watcher = _ComputeWatcher()
-        _watcher.register()
+    # Re-registered when missing: Dask swaps ``Callback.active`` out (a class attribute, not
+    # per thread) during each compute and puts back what it found, so two computes started in
+    # threads at once (e.g. batches' read-ahead) can end with the registration lost.
+    if _watcher._callback not in Callback.active:
+        Callback.active.add(_watcher._callback)
 
 
 def active_client() -> Any | None:

@@ -191,6 +191,9 @@ def optimize(dsk: Any, keys: Any, **kwargs: Any) -> Any:
     layers = dsk.layers if isinstance(dsk, HighLevelGraph) else None
     if layers is not None and not any(str(n).startswith("nifti-") for n in layers):
         return dask_optimize(dsk, keys, **kwargs)
+    from neurocube.progress import watch_computes
+
+    watch_computes()  # a NIfTI compute is about to start: make sure its progress bar is watched
     from dask._task_spec import convert_legacy_graph
     from dask.utils import ensure_dict
 
