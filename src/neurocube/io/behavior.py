@@ -16,6 +16,7 @@ elsewhere (``..``, an absolute path, a remapped prefix) raises
 
 from __future__ import annotations
 
+import collections
 import copy
 import datetime
 import fnmatch
@@ -23,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,6 +235,23 @@ def _stat_or_none(
         return None
 
 
+def _version_key(path: str, meta: ObjectInfo) -> tuple[Any, ...]:
+    """Return what names one version of a file (a key of the per-process memos).
+
+    Size, mtime and ctime locally (ctime changes with any rewrite, even one that
+    restores size and mtime); size and ETag remotely.
+    """
+    if is_url(path):
+        return (path, meta.size, meta.etag)
+    return (path, meta.size, meta.mtime_ns, meta.ctime_ns)
+
+
+#: Parsed manifests per file version (see :func:`_version_key`), for this process.
+_MANIFESTS: collections.OrderedDict[tuple[Any, ...], dict[str, Any]] = collections.OrderedDict()
+_MANIFESTS_LOCK = threading.Lock()
+_MEMO_SIZE = 64
+
+
 def read_index_csv(
     path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
 ) -> pd.DataFrame:
@@ -307,6 +326,17 @@ class Manifest:
         """
         manifest_path = find_manifest(path, storage_options, listing=listing)
         remote = is_url(manifest_path)
+        # parsed once per process and file version: a reopened dataset parses no YAML
+        if remote:
+            seen = listing.get(str(manifest_path)) if listing is not None else None
+        else:
+            seen = _stat_or_none(manifest_path)
+        version = None if seen is None else _version_key(str(manifest_path), seen)
+        if version is not None:
+            with _MANIFESTS_LOCK:
+                known = _MANIFESTS.get(version)
+            if known is not None:
+                return cls(manifest_path, copy.deepcopy(known))
         with open_file(manifest_path, "rb", storage_options if remote else None,
                        cache_type="all" if remote else None) as fh:
             raw = fh.read()
@@ -340,6 +370,11 @@ class Manifest:
         if not isinstance(roots, dict):
             raise FormatError(f"{manifest_path}: 'roots' must be a mapping, found {roots!r}.")
         data["roots"] = {**DEFAULT_ROOTS, **{str(k): str(v) for k, v in roots.items()}}
+        if version is not None and len(raw) == seen.size:  # type: ignore[union-attr]
+            with _MANIFESTS_LOCK:
+                _MANIFESTS[version] = copy.deepcopy(data)
+                while len(_MANIFESTS) > _MEMO_SIZE:
+                    _MANIFESTS.popitem(last=False)
         return cls(manifest_path, data)
 
     @classmethod
