@@ -203,12 +203,14 @@ class BehaviorCatalog(DatasetLayout):
             raise DataNotFoundError(
                 f"{path}: no {kind} index in dataset {self.root}; build it with {hint}."
             )
-        # shared by every catalog of this process that sees the same version of the file
+        # a local index is shared by every catalog of this process that sees the same
+        # version of the file; a remote one is read at every open (one request)
         version = ("index", *_version_key(str(path), meta))
-        table = _memo_get(version)
+        table = _memo_get(version) if not self.is_remote else None
         if table is None:
             table = self._load_index(path)
-            _memo_put(version, table)
+            if not self.is_remote:
+                _memo_put(version, table)
         self._index_cache[kind] = table
         self._index_versions[kind] = version
         return table
@@ -239,10 +241,11 @@ class BehaviorCatalog(DatasetLayout):
         if cached is None:
             table = self._index("tracks")
             version = (*self._index_versions["tracks"], "runs", run_id)
-            cached = _memo_get(version)
+            cached = _memo_get(version) if not self.is_remote else None
             if cached is None:
                 cached = _select_runs(table, run_id, self.index_path("tracks"))
-                _memo_put(version, cached)
+                if not self.is_remote:
+                    _memo_put(version, cached)
             self._index_cache[cache_key] = cached
         return cached
 

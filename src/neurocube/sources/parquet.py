@@ -605,12 +605,17 @@ def reading(path: str, what: str) -> _Reading:
 
 
 def read_table(
-    spec: ParquetChunkSpec, columns: Sequence[str], *, check: bool = True
+    spec: ParquetChunkSpec,
+    columns: Sequence[str],
+    *,
+    check: bool = True,
+    use_threads: bool = False,
 ) -> pa.Table:
     """Read ``columns`` of the spec's row groups as an Arrow table (one open of the file).
 
     ``check=False`` skips the changed-since-opened check (a read while planning,
-    right after the footer was read).
+    right after the footer was read). ``use_threads`` lets pyarrow decode columns
+    in parallel (for a read outside Dask, which otherwise brings the parallelism).
     """
     if check:
         _check_unchanged(spec)
@@ -621,7 +626,9 @@ def read_table(
                          spec.row_groups, wanted) as fh:
         with reading(spec.path, f"row groups {list(spec.row_groups)} (columns {wanted})"):
             pf = verified_file(fh, meta, pre_buffer=True)
-            table = pf.read_row_groups(list(spec.row_groups), columns=wanted, use_threads=False)
+            table = pf.read_row_groups(
+                list(spec.row_groups), columns=wanted, use_threads=use_threads
+            )
     names = set(wanted)
     nbytes = 0
     for i in spec.row_groups:
@@ -782,7 +789,8 @@ def read_rows(
     read_cols = list(spec.present)
     if spec.filter_column is not None and spec.filter_column not in read_cols:
         read_cols.append(spec.filter_column)
-    return _arrays(spec, read_table(spec, read_cols), check_rows=spec.filter_column is None)
+    table = read_table(spec, read_cols, use_threads=True)
+    return _arrays(spec, table, check_rows=spec.filter_column is None)
 
 
 def read_chunks(specs: tuple[ParquetChunkSpec, ...]) -> dict[str, np.ndarray]:
