@@ -20,7 +20,9 @@ write to a path that leaves the dataset.
 
 from __future__ import annotations
 
+import collections
 import os
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, cast
@@ -41,6 +43,7 @@ from neurocube.io.behavior import (
     _filter_pairs,
     _stat_or_none,
     _url_join,
+    _version_key,
     entry_key,
     find_manifest,
     is_inside,
@@ -113,6 +116,7 @@ class BehaviorCatalog(DatasetLayout):
             manifest = Manifest.load(path)
         super().__init__(manifest, path_map=path_map, storage_options=options)
         self._index_cache: dict[str, pd.DataFrame] = {}
+        self._index_versions: dict[str, tuple[Any, ...]] = {}
 
     @property
     def is_remote(self) -> bool:
@@ -182,11 +186,16 @@ class BehaviorCatalog(DatasetLayout):
         DataNotFoundError
             If the index does not exist; the message says how to build it.
         """
+        return self._index(kind).copy()
+
+    def _index(self, kind: str) -> pd.DataFrame:
+        """Return the cached index table itself (callers must not modify it)."""
         cached = self._index_cache.get(kind)
         if cached is not None:
-            return cached.copy()
+            return cached
         path = self.index_path(kind)
-        if self.stat(path) is None:
+        meta = self.stat(path)
+        if meta is None:
             hint = {
                 "tracks_raw": "neurocube.index_tracks_raw(...)",
                 "tracks": "neurocube.convert_tracks(...)",
@@ -194,13 +203,22 @@ class BehaviorCatalog(DatasetLayout):
             raise DataNotFoundError(
                 f"{path}: no {kind} index in dataset {self.root}; build it with {hint}."
             )
-        table = self._load_index(path)
+        # a local index is shared by every catalog of this process that sees the same
+        # version of the file; a remote one is read at every open (one request)
+        version = ("index", *_version_key(str(path), meta))
+        table = _memo_get(version) if not self.is_remote else None
+        if table is None:
+            table = self._load_index(path)
+            if not self.is_remote:
+                _memo_put(version, table)
         self._index_cache[kind] = table
-        return table.copy()
+        self._index_versions[kind] = version
+        return table
 
     def invalidate(self) -> None:
         """Forget cached index tables (after a writer changed them)."""
         self._index_cache.clear()
+        self._index_versions.clear()
 
     def tracks_table(self, run_id: str | None = None) -> pd.DataFrame:
         """Return one ``tracks/index.csv`` row per (group, sequence): the newest run, or ``run_id``.
@@ -214,12 +232,22 @@ class BehaviorCatalog(DatasetLayout):
         SelectionError
             If ``run_id`` is given and no row has it; the message lists the runs.
         """
+        return self._tracks_table(run_id).copy()
+
+    def _tracks_table(self, run_id: str | None = None) -> pd.DataFrame:
+        """Return :meth:`tracks_table` itself, cached (callers must not modify it)."""
         cache_key = f"tracks#run={run_id}"
         cached = self._index_cache.get(cache_key)
         if cached is None:
-            cached = _select_runs(self.read_index("tracks"), run_id, self.index_path("tracks"))
+            table = self._index("tracks")
+            version = (*self._index_versions["tracks"], "runs", run_id)
+            cached = _memo_get(version) if not self.is_remote else None
+            if cached is None:
+                cached = _select_runs(table, run_id, self.index_path("tracks"))
+                if not self.is_remote:
+                    _memo_put(version, cached)
             self._index_cache[cache_key] = cached
-        return cached.copy()
+        return cached
 
     def labels_table(self, kind: str = "behavior", run_id: str | None = None) -> pd.DataFrame:
         """Return one ``labels/<kind>/index.csv`` row per (group, sequence), newest run first."""
@@ -339,7 +367,7 @@ class BehaviorCatalog(DatasetLayout):
         SelectionError
             If a named group or sequence is not in the index.
         """
-        table = self.tracks_table(run_id)
+        table = self._tracks_table(run_id)
         return _filter_pairs(table, groups, sequences, self.index_path("tracks"))
 
     # -- portability -------------------------------------------------------------------
@@ -418,6 +446,29 @@ class BehaviorCatalog(DatasetLayout):
         if not dry_run:
             self.invalidate()
         return report
+
+
+#: Index tables and run selections per file version, shared by the catalogs of this
+#: process (a dataset reopened in a loop parses its index once). Entries are never
+#: modified: the catalog hands out copies.
+_MEMO: collections.OrderedDict[tuple[Any, ...], pd.DataFrame] = collections.OrderedDict()
+_MEMO_LOCK = threading.Lock()
+_MEMO_SIZE = 64
+
+
+def _memo_get(key: tuple[Any, ...]) -> pd.DataFrame | None:
+    with _MEMO_LOCK:
+        found = _MEMO.get(key)
+        if found is not None:
+            _MEMO.move_to_end(key)
+        return found
+
+
+def _memo_put(key: tuple[Any, ...], table: pd.DataFrame) -> None:
+    with _MEMO_LOCK:
+        _MEMO[key] = table
+        while len(_MEMO) > _MEMO_SIZE:
+            _MEMO.popitem(last=False)
 
 
 def _select_runs(table: pd.DataFrame, run_id: str | None, index_file: Path) -> pd.DataFrame:

@@ -59,7 +59,9 @@ from neurocube.sources.parquet import (
     lazy_columns,
     plan_chunks,
     read_parquet_info,
+    read_rows,
     read_table,
+    row_groups_in_range,
 )
 from neurocube.storage import StorageOptions, is_url, open_file
 
@@ -70,6 +72,10 @@ STRING_KEYS = ("group", "sequence")
 _POSITION_RE = re.compile(r"^(X|Y|VX|VY|SPEED|poseX\d+|poseY\d+)(#.*)?$")
 _POSE_RE = re.compile(r"^pose([XYP])(\d+)$")
 _DEFAULT_FRAME_CHUNK = 16384
+#: A frame-range selection of the long form whose row groups hold at most this many bytes of
+#: values is read when :meth:`BehaviorDataset.tracks` is called (``lazy=None``): building
+#: and running a Dask graph costs more than reading it (about 0.5 ms per column).
+SMALL_READ_BYTES = 8 << 20
 
 
 def open_behavior(
@@ -260,7 +266,12 @@ class BehaviorDataset:
                 f"sequences={sequences!r}) matches no tracks"
             )
         files = []
-        for row in table.to_dict("records"):
+        names = list(table.columns)
+        records = [
+            dict(zip(names, cells, strict=True))
+            for cells in zip(*(table[c].tolist() for c in names), strict=True)
+        ]
+        for row in records:
             path = self.catalog.resolve_path(row["abs_path"])
             meta = self.catalog.stat(path)
             if meta is None:
@@ -391,8 +402,9 @@ class BehaviorDataset:
         individuals: Sequence[int] | None = None,
         run_id: str | None = None,
         pairs: Iterable[tuple[str, str]] | None = None,
+        lazy: bool | None = None,
     ) -> xr.Dataset:
-        """Return the selected tracks as one lazy Dataset.
+        """Return the selected tracks as one Dataset: lazy, or loaded when small and filtered.
 
         Parameters
         ----------
@@ -422,12 +434,21 @@ class BehaviorDataset:
             Return the dense view instead (see :meth:`to_dense`).
         run_id
             Use this tracks run instead of the newest.
+        lazy
+            ``True``: Dask arrays, one task per chunk, nothing read but the
+            boundary frames of ``exact``. ``False``: read the selection now into
+            numpy arrays. ``None`` (default): lazy, except a frame / time range
+            whose row groups hold at most ``SMALL_READ_BYTES`` (8 MiB) of values,
+            which is read now (one read per file; a Dask graph would cost more
+            than the read). Both give the same values, dtypes and coords, with
+            the same page-checksum and changed-file checks. Ignored with ``dense``.
 
         Returns
         -------
         xarray.Dataset
             Long form: dim ``row``; coords ``frame, time, id, group, sequence``;
-            one variable per data column. Attrs record ``std_formats``,
+            one variable per data column, Dask-backed or (small frame ranges,
+            ``lazy=False``) numpy-backed. Attrs record ``std_formats``,
             ``units``, ``neurocube_sources`` and the filter.
         """
         if dense:
@@ -467,30 +488,21 @@ class BehaviorDataset:
             for f in files:
                 if "frame" not in f.info.dtypes:
                     raise FormatError(f"{f.path}: no 'frame' column; cannot filter by frame")
-        specs: list[ParquetChunkSpec] = []
-        owner_of: dict[str, TrackFile] = {}
         scaled_columns = tuple(c for c in out_columns if _POSITION_RE.match(c))
-        for f in files:
-            owner_of[f.path] = f
-            file_specs = plan_chunks(
-                f.info,
-                out_columns,
-                dtypes,
-                filter_column="frame" if filtering else None,
-                filter_range=(lo, hi) if filtering else None,
-                exact=exact,
-                min_chunk_rows=min_chunk_rows,
-            )
-            if f.scale != 1.0:
-                file_specs = [replace(s, scale=f.scale, scaled=scaled_columns) for s in file_specs]
-            specs += file_specs
-        chunks = group_chunks(specs, min_chunk_rows)
-        scaled = lazy_columns(chunks, out_columns, dtypes, name="tracks")
-        coords: dict[str, Any] = {k: ("row", scaled[k]) for k in keys}
-        for key in STRING_KEYS:
-            pieces = [[(getattr(owner_of[s.path], key), s.n_rows) for s in c] for c in chunks]
-            coords[key] = ("row", _constant_strings(pieces, key))
-        data_vars = {c: ("row", scaled[c]) for c in data_columns}
+        if lazy is None:  # a small frame range is read now: Dask would cost more than the read
+            lazy = not filtering or _planned_bytes(files, lo, hi, dtypes) > SMALL_READ_BYTES
+        coords: dict[str, Any]
+        data_vars: dict[str, Any]
+        if lazy:
+            coords, data_vars = _lazy_long(
+                files, out_columns, dtypes, keys, data_columns, scaled_columns,
+                (lo, hi) if filtering else None, exact, min_chunk_rows,
+            )  # fmt: skip
+        else:
+            coords, data_vars = _eager_long(
+                files, out_columns, dtypes, keys, data_columns, scaled_columns,
+                (lo, hi) if filtering else None, exact,
+            )  # fmt: skip
         ds = xr.Dataset(data_vars, coords=coords)
         attrs: dict[str, Any] = {
             "neurocube_sources": [f.path for f in files],
@@ -517,7 +529,7 @@ class BehaviorDataset:
         ds.attrs.update(attrs)
         for c in data_columns:
             if _POSITION_RE.match(c):
-                ds[c].attrs["units"] = unit_family
+                ds.variables[c].attrs["units"] = unit_family
         return ds
 
     # -- tracks: dense view -------------------------------------------------------------------
@@ -1089,6 +1101,105 @@ def _lookup_cm_per_pixel(
                 return float(cm_per_pixel[key])
         return None
     return float(cm_per_pixel)
+
+
+def _planned_bytes(
+    files: Sequence[TrackFile], lo: int | None, hi: int | None, dtypes: Sequence[str]
+) -> int:
+    """Bytes of the long form's values in the row groups a frame range keeps (statistics only)."""
+    row_bytes = sum(np.dtype(dt).itemsize for dt in dtypes)
+    rows = 0
+    for f in files:
+        groups = row_groups_in_range(f.info, "frame", (lo, hi))
+        rows += sum(f.info.row_group_rows[i] for i, _ in groups)
+    return rows * row_bytes
+
+
+def _lazy_long(
+    files: Sequence[TrackFile],
+    out_columns: list[str],
+    dtypes: list[str],
+    keys: list[str],
+    data_columns: list[str],
+    scaled_columns: tuple[str, ...],
+    frames: tuple[int | None, int | None] | None,
+    exact: bool,
+    min_chunk_rows: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Plan the long form's chunks; return its Dask-backed coords and data variables."""
+    specs: list[ParquetChunkSpec] = []
+    owner_of: dict[str, TrackFile] = {}
+    for f in files:
+        owner_of[f.path] = f
+        file_specs = plan_chunks(
+            f.info,
+            out_columns,
+            dtypes,
+            filter_column="frame" if frames is not None else None,
+            filter_range=frames,
+            exact=exact,
+            min_chunk_rows=min_chunk_rows,
+        )
+        if f.scale != 1.0:
+            file_specs = [replace(s, scale=f.scale, scaled=scaled_columns) for s in file_specs]
+        specs += file_specs
+    chunks = group_chunks(specs, min_chunk_rows)
+    scaled = lazy_columns(chunks, out_columns, dtypes, name="tracks")
+    coords: dict[str, Any] = {k: ("row", scaled[k]) for k in keys}
+    for key in STRING_KEYS:
+        pieces = [[(getattr(owner_of[s.path], key), s.n_rows) for s in c] for c in chunks]
+        coords[key] = ("row", _constant_strings(pieces, key))
+    data_vars = {c: ("row", scaled[c]) for c in data_columns}
+    return coords, data_vars
+
+
+def _eager_long(
+    files: Sequence[TrackFile],
+    out_columns: list[str],
+    dtypes: list[str],
+    keys: list[str],
+    data_columns: list[str],
+    scaled_columns: tuple[str, ...],
+    frames: tuple[int | None, int | None] | None,
+    exact: bool,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read the long form now (one read per file); return numpy-backed coords and variables.
+
+    The same rows, values, dtypes and coordinates as :func:`_lazy_long` computes.
+    """
+    parts: list[dict[str, np.ndarray]] = []
+    owners: list[tuple[TrackFile, int]] = []
+    for f in files:
+        part = read_rows(
+            f.info,
+            out_columns,
+            dtypes,
+            filter_column="frame" if frames is not None else None,
+            filter_range=frames,
+            exact=exact,
+            scale=f.scale,
+            scaled=scaled_columns if f.scale != 1.0 else (),
+        )
+        n = len(part[out_columns[0]]) if out_columns else 0
+        if n:
+            parts.append(part)
+            owners.append((f, n))
+    values: dict[str, np.ndarray] = {}
+    for c, dt in zip(out_columns, dtypes, strict=True):
+        if len(parts) == 1:
+            values[c] = parts[0][c]
+        else:
+            values[c] = np.concatenate([p[c] for p in parts] or [np.empty(0, dtype=dt)])
+    coords: dict[str, Any] = {k: ("row", values[k]) for k in keys}
+    for key in STRING_KEYS:
+        pieces = tuple((str(getattr(f, key)), n) for f, n in owners)
+        width = max([len(v) for v, _ in pieces] + [1])
+        strings = (
+            _fill_strings(pieces, f"<U{width}") if pieces else np.empty(0, dtype=f"<U{width}")
+        )
+        coords[key] = ("row", strings)
+    data_vars = {c: ("row", values[c]) for c in data_columns}
+    return coords, data_vars
 
 
 def _choose_columns(files: list[TrackFile], columns: Sequence[str] | None) -> list[str]:

@@ -16,6 +16,7 @@ elsewhere (``..``, an absolute path, a remapped prefix) raises
 
 from __future__ import annotations
 
+import collections
 import copy
 import datetime
 import fnmatch
@@ -23,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,6 +235,23 @@ def _stat_or_none(
         return None
 
 
+def _version_key(path: str, meta: ObjectInfo) -> tuple[Any, ...]:
+    """Return what names one version of a file (a key of the per-process memos).
+
+    Size, mtime and ctime locally (ctime changes with any rewrite, even one that
+    restores size and mtime); size and ETag remotely.
+    """
+    if is_url(path):
+        return (path, meta.size, meta.etag)
+    return (path, meta.size, meta.mtime_ns, meta.ctime_ns)
+
+
+#: Parsed manifests per file version (see :func:`_version_key`), for this process.
+_MANIFESTS: collections.OrderedDict[tuple[Any, ...], dict[str, Any]] = collections.OrderedDict()
+_MANIFESTS_LOCK = threading.Lock()
+_MEMO_SIZE = 64
+
+
 def read_index_csv(
     path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
 ) -> pd.DataFrame:
@@ -307,6 +326,15 @@ class Manifest:
         """
         manifest_path = find_manifest(path, storage_options, listing=listing)
         remote = is_url(manifest_path)
+        # a local manifest is parsed once per process and file version (a reopened dataset
+        # parses no YAML); a remote one is read at every open (its access is checked then)
+        seen = None if remote else _stat_or_none(manifest_path)
+        file_version = None if seen is None else _version_key(str(manifest_path), seen)
+        if file_version is not None:
+            with _MANIFESTS_LOCK:
+                known = _MANIFESTS.get(file_version)
+            if known is not None:
+                return cls(manifest_path, copy.deepcopy(known))
         with open_file(manifest_path, "rb", storage_options if remote else None,
                        cache_type="all" if remote else None) as fh:
             raw = fh.read()
@@ -340,6 +368,11 @@ class Manifest:
         if not isinstance(roots, dict):
             raise FormatError(f"{manifest_path}: 'roots' must be a mapping, found {roots!r}.")
         data["roots"] = {**DEFAULT_ROOTS, **{str(k): str(v) for k, v in roots.items()}}
+        if file_version is not None and seen is not None and len(raw) == seen.size:
+            with _MANIFESTS_LOCK:
+                _MANIFESTS[file_version] = copy.deepcopy(data)
+                while len(_MANIFESTS) > _MEMO_SIZE:
+                    _MANIFESTS.popitem(last=False)
         return cls(manifest_path, data)
 
     @classmethod
@@ -537,26 +570,33 @@ def _filter_pairs(
 ) -> pd.DataFrame:
     want_groups = _as_set(groups)
     want_sequences = _as_set(sequences)
+    # plain Python over the two name columns, one take at the end: an index of a few hundred
+    # rows is selected in microseconds (pandas' boolean indexing costs ~1 ms per step)
+    group_names = table["group"].tolist()
+    rows = range(len(group_names))
     if want_groups is not None:
-        missing = want_groups - set(table["group"])
+        missing = want_groups - set(group_names)
         if missing:
             raise SelectionError(
                 f"{index_file}: no group(s) {sorted(missing)}; "
-                f"groups are {sorted(set(table['group']))}"
+                f"groups are {sorted(set(group_names))}"
             )
-        table = table[table["group"].isin(want_groups)]
+        rows = [i for i in rows if group_names[i] in want_groups]  # type: ignore[assignment]
     if want_sequences is not None:
-        missing = want_sequences - set(table["sequence"])
+        sequence_names = table["sequence"].tolist()
+        missing = want_sequences - {sequence_names[i] for i in rows}
         if missing:
-            known = sorted(set(table["sequence"]))
+            known = sorted({sequence_names[i] for i in rows})
             shown = known[:20] + (["..."] if len(known) > 20 else [])
             raise SelectionError(
                 f"{index_file}: no sequence(s) {sorted(missing)}"
                 + (f" in group(s) {sorted(want_groups)}" if want_groups else "")
                 + f"; sequences are {shown}"
             )
-        table = table[table["sequence"].isin(want_sequences)]
-    return table.reset_index(drop=True)
+        rows = [i for i in rows if sequence_names[i] in want_sequences]  # type: ignore[assignment]
+    if len(rows) == len(group_names):
+        return table.reset_index(drop=True)
+    return table.take(list(rows)).reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------- writers

@@ -30,7 +30,7 @@ import io
 import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import dask.array as da
@@ -41,7 +41,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from neurocube import storage
-from neurocube.errors import CorruptDataError, FormatError
+from neurocube.errors import CorruptDataError, FormatError, SourceChangedError
 from neurocube.storage import (
     IO_STATS,
     HandlePool,
@@ -63,6 +63,8 @@ __all__ = [
     "plan_chunks",
     "read_chunk",
     "read_chunks",
+    "read_rows",
+    "row_groups_in_range",
     "open_row_groups",
     "read_parquet_info",
     "read_remote_footer",
@@ -86,9 +88,11 @@ class ParquetFileInfo:
 
     Attributes
     ----------
-    path, size, mtime_ns
+    path, size, mtime_ns, ctime_ns
         The file (a local path or a URL) and the version of it the footer came
-        from (``mtime_ns`` is 0 for an object; its ``etag`` says the version).
+        from (``mtime_ns`` and ``ctime_ns`` are 0 for an object; its ``etag`` says
+        the version). ``ctime_ns`` keys the per-process footer caches: it changes
+        with any rewrite, even one that restores the size and mtime.
     dtypes
         Numeric / boolean column -> numpy dtype string (``"float64"``, ``"int64"``,
         ...). An integer column whose statistics show nulls is ``float64``.
@@ -110,6 +114,7 @@ class ParquetFileInfo:
     stats: tuple[dict[str, ColumnStats], ...] = field(repr=False)
     etag: str = ""
     storage_options: StorageOptions | None = field(default=None, repr=False)
+    ctime_ns: int = 0
 
     @property
     def num_rows(self) -> int:
@@ -307,6 +312,28 @@ def open_row_groups(
     return reader
 
 
+def _footer_key(path: str, size: int, mtime_ns: int, ctime_ns: int, etag: str) -> tuple[Any, ...]:
+    """Key of a parsed footer in the per-process pool: the file and its version."""
+    if is_url(path):
+        return ("parquet-footer", path, size, etag)
+    return ("parquet-footer", path, size, mtime_ns, ctime_ns)
+
+
+class _Info:
+    """A cached :class:`ParquetFileInfo` in the per-process pool (nothing to close)."""
+
+    def __init__(self, info: ParquetFileInfo) -> None:
+        self.info = info
+
+    def close(self) -> None:
+        """Nothing to close: plain memory."""
+
+
+#: Parsed footers summarised per file version (``(path, size, mtime, ctime)`` locally,
+#: ``(url, size, etag)`` remotely): a dataset reopened in the same process parses nothing.
+_INFOS = HandlePool(maxsize=1024)
+
+
 def read_parquet_info(
     path: str | os.PathLike[str],
     stats_columns: Iterable[str] = ("frame", "time", "id"),
@@ -322,6 +349,11 @@ def read_parquet_info(
     A URL is read with ``storage_options``: one range request for the tail
     holding the footer (``object_info``, from a listing, saves the stat).
 
+    Results are kept per process and file version (size, mtime and ctime of a
+    local file; size and ETag of an object), so reopening a file that did not
+    change costs one stat (none with ``object_info``) and no read; a rewritten
+    file has another version and is read again.
+
     Raises
     ------
     DataNotFoundError
@@ -331,15 +363,35 @@ def read_parquet_info(
     """
     local = os.fspath(path)
     opts: StorageOptions | None = None
-    etag = ""
-    if is_url(local):
+    remote = is_url(local)
+    if remote:
         opts = as_options(storage_options)
         obj = object_info or storage.info(local, opts)
-        size, mtime_ns, etag = obj.size, 0, obj.etag
-        meta = read_remote_footer(local, opts, size)
-        _FOOTERS.acquire(("parquet-footer", local, size, etag), lambda: _Footer(meta))
     else:
         local = os.path.abspath(local)
+        obj = object_info or storage.info(local)
+    version = (obj.etag,) if remote else (obj.mtime_ns, obj.ctime_ns)
+    info_key = ("parquet-info", local, obj.size, *version, tuple(stats_columns))
+    holder, _ = _INFOS.acquire(info_key, lambda: _Info(
+        _parse_info(local, obj, opts, stats_columns)))
+    info: ParquetFileInfo = holder.info
+    if remote and info.storage_options is not opts:
+        info = replace(info, storage_options=opts)
+    return info
+
+
+def _parse_info(
+    local: str,
+    obj: ObjectInfo,
+    opts: StorageOptions | None,
+    stats_columns: Iterable[str],
+) -> ParquetFileInfo:
+    """Read and summarise the footer of ``local`` at the version ``obj`` describes."""
+    etag = ""
+    if is_url(local):
+        size, mtime_ns, ctime_ns, etag = obj.size, 0, 0, obj.etag
+        meta = read_remote_footer(local, opts, size)
+    else:
         with open_file(local, "rb") as fh:
             head = fh.read(4)
             if head != PARQUET_MAGIC:
@@ -354,8 +406,15 @@ def read_parquet_info(
                 raise FormatError(
                     f"{local}: unreadable parquet footer ({exc}); the file may be truncated."
                 ) from exc
-        obj = object_info or storage.info(local)
-        size, mtime_ns = obj.size, obj.mtime_ns
+        size, mtime_ns, ctime_ns = obj.size, obj.mtime_ns, obj.ctime_ns
+        now = storage.info(local)
+        if (now.size, now.mtime_ns, now.ctime_ns) != (size, mtime_ns, ctime_ns):
+            raise SourceChangedError(
+                f"{local}: changed while its footer was read (then {size} bytes, mtime "
+                f"{mtime_ns}; now {now.size} bytes, mtime {now.mtime_ns}). Open it again "
+                "once the writer has finished."
+            )
+    _FOOTERS.acquire(_footer_key(local, size, mtime_ns, ctime_ns, etag), lambda: _Footer(meta))
     schema = meta.schema.to_arrow_schema()
     dtypes: dict[str, str] = {}
     others: dict[str, str] = {}
@@ -406,7 +465,7 @@ def read_parquet_info(
         if any((s.get(name) or ColumnStats()).null_count for s in stats):
             dtypes[name] = "float64"  # integers / booleans with nulls come back as float NaN
     return ParquetFileInfo(
-        local, size, mtime_ns, dtypes, others, tuple(rows), tuple(stats), etag, opts
+        local, size, mtime_ns, dtypes, others, tuple(rows), tuple(stats), etag, opts, ctime_ns
     )
 
 
@@ -434,6 +493,8 @@ class ParquetChunkSpec:
         Columns in ``scaled`` are multiplied by ``scale`` (unit conversion).
     etag, storage_options
         The version of a remote file and the options to read it with.
+    ctime_ns
+        The file's ctime when planned (keys the per-process footer cache only).
     """
 
     path: str
@@ -450,6 +511,7 @@ class ParquetChunkSpec:
     scaled: tuple[str, ...] = ()
     etag: str = ""
     storage_options: StorageOptions | None = field(default=None, repr=False)
+    ctime_ns: int = 0
 
 
 class _Footer:
@@ -472,6 +534,7 @@ def _footer(
     mtime_ns: int,
     etag: str = "",
     storage_options: Mapping[str, Any] | None = None,
+    ctime_ns: int = 0,
 ) -> pq.FileMetaData:
     remote = is_url(spec_path)
 
@@ -481,8 +544,7 @@ def _footer(
         with open_file(spec_path, "rb") as fh:
             return _Footer(pq.read_metadata(fh))
 
-    key = ("parquet-footer", spec_path, size, etag if remote else mtime_ns)
-    holder, _ = _FOOTERS.acquire(key, load)
+    holder, _ = _FOOTERS.acquire(_footer_key(spec_path, size, mtime_ns, ctime_ns, etag), load)
     return holder.metadata
 
 
@@ -543,22 +605,30 @@ def reading(path: str, what: str) -> _Reading:
 
 
 def read_table(
-    spec: ParquetChunkSpec, columns: Sequence[str], *, check: bool = True
+    spec: ParquetChunkSpec,
+    columns: Sequence[str],
+    *,
+    check: bool = True,
+    use_threads: bool = False,
 ) -> pa.Table:
     """Read ``columns`` of the spec's row groups as an Arrow table (one open of the file).
 
     ``check=False`` skips the changed-since-opened check (a read while planning,
-    right after the footer was read).
+    right after the footer was read). ``use_threads`` lets pyarrow decode columns
+    in parallel (for a read outside Dask, which otherwise brings the parallelism).
     """
     if check:
         _check_unchanged(spec)
-    meta = _footer(spec.path, spec.size, spec.mtime_ns, spec.etag, spec.storage_options)
+    meta = _footer(spec.path, spec.size, spec.mtime_ns, spec.etag, spec.storage_options,
+                   spec.ctime_ns)
     wanted = [c for c in columns]
     with open_row_groups(spec.path, spec.storage_options, spec.size, spec.etag, meta,
                          spec.row_groups, wanted) as fh:
         with reading(spec.path, f"row groups {list(spec.row_groups)} (columns {wanted})"):
             pf = verified_file(fh, meta, pre_buffer=True)
-            table = pf.read_row_groups(list(spec.row_groups), columns=wanted, use_threads=False)
+            table = pf.read_row_groups(
+                list(spec.row_groups), columns=wanted, use_threads=use_threads
+            )
     names = set(wanted)
     nbytes = 0
     for i in spec.row_groups:
@@ -597,7 +667,13 @@ def read_chunk(spec: ParquetChunkSpec) -> dict[str, np.ndarray]:
     read_cols = list(spec.present)
     if spec.filter_column is not None and spec.filter_column not in read_cols:
         read_cols.append(spec.filter_column)
-    table = read_table(spec, read_cols)
+    return _arrays(spec, read_table(spec, read_cols), check_rows=True)
+
+
+def _arrays(
+    spec: ParquetChunkSpec, table: pa.Table, *, check_rows: bool
+) -> dict[str, np.ndarray]:
+    """Turn the table read for ``spec`` into its output arrays (filter, dtype, scale)."""
     keep: np.ndarray | None = None
     if spec.filter_column is not None and spec.filter_range is not None:
         lo, hi = spec.filter_range
@@ -605,7 +681,7 @@ def read_chunk(spec: ParquetChunkSpec) -> dict[str, np.ndarray]:
         keep = (frames >= lo) & (frames < hi)
     out: dict[str, np.ndarray] = {}
     n_rows = table.num_rows if keep is None else int(keep.sum())
-    if n_rows != spec.n_rows:
+    if check_rows and n_rows != spec.n_rows:
         raise FormatError(
             f"{spec.path}: row groups {list(spec.row_groups)} gave {n_rows} rows, "
             f"{spec.n_rows} were planned from the footer; the file changed or its statistics "
@@ -623,6 +699,98 @@ def read_chunk(spec: ParquetChunkSpec) -> dict[str, np.ndarray]:
             values = values * spec.scale
         out[name] = values
     return out
+
+
+def row_groups_in_range(
+    info: ParquetFileInfo,
+    filter_column: str | None = None,
+    filter_range: tuple[float | None, float | None] | None = None,
+) -> list[tuple[int, bool]]:
+    """Return the non-empty row groups that may hold rows in range, from the statistics only.
+
+    Each is ``(row group, inside)``: ``inside`` is True when the statistics say
+    every row of it is in ``[lo, hi)`` (always True without a filter), False for
+    a row group that straddles a bound or has no statistics.
+    """
+    lo, hi = filter_range if filter_range is not None else (None, None)
+    filtering = filter_column is not None and (lo is not None or hi is not None)
+    lo_v = -np.inf if lo is None else lo
+    hi_v = np.inf if hi is None else hi
+    out: list[tuple[int, bool]] = []
+    for i, n in enumerate(info.row_group_rows):
+        if n == 0:
+            continue
+        inside = True
+        if filtering:
+            assert filter_column is not None
+            st = info.stats[i].get(filter_column)
+            if st is not None and st.min is not None and st.max is not None:
+                if st.max < lo_v or st.min >= hi_v:
+                    continue  # pushdown: no row of this group is in range
+                inside = bool(st.min >= lo_v and st.max < hi_v)
+            else:
+                inside = False
+        out.append((i, inside))
+    return out
+
+
+def read_rows(
+    info: ParquetFileInfo,
+    columns: Sequence[str],
+    dtypes: Sequence[str],
+    *,
+    filter_column: str | None = None,
+    filter_range: tuple[float | None, float | None] | None = None,
+    exact: bool = True,
+    scale: float = 1.0,
+    scaled: Sequence[str] = (),
+) -> dict[str, np.ndarray]:
+    """Read the rows of one file in a frame range now: ``{column: 1-D array}``.
+
+    The eager counterpart of :func:`plan_chunks` + :func:`read_chunk` for small
+    reads: the same row groups (pushdown by statistics), the same rows (with
+    ``exact``, rows outside ``[lo, hi)`` are dropped; without, straddling row
+    groups are kept whole), one open of the file, one read of every column
+    of those row groups (page checksums verified), and the same
+    changed-since-opened check (one stat; remotely a HEAD once per version).
+
+    Raises
+    ------
+    SourceChangedError
+        If the file changed since ``info`` was read.
+    CorruptDataError, FormatError
+        If a page fails its checksum or cannot be decoded.
+    """
+    groups = row_groups_in_range(info, filter_column, filter_range)
+    lo, hi = filter_range if filter_range is not None else (None, None)
+    need_filter = filter_column is not None and exact and not all(ok for _, ok in groups)
+    spec = ParquetChunkSpec(
+        path=info.path,
+        size=info.size,
+        mtime_ns=info.mtime_ns,
+        row_groups=tuple(i for i, _ in groups),
+        columns=tuple(columns),
+        dtypes=tuple(dtypes),
+        n_rows=sum(info.row_group_rows[i] for i, _ in groups),
+        present=tuple(c for c in columns if c in info.dtypes),
+        filter_column=filter_column if need_filter else None,
+        filter_range=(
+            (float(-np.inf if lo is None else lo), float(np.inf if hi is None else hi))
+            if need_filter else None
+        ),
+        scale=scale,
+        scaled=tuple(scaled),
+        etag=info.etag,
+        storage_options=info.storage_options,
+        ctime_ns=info.ctime_ns,
+    )
+    if not spec.row_groups:
+        return {c: np.empty(0, dtype=np.dtype(dt)) for c, dt in zip(columns, dtypes, strict=True)}
+    read_cols = list(spec.present)
+    if spec.filter_column is not None and spec.filter_column not in read_cols:
+        read_cols.append(spec.filter_column)
+    table = read_table(spec, read_cols, use_threads=True)
+    return _arrays(spec, table, check_rows=spec.filter_column is None)
 
 
 def read_chunks(specs: tuple[ParquetChunkSpec, ...]) -> dict[str, np.ndarray]:
@@ -667,6 +835,7 @@ def _rows_in_range(info: ParquetFileInfo, row_group: int, column: str, lo: float
         (column,),
         etag=info.etag,
         storage_options=info.storage_options,
+        ctime_ns=info.ctime_ns,
     )
     if is_url(info.path):  # the object was just listed or stat'ed: no HEAD while planning
         table = read_table(spec, [column], check=False)
@@ -718,6 +887,7 @@ def plan_chunks(
         "present": present,
         "etag": info.etag,
         "storage_options": info.storage_options,
+        "ctime_ns": info.ctime_ns,
     }
     specs: list[ParquetChunkSpec] = []
     run: list[int] = []
@@ -729,19 +899,10 @@ def plan_chunks(
             specs.append(ParquetChunkSpec(row_groups=tuple(run), n_rows=run_rows, **base))
         run, run_rows = [], 0
 
-    for i, n in enumerate(info.row_group_rows):
-        if n == 0:
-            continue
-        inside = True
-        if filtering:
-            assert filter_column is not None
-            st = info.stats[i].get(filter_column)
-            if st is not None and st.min is not None and st.max is not None:
-                if st.max < lo_v or st.min >= hi_v:
-                    continue  # pushdown: no row of this group is in range
-                inside = st.min >= lo_v and st.max < hi_v
-            else:
-                inside = False
+    for i, inside in row_groups_in_range(
+        info, filter_column if filtering else None, (lo, hi)
+    ):
+        n = info.row_group_rows[i]
         if inside or not exact:
             run.append(i)
             run_rows += n

@@ -263,6 +263,7 @@ def test_frame_filter_pushdown(gen, monkeypatch, exact):
         end_frame=25,
         exact=exact,
         min_chunk_rows=1,
+        lazy=True,
     )
     built_calls = len(calls)
     out = tracks.compute()
@@ -374,8 +375,8 @@ def test_legacy_flat_layout(tmp_path):
 
 
 def test_deterministic_names_and_known_chunks(gen):
-    a = neurocube.open_behavior(gen.root).tracks(start_frame=3, end_frame=33)
-    b = neurocube.open_behavior(gen.root).tracks(start_frame=3, end_frame=33)
+    a = neurocube.open_behavior(gen.root).tracks(start_frame=3, end_frame=33, lazy=True)
+    b = neurocube.open_behavior(gen.root).tracks(start_frame=3, end_frame=33, lazy=True)
     assert a["X"].data.name == b["X"].data.name
     assert a["sequence"].data.name == b["sequence"].data.name
     da_, db = (
@@ -383,10 +384,10 @@ def test_deterministic_names_and_known_chunks(gen):
         neurocube.open_behavior(gen.root).to_dense(),
     )
     assert da_["position"].data.name == db["position"].data.name
-    c = neurocube.open_behavior(gen.root).tracks(start_frame=4, end_frame=33)
+    c = neurocube.open_behavior(gen.root).tracks(start_frame=4, end_frame=33, lazy=True)
     assert c["X"].data.name != a["X"].data.name
     os.utime(gen.files[("fish01", "speed1__loop1")], ns=(1, 1))
-    d = neurocube.open_behavior(gen.root).tracks(start_frame=3, end_frame=33)
+    d = neurocube.open_behavior(gen.root).tracks(start_frame=3, end_frame=33, lazy=True)
     assert d["X"].data.name != a["X"].data.name
 
 
@@ -465,7 +466,7 @@ def cluster_client():
 
 def test_local_cluster_multi_sequence(gen, cluster_client):
     ds = neurocube.open_behavior(gen.root)
-    tracks = ds.tracks(start_frame=2, end_frame=37, min_chunk_rows=1)
+    tracks = ds.tracks(start_frame=2, end_frame=37, min_chunk_rows=1, lazy=True)
     dense = ds.to_dense(frame_chunk=8)
     with dask.config.set(scheduler="threads"):
         local_t, local_d = dask.compute(tracks, dense)

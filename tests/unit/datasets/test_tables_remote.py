@@ -183,13 +183,25 @@ def test_behavior_s3_equals_local(s3, behavior):
     assert remote.label_kinds() == local.label_kinds() == ["behavior"]
 
     s3.counter.reset()
-    tracks = remote.tracks(start_frame=5, end_frame=50)
+    tracks = remote.tracks(start_frame=5, end_frame=50, lazy=True)
     data_bytes = sum(p.stat().st_size for p in behavior.rglob("*.parquet"))
     opened = s3.counter.total_bytes
     assert s3.counter.count("HEAD") == 0
-    assert_same(tracks, local.tracks(start_frame=5, end_frame=50))
+    assert_same(tracks, local.tracks(start_frame=5, end_frame=50, lazy=True))
     no_secret(tracks, tracks.attrs, *(v.data.dask for v in tracks.data_vars.values()))
     assert opened <= data_bytes + 2_000  # footers (+ boundary frame columns) only
+
+    # a small frame range is read at once (default lazy=None), remotely too: same values;
+    # at most one HEAD per object (the changed-since-listed check, once per version)
+    s3.counter.reset()
+    small = neurocube.open_behavior(url, storage_options=s3.storage_options).tracks(
+        start_frame=5, end_frame=50
+    )
+    assert all(isinstance(v.data, np.ndarray) for v in small.variables.values())
+    assert s3.counter.count("HEAD") <= len(small.attrs["neurocube_sources"])
+    assert_same(small, local.tracks(start_frame=5, end_frame=50))
+    assert_same(small, tracks)
+    no_secret(small, small.attrs)
 
     dense_local = local.to_dense()
     dense_remote = remote.to_dense()
