@@ -120,6 +120,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="default: results/batches.json (batches-quick.json with --quick)")
     parser.add_argument("--worker", nargs=5, metavar=("NAME", "PATH", "MASK", "CACHE", "SUBSET"))
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="rounds over every method; medians (default 3, 1 with --quick)")
     args = parser.parse_args()
     if args.worker:
         name, path, mask_path, cache, subset = args.worker
@@ -152,11 +154,20 @@ def main() -> int:
     run_worker("make_zarr", betas, mask_path, cache, subset)
 
     methods = ["load", "batches_gz", "batches_zarr", "map_random", "isel_loop", "nibabel_loop"]
+    repeats = args.repeats or (1 if args.quick else 3)
+    # Rounds over all methods (not one method's repeats in a row), so a noisy spell on the shared
+    # machine hits every method alike; each method's median run is reported.
+    runs: dict[str, list[dict]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name in methods:
+            runs[name].append(run_worker(name, betas, mask_path, cache, subset))
     results: dict[str, dict] = {}
     for name in methods:
-        r = run_worker(name, betas, mask_path, cache, subset)
+        ordered = sorted(runs[name], key=lambda run: run["seconds"] / run["trials"])
+        r = ordered[len(ordered) // 2]
         per_trial = r["seconds"] / r["trials"]
         results[name] = {
+            "runs_trials_per_s": [run["trials"] / run["seconds"] for run in runs[name]],
             "seconds": r["seconds"],
             "trials_timed": r["trials"],
             "epoch_seconds": per_trial * r["epoch_trials"],
