@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import neurocube
+from neurocube.errors import FormatError
 from neurocube.sources.npz import read_member, read_members_into, read_npz_directory
 from tests.fuzz.damage import assert_oracle_or_neurocube_error, damages, fuzz_settings
 
@@ -127,3 +128,18 @@ def test_damaged_artifact_or_sidecar_in_open_embeddings(tmp_path_factory, damage
         lambda: neurocube.open_embeddings(npzs).embedding.values, oracle,
         checksummed=victim.suffix == ".npz", what=f"{victim.name} with {damage}",
     )
+
+
+def test_a_member_renamed_in_the_central_directory_is_refused(tmp_path):
+    """Found by the slow fuzz run: one flipped bit in a central-directory file name (no CRC
+    covers names) renamed a member, and the array came back under another name."""
+    source = next(p for p in SAMPLES if p.name.endswith("Mean_embedding.npz"))
+    data = bytearray(source.read_bytes())
+    central = data.find(b"PK\x01\x02")
+    name_at = data.find(b"window_embeddings.npy", central)
+    assert central > 0 and name_at > central
+    data[name_at + 16] ^= 1  # 's' -> 'r'
+    damaged = tmp_path / source.name
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="local header"):
+        read_npz_directory(damaged)

@@ -502,6 +502,13 @@ def read_npz_directory(
                     local, f"member {filename!r} has no local header at {local_offset}"
                 )
             lname_len, lextra_len = struct.unpack("<HH", local_header[26:30])
+            local_name = block[30 : 30 + lname_len].decode("utf-8", "replace")
+            if local_name != filename:  # names carry no CRC: two copies must agree
+                raise FormatError(
+                    f"{local}: member {filename!r} of the ZIP central directory is named "
+                    f"{local_name!r} in its local header: the archive is damaged. Re-download "
+                    "or re-write it."
+                )
             data_offset = local_offset + 30 + lname_len + lextra_len
             if data_offset + csize > size:
                 raise _truncated(
