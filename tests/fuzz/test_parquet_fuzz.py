@@ -105,3 +105,11 @@ def test_damaged_parquet_gives_oracle_values_or_a_neurocube_error(files, damage,
 @given(damage=damages(), which=st.integers(0, 10))
 def test_damaged_parquet_many(files, damage, which):
     _run(files, damage, which)
+
+
+def test_damaged_column_name_in_the_footer_is_a_neurocube_error(files):
+    """Found by the slow fuzz run: a flipped bit in the footer's column path made pyarrow raise
+    a raw UnicodeDecodeError while neurocube counted the bytes it had read."""
+    from tests.fuzz.damage import Damage
+
+    _run(files, Damage(kind="flip_bit", where=0.25, size=1, bit=7, other=0.0), 0)

@@ -119,7 +119,8 @@ def test_memory_stays_bounded_large(tmp_path, compress):
     print(f"file {size / 1e6:.0f} MB, output {result['out'] / 1e6:.1f} MB, "
           f"peak growth {growth / 1e6:.1f} MB")
     assert growth < result["out"] + 200 * 2**20, (growth, size)
-    assert growth < size / 2.5
+    # never near the file: rapidgzip's parallel first pass keeps ~175 MB of decode buffers
+    assert growth < size / 2
 
 
 # Build-time reads, counted by the kernel (read bytes of this process, /proc/self/io rchar), not

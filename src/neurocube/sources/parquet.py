@@ -631,12 +631,13 @@ def read_table(
             )
     names = set(wanted)
     nbytes = 0
-    for i in spec.row_groups:
-        rg = meta.row_group(i)
-        for j in range(rg.num_columns):
-            col = rg.column(j)
-            if col.path_in_schema in names:
-                nbytes += col.total_compressed_size
+    with reading(spec.path, "the footer's column metadata"):  # names may be damaged bytes
+        for i in spec.row_groups:
+            rg = meta.row_group(i)
+            for j in range(rg.num_columns):
+                col = rg.column(j)
+                if col.path_in_schema in names:
+                    nbytes += col.total_compressed_size
     IO_STATS.add_bytes(nbytes)
     return table
 
