@@ -143,3 +143,18 @@ def test_a_member_renamed_in_the_central_directory_is_refused(tmp_path):
     damaged.write_bytes(bytes(data))
     with pytest.raises(FormatError, match="local header"):
         read_npz_directory(damaged)
+
+
+@pytest.mark.parametrize(("find", "replace"), [(b"(3, 19", b"(3, \x90"), (b"}", b"(")])
+def test_a_damaged_npy_header_is_a_format_error(find, replace):
+    """Found by the slow fuzz run: numpy's header parser tokenizes the header, and damaged bytes
+    raised the tokenizer's SyntaxError / TokenError instead of a neurocube error."""
+    import io
+
+    from neurocube.sources.npz import _parse_npy_header
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.zeros((3, 19, 5, 4), "<f4"))
+    header = buffer.getvalue()[:128].replace(find, replace, 1)
+    with pytest.raises(FormatError, match=r"malformed \.npy header"):
+        _parse_npy_header(header, "x.npz", "a")

@@ -35,6 +35,7 @@ import math
 import os
 import struct
 import threading
+import tokenize
 import warnings
 import zlib
 from collections.abc import Mapping, Sequence
@@ -323,7 +324,8 @@ def _parse_npy_header(
         raise _truncated(path, f"member {name!r} ends inside its .npy header")
     try:
         shape, dtype, fortran_order = _decode_header(bytes(prefix[: start + header_len]), major)
-    except ValueError as exc:
+    except (ValueError, SyntaxError, tokenize.TokenError) as exc:
+        # numpy's parser tokenizes the header: damaged bytes raise what the tokenizer raises
         raise FormatError(f"{path}: member {name!r} has a malformed .npy header: {exc}") from exc
     return shape, dtype, fortran_order, start + header_len
 
