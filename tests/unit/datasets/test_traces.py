@@ -583,16 +583,16 @@ def _reader(path: str, rounds: int, queue) -> None:
         expected = None
         done = 0
         while done < rounds:
-            ds = neurocube.open_traces(path)
             try:
+                ds = neurocube.open_traces(path)
                 values = ds.data.values
+                attrs = nct.get_attrs(path, 0)
             except SourceChangedError:
-                continue  # a writer replaced the file between open and read: open it again
+                continue  # a writer replaced the file between stat and read: open it again
             done += 1
             if expected is None:
                 expected = values
             assert np.array_equal(values, expected)
-            attrs = nct.get_attrs(path, 0)
             assert isinstance(attrs["onset_shift"], int)
         queue.put("ok")
     except BaseException as exc:  # report anything to the parent
@@ -603,11 +603,11 @@ def _incrementer(path: str, rounds: int, queue) -> None:
     try:
         done = 0
         while done < rounds:
-            attrs = nct.get_attrs(path, 0)
-            attrs["onset_shift"] += 1
             try:
+                attrs = nct.get_attrs(path, 0)
+                attrs["onset_shift"] += 1
                 nct.set_attrs(path, 0, attrs)
-            except AttributeMismatchError:
+            except (AttributeMismatchError, SourceChangedError):
                 continue  # the other writer came first: read again
             done += 1
         queue.put("ok")
