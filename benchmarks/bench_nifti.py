@@ -320,17 +320,23 @@ def main() -> int:
     def label(name: str, t: int) -> str:
         return name if t == threads or name in SINGLE_THREADED else f"{name}@{t}t"
 
-    results: dict[str, dict] = {}
-    for name, t in methods:
-        runs = []
-        for _ in range(repeats):
+    # Rounds: each round runs every method once, so a slow spell of this shared machine
+    # touches all methods alike instead of every repeat of one method.
+    all_runs: dict[tuple[str, int], list[dict]] = {m: [] for m in methods}
+    for round_no in range(repeats):
+        print(f"round {round_no + 1} of {repeats}", flush=True)
+        for name, t in methods:
             if name.startswith("neurocube_first"):
                 shutil.rmtree(cache, ignore_errors=True)
             if name.startswith(("limit_parallel", "neurocube_indexed")) and not (
                 cache / "gzindex"
             ).exists():
                 run_worker("neurocube_first", betas, mask_path, cache, threads)
-            runs.append(run_worker(name, betas, mask_path, cache, t))
+            all_runs[(name, t)].append(run_worker(name, betas, mask_path, cache, t))
+
+    results: dict[str, dict] = {}
+    for name, t in methods:
+        runs = all_runs[(name, t)]
         secs = [r["seconds"] for r in runs]
         med = statistics.median(secs)
         key = label(name, t)
