@@ -226,3 +226,15 @@ def test_nifti_from_s3_on_the_cluster_with_options_as_arguments(roomy_client, tm
                                      storage_options=s3.storage_options)
         picked = again.data.isel(trial=[1, 7, 10]).values
     np.testing.assert_array_equal(picked, expected[[1, 7, 10]])
+
+
+def test_whole_array_computes_stay_spread_over_the_workers(client, tmp_path):
+    """On one machine ``.values`` of a masked NIfTI is one direct read; on a cluster it is not."""
+    from neurocube.sources import pushdown
+
+    values = analytic_values(SHAPE).astype(np.float32)
+    path = write_nifti(tmp_path / "betas.nii.gz", values, affine=AFFINE)
+    data = neurocube.open_nifti(path, mask=_mask(), chunks=2).data
+    graph = pushdown.optimize(data.data.__dask_graph__(), data.data.__dask_keys__())
+    assert not any(str(k).startswith("whole-") for k in dict(graph))
+    np.testing.assert_array_equal(data.values, values[_mask()].T)

@@ -1058,10 +1058,6 @@ def direct_load(
     chunk. A concatenation made by :func:`concatenate_trials` is filled piece
     after piece. ``out``, if given, is the C-contiguous array to fill.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    import dask
-
     name = getattr(data, "name", None)
     with _DIRECT_LOCK:
         entry = _DIRECT.get(name) if isinstance(name, str) else None
@@ -1073,6 +1069,71 @@ def direct_load(
     arr, chunks = entry
     if tuple(data.chunks) != chunks or arr.voxels is None:
         return None
+    return _fill_direct(arr, chunks, num_workers, out)
+
+
+def whole_array_source(name: str) -> tuple[Any, ...] | None:
+    """Return what :func:`read_whole_array` needs to read Dask array ``name`` at once, or None.
+
+    ``name`` is a masked ``open_nifti`` array registered for :func:`direct_load`
+    (``("volumes", array, chunks)``), or a concatenation of such arrays made by
+    :func:`concatenate_trials` (``("stacked", ((array, chunks), ...))``).
+    """
+    with _DIRECT_LOCK:
+        entry = _DIRECT.get(name)
+        stacked = _STACKED.get(name)
+    if entry is not None and entry[0].voxels is not None:
+        return ("volumes", entry[0], entry[1])
+    if stacked is None:
+        return None
+    parts = []
+    for piece in stacked[0]:
+        with _DIRECT_LOCK:
+            piece_entry = _DIRECT.get(getattr(piece, "name", None))
+        if piece_entry is None or piece_entry[0].voxels is None:
+            return None
+        if tuple(piece.chunks) != piece_entry[1] or piece.dtype != piece_entry[0].dtype:
+            return None
+        parts.append(piece_entry)
+    return ("stacked", tuple(parts))
+
+
+def read_whole_array(source: tuple[Any, ...]) -> np.ndarray:
+    """Read every row of a :func:`whole_array_source` into one new array (the direct path).
+
+    This is what a Dask compute of *every* chunk of such an array (``.values``,
+    ``.compute()``, ``ds.load()``) runs instead of one task per chunk: the same
+    forward passes as :func:`neurocube.load`, on all the threads Dask may use.
+    """
+    if source[0] == "volumes":
+        _, arr, chunks = source
+        out = np.empty(arr.shape, dtype=arr.dtype)
+        if _fill_direct(arr, chunks, None, out) is None:  # stale index: chunk by chunk
+            arr.read_masked_into(out, 0, arr.shape[0])
+        return out
+    parts = source[1]
+    rows = sum(arr.shape[0] for arr, _ in parts)
+    out = np.empty((rows, *parts[0][0].shape[1:]), dtype=parts[0][0].dtype)
+    lo = 0
+    for arr, chunks in parts:
+        rows = out[lo : lo + arr.shape[0]]
+        if _fill_direct(arr, chunks, None, rows) is None:
+            arr.read_masked_into(rows, 0, arr.shape[0])
+        lo += arr.shape[0]
+    return out
+
+
+def _fill_direct(
+    arr: VolumeArray,
+    chunks: tuple[tuple[int, ...], ...],
+    num_workers: int | None,
+    out: np.ndarray | None,
+) -> np.ndarray | None:
+    """Fill ``out`` (or a new array) with every masked row of ``arr`` (see :func:`direct_load`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import dask
+
     arr.spec.check_unchanged()  # one stat for the whole load: no values from a replaced file
     if out is None:
         out = np.empty(arr.shape, dtype=arr.dtype)

@@ -198,4 +198,63 @@ def optimize(dsk: Any, keys: Any, **kwargs: Any) -> Any:
     from dask.utils import ensure_dict
 
     graph = convert_legacy_graph(ensure_dict(dsk))
-    return dask_optimize(push_down(graph), keys, **kwargs)
+    return dask_optimize(read_whole_arrays(push_down(graph), keys), keys, **kwargs)
+
+
+def read_whole_arrays(graph: dict[Any, Any], keys: Any) -> dict[Any, Any]:
+    """Return ``graph`` with arrays whose every chunk is wanted read by one direct task.
+
+    ``.values``, ``.compute()`` and ``ds.load()`` of a masked NIfTI array ask
+    for all of its chunks. One task per chunk makes each seek to its own
+    index point and decode alone; one task that reads the whole array with
+    the direct loader (a forward pass per thread, gathered straight into one
+    output, as :func:`neurocube.load` does) is faster, and the chunks become
+    views of it. Only done on the local schedulers: under a
+    ``distributed.Client`` the chunks stay tasks of their own, spread over
+    the workers.
+    """
+    from dask._task_spec import DataNode, Task, TaskRef
+    from dask.core import flatten
+
+    from neurocube.progress import active_client
+    from neurocube.sources import nifti
+
+    wanted: dict[str, set[tuple[Any, ...]]] = {}
+    for key in flatten(keys) if isinstance(keys, list) else [keys]:
+        if isinstance(key, tuple) and key and isinstance(key[0], str):
+            wanted.setdefault(key[0], set()).add(key)
+    candidates = [name for name in wanted if name.startswith(("nifti-masked-", "concatenate-"))]
+    if not candidates or active_client() is not None:
+        return graph
+    out = dict(graph)
+    for name in candidates:
+        source = nifti.whole_array_source(name)
+        if source is None:
+            continue
+        chunks = source[2] if source[0] == "volumes" else _stacked_chunks(source[1])
+        all_keys = _chunk_keys(name, chunks)
+        if wanted[name] != set(all_keys):
+            continue
+        whole = f"whole-{name}"
+        out[whole] = Task(whole, nifti.read_whole_array, DataNode(None, source))
+        for key, index in all_keys.items():
+            out[key] = Task(key, operator.getitem, TaskRef(whole), DataNode(None, index))
+    return out
+
+
+def _stacked_chunks(parts: tuple[Any, ...]) -> tuple[tuple[int, ...], ...]:
+    rows = tuple(c for _, chunks in parts for c in chunks[0])
+    return (rows, *parts[0][1][1:])
+
+
+def _chunk_keys(name: str, chunks: tuple[tuple[int, ...], ...]) -> dict[Any, tuple[slice, ...]]:
+    """Map each chunk key of Dask array ``name`` to its slices of the whole array."""
+    import itertools
+
+    bounds = [np.cumsum((0, *c)) for c in chunks]
+    keys: dict[Any, tuple[slice, ...]] = {}
+    for block in itertools.product(*(range(len(c)) for c in chunks)):
+        keys[(name, *block)] = tuple(
+            slice(int(b[i]), int(b[i + 1])) for b, i in zip(bounds, block, strict=True)
+        )
+    return keys

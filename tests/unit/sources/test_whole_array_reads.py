@@ -1,0 +1,123 @@
+"""Computing every chunk of a masked NIfTI array (``.values``, ``.compute()``, ``ds.load()``).
+
+Such a compute is rewritten into one task that reads the whole array the way
+``neurocube.load`` does (a forward pass per thread); each chunk becomes a view
+of it. Values are checked against nibabel; the rewrite is checked on the
+optimized graph; anything that needs only some chunks keeps its chunk tasks.
+"""
+
+from __future__ import annotations
+
+import dask
+import nibabel as nib
+import numpy as np
+import pytest
+import xarray as xr
+
+import neurocube
+from neurocube.sources import nifti, pushdown
+
+
+def _oracle(path, mask):
+    data = np.asarray(nib.load(str(path)).get_fdata(dtype=np.float32))
+    return data[mask].T  # (trial, voxel), voxels in C order of the grid
+
+
+def _mask(shape):
+    rng = np.random.default_rng(3)
+    return rng.random(shape[:3]) < 0.4
+
+
+def _optimized_keys(array):
+    graph = pushdown.optimize(array.__dask_graph__(), array.__dask_keys__())
+    return [str(k) for k in dict(graph)]
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii"])
+@pytest.mark.parametrize("first_read", [True, False])
+def test_values_of_every_chunk_read_whole(nifti_factory, tmp_path, ext, first_read):
+    shape = (6, 5, 4, 23)
+    path = nifti_factory(f"betas{ext}", shape=shape)
+    mask = _mask(shape)
+    cache = tmp_path / "cache"
+    if not first_read and ext == ".nii.gz":
+        neurocube.open_nifti(path, mask=mask, cache_dir=cache, chunks=4).data.values  # noqa: B018
+        assert list(cache.rglob("*.gzidx*")) or list(cache.rglob("*index*"))
+    ds = neurocube.open_nifti(path, mask=mask, cache_dir=cache, chunks=4)
+    keys = _optimized_keys(ds.data.data)
+    assert sum(k.startswith("whole-") for k in keys) == 1
+    with dask.config.set(scheduler="threads", num_workers=2):
+        values = ds.data.values
+    np.testing.assert_array_equal(values, _oracle(path, mask))
+    # the chunks of the result are views of one read: every row is there exactly once
+    assert values.shape == (shape[3], int(mask.sum()))
+
+
+def test_dataset_load_and_compute_read_whole(nifti_factory, tmp_path):
+    shape = (6, 5, 4, 17)
+    path = nifti_factory("betas.nii.gz", shape=shape)
+    mask = _mask(shape)
+    ds = neurocube.open_nifti(path, mask=mask, cache_dir=tmp_path / "c", chunks=3)
+    oracle = _oracle(path, mask)
+    np.testing.assert_array_equal(ds.data.data.compute(), oracle)
+    np.testing.assert_array_equal(ds.compute().data.values, oracle)
+    np.testing.assert_array_equal(ds.load().data.values, oracle)
+
+
+@pytest.mark.parametrize(
+    "partial",
+    [
+        lambda a: a.isel(trial=slice(2, 9)),
+        lambda a: a.isel(trial=[0, 5, 16]),
+        lambda a: a.sum("trial"),
+        lambda a: a * 2,
+    ],
+    ids=["slice", "pick", "reduce", "arith"],
+)
+def test_partial_or_derived_computes_keep_their_chunk_tasks(nifti_factory, tmp_path, partial):
+    shape = (6, 5, 4, 17)
+    path = nifti_factory("betas.nii.gz", shape=shape)
+    mask = _mask(shape)
+    ds = neurocube.open_nifti(path, mask=mask, cache_dir=tmp_path / "c", chunks=3)
+    ds.data.values  # noqa: B018 (index built: the chunked graph)
+    ds = neurocube.open_nifti(path, mask=mask, cache_dir=tmp_path / "c", chunks=3)
+    selected = partial(ds.data)
+    assert not any(k.startswith("whole-") for k in _optimized_keys(selected.data))
+    oracle = partial(xr.DataArray(_oracle(path, mask), dims=("trial", "voxel")))
+    np.testing.assert_allclose(selected.values, oracle.values, rtol=1e-6)
+
+
+def test_several_sessions_concatenated_read_whole(nifti_factory, tmp_path):
+    shape = (6, 5, 4, 11)
+    mask = _mask(shape)
+    paths = [nifti_factory(f"ses{i}.nii.gz", shape=shape) for i in range(3)]
+    arrays = [
+        neurocube.open_nifti(p, mask=mask, cache_dir=tmp_path / "c", chunks=4).data.data
+        for p in paths
+    ]
+    stacked = nifti.concatenate_trials(arrays)
+    assert sum(k.startswith("whole-") for k in _optimized_keys(stacked)) == 1
+    values = stacked.compute()
+    np.testing.assert_array_equal(values, np.concatenate([_oracle(p, mask) for p in paths]))
+
+
+def test_building_the_rewritten_graph_reads_nothing(nifti_factory, tmp_path, monkeypatch):
+    shape = (6, 5, 4, 9)
+    path = nifti_factory("betas.nii.gz", shape=shape)
+    ds = neurocube.open_nifti(path, mask=_mask(shape), cache_dir=tmp_path / "c", chunks=2)
+    calls = []
+    monkeypatch.setattr(nifti, "read_whole_array", lambda source: calls.append(source))
+    assert sum(k.startswith("whole-") for k in _optimized_keys(ds.data.data)) == 1
+    assert calls == []
+
+
+def test_a_damaged_file_is_still_refused(nifti_factory, tmp_path):
+    shape = (6, 5, 4, 30)
+    path = nifti_factory("betas.nii.gz", shape=shape)
+    raw = bytearray(path.read_bytes())
+    pos = len(raw) * 6 // 10
+    raw[pos : pos + 64] = bytes(64)
+    path.write_bytes(bytes(raw))
+    ds = neurocube.open_nifti(path, mask=_mask(shape), cache_dir=tmp_path / "c", chunks=4)
+    with pytest.raises(neurocube.errors.NeurocubeError, match=r"betas\.nii\.gz"):
+        ds.data.values  # noqa: B018
