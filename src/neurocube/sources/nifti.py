@@ -1089,7 +1089,7 @@ def whole_array_source(name: str) -> tuple[Any, ...] | None:
     parts = []
     for piece in stacked[0]:
         with _DIRECT_LOCK:
-            piece_entry = _DIRECT.get(getattr(piece, "name", None))
+            piece_entry = _DIRECT.get(str(getattr(piece, "name", "")))
         if piece_entry is None or piece_entry[0].voxels is None:
             return None
         if tuple(piece.chunks) != piece_entry[1] or piece.dtype != piece_entry[0].dtype:

@@ -254,7 +254,8 @@ def _chunk_keys(name: str, chunks: tuple[tuple[int, ...], ...]) -> dict[Any, tup
     bounds = [np.cumsum((0, *c)) for c in chunks]
     keys: dict[Any, tuple[slice, ...]] = {}
     for block in itertools.product(*(range(len(c)) for c in chunks)):
-        keys[(name, *block)] = tuple(
+        key = (name, *block)
+        keys[key] = tuple(
             slice(int(b[i]), int(b[i + 1])) for b, i in zip(bounds, block, strict=True)
         )
     return keys
