@@ -1123,6 +1123,109 @@ def read_whole_array(source: tuple[Any, ...]) -> np.ndarray:
     return out
 
 
+class ChunkRun:
+    """One forward pass over a contiguous run of chunks of a masked, indexed ``.nii.gz``.
+
+    When a graph needs every chunk of such an array (``cache()``/``to_zarr``, a
+    reduction over all trials), reading each chunk on its own seeks to its
+    own index point and inflates through indexed_gzip. Instead the chunks are
+    split into one run per thread, and each run's chunk tasks are chained
+    (:func:`read_run_chunk`): the first opens a private
+    :class:`~neurocube.sources.gzindex.SequentialReader`, each next one reads on
+    from where the previous stopped, the last closes it. It pickles without
+    its reader (a new process opens its own).
+    """
+
+    def __init__(self, arr: VolumeArray) -> None:
+        self.arr = arr
+        self._reader: Any = None
+        self._position = -1  # the next row the open reader delivers
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"arr": self.arr}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["arr"])  # type: ignore[misc]
+
+    def __dask_tokenize__(self) -> Any:
+        return ("neurocube.ChunkRun", self.arr.__dask_tokenize__())
+
+    def read(self, lo: int, hi: int, last: bool) -> np.ndarray:
+        """Return masked rows ``[lo, hi)``, reading on where the previous call ended (at lo)."""
+        arr = self.arr
+        spec = arr.spec
+        assert arr.voxels is not None and spec.gzip is not None
+        spec.check_unchanged()  # one stat per chunk task, as every chunk read
+        out = np.empty((hi - lo, arr.voxels.size), dtype=arr.dtype)
+        with self._lock:
+            try:
+                if self._reader is not None and self._position != lo:
+                    self._close()
+                if self._reader is None:
+                    self._reader = gzindex.open_sequential(
+                        spec.gzip, spec.vox_offset + lo * spec.volume_bytes, spec.volume_layout
+                    )
+                    self._position = lo
+                done = lo
+                if self._reader is not None:
+                    done = self._read_on(out, lo, hi)
+                if done < hi:  # no usable reader, or it failed: read_range names the damage
+                    self._close()
+                    arr.read_masked_into(out[done - lo :], done, hi)
+            finally:
+                if last:
+                    self._close()
+        return out
+
+    def _read_on(self, out: np.ndarray, lo: int, hi: int) -> int:
+        """Read rows ``[lo, hi)`` through the open reader; return the first row not read."""
+        spec = self.arr.spec
+        step = max(1, gzindex.SEQUENTIAL_READ_BLOCK // max(spec.volume_bytes, 1))
+        scratch = _scratch(step * spec.volume_bytes)
+        raw_dtype = np.dtype(spec.dtype)
+        for a in range(lo, hi, step):
+            b = min(hi, a + step)
+            buf = scratch[: (b - a) * spec.volume_bytes]
+            try:
+                self._reader.readinto(memoryview(buf))  # type: ignore[arg-type]
+            except gzindex.SequentialReadError:
+                return a
+            self.arr._gather(buf.view(raw_dtype).reshape(b - a, spec.volume_elems),
+                             out[a - lo : b - lo], raw_dtype)
+            self._position = b
+        return hi
+
+    def _close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+        self._reader = None
+        self._position = -1
+
+
+def read_run_chunk(run: ChunkRun, lo: int, hi: int, last: bool, _previous: Any) -> np.ndarray:
+    """Read rows ``[lo, hi)`` of ``run`` once the run's previous chunk was read (see ChunkRun)."""
+    return run.read(lo, hi, last)
+
+
+def chunk_runs_source(name: str) -> VolumeArray | None:
+    """Return the array behind Dask array ``name`` if its chunks may be read as runs, else None.
+
+    That is a masked array of a ``.nii.gz`` with a usable index, all its
+    volumes in file order (a run then reads consecutive bytes).
+    """
+    with _DIRECT_LOCK:
+        entry = _DIRECT.get(name)
+    if entry is None:
+        return None
+    arr = entry[0]
+    if arr.voxels is None or arr.volumes is not None or arr.spec.gzip is None:
+        return None
+    if not gzindex.index_usable(arr.spec.gzip):
+        return None
+    return arr
+
+
 def _fill_direct(
     arr: VolumeArray,
     chunks: tuple[tuple[int, ...], ...],

@@ -198,7 +198,8 @@ def optimize(dsk: Any, keys: Any, **kwargs: Any) -> Any:
     from dask.utils import ensure_dict
 
     graph = convert_legacy_graph(ensure_dict(dsk))
-    return dask_optimize(read_whole_arrays(push_down(graph), keys), keys, **kwargs)
+    graph = read_chunks_as_runs(read_whole_arrays(push_down(graph), keys), keys)
+    return dask_optimize(graph, keys, **kwargs)
 
 
 def read_whole_arrays(graph: dict[Any, Any], keys: Any) -> dict[Any, Any]:
@@ -259,3 +260,85 @@ def _chunk_keys(name: str, chunks: tuple[tuple[int, ...], ...]) -> dict[Any, tup
             slice(int(b[i]), int(b[i + 1])) for b, i in zip(bounds, block, strict=True)
         )
     return keys
+
+
+def read_chunks_as_runs(graph: dict[Any, Any], keys: Any) -> dict[Any, Any]:
+    """Return ``graph`` with the chunk reads of fully used indexed NIfTI arrays chained in runs.
+
+    When every chunk of a masked, indexed ``.nii.gz`` array is read by the
+    graph (``cache()``, ``to_zarr``, a reduction over all trials), the chunks
+    are split into one contiguous run per thread and each run is read front
+    to back by one reader (:class:`~neurocube.sources.nifti.ChunkRun`), instead
+    of every chunk seeking from its own index point. Chunk keys and values are
+    unchanged; each chunk task now also waits for the previous chunk of its
+    run. Graphs that read only some chunks, and distributed clients, are left
+    as they are.
+    """
+    from dask._task_spec import DataNode, Task, TaskRef
+    from dask.core import flatten
+
+    from neurocube.progress import active_client
+    from neurocube.sources import nifti
+
+    names = {
+        key[0]
+        for key in graph
+        if isinstance(key, tuple) and key and isinstance(key[0], str)
+        and key[0].startswith("nifti-masked-")
+    }
+    if not names or active_client() is not None:
+        return graph
+    outputs = set(flatten(keys)) if isinstance(keys, list) else {keys}
+    needed = _reachable(graph, outputs)
+    out = dict(graph)
+    for name in names:
+        arr = nifti.chunk_runs_source(name)
+        if arr is None:
+            continue
+        with nifti._DIRECT_LOCK:
+            chunks = nifti._DIRECT[name][1]
+        if len(chunks[0]) < 2 or any(len(c) != 1 for c in chunks[1:]):
+            continue
+        chunk_keys = list(_chunk_keys(name, chunks))
+        if any(k not in needed or k in outputs for k in chunk_keys):
+            continue  # only some chunks are read, or a chunk is wanted as it is
+        if not all(_is_chunk_read(graph[k]) for k in chunk_keys):
+            continue  # a chunk was already rewritten (e.g. a selection pushed down)
+        bounds = np.cumsum((0, *chunks[0]))
+        workers = nifti.workers_for(None)
+        n = len(chunk_keys)
+        starts = sorted({n * r // workers for r in range(workers)})
+        for r, first in enumerate(starts):
+            stop = starts[r + 1] if r + 1 < len(starts) else n
+            run = nifti.ChunkRun(arr)
+            previous: Any = None
+            for i in range(first, stop):
+                key = chunk_keys[i]
+                out[key] = Task(
+                    key, nifti.read_run_chunk, DataNode(None, run),
+                    int(bounds[i]), int(bounds[i + 1]), i == stop - 1,
+                    previous if previous is None else TaskRef(previous),
+                )
+                previous = key
+    return out
+
+
+def _is_chunk_read(task: Any) -> bool:
+    """Return True if ``task`` reads one chunk of a VolumeArray as ``from_array`` made it."""
+    from dask._task_spec import Task
+    from dask.array.core import getter, getter_nofancy
+
+    return isinstance(task, Task) and task.func in (getter, getter_nofancy)
+
+
+def _reachable(graph: dict[Any, Any], outputs: set[Any]) -> set[Any]:
+    """Return the keys of ``graph`` that computing ``outputs`` runs."""
+    seen: set[Any] = set()
+    stack = [k for k in outputs if k in graph]
+    while stack:
+        key = stack.pop()
+        if key in seen:
+            continue
+        seen.add(key)
+        stack.extend(d for d in getattr(graph[key], "dependencies", ()) if d in graph)
+    return seen

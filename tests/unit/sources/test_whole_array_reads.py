@@ -1,12 +1,17 @@
-"""Computing every chunk of a masked NIfTI array (``.values``, ``.compute()``, ``ds.load()``).
+"""Graphs that read every chunk of a masked NIfTI array.
 
-Such a compute is rewritten into one task that reads the whole array the way
-``neurocube.load`` does (a forward pass per thread); each chunk becomes a view
-of it. Values are checked against nibabel; the rewrite is checked on the
-optimized graph; anything that needs only some chunks keeps its chunk tasks.
+``.values``, ``.compute()`` and ``ds.load()`` are rewritten into one task that
+reads the whole array the way ``neurocube.load`` does (a forward pass per
+thread); each chunk becomes a view of it. Graphs that consume every chunk
+(``cache()``, a reduction over all trials) read the chunks of an indexed
+``.nii.gz`` in one run per thread, each run front to back. Values are checked
+against nibabel; the rewrites are checked on the optimized graph; anything that
+needs only some chunks keeps its chunk tasks.
 """
 
 from __future__ import annotations
+
+import os
 
 import dask
 import nibabel as nib
@@ -121,3 +126,86 @@ def test_a_damaged_file_is_still_refused(nifti_factory, tmp_path):
     ds = neurocube.open_nifti(path, mask=_mask(shape), cache_dir=tmp_path / "c", chunks=4)
     with pytest.raises(neurocube.errors.NeurocubeError, match=r"betas\.nii\.gz"):
         ds.data.values  # noqa: B018
+
+
+def _run_tasks(array):
+    graph = pushdown.optimize(array.__dask_graph__(), array.__dask_keys__())
+    return [k for k, v in dict(graph).items() if getattr(v, "func", None) is nifti.read_run_chunk]
+
+
+def _indexed(nifti_factory, tmp_path, shape, chunks=3):
+    path = nifti_factory("betas.nii.gz", shape=shape)
+    mask = _mask(shape)
+    neurocube.open_nifti(path, mask=mask, cache_dir=tmp_path / "c").data.values  # noqa: B018
+    ds = neurocube.open_nifti(path, mask=mask, cache_dir=tmp_path / "c", chunks=chunks)
+    return path, mask, ds
+
+
+def test_reductions_over_every_chunk_read_runs(nifti_factory, tmp_path):
+    shape = (6, 5, 4, 20)
+    path, mask, ds = _indexed(nifti_factory, tmp_path, shape)
+    oracle = _oracle(path, mask).astype(np.float64)
+    total = ds.data.sum("trial")
+    assert len(_run_tasks(total.data)) >= len(ds.data.chunks[0]) - 2  # run ends may be fused
+    with dask.config.set(scheduler="threads", num_workers=2):
+        np.testing.assert_allclose(total.values, oracle.sum(0), rtol=1e-6)
+        np.testing.assert_allclose(ds.data.std("trial").values, oracle.std(0), rtol=1e-5)
+
+
+def test_cache_reads_runs_and_keeps_values(nifti_factory, tmp_path):
+    shape = (6, 5, 4, 20)
+    path, mask, ds = _indexed(nifti_factory, tmp_path, shape)
+    with dask.config.set(scheduler="threads", num_workers=2):
+        cached = neurocube.cache(ds, store=tmp_path / "zarr", key="runs")
+    np.testing.assert_array_equal(cached.data.values, _oracle(path, mask))
+
+
+@pytest.mark.parametrize(
+    "partial",
+    [lambda a: a.isel(trial=slice(0, 9)).sum("trial"), lambda a: a.isel(trial=[1, 7, 19]).sum()],
+    ids=["some-chunks", "pick"],
+)
+def test_graphs_reading_some_chunks_keep_chunk_reads(nifti_factory, tmp_path, partial):
+    shape = (6, 5, 4, 20)
+    path, mask, ds = _indexed(nifti_factory, tmp_path, shape)
+    selected = partial(ds.data)
+    assert _run_tasks(selected.data) == []
+    oracle = partial(xr.DataArray(_oracle(path, mask), dims=("trial", "voxel")))
+    np.testing.assert_allclose(selected.values, oracle.values, rtol=1e-6)
+
+
+def test_a_run_over_damaged_data_names_the_file(tmp_path):
+    from tests.fixtures.nifti import write_nifti
+
+    shape = (40, 40, 40, 24)  # random values: ~6 MB of gzip, damage far from its first/last MiB
+    values = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    path = write_nifti(tmp_path / "betas.nii.gz", values)
+    mask = _mask(shape)
+    neurocube.open_nifti(path, mask=mask, cache_dir=tmp_path / "c").data.values  # noqa: B018
+    before = path.stat()
+    raw = bytearray(path.read_bytes())
+    pos = len(raw) // 2
+    raw[pos : pos + 64] = bytes(64)
+    path.write_bytes(bytes(raw))  # same size and mtime: the index is still taken as current
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    ds = neurocube.open_nifti(path, mask=mask, cache_dir=tmp_path / "c", chunks=4)
+    assert _run_tasks(ds.data.sum("trial").data)
+    with pytest.raises(neurocube.errors.CorruptDataError, match=r"betas\.nii\.gz.*volume"):
+        ds.data.sum("trial").values  # noqa: B018
+
+
+def test_chunk_runs_pickle_without_their_reader(nifti_factory, tmp_path):
+    import pickle
+
+    shape = (6, 5, 4, 12)
+    path, mask, ds = _indexed(nifti_factory, tmp_path, shape)
+    arr = nifti.chunk_runs_source(ds.data.data.name)
+    assert arr is not None
+    run = nifti.ChunkRun(arr)
+    first = run.read(0, 3, last=False)  # the reader stays open for the next chunk
+    copy = pickle.loads(pickle.dumps(run))
+    assert copy._reader is None
+    np.testing.assert_array_equal(np.concatenate([first, copy.read(3, 6, last=True)]),
+                                  _oracle(path, mask)[:6])
+    np.testing.assert_array_equal(run.read(3, 6, last=True), _oracle(path, mask)[3:6])
+    assert run._reader is None
