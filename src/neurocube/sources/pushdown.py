@@ -304,6 +304,7 @@ def read_chunks_as_runs(graph: dict[Any, Any], keys: Any) -> dict[Any, Any]:
             continue  # only some chunks are read, or a chunk is wanted as it is
         if not all(_is_chunk_read(graph[k]) for k in chunk_keys):
             continue  # a chunk was already rewritten (e.g. a selection pushed down)
+        gate = _consumers_of(graph, needed, chunk_keys)
         bounds = np.cumsum((0, *chunks[0]))
         workers = nifti.workers_for(None)
         n = len(chunk_keys)
@@ -317,10 +318,34 @@ def read_chunks_as_runs(graph: dict[Any, Any], keys: Any) -> dict[Any, Any]:
                 out[key] = Task(
                     key, nifti.read_run_chunk, DataNode(None, run),
                     int(bounds[i]), int(bounds[i + 1]), i == stop - 1,
-                    previous if previous is None else TaskRef(previous),
+                    None if previous is None else [TaskRef(k) for k in previous],
                 )
-                previous = key
+                # the next chunk of the run waits until this one is used up (stored,
+                # reduced), so reads never run ahead of what consumes them
+                previous = gate.get(key) or [key]
     return out
+
+
+def _consumers_of(
+    graph: dict[Any, Any], needed: set[Any], chunk_keys: list[Any]
+) -> dict[Any, list[Any]]:
+    """Map each chunk key to the tasks that use it and nothing else of the array's reads.
+
+    A task that also needs another chunk, or anything computed, is left out:
+    a later chunk of the run waiting for it could wait for itself.
+    """
+    chunks = set(chunk_keys)
+    found: dict[Any, list[Any]] = {}
+    for key in needed:
+        task = graph[key]
+        deps = set(getattr(task, "dependencies", ()))
+        used = deps & chunks
+        if len(used) != 1 or key in chunks:
+            continue
+        others = deps - used
+        if all(not getattr(graph.get(d), "dependencies", ()) for d in others):
+            found.setdefault(used.pop(), []).append(key)
+    return found
 
 
 def _is_chunk_read(task: Any) -> bool:

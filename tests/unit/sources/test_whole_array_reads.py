@@ -12,8 +12,10 @@ needs only some chunks keeps its chunk tasks.
 from __future__ import annotations
 
 import os
+import time
 
 import dask
+import dask.array
 import nibabel as nib
 import numpy as np
 import pytest
@@ -129,8 +131,14 @@ def test_a_damaged_file_is_still_refused(nifti_factory, tmp_path):
 
 
 def _run_tasks(array):
-    graph = pushdown.optimize(array.__dask_graph__(), array.__dask_keys__())
-    return [k for k, v in dict(graph).items() if getattr(v, "func", None) is nifti.read_run_chunk]
+    """Chunk tasks chained in runs (before Dask fuses each into its only user)."""
+    from dask._task_spec import convert_legacy_graph
+    from dask.utils import ensure_dict
+
+    keys = array.__dask_keys__()
+    graph = convert_legacy_graph(ensure_dict(array.__dask_graph__()))
+    graph = pushdown.read_chunks_as_runs(pushdown.push_down(graph), keys)
+    return [k for k, v in graph.items() if getattr(v, "func", None) is nifti.read_run_chunk]
 
 
 def _indexed(nifti_factory, tmp_path, shape, chunks=3):
@@ -146,10 +154,31 @@ def test_reductions_over_every_chunk_read_runs(nifti_factory, tmp_path):
     path, mask, ds = _indexed(nifti_factory, tmp_path, shape)
     oracle = _oracle(path, mask).astype(np.float64)
     total = ds.data.sum("trial")
-    assert len(_run_tasks(total.data)) >= len(ds.data.chunks[0]) - 2  # run ends may be fused
+    assert len(_run_tasks(total.data)) == len(ds.data.chunks[0])
     with dask.config.set(scheduler="threads", num_workers=2):
         np.testing.assert_allclose(total.values, oracle.sum(0), rtol=1e-6)
         np.testing.assert_allclose(ds.data.std("trial").values, oracle.std(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "derived",
+    [
+        (lambda a: a.chunk(trial=7).sum("trial"), False),  # pieces of chunks: pushed down
+        (lambda a: (a - a.mean("trial")).max("trial"), True),  # every chunk used twice
+        (lambda a: a.cumsum("trial"), True),  # each chunk's result needs the previous ones
+        (lambda a: a.chunk(trial=-1).std("trial"), True),  # one task uses every chunk
+    ],
+    ids=["rechunk", "twice", "cumsum", "one-chunk"],
+)
+def test_any_graph_over_every_chunk_reads_correctly(nifti_factory, tmp_path, derived):
+    derived, runs = derived
+    shape = (6, 5, 4, 20)
+    path, mask, ds = _indexed(nifti_factory, tmp_path, shape)
+    result = derived(ds.data)
+    assert bool(_run_tasks(result.data)) == runs
+    oracle = derived(xr.DataArray(_oracle(path, mask).astype(np.float64), dims=("trial", "voxel")))
+    with dask.config.set(scheduler="threads", num_workers=2):
+        np.testing.assert_allclose(result.values, oracle.values, rtol=1e-5, atol=1e-3)
 
 
 def test_cache_reads_runs_and_keeps_values(nifti_factory, tmp_path):
@@ -209,3 +238,40 @@ def test_chunk_runs_pickle_without_their_reader(nifti_factory, tmp_path):
                                   _oracle(path, mask)[:6])
     np.testing.assert_array_equal(run.read(3, 6, last=True), _oracle(path, mask)[3:6])
     assert run._reader is None
+
+
+def test_run_reads_wait_for_their_chunks_to_be_used(nifti_factory, tmp_path):
+    """Storing every chunk holds about one chunk per run, never the whole array."""
+    from dask.callbacks import Callback
+
+    shape = (6, 5, 4, 60)
+    path, mask, ds = _indexed(nifti_factory, tmp_path, shape, chunks=2)
+    data = ds.data.data
+    alive: set[int] = set()
+    most = [0]
+
+    class Track(Callback):
+        def _posttask(self, key, result, dsk, state, worker_id):
+            if isinstance(key, tuple) and key[0] == data.name:
+                alive.add(key[1])
+            elif isinstance(key, tuple) and str(key[0]).startswith("store-map"):
+                alive.discard(key[1])
+            most[0] = max(most[0], len(alive))
+
+    class SlowTarget:  # a slow consumer (compression, a remote store)
+        def __init__(self):
+            self.values = np.empty(data.shape, data.dtype)
+            self.shape, self.dtype, self.ndim = data.shape, data.dtype, data.ndim
+
+        def __setitem__(self, key, value):
+            time.sleep(0.02)
+            self.values[key] = value
+
+    slow = SlowTarget()
+    stored = dask.array.store(data, slow, lock=False, compute=False)
+    assert _run_tasks(stored)
+    with Track(), dask.config.set(scheduler="threads", num_workers=2):
+        stored.compute()
+    np.testing.assert_array_equal(slow.values, _oracle(path, mask))
+    assert len(data.chunks[0]) == 30
+    assert most[0] <= 3  # one chunk per run (two runs), and one being handed over
