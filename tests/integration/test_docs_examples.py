@@ -753,8 +753,9 @@ def test_behavior_doc_examples(behavior_data, workdir, capsys):
     capsys.readouterr()
     run(doc, 5, code[5], ns)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("40 ")  # 40 rows, known chunks
-    assert lines[1] == "[12.  1.]"
+    assert lines[0] == "40 None"  # 40 rows, small: read at once
+    assert lines[1] == "((40,),)"  # lazy=True: Dask chunks
+    assert lines[2] == "[12.  1.]"
 
 
 # --------------------------------------------------------------------------- coverage
