@@ -106,7 +106,7 @@ def get_attrs(path: str | os.PathLike[str], index: int) -> dict[str, Any]:
     """
     key = stat_key(path)
     local = key[0]
-    with pooled_file(*key) as h5:
+    with pooled_file(*key, heap_checked=True) as h5:
         origin, name = locate_trace(h5, index, local)
         origin_raw = read_raw_attrs(h5[origin])
         trace_raw = read_raw_attrs(h5[origin][_TRACES][name])

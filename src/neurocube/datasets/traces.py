@@ -483,7 +483,7 @@ def _scan_file(
     import h5py
 
     local = key[0]
-    with pooled_file(*key, storage_options) as h5, structure_errors(local):
+    with pooled_file(*key, storage_options, heap_checked=True) as h5, structure_errors(local):
         groups = origin_groups(h5, local)
         if not groups:
             raise FormatError(
