@@ -108,8 +108,8 @@ def get_attrs(path: str | os.PathLike[str], index: int) -> dict[str, Any]:
     local = key[0]
     with pooled_file(*key, heap_checked=True) as h5:
         origin, name = locate_trace(h5, index, local)
-        origin_raw = read_raw_attrs(h5[origin])
-        trace_raw = read_raw_attrs(h5[origin][_TRACES][name])
+        origin_raw = read_raw_attrs(h5[origin], local)
+        trace_raw = read_raw_attrs(h5[origin][_TRACES][name], local)
     attrs = {k: decode_attr(v) for k, v in origin_raw.items()}
     attrs.update({k: decode_attr(v) for k, v in trace_raw.items()})
     attrs["origin"] = origin
@@ -184,7 +184,7 @@ def set_attrs_many(
                     locate_trace(h5, index, local)  # raises the SelectionError that says why
                 origin, name = locations[int(index)]
                 if origin not in origin_raws:
-                    origin_raws[origin] = read_raw_attrs(h5[origin])
+                    origin_raws[origin] = read_raw_attrs(h5[origin], local)
                 _write_trace_attrs(
                     h5, local, index, (origin, name), origin_raws[origin], attrs, allow_new_keys
                 )
@@ -235,7 +235,7 @@ def _write_trace_attrs(
 ) -> None:
     origin, name = location
     dset = h5[origin][_TRACES][name]
-    trace_raw = read_raw_attrs(dset)
+    trace_raw = read_raw_attrs(dset, local)
     token = attrs.get("cache_file_token")
     if token is not None and token != attrs_token(trace_raw):
         raise AttributeMismatchError(

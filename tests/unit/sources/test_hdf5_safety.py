@@ -306,3 +306,21 @@ def test_undamaged_string_attributes_read_through_the_heap_check(tmp_path):
         np.testing.assert_array_equal(ds.data.values[1], h5["rec1.xdf/traces/1"][()])
     assert traces.get_attrs(path, 2)["comment"] == "fine"
     assert traces.get_attrs(path, 2)["onset"] == 2.5
+
+
+def test_a_string_attribute_of_unknown_encoding_is_a_format_error(tmp_path):
+    """Found by the slow fuzz run (a bit flip in cf0.hdf5): h5py raises TypeError for the type."""
+    from neurocube import traces
+
+    path = tmp_path / "charset.hdf5"
+    _string_attr_traces(path)
+    raw = bytearray(path.read_bytes())
+    # a variable-length UTF-8 string type: class 9 (version 1), string, charset 1, 16 bytes
+    utf8_vlen = b"\x19\x01\x01\x00\x10\x00\x00\x00"
+    at = raw.index(utf8_vlen, raw.index(b"onset"))
+    raw[at + 2] = 0x03  # charset 3: not one HDF5 defines
+    path.write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match=r"charset\.hdf5: expected readable attributes on "):
+        neurocube.open_traces(path, use_cache=False)
+    with pytest.raises(FormatError, match=r"charset\.hdf5: expected readable attributes on "):
+        traces.get_attrs(path, 0)
