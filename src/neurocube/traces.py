@@ -394,7 +394,7 @@ def merge(
 
     with atomic_path(target) as tmp, h5py.File(tmp, "w") as out:
         for catalog in catalogs:
-            with open_hdf5(catalog.path) as source:
+            with open_hdf5(catalog.path, heap_checked=True) as source:
                 for origin in catalog.origins:
                     source.copy(source[origin], out, name=origin)
     return target

@@ -324,3 +324,14 @@ def test_a_string_attribute_of_unknown_encoding_is_a_format_error(tmp_path):
         neurocube.open_traces(path, use_cache=False)
     with pytest.raises(FormatError, match=r"charset\.hdf5: expected readable attributes on "):
         traces.get_attrs(path, 0)
+
+
+def test_open_spectral_refuses_a_damaged_global_heap_too(tmp_path):
+    """The slow fuzz run found the same endless loop in open_spectral's root attributes."""
+    from tests.unit.datasets.test_spectral import write_cache
+
+    path = tmp_path / "spectral.h5"
+    write_cache(path, subject="sub-01", hemi="lh")
+    _zero_free_space(path)
+    with pytest.raises(FormatError, match=r"spectral\.h5: expected global heap collections"):
+        neurocube.open_spectral(path)
