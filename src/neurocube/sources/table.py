@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 PARQUET_MAGIC = b"PAR1"
-_FOOTERS: OrderedDict[tuple[str, int, int | str], Any] = OrderedDict()
+_FOOTERS: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 _FOOTERS_LOCK = threading.Lock()
 _FOOTERS_MAX = 128
 
@@ -88,7 +88,7 @@ def _metadata(
     from neurocube.sources.parquet import read_remote_footer
 
     remote = is_url(path)
-    key = (path, size, etag) if remote else (path, size, mtime_ns, ctime_ns)
+    key: tuple[Any, ...] = (path, size, etag) if remote else (path, size, mtime_ns, ctime_ns)
     with _FOOTERS_LOCK:
         cached = _FOOTERS.get(key)
         if cached is not None:
