@@ -757,12 +757,16 @@ def check_unchanged(
     version: int | str,
     *,
     what: str = "opened",
+    ctime_ns: int | None = None,
 ) -> None:
     """Raise :class:`DataChangedError` if ``path`` is not the version seen when it was opened.
 
     ``version`` is the mtime (ns) of a local file or the ETag of an object, as
     :func:`stat_key` gave it. Remote objects are checked once per process and
-    version (a HEAD request), local files at every call (a stat).
+    version (a HEAD request), local files at every call (a stat). ``ctime_ns``
+    (a local file's status-change time when opened; pass it where it was kept)
+    is compared too: any rewrite changes it, also one that restores the size and
+    sets the mtime back with ``os.utime``.
     """
     if not is_local(path):
         key = (path, size, str(version))
@@ -773,7 +777,16 @@ def check_unchanged(
         fs, fpath = _filesystem(path, storage_options)
         with contextlib.suppress(Exception):
             fs.invalidate_cache(fpath)
-    _, now_size, now_version = stat_key(path, storage_options)
+    meta = info(path, storage_options)
+    local = is_local(meta.path)
+    now_size, now_version = meta.size, (meta.mtime_ns if local else meta.etag)
+    if local and ctime_ns and meta.ctime_ns != ctime_ns:
+        raise DataChangedError(
+            f"{path}: changed since it was {what} (then ctime {ctime_ns} ns; now ctime "
+            f"{meta.ctime_ns} ns, with {now_size} bytes and mtime {now_version}: rewritten, "
+            "even if its size and mtime look the same). Values read now would mix two "
+            "versions: open it again."
+        )
     if now_size != size or now_version != version:
         raise DataChangedError(
             f"{path}: changed since it was {what} (then {size} bytes, version {version}; now "

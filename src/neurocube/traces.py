@@ -43,7 +43,7 @@ from neurocube.datasets.traces import (
     scan_traces,
     trace_sort_key,
 )
-from neurocube.errors import AttributeMismatchError, FormatError
+from neurocube.errors import AttributeMismatchError, FormatError, SourceChangedError
 from neurocube.io._atomic import atomic_path
 from neurocube.sources.hdf5 import open_hdf5, pooled_file, stat_key
 
@@ -77,6 +77,9 @@ CONSISTENT_ORIGIN_KEYS = (
 )
 
 _SUFFIX = ".hdf5"
+
+#: How often :func:`get_attrs` reads when a writer's rename lands mid-read (one retry).
+_READ_ATTEMPTS = 2
 _TRACES = "traces"
 
 
@@ -99,17 +102,31 @@ def get_attrs(path: str | os.PathLike[str], index: int) -> dict[str, Any]:
         path), ``cache_file_index`` and ``cache_file_token`` (a hash of the
         trace's stored attributes) for :func:`set_attrs`.
 
+    A concurrent writer (:func:`set_attrs`) replaces the file by rename; if that
+    lands between this call's stat and its open, the read is done again once
+    (with a fresh stat) before :class:`~neurocube.errors.SourceChangedError` is
+    raised.
+
     Raises
     ------
     SelectionError
         If there is no such trace.
+    SourceChangedError
+        If the file was replaced again during the second attempt too.
     """
-    key = stat_key(path)
-    local = key[0]
-    with pooled_file(*key) as h5:
-        origin, name = locate_trace(h5, index, local)
-        origin_raw = read_raw_attrs(h5[origin])
-        trace_raw = read_raw_attrs(h5[origin][_TRACES][name])
+    for attempt in range(_READ_ATTEMPTS):
+        key = stat_key(path)
+        local = key[0]
+        try:
+            with pooled_file(*key, heap_checked=True) as h5:
+                origin, name = locate_trace(h5, index, local)
+                origin_raw = read_raw_attrs(h5[origin], local)
+                trace_raw = read_raw_attrs(h5[origin][_TRACES][name], local)
+            break
+        except SourceChangedError:
+            # a writer's atomic rename landed between the stat and the open: open it again
+            if attempt + 1 == _READ_ATTEMPTS:
+                raise
     attrs = {k: decode_attr(v) for k, v in origin_raw.items()}
     attrs.update({k: decode_attr(v) for k, v in trace_raw.items()})
     attrs["origin"] = origin
@@ -184,7 +201,7 @@ def set_attrs_many(
                     locate_trace(h5, index, local)  # raises the SelectionError that says why
                 origin, name = locations[int(index)]
                 if origin not in origin_raws:
-                    origin_raws[origin] = read_raw_attrs(h5[origin])
+                    origin_raws[origin] = read_raw_attrs(h5[origin], local)
                 _write_trace_attrs(
                     h5, local, index, (origin, name), origin_raws[origin], attrs, allow_new_keys
                 )
@@ -235,7 +252,7 @@ def _write_trace_attrs(
 ) -> None:
     origin, name = location
     dset = h5[origin][_TRACES][name]
-    trace_raw = read_raw_attrs(dset)
+    trace_raw = read_raw_attrs(dset, local)
     token = attrs.get("cache_file_token")
     if token is not None and token != attrs_token(trace_raw):
         raise AttributeMismatchError(
@@ -377,7 +394,7 @@ def merge(
 
     with atomic_path(target) as tmp, h5py.File(tmp, "w") as out:
         for catalog in catalogs:
-            with open_hdf5(catalog.path) as source:
+            with open_hdf5(catalog.path, heap_checked=True) as source:
                 for origin in catalog.origins:
                     source.copy(source[origin], out, name=origin)
     return target

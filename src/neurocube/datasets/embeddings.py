@@ -821,7 +821,7 @@ def open_combined_file(
             _read_rowgroup_task,
             ParquetRowGroup(
                 layout.path, layout.size, layout.mtime_ns, i, tuple(features), dtype.str,
-                layout.etag, layout.storage_options,
+                layout.etag, layout.storage_options, layout.ctime_ns,
             ),
         )
         for i in range(len(layout.row_group_rows))

@@ -167,7 +167,7 @@ def open_spectral(
     options = None if storage.is_local(local) else options
     storage.remember_options(local, options)
     chunks = dict(chunks or {})
-    with pooled_file(*key, options) as h5, structure_errors(local):
+    with pooled_file(*key, options, heap_checked=True) as h5, structure_errors(local):
         names = set(h5.keys())
         unknown_groups = sorted(
             name

@@ -339,12 +339,19 @@ def _text(value: Any) -> Any:
     return value
 
 
-def read_raw_attrs(obj: Any) -> dict[str, Any]:
+def read_raw_attrs(obj: Any, path: str | None = None) -> dict[str, Any]:
     """Read every attribute of an h5py object, strings as ``str`` (not decoded further).
 
     Uses h5py's low-level attribute calls (about a third faster than
     ``dict(obj.attrs)`` for the thousands of small string attributes of a
     trace cache); falls back to the high-level API for unusual attributes.
+
+    Raises
+    ------
+    FormatError
+        If h5py cannot read them either (a damaged attribute, e.g. a string type
+        with an unknown encoding); the message names ``path`` (default: the file
+        h5py names) and the object.
     """
     import h5py
 
@@ -364,8 +371,22 @@ def read_raw_attrs(obj: Any) -> dict[str, Any]:
             value = buffer[()] if buffer.ndim == 0 else buffer
             out[name] = _text(value) if not isinstance(value, np.ndarray) else value
     except (OSError, TypeError, ValueError):
-        out = {str(k): _text(v) for k, v in obj.attrs.items()}
+        try:
+            out = {str(k): _text(v) for k, v in obj.attrs.items()}
+        except (OSError, TypeError, ValueError, RuntimeError, KeyError) as exc:
+            where = path if path is not None else _file_name(obj)
+            raise FormatError(
+                f"{where}: expected readable attributes on {obj.name!r}; h5py cannot read them "
+                f"({type(exc).__name__}: {exc}). The file is damaged: restore or re-create it."
+            ) from exc
     return out
+
+
+def _file_name(obj: Any) -> str:
+    try:
+        return str(obj.file.filename)
+    except (OSError, RuntimeError, ValueError, AttributeError):
+        return "an HDF5 file"
 
 
 def origin_groups(h5: Any, path: str) -> list[tuple[str, Any]]:
@@ -483,7 +504,7 @@ def _scan_file(
     import h5py
 
     local = key[0]
-    with pooled_file(*key, storage_options) as h5, structure_errors(local):
+    with pooled_file(*key, storage_options, heap_checked=True) as h5, structure_errors(local):
         groups = origin_groups(h5, local)
         if not groups:
             raise FormatError(
@@ -493,7 +514,7 @@ def _scan_file(
         origin_attrs: dict[str, dict[str, Any]] = {}
         traces: list[TraceEntry] = []
         for origin, group in groups:
-            origin_attrs[origin] = read_raw_attrs(h5[origin])
+            origin_attrs[origin] = read_raw_attrs(h5[origin], local)
             for name in sorted(group.keys(), key=trace_sort_key):
                 dset = member(group, name, local)
                 if not isinstance(dset, h5py.Dataset):
@@ -508,7 +529,7 @@ def _scan_file(
                         name=str(name),
                         shape=tuple(int(n) for n in dset.shape),
                         dtype=np.dtype(dset.dtype).str,
-                        attrs=read_raw_attrs(dset),
+                        attrs=read_raw_attrs(dset, local),
                     )
                 )
     return TraceCatalog(

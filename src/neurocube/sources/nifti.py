@@ -1412,6 +1412,42 @@ def _cache_writable(folder: Path) -> bool:
     return ok
 
 
+#: ``index=`` values that name no index file (for a plain ``.nii`` they change nothing).
+_INDEX_WORDS = ("auto", "never")
+
+
+def check_index_argument(index: Any, info: NiftiInfo) -> None:
+    """Refuse an ``index=`` that ``open_nifti`` does not accept for this file.
+
+    ``index`` accepts ``"auto"`` (default) or ``True``, ``False``/``None``/``"never"``,
+    or the path of a gzip index file (a ``str`` or ``os.PathLike``); a path only for
+    a ``.nii.gz``: a plain ``.nii`` has no gzip stream to index.
+
+    Raises
+    ------
+    ArgumentError
+        Naming the file, the value given and what ``index`` accepts.
+    """
+    accepts = (
+        "index accepts 'auto' (default) or True, False/None/'never' (always stream), or the "
+        "path of a gzip index file for a .nii.gz"
+    )
+    if index is None or isinstance(index, bool):
+        return
+    if isinstance(index, str) and index in _INDEX_WORDS:
+        return
+    if not isinstance(index, (str, os.PathLike)):
+        raise ArgumentError(
+            f"{info.path}: index={index!r} ({type(index).__name__}) is not an index setting; "
+            f"{accepts}."
+        )
+    if not info.compressed:
+        raise ArgumentError(
+            f"{info.path}: index={index!r} names a gzip index, but this is an uncompressed "
+            f".nii (nothing to index); {accepts}. Leave index at its default."
+        )
+
+
 def _gzip_spec(
     info: NiftiInfo,
     index: Any,
@@ -1419,6 +1455,7 @@ def _gzip_spec(
     index_store: Any = None,
     index_store_options: dict[str, Any] | None = None,
 ) -> gzindex.GzipIndexSpec:
+    check_index_argument(index, info)
     remote = not storage.is_local(info.path)
     base = {
         "storage_options": info.storage_options,
@@ -1495,7 +1532,10 @@ def open_nifti(
     index
         Gzip random access: ``"auto"`` builds a seek index on the first read
         and stores it in the cache folder, ``False`` always streams, a path
-        uses that index file (it must match the file).
+        uses that index file (it must match the file). For a plain ``.nii``
+        only the default and the values that name no file are accepted (they
+        change nothing); anything else is an
+        :class:`~neurocube.errors.ArgumentError`.
     cache_dir
         Where indexes are stored; default ``$NEUROCUBE_CACHE_DIR`` or the
         per-user cache folder.
@@ -1731,6 +1771,7 @@ def build_parts(
     """Read the header (and mask) of ``path``; return lazy array, dims, chunks, coords, attrs."""
     info = read_header(path, storage_options)
     storage.remember_options(info.path, info.storage_options)
+    check_index_argument(index, info)
     gzip_spec = (
         _gzip_spec(info, index, cache_dir, index_store, index_store_options)
         if info.compressed

@@ -555,7 +555,9 @@ def _check_unchanged(spec: ParquetChunkSpec) -> None:
     Raises :class:`~neurocube.errors.SourceChangedError` (or ``DataNotFoundError`` if gone).
     """
     version: int | str = spec.etag if is_url(spec.path) else spec.mtime_ns
-    storage.check_unchanged(spec.path, spec.storage_options, spec.size, version)
+    storage.check_unchanged(
+        spec.path, spec.storage_options, spec.size, version, ctime_ns=spec.ctime_ns or None
+    )
 
 
 def verified_file(fh: Any, metadata: pq.FileMetaData, **kwargs: Any) -> pq.ParquetFile:

@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 PARQUET_MAGIC = b"PAR1"
-_FOOTERS: OrderedDict[tuple[str, int, int | str], Any] = OrderedDict()
+_FOOTERS: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 _FOOTERS_LOCK = threading.Lock()
 _FOOTERS_MAX = 128
 
@@ -51,6 +51,7 @@ class ParquetRowGroup:
     dtype: str
     etag: str = ""
     storage_options: StorageOptions | None = field(default=None, repr=False)
+    ctime_ns: int = 0  # a local file's ctime when opened: any rewrite changes it
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class ParquetLayout:
     row_group_rows: tuple[int, ...]
     etag: str = ""
     storage_options: StorageOptions | None = field(default=None, repr=False)
+    ctime_ns: int = 0  # a local file's ctime when opened: any rewrite changes it
 
 
 def _metadata(
@@ -73,15 +75,20 @@ def _metadata(
     mtime_ns: int,
     etag: str = "",
     storage_options: Mapping[str, Any] | None = None,
+    ctime_ns: int = 0,
 ) -> Any:
-    """Return the parsed footer of ``path`` (memoised per process and version)."""
+    """Return the parsed footer of ``path`` (memoised per process and version).
+
+    A local file's version is its size, mtime and ctime (a rewrite that keeps the
+    size and sets the mtime back still changes the ctime).
+    """
     import pyarrow.lib
     import pyarrow.parquet as pq
 
     from neurocube.sources.parquet import read_remote_footer
 
     remote = is_url(path)
-    key = (path, size, etag if remote else mtime_ns)
+    key: tuple[Any, ...] = (path, size, etag) if remote else (path, size, mtime_ns, ctime_ns)
     with _FOOTERS_LOCK:
         cached = _FOOTERS.get(key)
         if cached is not None:
@@ -134,13 +141,15 @@ def parquet_layout(
         raise FormatError(f"{meta.path}: a folder, expected a parquet table.")
     local = meta.path
     mtime_ns = meta.mtime_ns if opts is None and not is_url(local) else 0
+    ctime_ns = meta.ctime_ns if opts is None and not is_url(local) else 0
     etag = meta.etag if is_url(local) else ""
-    metadata = _metadata(local, meta.size, mtime_ns, etag, opts)
+    metadata = _metadata(local, meta.size, mtime_ns, etag, opts, ctime_ns)
     schema = metadata.schema.to_arrow_schema()
     return ParquetLayout(
         path=local,
         size=meta.size,
         mtime_ns=mtime_ns,
+        ctime_ns=ctime_ns,
         etag=etag,
         storage_options=opts,
         columns=tuple(schema.names),
@@ -152,10 +161,13 @@ def parquet_layout(
 
 
 def _check_unchanged(
-    path: str, options: StorageOptions | None, size: int, mtime_ns: int, etag: str
+    path: str, options: StorageOptions | None, size: int, mtime_ns: int, etag: str,
+    ctime_ns: int = 0,
 ) -> None:
     """Refuse a table that changed since its footer was read (one stat; remote: once)."""
-    storage.check_unchanged(path, options, size, etag if is_url(path) else mtime_ns)
+    storage.check_unchanged(
+        path, options, size, etag if is_url(path) else mtime_ns, ctime_ns=ctime_ns or None
+    )
 
 
 def read_columns(layout: ParquetLayout, columns: list[str]) -> dict[str, np.ndarray]:
@@ -163,9 +175,9 @@ def read_columns(layout: ParquetLayout, columns: list[str]) -> dict[str, np.ndar
     from neurocube.sources.parquet import open_row_groups, reading, verified_file
 
     _check_unchanged(layout.path, layout.storage_options, layout.size, layout.mtime_ns,
-                     layout.etag)
+                     layout.etag, layout.ctime_ns)
     metadata = _metadata(layout.path, layout.size, layout.mtime_ns, layout.etag,
-                         layout.storage_options)
+                         layout.storage_options, layout.ctime_ns)
     with open_row_groups(layout.path, layout.storage_options, layout.size, layout.etag,
                          metadata, range(metadata.num_row_groups), columns) as fh:
         with reading(layout.path, f"columns {columns}"):
@@ -181,8 +193,10 @@ def read_feature_rowgroup(spec: ParquetRowGroup) -> np.ndarray:
     """Read the feature columns of one row group into a ``(rows, len(columns))`` array."""
     from neurocube.sources.parquet import open_row_groups, reading, verified_file
 
-    _check_unchanged(spec.path, spec.storage_options, spec.size, spec.mtime_ns, spec.etag)
-    metadata = _metadata(spec.path, spec.size, spec.mtime_ns, spec.etag, spec.storage_options)
+    _check_unchanged(spec.path, spec.storage_options, spec.size, spec.mtime_ns, spec.etag,
+                     spec.ctime_ns)
+    metadata = _metadata(spec.path, spec.size, spec.mtime_ns, spec.etag, spec.storage_options,
+                         spec.ctime_ns)
     with open_row_groups(spec.path, spec.storage_options, spec.size, spec.etag, metadata,
                          [spec.row_group], spec.columns) as fh:
         with reading(spec.path, f"row group {spec.row_group}"):

@@ -256,3 +256,14 @@ def test_process_workers_read_s3_with_the_specs_options(s3, tmp_path):
     assert_same_dataset(on_cluster, neurocube.open_spectral(spectral), surl)
     assert_same_dataset(t_cluster, neurocube.open_traces(traces), turl)
     assert sum(workers.values()) >= 2  # the workers opened the objects themselves
+
+
+def test_a_damaged_global_heap_of_a_remote_trace_cache_is_refused(tmp_path, s3):
+    from tests.unit.sources.test_hdf5_safety import _string_attr_traces, _zero_free_space
+
+    path = tmp_path / "heap.hdf5"
+    _string_attr_traces(path)
+    _zero_free_space(path)
+    url = s3.put(path, "heap/t.hdf5")
+    with pytest.raises(FormatError, match=r"t\.hdf5: expected global heap collections"):
+        neurocube.open_traces(url, storage_options=s3.storage_options, use_cache=False)

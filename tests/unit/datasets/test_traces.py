@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -586,9 +587,9 @@ def _reader(path: str, rounds: int, queue) -> None:
             try:
                 ds = neurocube.open_traces(path)
                 values = ds.data.values
-                attrs = nct.get_attrs(path, 0)
             except SourceChangedError:
-                continue  # a writer replaced the file between stat and read: open it again
+                continue  # a writer replaced the file between opening and computing: open again
+            attrs = nct.get_attrs(path, 0)  # retries a rename between its stat and open itself
             done += 1
             if expected is None:
                 expected = values
@@ -607,8 +608,9 @@ def _incrementer(path: str, rounds: int, queue) -> None:
                 attrs = nct.get_attrs(path, 0)
                 attrs["onset_shift"] += 1
                 nct.set_attrs(path, 0, attrs)
-            except (AttributeMismatchError, SourceChangedError):
-                continue  # the other writer came first: read again
+            except AttributeMismatchError:
+                continue  # the other writer came first: read again (a rename landing in
+                # get_attrs between its stat and open is retried by get_attrs itself)
             done += 1
         queue.put("ok")
     except BaseException as exc:
@@ -689,3 +691,47 @@ def test_catalog_cache_skips_attribute_reads_and_follows_edits(editable, monkeyp
     nct.set_attrs(editable, 1, attrs)  # new identity: the cached catalog no longer applies
     assert list(neurocube.open_traces(editable).onset_shift.values) == [-1, 7]
     assert list(neurocube.open_traces(editable, use_cache=False).onset_shift.values) == [-1, 7]
+
+
+def _rename_after_stat(monkeypatch, path, times):
+    """Make the next ``times`` stats of get_attrs be followed by a writer's atomic rename.
+
+    The race of two processes, made deterministic: the stat sees one version, the open the
+    next (``set_attrs`` replaces the file by rename). Each rename writes a new onset_shift.
+    """
+    real = nct.stat_key
+    calls = {"n": 0}
+
+    def stat_then_rename(p, *args, **kwargs):
+        key = real(p, *args, **kwargs)
+        if calls["n"] < times:
+            calls["n"] += 1
+            tmp = path.with_name(f".{path.name}.new")
+            shutil.copyfile(path, tmp)
+            with h5py.File(tmp, "r+") as h5:
+                h5["template_R001.xdf/traces/0"].attrs["onset_shift"] = str(100 + calls["n"])
+            os.utime(tmp, ns=(key[2] + 10**9 * calls["n"], key[2] + 10**9 * calls["n"]))
+            os.replace(tmp, path)
+        return key
+
+    monkeypatch.setattr(nct, "stat_key", stat_then_rename)
+    return calls
+
+
+def test_get_attrs_reads_again_once_when_a_rename_lands_between_stat_and_open(
+    editable, monkeypatch
+):
+    h5src.release_file(editable)
+    calls = _rename_after_stat(monkeypatch, editable, times=1)
+    attrs = nct.get_attrs(editable, 0)
+    assert calls["n"] == 1
+    assert attrs["onset_shift"] == 101  # the version the second, consistent read saw
+    assert attrs["cache_file_token"] == nct.get_attrs(editable, 0)["cache_file_token"]
+
+
+def test_get_attrs_raises_when_the_file_is_replaced_at_every_attempt(editable, monkeypatch):
+    h5src.release_file(editable)
+    calls = _rename_after_stat(monkeypatch, editable, times=5)
+    with pytest.raises(SourceChangedError, match=r"cf0\.hdf5: changed since it was opened"):
+        nct.get_attrs(editable, 0)
+    assert calls["n"] == 2  # one retry, no more

@@ -202,3 +202,136 @@ def test_swmr_reads_retry_a_bad_checksum_a_bounded_number_of_times(tmp_path):
         assert status >= 0
         assert attempts.value == h5src.SWMR_METADATA_READ_ATTEMPTS
         np.testing.assert_array_equal(h5["a"][()], np.arange(5))
+
+
+# -- damaged global heap collections (variable-length string attributes) ----------------------
+
+
+def _string_attr_traces(path, n=3):
+    """A trace cache whose attributes are variable-length strings (as offspect writes them)."""
+    with h5py.File(path, "w") as h5:
+        group = h5.create_group("rec1.xdf")
+        group.attrs["channel_labels"] = "['EDC_L']"
+        traces = group.create_group("traces")
+        for i in range(n):
+            dset = traces.create_dataset(str(i), data=np.arange(50, dtype="f8") + i)
+            dset.attrs["onset"] = f"{i}.5"
+            dset.attrs["comment"] = "fine"
+
+
+def _first_collection(raw):
+    at = raw.index(b"GCOL")
+    return at, int.from_bytes(raw[at + 8 : at + 16], "little")
+
+
+def _free_space_object(raw):
+    """Offset of the free-space object (index 0) of the first global heap collection."""
+    at, size = _first_collection(raw)
+    pos = at + 16
+    while True:
+        index = int.from_bytes(raw[pos : pos + 2], "little")
+        length = int.from_bytes(raw[pos + 8 : pos + 16], "little")
+        if index == 0:
+            return pos
+        pos += 16 + (length + 7) // 8 * 8
+        assert pos < at + size
+
+
+def _zero_free_space(path):
+    """The damage the slow fuzz run found (a block swap in merged.hdf5 left it so): the free-space
+    object of a global heap collection declares 0 bytes, and HDF5 walks it forever."""
+    raw = bytearray(path.read_bytes())
+    pos = _free_space_object(raw)
+    raw[pos + 8 : pos + 16] = bytes(8)
+    path.write_bytes(bytes(raw))
+
+
+_OPEN_ONE = """
+import sys
+import neurocube
+from neurocube.errors import FormatError
+try:
+    neurocube.open_traces(sys.argv[1], use_cache=False)
+except FormatError as exc:
+    print("FormatError:", exc)
+"""
+
+
+def test_a_global_heap_free_space_of_size_0_is_refused_not_looped_on(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "heap.hdf5"
+    _string_attr_traces(path)
+    _zero_free_space(path)
+    # in a child process: before the fix HDF5 loops forever inside attr.read, uninterruptibly
+    done = subprocess.run(
+        [sys.executable, "-c", _OPEN_ONE, str(path)], capture_output=True, text=True,
+        timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "FormatError:" in done.stdout
+    assert str(path) in done.stdout
+    assert "global heap collection" in done.stdout and "declares 0 bytes" in done.stdout
+
+
+def test_get_attrs_refuses_a_damaged_global_heap_too(tmp_path):
+    from neurocube import traces
+
+    path = tmp_path / "heap.hdf5"
+    _string_attr_traces(path)
+    _zero_free_space(path)
+    with pytest.raises(FormatError, match=r"heap\.hdf5: expected global heap collections"):
+        traces.get_attrs(path, 0)
+
+
+def test_a_global_heap_collection_larger_than_the_file_is_refused(tmp_path):
+    path = tmp_path / "heap.hdf5"
+    _string_attr_traces(path)
+    raw = bytearray(path.read_bytes())
+    at, _ = _first_collection(raw)
+    raw[at + 8 : at + 16] = (1 << 40).to_bytes(8, "little")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match=r"heap\.hdf5: .*declaring 1099511627776 bytes"):
+        neurocube.open_traces(path, use_cache=False)
+
+
+def test_undamaged_string_attributes_read_through_the_heap_check(tmp_path):
+    from neurocube import traces
+
+    path = tmp_path / "fine.hdf5"
+    _string_attr_traces(path)
+    ds = neurocube.open_traces(path, use_cache=False)
+    with h5py.File(path, "r") as h5:
+        np.testing.assert_array_equal(ds.data.values[1], h5["rec1.xdf/traces/1"][()])
+    assert traces.get_attrs(path, 2)["comment"] == "fine"
+    assert traces.get_attrs(path, 2)["onset"] == 2.5
+
+
+def test_a_string_attribute_of_unknown_encoding_is_a_format_error(tmp_path):
+    """Found by the slow fuzz run (a bit flip in cf0.hdf5): h5py raises TypeError for the type."""
+    from neurocube import traces
+
+    path = tmp_path / "charset.hdf5"
+    _string_attr_traces(path)
+    raw = bytearray(path.read_bytes())
+    # a variable-length UTF-8 string type: class 9 (version 1), string, charset 1, 16 bytes
+    utf8_vlen = b"\x19\x01\x01\x00\x10\x00\x00\x00"
+    at = raw.index(utf8_vlen, raw.index(b"onset"))
+    raw[at + 2] = 0x03  # charset 3: not one HDF5 defines
+    path.write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match=r"charset\.hdf5: expected readable attributes on "):
+        neurocube.open_traces(path, use_cache=False)
+    with pytest.raises(FormatError, match=r"charset\.hdf5: expected readable attributes on "):
+        traces.get_attrs(path, 0)
+
+
+def test_open_spectral_refuses_a_damaged_global_heap_too(tmp_path):
+    """The slow fuzz run found the same endless loop in open_spectral's root attributes."""
+    from tests.unit.datasets.test_spectral import write_cache
+
+    path = tmp_path / "spectral.h5"
+    write_cache(path, subject="sub-01", hemi="lh")
+    _zero_free_space(path)
+    with pytest.raises(FormatError, match=r"spectral\.h5: expected global heap collections"):
+        neurocube.open_spectral(path)

@@ -459,3 +459,35 @@ def test_import_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _tiny(path):
+    import nibabel as nib
+
+    data = np.arange(4 * 5 * 6 * 3, dtype=np.float32).reshape(4, 5, 6, 3)
+    nib.Nifti1Image(data, np.eye(4)).to_filename(path)
+    return data
+
+
+@pytest.mark.parametrize("bad", [5, 1.5, [1], b"x", object()])
+def test_an_index_of_the_wrong_type_is_an_argument_error(tmp_path, bad):
+    from neurocube.errors import ArgumentError
+
+    for name in ("a.nii", "a.nii.gz"):
+        path = tmp_path / name
+        _tiny(path)
+        with pytest.raises(ArgumentError, match=rf"{name}: index=.* index accepts 'auto'"):
+            neurocube.open_nifti(path, index=bad)
+
+
+def test_an_index_file_for_a_plain_nii_is_an_argument_error(tmp_path):
+    from neurocube.errors import ArgumentError
+
+    path = tmp_path / "a.nii"
+    data = _tiny(path)
+    with pytest.raises(ArgumentError, match=r"a\.nii: index='.*idx' names a gzip index, but "
+                       r"this is an uncompressed \.nii.*index accepts"):
+        neurocube.open_nifti(path, index=str(tmp_path / "a.idx"))
+    for fine in ("auto", True, False, None, "never"):  # name no index: nothing to refuse
+        ds = neurocube.open_nifti(path, index=fine)
+        np.testing.assert_array_equal(ds.data.values, data)

@@ -237,3 +237,68 @@ def test_page_crcs_are_verified_and_a_change_is_source_changed(tmp_path):
     os.utime(path, ns=(info.mtime_ns + 10**9, info.mtime_ns + 10**9))
     with pytest.raises(SourceChangedError, match=r"crc\.parquet: changed since it was opened"):
         arrays["x"].compute()
+
+
+def _rewrite_keeping_size_and_mtime(path, values):
+    """Rewrite ``path`` in place with other values of the same size, then set its mtime back."""
+    before = path.stat()
+    write_same = values(path)
+    assert path.stat().st_size == before.st_size, write_same
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert after.st_ctime_ns != before.st_ctime_ns
+
+
+def _same_size_other_values(seed):
+    def rewrite(path):
+        x = np.random.default_rng(seed).standard_normal(400)
+        pq.write_table(pa.table({"frame": np.arange(400), "x": x}), path, row_group_size=100,
+                       compression="none", use_dictionary=False)
+        return x
+    return rewrite
+
+
+def test_a_rewrite_that_keeps_size_and_resets_mtime_is_source_changed(tmp_path):
+    import time
+
+    from neurocube.errors import SourceChangedError
+
+    path = tmp_path / "same.parquet"
+    _same_size_other_values(0)(path)
+    arrays = lazy_columns(plan_chunks(read_parquet_info(path), ["x"], ["float64"]), ["x"],
+                          ["float64"])
+    time.sleep(0.02)  # the ctime clock must move on (coarse on some filesystems)
+    _rewrite_keeping_size_and_mtime(path, _same_size_other_values(1))
+    with pytest.raises(SourceChangedError, match=r"same\.parquet: changed since it was opened"):
+        arrays["x"].compute()
+
+
+def test_the_table_footer_cache_and_reads_see_a_rewrite_that_resets_mtime(tmp_path):
+    import time
+
+    from neurocube.errors import SourceChangedError
+    from neurocube.sources import table
+
+    path = tmp_path / "same.parquet"
+    _same_size_other_values(0)(path)
+    layout = table.parquet_layout(str(path))
+    spec = table.ParquetRowGroup(layout.path, layout.size, layout.mtime_ns, 0, ("x",), "<f8",
+                                 ctime_ns=layout.ctime_ns)
+    time.sleep(0.02)
+    _rewrite_keeping_size_and_mtime(path, _same_size_other_values(1))
+    with pytest.raises(SourceChangedError, match=r"same\.parquet: changed since it was opened"):
+        table.read_feature_rowgroup(spec)
+    with pytest.raises(SourceChangedError, match="changed since it was opened"):
+        table.read_columns(layout, ["x"])
+    # opened again: a new layout, a new footer cache entry (keyed by ctime), the new values
+    fresh = table.parquet_layout(str(path))
+    assert fresh.ctime_ns != layout.ctime_ns
+    np.testing.assert_array_equal(
+        table.read_columns(fresh, ["x"])["x"], pq.read_table(path)["x"].to_numpy()
+    )
+    footer = table._metadata(fresh.path, fresh.size, fresh.mtime_ns, "", None, fresh.ctime_ns)
+    on_disk = pq.read_metadata(path)
+    assert footer.row_group(0).column(1).statistics.max == (
+        on_disk.row_group(0).column(1).statistics.max
+    )

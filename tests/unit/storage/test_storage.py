@@ -98,3 +98,24 @@ def test_storage_options_never_show_their_secrets(s3):
     assert pickle.loads(pickle.dumps(opts)).as_dict()["secret"] == SECRET
     other = storage.StorageOptions({**s3.storage_options, "secret": "another"})
     assert tokenize(opts) == tokenize(other)  # same data, other credentials: same key
+
+
+def test_check_unchanged_compares_the_ctime_of_a_local_file(tmp_path):
+    import os
+    import time
+
+    from neurocube import storage
+    from neurocube.errors import SourceChangedError
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"a" * 100)
+    before = path.stat()
+    storage.check_unchanged(str(path), None, before.st_size, before.st_mtime_ns,
+                            ctime_ns=before.st_ctime_ns)
+    time.sleep(0.02)
+    path.write_bytes(b"b" * 100)  # same size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # mtime set back
+    storage.check_unchanged(str(path), None, before.st_size, before.st_mtime_ns)  # blind to it
+    with pytest.raises(SourceChangedError, match=r"f\.bin: changed since it was opened.*ctime"):
+        storage.check_unchanged(str(path), None, before.st_size, before.st_mtime_ns,
+                                ctime_ns=before.st_ctime_ns)
