@@ -61,10 +61,11 @@ DEFAULT_CHUNK_BYTES = 32 << 20  # "tens of MB" of voxel data per chunk
 RUN_MIN_SPLIT = 16 << 20  # a finished thread splits another's run only if this much is left
 READ_BLOCK = 8 << 20  # masked chunks read their volumes in pieces of at most this size
 #: a span of volumes at least this large is read by a forward pass of its own reader
-#: (rapidgzip: faster per core, but opening one imports the whole index, ~26 ms of CPU for a
-#: 750 MB file, measured); shorter spans seek through indexed_gzip's pooled per-thread handles.
-#: A 32 MB chunk read through a new reader cost more CPU than through indexed_gzip (epoch of
-#: neurocube.batches: 4.4-5.1 s against 3.2-4.0 s, 300 volumes of 2.5 MB)
+#: (rapidgzip, opened with the span's seek points only); shorter spans seek through
+#: indexed_gzip's pooled per-thread handles. Measured on 300 volumes of 2.5 MB in blocks of
+#: 13 (an epoch of neurocube.batches, CPU seconds): forward readers 4.0-4.6, indexed_gzip
+#: 3.3-3.4, neurocube.load (two long forward passes) 3.1-3.3: over one chunk, a new
+#: reader's start-up and read-ahead cost more than rapidgzip's faster inflate saves
 FORWARD_MIN_BYTES = 64 << 20
 # (through a gzip index: gzindex.INDEXED_READ_BLOCK, since each read call there restarts
 # inflation from a seek point)
@@ -888,7 +889,8 @@ class VolumeArray:
         reader = None
         if spec.gzip is not None and n * spec.volume_bytes >= FORWARD_MIN_BYTES:
             reader = gzindex.open_sequential(
-                spec.gzip, spec.vox_offset + first * spec.volume_bytes, spec.volume_layout
+                spec.gzip, spec.vox_offset + first * spec.volume_bytes, spec.volume_layout,
+                end=spec.vox_offset + (first + n) * spec.volume_bytes,
             )
         done = 0
         if reader is not None:

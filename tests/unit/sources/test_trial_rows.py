@@ -84,3 +84,31 @@ def test_batches_over_a_selection_read_the_same_rows(session):
     assert sorted(seen) == sorted(ds["trial"].values[picked].tolist())
     for position, t in enumerate(ds["trial"].values[picked].tolist()):
         np.testing.assert_array_equal(seen[t], truth[picked[position]])
+
+
+def test_forward_reads_of_spans_equal_the_values(session, monkeypatch):
+    """Spans long enough for a reader of their own (made small here) read the same values."""
+    import neurocube.sources.nifti as nifti
+    from neurocube.sources.nifti import build_index
+
+    s, mask, truth, root = session
+    cache = root / "cache-forward"
+    build_index(s.betas, cache_dir=cache)
+    monkeypatch.setattr(nifti, "FORWARD_MIN_BYTES", 1)
+    from neurocube.sources import gzindex
+
+    opened = []
+    real_open = gzindex.open_sequential
+
+    def spy(*args, **kwargs):
+        reader = real_open(*args, **kwargs)
+        opened.append(reader is not None and reader.end is not None)  # a span's points only
+        return reader
+
+    monkeypatch.setattr(gzindex, "open_sequential", spy)
+    x = neurocube.open_nifti(s.betas, mask=mask, cache_dir=cache, chunks=4)["data"].data
+    found = trial_rows(x[np.array([4, 5, 6, 7, 8, 20, 21, 0])])
+    assert found is not None
+    np.testing.assert_array_equal(found.read(0, 8), truth[[4, 5, 6, 7, 8, 20, 21, 0]])
+    np.testing.assert_array_equal(found.read(1, 3), truth[[5, 6]])
+    assert opened and all(opened)
