@@ -1364,6 +1364,8 @@ def trial_rows(data: Any) -> TrialRows | None:
     returns row numbers: nothing is read.
     """
     import dask
+    from dask.array.core import concatenate3
+    from dask.local import get_sync
 
     if not (hasattr(data, "__dask_graph__") and getattr(data, "ndim", 0) == 2):
         return None
@@ -1379,12 +1381,14 @@ def trial_rows(data: Any) -> TrialRows | None:
         graph = dict(optimized.__dask_graph__())
         for node in graph.values():
             _check_plain(node, graph, kinds, n_voxels)
+        (column,) = dask.optimize(data[:, :1])
         probe = _RowProbe()
         _THREAD_STATE.probe = probe
-        try:
-            ids = np.asarray(data[:, :1].compute(scheduler="sync"))[:, 0]
+        try:  # in this thread, so the probe stands in for the reads; no scheduler to look up
+            pieces = get_sync(dict(column.__dask_graph__()), column.__dask_keys__())
         finally:
             _THREAD_STATE.probe = None
+        ids = np.asarray(concatenate3(pieces))[:, 0]
     except _NotPlainRows:
         return None
     if not probe.sources or any(
