@@ -1,10 +1,50 @@
-"""What every benchmark script ends with: ratios judged against targets, and the JSON report."""
+"""Shared by the benchmark scripts: workers in fresh processes, their RSS, ratios judged
+against targets, and the JSON report."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
+
+
+def rss_peak() -> int:
+    """Peak RSS since :func:`rss_now` reset the kernel's mark (VmHWM), in bytes.
+
+    ``ru_maxrss`` would count the driver a worker was started from: exec keeps the
+    old memory's high-water mark.
+    """
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+
+
+def rss_now() -> int:
+    """RSS now, in bytes; also resets the peak mark that :func:`rss_peak` reads."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_worker(script: str | Path, name: str, *args: object) -> dict[str, Any]:
+    """Run ``python script --worker name *args`` in a fresh process; return its last JSON line.
+
+    A fresh process per measurement: its peak RSS is its own, and no cache of an
+    earlier method is warm.
+    """
+    proc = subprocess.run(
+        [sys.executable, str(script), "--worker", name, *map(str, args)],
+        capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
 
 
 def judge(

@@ -29,27 +29,14 @@ import json
 import os
 import platform
 import shutil
-import subprocess
+import statistics
 import sys
 import time
 from pathlib import Path
 
-from _report import judge, write_report
+from _report import judge, rss_now, rss_peak, run_worker, write_report
 
 HERE = Path(__file__).resolve().parent
-
-
-def _rss_peak() -> int:
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
-
-
-def _rss_now() -> int:
-    """RSS now; also resets the peak mark read by :func:`_rss_peak`."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
 
 
 def worker(name: str, path: str, mask_path: str, cache: str, subset: int) -> dict:
@@ -67,9 +54,10 @@ def worker(name: str, path: str, mask_path: str, cache: str, subset: int) -> dic
     zarr_store = str(Path(cache) / "zarr")
     if name == "batches_zarr":
         ds = neurocube.open_cached("bench-batches", store=zarr_store)
-    base = _rss_now()
+    base = rss_now()
     trials = n
     t0 = time.perf_counter()
+    c0 = time.process_time()
     checksum = 0.0
     if name == "make_zarr":
         neurocube.cache(ds, store=zarr_store, key="bench-batches", progress=False)
@@ -98,19 +86,9 @@ def worker(name: str, path: str, mask_path: str, cache: str, subset: int) -> dic
     else:
         raise SystemExit(f"unknown worker {name}")
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "trials": trials, "epoch_trials": n, "peak_rss": _rss_peak(),
-            "base_rss": base, "checksum": checksum}
-
-
-def run_worker(name: str, path: Path, mask_path: Path, cache: Path, subset: int) -> dict:
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", name, str(path), str(mask_path), str(cache),
-         str(subset)],
-        capture_output=True, text=True,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    cpu_seconds = time.process_time() - c0  # every thread of the process
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "trials": trials, "epoch_trials": n,
+            "peak_rss": rss_peak(), "base_rss": base, "checksum": checksum}
 
 
 def main() -> int:
@@ -150,36 +128,41 @@ def main() -> int:
     with open(betas, "rb") as fh:  # warm the page cache: every method reads from RAM
         while fh.read(64 << 20):
             pass
-    run_worker("load", betas, mask_path, cache, subset)  # builds the gzip index
-    run_worker("make_zarr", betas, mask_path, cache, subset)
+    run_worker(__file__, "load", betas, mask_path, cache, subset)  # builds the gzip index
+    run_worker(__file__, "make_zarr", betas, mask_path, cache, subset)
 
     methods = ["load", "batches_gz", "batches_zarr", "map_random", "isel_loop", "nibabel_loop"]
     repeats = args.repeats or (1 if args.quick else 3)
     # Rounds over all methods (not one method's repeats in a row), so a noisy spell on the shared
     # machine hits every method alike; each method's median run is reported.
     runs: dict[str, list[dict]] = {name: [] for name in methods}
-    for _ in range(repeats):
+    for round_no in range(repeats):
+        print(f"round {round_no + 1} of {repeats}", flush=True)
         for name in methods:
-            runs[name].append(run_worker(name, betas, mask_path, cache, subset))
+            runs[name].append(run_worker(__file__, name, betas, mask_path, cache, subset))
     results: dict[str, dict] = {}
     for name in methods:
-        ordered = sorted(runs[name], key=lambda run: run["seconds"] / run["trials"])
-        r = ordered[len(ordered) // 2]
-        per_trial = r["seconds"] / r["trials"]
+        rs = runs[name]
+        rates = [r["trials"] / r["seconds"] for r in rs]
+        ms_per_trial = statistics.median(1e3 * r["seconds"] / r["trials"] for r in rs)
+        cpu_ms_per_trial = statistics.median(1e3 * r["cpu_seconds"] / r["trials"] for r in rs)
+        epoch_trials = rs[0]["epoch_trials"]
         results[name] = {
-            "runs_trials_per_s": [run["trials"] / run["seconds"] for run in runs[name]],
-            "seconds": r["seconds"],
-            "trials_timed": r["trials"],
-            "epoch_seconds": per_trial * r["epoch_trials"],
-            "extrapolated": r["trials"] != r["epoch_trials"],
-            "trials_per_s": 1 / per_trial,
-            "peak_rss_mb": r["peak_rss"] / 1e6,
-            "rss_growth_mb": (r["peak_rss"] - r["base_rss"]) / 1e6,
-            "checksum": r["checksum"],
+            "runs_trials_per_s": rates,
+            "trials_per_s": statistics.median(rates),
+            "ms_per_trial": ms_per_trial,
+            "cpu_ms_per_trial": cpu_ms_per_trial,
+            "trials_timed": rs[0]["trials"],
+            "epoch_seconds": ms_per_trial * epoch_trials / 1e3,
+            "extrapolated": rs[0]["trials"] != epoch_trials,
+            "peak_rss_mb": statistics.median(r["peak_rss"] for r in rs) / 1e6,
+            "rss_growth_mb": statistics.median(r["peak_rss"] - r["base_rss"] for r in rs) / 1e6,
+            "checksum": rs[0]["checksum"],
         }
-        note = f" ({r['trials']} of {r['epoch_trials']} trials, extrapolated)" if (
+        note = f" ({rs[0]['trials']} of {epoch_trials} trials, extrapolated)" if (
             results[name]["extrapolated"]) else ""
         print(f"  {name:14s} {results[name]['trials_per_s']:10.1f} trials/s  "
+              f"{ms_per_trial:8.2f} ms/trial  CPU {cpu_ms_per_trial:8.2f} ms/trial  "
               f"peak {results[name]['peak_rss_mb']:7.0f} MB{note}", flush=True)
 
     tps = {k: v["trials_per_s"] for k, v in results.items()}
@@ -188,6 +171,11 @@ def main() -> int:
         "b_batches_zarr_vs_batches_gz": tps["batches_zarr"] / tps["batches_gz"],
         "c_map_random_vs_isel_loop": tps["map_random"] / tps["isel_loop"],
         "a_batches_gz_vs_nibabel_loop": tps["batches_gz"] / tps["nibabel_loop"],
+        # CPU time per trial (all threads), for information: the same work, whatever the cores
+        "a_cpu_load_vs_batches_gz": results["load"]["cpu_ms_per_trial"]
+        / results["batches_gz"]["cpu_ms_per_trial"],
+        "c_cpu_isel_loop_vs_map_random": results["isel_loop"]["cpu_ms_per_trial"]
+        / results["map_random"]["cpu_ms_per_trial"],
     }
     targets = {
         "a_batches_gz_vs_load": (">=", 0.8),
@@ -200,8 +188,12 @@ def main() -> int:
                     "python": platform.python_version()},
         "data": {"grid": list(grid), "trials": n_trials, "gz_bytes": betas.stat().st_size,
                  "isel_loop_subset": subset},
-        "notes": "isel_loop is timed on a random subset of trials and extrapolated to the epoch; "
-                 "map_random reads items in the dataset's chunk-aware random order (sampler()).",
+        "notes": "Methods run in rounds (each round runs every method once, each in a fresh "
+                 "process); figures are per-method medians over the rounds, ratios are ratios of "
+                 "medians. isel_loop is timed on a random subset of trials and extrapolated to "
+                 "the epoch; map_random reads items in the dataset's chunk-aware random order "
+                 "(sampler()). cpu_ms_per_trial counts every thread of the worker; load's is "
+                 "what decoding and gathering one volume costs (the decoder's limit per item).",
         "results": results,
         "ratios": ratios,
         "targets": {k: list(v) for k, v in targets.items()},

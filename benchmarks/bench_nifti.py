@@ -30,12 +30,14 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from _report import judge, write_report
+from _report import rss_now as _rss_now
+from _report import rss_peak as _rss_peak
+from _report import run_worker as _run_worker
 
 HERE = Path(__file__).resolve().parent
 SINGLE_THREADED = {"limit_zlib_stream", "nibabel_volume_loop", "nibabel_get_fdata",
@@ -44,27 +46,6 @@ SINGLE_THREADED = {"limit_zlib_stream", "nibabel_volume_loop", "nibabel_get_fdat
 
 # --------------------------------------------------------------------------- workers
 # Each worker runs in its own process: `python bench_nifti.py --worker NAME ...`.
-
-
-def _rss_peak() -> int:
-    """Peak RSS since :func:`_rss_now` reset the kernel's mark (VmHWM).
-
-    ``ru_maxrss`` would count the driver this worker was started from: exec keeps the
-    old memory's high-water mark.
-    """
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
-
-
-def _rss_now() -> int:
-    """RSS now; also resets the peak mark that :func:`_rss_peak` reads."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def worker(name: str, path: str, mask_path: str, cache: str, threads: int) -> dict:
@@ -237,14 +218,7 @@ def _uncompressed_size(path: str, index: str) -> int:
 
 
 def run_worker(name, path, mask_path, cache, threads):
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", name, str(path), str(mask_path), str(cache),
-         str(threads)],
-        capture_output=True, text=True,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _run_worker(__file__, name, path, mask_path, cache, threads)
 
 
 def main() -> int:

@@ -1133,7 +1133,7 @@ class Subject:
         ``captions`` (``captions=True`` / ``"first"``) and the trial's labels.
         neurocube does not import torch. See
         :func:`neurocube.datasets.training.trial_dataset` for every option
-        (``mask``, ``mask_source``, ``chunks``, ``cache_chunks``).
+        (``mask``, ``mask_source``, ``chunks``, ``cache_chunks``, ``prefetch``).
         """
         from neurocube.datasets.training import trial_dataset
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,10 @@ class TrialDataset:
         ``"all"``: a list of str per item; ``"first"``: one str.
     cache_chunks
         Decoded chunks kept for random access.
+    prefetch
+        Chunks read ahead in background threads while items are read in the order
+        of this dataset's last :meth:`sampler` (0: none). Memory stays within
+        ``cache_chunks + prefetch`` chunks, plus the one being read.
     """
 
     def __init__(
@@ -66,9 +71,14 @@ class TrialDataset:
         captions: Mapping[str, list[str]] | None = None,
         caption_mode: str = "all",
         cache_chunks: int = 4,
+        prefetch: int = 2,
     ) -> None:
         if cache_chunks < 1:
             raise SelectionError(f"cache_chunks={cache_chunks}: expected at least 1")
+        if isinstance(prefetch, bool) or not isinstance(prefetch, (int, np.integer)) or (
+            prefetch < 0
+        ):
+            raise SelectionError(f"prefetch={prefetch!r}: expected an integer >= 0")
         self.data = data
         self.reader = BlockReader(data, "trial")
         self.images = images
@@ -81,6 +91,15 @@ class TrialDataset:
             collections.OrderedDict()
         )
         self._lock = threading.Lock()
+        self.prefetch = int(prefetch)
+        # read-ahead: the items and blocks of the last sampler(), followed while items come
+        # in exactly that order (see _follows); reads in flight, by block
+        self._plan_items: list[int] | None = None
+        self._plan_blocks: list[int] = []
+        self._plan_window: dict[int, int] = {}  # block -> index in _plan_blocks of its window
+        self._cursor = 0
+        self._pending: dict[int, Future[dict[str, np.ndarray]]] = {}
+        self._pool: ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
         return self.reader.n
@@ -92,26 +111,64 @@ class TrialDataset:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_cache=collections.OrderedDict(), _lock=None, chunk_reads=0)
+        # a worker process reads only some items of the order: it does not read ahead
+        state.update(_cache=collections.OrderedDict(), _lock=None, chunk_reads=0,
+                     _plan_items=None, _plan_blocks=[], _plan_window={}, _cursor=0,
+                     _pending={}, _pool=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def _chunk(self, block: int) -> dict[str, np.ndarray]:
+    def __del__(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _chunk(self, block: int, follows: bool = False) -> dict[str, np.ndarray]:
         with self._lock:
             cached = self._cache.get(block)
             if cached is not None:
                 self._cache.move_to_end(block)
                 return cached
-        values = self.reader.read(block)
+            pending = self._pending.pop(block, None)
+        if follows:
+            self._read_ahead(block)
+        values = pending.result() if pending is not None else self.reader.read(block)
         with self._lock:
             self.chunk_reads += 1
             self._cache[block] = values
             while len(self._cache) > self.cache_chunks:
                 self._cache.popitem(last=False)
         return values
+
+    def _follows(self, position: int) -> bool:
+        """Return True while items are asked for in the order of the last :meth:`sampler`."""
+        plan = self._plan_items
+        if plan is None:
+            return False
+        if self._cursor < len(plan) and plan[self._cursor] == position:
+            self._cursor += 1
+            return True
+        self._plan_items = None  # another order: stop reading ahead
+        return False
+
+    def _read_ahead(self, block: int) -> None:
+        """Start reads of the planned chunks from ``block``'s window on (up to ``prefetch``)."""
+        if self.prefetch == 0 or block not in self._plan_window:
+            return
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=self.prefetch, thread_name_prefix="neurocube-dataset"
+                )
+            for ahead in self._plan_blocks[self._plan_window[block] :]:
+                if len(self._pending) >= self.prefetch:
+                    break
+                if ahead == block or ahead in self._cache or ahead in self._pending:
+                    continue
+                self._pending[ahead] = self._pool.submit(self.reader.read, ahead)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         n = len(self)
@@ -121,7 +178,7 @@ class TrialDataset:
         if not 0 <= i < n:
             raise IndexError(f"trial position {index} out of range for {n} trials")
         block = self.reader.block_of(i)
-        values = self._chunk(block)
+        values = self._chunk(block, self._follows(i))
         row = i - int(self.reader.bounds[block])
         return self._item({name: array[row] for name, array in values.items()}, i)
 
@@ -136,6 +193,8 @@ class TrialDataset:
         order (``DataLoader(ds, sampler=ds.sampler(seed=0, epoch=e))``), each
         chunk is decoded once per epoch; a uniform random order over many more
         chunks than the LRU holds would decode about one chunk per item.
+        While the items are then asked for in exactly this order, the next
+        chunks are read ahead in background threads (``prefetch``).
         """
         buffer = self.cache_chunks if buffer_chunks is None else int(buffer_chunks)
         if not 1 <= buffer <= self.cache_chunks:
@@ -145,11 +204,18 @@ class TrialDataset:
             )
         bounds = self.reader.bounds
         order: list[int] = []
+        plan_blocks: list[int] = []
+        plan_window: dict[int, int] = {}
         for blocks, rows in epoch_order(
             bounds, shuffle=True, seed=seed, epoch=epoch, buffer_chunks=buffer
         ):
             positions = np.concatenate([np.arange(bounds[b], bounds[b + 1]) for b in blocks])
             order.extend(positions[rows].tolist())
+            plan_window.update((b, len(plan_blocks)) for b in blocks)
+            plan_blocks.extend(blocks)
+        with self._lock:
+            self._plan_items, self._cursor = list(order), 0
+            self._plan_blocks, self._plan_window = plan_blocks, plan_window
         return order
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -206,6 +272,7 @@ def trial_dataset(
     mask_source: str = "anatomical",
     chunks: Any = None,
     cache_chunks: int = 4,
+    prefetch: int = 2,
 ) -> TrialDataset:
     """Return the trials of a selection as a :class:`TrialDataset` (``Subject.to_torch_dataset``).
 
@@ -227,6 +294,9 @@ def trial_dataset(
         (give the DataLoader a ``collate_fn`` that keeps lists); ``"first"``: one str.
     cache_chunks
         Decoded chunks kept for random access (each is a chunk of the betas).
+    prefetch
+        Chunks read ahead while items come in the order of the dataset's
+        ``sampler()`` (see :class:`TrialDataset`).
 
     Returns
     -------
@@ -255,6 +325,7 @@ def trial_dataset(
         captions=caption_map,
         caption_mode="first" if captions == "first" else "all",
         cache_chunks=cache_chunks,
+        prefetch=prefetch,
     )
 
 

@@ -152,6 +152,7 @@ class BlockReader:
         self._lock = threading.Lock()
         self._graph: dict[Any, Any] | None = None
         self._keys: dict[str, Any] = {}
+        self._direct: dict[str, Any] = {}  # variables read without Dask (see _direct_rows)
 
     @property
     def n_blocks(self) -> int:
@@ -163,13 +164,19 @@ class BlockReader:
         return int(np.searchsorted(self.bounds, position, side="right") - 1)
 
     def read(self, block: int) -> dict[str, np.ndarray]:
-        """Read block ``block``: ``{name: array of its rows}`` (each Dask chunk computed here)."""
+        """Read block ``block``: ``{name: array of its rows}``.
+
+        Masked NIfTI rows are read straight from the files (see :func:`_direct_rows`);
+        every other Dask chunk is computed here, in this thread.
+        """
         from dask.local import get_sync
         from dask.optimization import cull
 
         graph = self._graph_once()
         lo, hi = int(self.bounds[block]), int(self.bounds[block + 1])
         out: dict[str, np.ndarray] = {}
+        for name, rows in self._direct.items():
+            out[name] = rows.read(lo, hi)
         wanted: list[Any] = []
         for name in self.names:
             if name in self._keys:
@@ -179,11 +186,13 @@ class BlockReader:
             sub, _ = cull(graph, wanted)
             values = dict(zip(wanted, get_sync(sub, wanted), strict=True))
         for name in self.names:
+            if name in self._direct:
+                continue
             if name in self._keys:
                 out[name] = _assemble(self._keys[name][block], values, axis=1)
             else:
                 out[name] = np.asarray(self.arrays[name][lo:hi])
-        return out
+        return {name: out[name] for name in self.names}
 
     def _graph_once(self) -> dict[Any, Any]:
         with self._lock:
@@ -191,6 +200,8 @@ class BlockReader:
                 import dask
 
                 lazy = {k: a for k, a in self.arrays.items() if _is_dask(a)}
+                self._direct = _direct_rows(lazy)
+                lazy = {k: a for k, a in lazy.items() if k not in self._direct}
                 optimized = dask.optimize(*lazy.values()) if lazy else ()
                 graph: dict[Any, Any] = {}
                 for name, array in zip(lazy, optimized, strict=True):
@@ -201,12 +212,35 @@ class BlockReader:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_lock=None, _graph=None, _keys={})
+        state.update(_lock=None, _graph=None, _keys={}, _direct={})
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+
+
+def _direct_rows(lazy: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the variables whose blocks can be read straight from masked NIfTI volumes.
+
+    A masked ``open_nifti`` array, or trial rows of such arrays (a selection,
+    a split, several sessions joined), with its values unchanged: each block
+    is then read by :meth:`neurocube.sources.nifti.TrialRows.read`, each run
+    of consecutive volumes gathered straight into the block (the reads of
+    :func:`neurocube.load`), with no Dask graph run per chunk. Anything else
+    is read through its Dask graph.
+    """
+    import sys
+
+    nifti = sys.modules.get("neurocube.sources.nifti")  # loaded by whoever opened a NIfTI
+    if nifti is None:
+        return {}
+    found: dict[str, Any] = {}
+    for name, array in lazy.items():
+        rows = nifti.trial_rows(array)
+        if rows is not None:
+            found[name] = rows
+    return found
 
 
 def _is_dask(array: Any) -> bool:
@@ -504,7 +538,8 @@ def _gather(
         for a, b in zip(starts, stops, strict=True):
             if b > a:
                 block = loaded[int(which[a])][name]
-                np.take(block, within[a:b], axis=0, out=result[k + a : k + b])
+                # mode="clip": rows are in range, and mode="raise" copies `out` once more
+                np.take(block, within[a:b], axis=0, out=result[k + a : k + b], mode="clip")
         out[name] = result
     out["__position__"] = (
         position if carry is None else np.concatenate([carry["__position__"], position])

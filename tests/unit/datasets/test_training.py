@@ -186,3 +186,23 @@ def test_bad_options_are_refused(bucket):
     _, tds = dataset(bucket)
     with pytest.raises(IndexError, match="out of range"):
         tds[len(tds)]
+
+
+def test_reading_ahead_in_sampler_order_keeps_values_and_memory_bound(bucket):
+    """Items read in the sampler's order come back the same with reads ahead in threads; at no
+    time are more than cache_chunks + prefetch chunks held; another order stops the read-ahead."""
+    _, plain = dataset(bucket, cache_chunks=2)
+    _, ahead = dataset(bucket, cache_chunks=2)
+    ahead.prefetch = 1
+    plain.prefetch = 0
+    order = ahead.sampler(seed=3, epoch=1)
+    assert order == plain.sampler(seed=3, epoch=1)
+    for i in order:
+        got, want = ahead[i], plain[i]
+        np.testing.assert_array_equal(got["betas"], want["betas"])
+        assert got["trial"] == want["trial"]
+        assert len(ahead._cache) + len(ahead._pending) <= 2 + 1
+    assert ahead.chunk_reads == ahead.reader.n_blocks  # each chunk read once, ahead or not
+    other = ahead.sampler(seed=3, epoch=2)
+    ahead[other[1]]  # not the order's first item: reading ahead stops
+    assert ahead._plan_items is None and not ahead._pending
