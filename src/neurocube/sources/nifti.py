@@ -1547,12 +1547,15 @@ def trial_rows(data: Any) -> TrialRows | None:
         return None
     n_voxels = int(data.shape[1])
     kinds = _plain_funcs()
+    from neurocube.sources import pushdown
+
     try:
-        (optimized,) = dask.optimize(data)
+        with pushdown.chunk_tasks_kept():  # the reads as tasks of their own, to be probed
+            (optimized,) = dask.optimize(data)
+            (column,) = dask.optimize(data[:, :1])
         graph = dict(optimized.__dask_graph__())
         for node in graph.values():
             _check_plain(node, graph, kinds, n_voxels)
-        (column,) = dask.optimize(data[:, :1])
         probe = _RowProbe()
         _THREAD_STATE.probe = probe
         try:  # in this thread, so the probe stands in for the reads; no scheduler to look up

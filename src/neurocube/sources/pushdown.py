@@ -17,8 +17,10 @@ user already set one.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,7 @@ import numpy as np
 __all__ = ["install", "optimize", "read_selected"]
 
 _INSTALL_LOCK = threading.Lock()
+_STATE = threading.local()
 
 
 def install() -> None:
@@ -198,8 +201,25 @@ def optimize(dsk: Any, keys: Any, **kwargs: Any) -> Any:
     from dask.utils import ensure_dict
 
     graph = convert_legacy_graph(ensure_dict(dsk))
-    graph = read_chunks_as_runs(read_whole_arrays(push_down(graph), keys), keys)
+    graph = push_down(graph)
+    if not getattr(_STATE, "keep_chunk_tasks", False):
+        graph = read_chunks_as_runs(read_whole_arrays(graph, keys), keys)
     return dask_optimize(graph, keys, **kwargs)
+
+
+@contextlib.contextmanager
+def chunk_tasks_kept() -> Iterator[None]:
+    """In this thread, optimize only pushes selections down: chunk reads stay one task each.
+
+    For code that inspects or re-runs the graph's reads itself
+    (:func:`~neurocube.sources.nifti.trial_rows`).
+    """
+    before = getattr(_STATE, "keep_chunk_tasks", False)
+    _STATE.keep_chunk_tasks = True
+    try:
+        yield
+    finally:
+        _STATE.keep_chunk_tasks = before
 
 
 def read_whole_arrays(graph: dict[Any, Any], keys: Any) -> dict[Any, Any]:
