@@ -218,12 +218,24 @@ def test_fmri_doc_examples(bucket, workdir, capsys):
 
     doc = "docs/fmri.md"
     code = blocks(doc)
-    assert len(code) == 4
+    assert len(code) == 5
     ns: dict[str, Any] = {}
     run(doc, 0, code[0], ns, substitute={"/data/laion_fmri": str(bucket.root)})
     truth = bucket.subjects["sub-01"]
     assert ns["sub"].sessions == ["ses-01", "ses-02"]
     check_betas(ns["ds"], truth, ["ses-01", "ses-02"], ["FFA1", "FFA2", "OFA"], 15, "shared")
+
+    # the shuffled group-by (own bucket, own namespace): image means against numpy
+    grouped: dict[str, Any] = {}
+    run(doc, 1, code.pop(1), grouped)
+    loaded = grouped["betas"].values
+    labels = grouped["betas"].image_name.values
+    for name in grouped["means"].image_name.values[:5]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            expected = np.nanmean(loaded[labels == name], axis=0)
+        np.testing.assert_allclose(grouped["means"].sel(image_name=name).values, expected,
+                                   rtol=1e-5, atol=1e-6, equal_nan=True)
 
     run(doc, 1, code[1], ns)
     both = ns["both"]

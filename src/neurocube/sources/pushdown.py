@@ -122,12 +122,16 @@ def _as_key(indices: np.ndarray) -> Any:
 
 def _source(graph: dict[Any, Any], ref: Any) -> tuple[Any, tuple[Any, ...]] | None:
     """If ``ref`` names a read of a VolumeArray, return ``(array, key over the whole array)``."""
-    from dask._task_spec import DataNode, Task, TaskRef
+    from dask._task_spec import Alias, DataNode, Task, TaskRef
     from dask.array.core import getter, getter_nofancy
 
     if not isinstance(ref, TaskRef):
         return None
     task = graph.get(ref.key)
+    for _ in range(8):  # concatenate (several sessions) names its blocks by aliases of the reads
+        if not isinstance(task, Alias):
+            break
+        task = graph.get(task.target)
     if not isinstance(task, Task) or len(task.args) != 2:
         return None
     target, key = task.args
