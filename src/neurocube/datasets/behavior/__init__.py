@@ -42,6 +42,12 @@ from neurocube.catalog.behavior import (
     split_list_cell,
     std_format_of,
 )
+from neurocube.datasets.behavior.track_files import (
+    _POSITION_RE,
+    KEY_COLUMNS,
+    STRING_KEYS,
+    TrackFile,
+)
 from neurocube.errors import (
     CorruptDataError,
     DataNotFoundError,
@@ -53,7 +59,6 @@ from neurocube.errors import (
 )
 from neurocube.sources.parquet import (
     ParquetChunkSpec,
-    ParquetFileInfo,
     common_dtypes,
     group_chunks,
     lazy_columns,
@@ -67,9 +72,6 @@ from neurocube.storage import StorageOptions, is_url, open_file
 
 __all__ = ["BehaviorDataset", "TrackFile", "open_behavior", "read_npz_headers"]
 
-KEY_COLUMNS = ("frame", "time", "id")
-STRING_KEYS = ("group", "sequence")
-_POSITION_RE = re.compile(r"^(X|Y|VX|VY|SPEED|poseX\d+|poseY\d+)(#.*)?$")
 _POSE_RE = re.compile(r"^pose([XYP])(\d+)$")
 _DEFAULT_FRAME_CHUNK = 16384
 #: A frame-range selection of the long form whose row groups hold at most this many bytes of
@@ -119,19 +121,6 @@ def open_behavior(
     return BehaviorDataset(
         BehaviorCatalog(path, path_map=path_map, storage_options=storage_options), run_id=run_id
     )
-
-
-@dataclass(frozen=True)
-class TrackFile:
-    """One selected tracks file: where it is, what it holds, and its footer."""
-
-    group: str
-    sequence: str
-    path: str
-    std_format: str
-    units: str
-    info: ParquetFileInfo
-    scale: float = 1.0
 
 
 class BehaviorDataset:
