@@ -42,6 +42,7 @@ from neurocube.catalog.behavior import (
     split_list_cell,
     std_format_of,
 )
+from neurocube.datasets.behavior.graph import _constant_strings, _fill_strings, _pick
 from neurocube.datasets.behavior.track_files import (
     _POSITION_RE,
     KEY_COLUMNS,
@@ -1215,34 +1216,6 @@ def _choose_columns(files: list[TrackFile], columns: Sequence[str] | None) -> li
             )
         chosen.append(c)
     return chosen
-
-
-def _fill_strings(pieces: tuple[tuple[str, int], ...], dtype: str) -> np.ndarray:
-    if len(pieces) == 1:
-        return np.full(pieces[0][1], pieces[0][0], dtype=dtype)
-    return np.concatenate([np.full(n, v, dtype=dtype) for v, n in pieces])
-
-
-def _constant_strings(chunks: Sequence[Sequence[tuple[str, int]]], what: str) -> da.Array:
-    """Build a lazy string coordinate: chunk i is its (value, count) pieces, no I/O."""
-    width = max([len(v) for c in chunks for v, _ in c] + [1])
-    dtype = f"<U{width}"
-    frozen = [tuple((str(v), int(n)) for v, n in c) for c in chunks]
-    token = tokenize(frozen, dtype)
-    name = f"{what}-{token}"
-    if not frozen:
-        return da.from_array(np.empty(0, dtype=dtype), name=name)
-    layer: dict[Any, Any] = {(name, i): (_fill_strings, c, dtype) for i, c in enumerate(frozen)}
-    return da.Array(
-        HighLevelGraph.from_collections(name, layer, dependencies=()),
-        name,
-        (tuple(sum(n for _, n in c) for c in frozen),),
-        dtype=np.dtype(dtype),
-    )
-
-
-def _pick(chunk: dict[str, np.ndarray], key: str) -> np.ndarray:
-    return chunk[key]
 
 
 # -- dense planning -------------------------------------------------------------------------
