@@ -50,7 +50,7 @@ def _refuse_reads(monkeypatch):
         raise AssertionError("data read while building the graph")
 
     monkeypatch.setattr(parquet_source, "read_table", boom)
-    monkeypatch.setattr("neurocube.datasets.behavior.read_table", boom)
+    monkeypatch.setattr("neurocube.datasets.behavior.dense.read_table", boom)
 
 
 # ----------------------------------------------------------------------------- real sample
