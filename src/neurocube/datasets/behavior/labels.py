@@ -449,6 +449,9 @@ class LabelsMixin:
         return out
 
 
+# --------------------------------------------------------------------------- helpers
+
+
 @dataclass(frozen=True)
 class _LabelSource:
     """A label NPZ as a task sees it: location, the version opened, options (picklable)."""
