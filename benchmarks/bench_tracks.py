@@ -198,13 +198,13 @@ def case(name: str, lib: str, root: Path):
 def _forget_caches() -> None:
     """Empty neurocube's per-process caches of manifests, indexes and parquet footers."""
     from neurocube.catalog import behavior as catalog_behavior
-    from neurocube.io import behavior as io_behavior
+    from neurocube.io.behavior import manifest as io_manifest
     from neurocube.sources import parquet
 
     parquet._INFOS.clear()
     parquet._FOOTERS.clear()
     catalog_behavior._MEMO.clear()
-    io_behavior._MANIFESTS.clear()
+    io_manifest._MANIFESTS.clear()
 
 
 def worker(name: str, lib: str, root: Path, repeats: int) -> None:

@@ -32,27 +32,22 @@ import pandas as pd
 
 from neurocube import storage
 from neurocube.errors import DataNotFoundError, SelectionError
-from neurocube.io.behavior import (
+from neurocube.io.behavior.conventions import (
     _INDEX_KINDS,
     DEFAULT_ROOTS,
     MANIFEST_NAMES,
     MANIFEST_VERSION,
     STD_FORMAT_UNITS,
-    DatasetLayout,
-    Manifest,
-    _filter_pairs,
-    _stat_or_none,
     _url_join,
-    _version_key,
     entry_key,
-    find_manifest,
     is_inside,
     longest_prefix_remap,
-    read_index_csv,
     split_list_cell,
     std_format_of,
-    write_index_csv,
 )
+from neurocube.io.behavior.index import _filter_pairs, read_index_csv, write_index_csv
+from neurocube.io.behavior.layout import DatasetLayout
+from neurocube.io.behavior.manifest import Manifest, _stat_or_none, _version_key, find_manifest
 from neurocube.storage import ObjectInfo, StorageOptions, as_options, is_url
 
 # The layout helpers and the Manifest live in neurocube.io.behavior (the lower layer: its

@@ -97,14 +97,14 @@ def test_manifest_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(FormatError, match="not YAML/JSON-plain"):
         m.save()
     assert (tmp_path / "dataset.yaml").read_text() == before
-    import neurocube.io.behavior as iob
+    import neurocube.io.behavior.manifest as manifest_io
 
     def crash(*a, **k):
         raise RuntimeError("disk full")
 
     m.data.pop("bad")
     m.data["name"] = "changed"
-    monkeypatch.setattr(iob.yaml, "safe_dump", crash)
+    monkeypatch.setattr(manifest_io.yaml, "safe_dump", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         m.save()
     assert (tmp_path / "dataset.yaml").read_text() == before

@@ -50,7 +50,7 @@ def _refuse_reads(monkeypatch):
         raise AssertionError("data read while building the graph")
 
     monkeypatch.setattr(parquet_source, "read_table", boom)
-    monkeypatch.setattr("neurocube.datasets.behavior.read_table", boom)
+    monkeypatch.setattr("neurocube.datasets.behavior.dense.read_table", boom)
 
 
 # ----------------------------------------------------------------------------- real sample
@@ -514,7 +514,7 @@ def test_labels_build_reads_headers_only(gen, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("label events read while building")
 
-    monkeypatch.setattr("neurocube.datasets.behavior._read_label_events", boom)
+    monkeypatch.setattr("neurocube.datasets.behavior.labels._read_label_events", boom)
     with pytest.warns(NeurocubeWarning):
         events = ds.labels()
     dense = ds.labels_dense(groups="fish01")

@@ -181,16 +181,16 @@ def test_reopen_parses_nothing(small, monkeypatch):
     """A dataset reopened in the same process parses no manifest, index or footer again."""
     import yaml
 
-    from neurocube.io import behavior as io_behavior
+    from neurocube.io.behavior import layout as io_layout  # DatasetLayout reads the indexes
 
     first = neurocube.open_behavior(small).tracks(sequences="s1", start_frame=3, end_frame=9)
     calls: list[str] = []
     real_yaml, real_csv, real_info = (
-        yaml.safe_load, io_behavior.read_index_csv, parquet_source._parse_info
+        yaml.safe_load, io_layout.read_index_csv, parquet_source._parse_info
     )  # fmt: skip
     monkeypatch.setattr(yaml, "safe_load", lambda *a: calls.append("yaml") or real_yaml(*a))
     monkeypatch.setattr(
-        io_behavior, "read_index_csv", lambda *a: calls.append("csv") or real_csv(*a)
+        io_layout, "read_index_csv", lambda *a: calls.append("csv") or real_csv(*a)
     )
     monkeypatch.setattr(
         parquet_source, "_parse_info", lambda *a: calls.append("footer") or real_info(*a)
