@@ -499,6 +499,42 @@ def _not_opened(loc: str, signature: bool, exc: BaseException) -> FormatError:
     )
 
 
+_GC_PAUSES = 0
+_GC_PAUSE_LOCK = threading.Lock()
+_GC_WAS_ENABLED = True
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Keep Python's cyclic garbage collector off while h5py reads a remote file.
+
+    h5py holds its global lock for the whole of a read, and HDF5 reads a
+    remote file through :class:`_RemoteH5File`, whose bytes fsspec fetches on
+    its own event-loop thread. If a collection starts on that thread and frees
+    an h5py object left in a reference cycle (an exception's traceback holds
+    them), the free waits for h5py's lock while the lock's holder waits for
+    the fetch: both hang for good (seen in the suite). With the collector off
+    until no remote h5py call is running, no thread can start one meanwhile.
+    Nested and concurrent pauses are counted; the collector is turned back on
+    (if it was on) when the last one ends.
+    """
+    import gc
+
+    global _GC_PAUSES, _GC_WAS_ENABLED
+    with _GC_PAUSE_LOCK:
+        if _GC_PAUSES == 0:
+            _GC_WAS_ENABLED = gc.isenabled()
+            gc.disable()
+        _GC_PAUSES += 1
+    try:
+        yield
+    finally:
+        with _GC_PAUSE_LOCK:
+            _GC_PAUSES -= 1
+            if _GC_PAUSES == 0 and _GC_WAS_ENABLED:
+                gc.enable()
+
+
 def _open_remote(
     url: str, options: StorageOptions | None, size: int | None, version: Version | None
 ) -> h5py.File:
@@ -511,7 +547,7 @@ def _open_remote(
     reader.prefetch(0, min(size, REMOTE_BLOCK_SIZE))  # storage errors surface here, as ours
     reader.heap_check = _offsets_are_8_bytes(reader)
     reader.seek(0)
-    with _OPEN_LOCK:
+    with _OPEN_LOCK, gc_paused():
         try:
             h5 = h5py.File(reader, "r")
         except (OSError, ValueError) as exc:
@@ -589,7 +625,8 @@ def pooled_file(
         if changed is not None:
             HDF5_POOL.discard(key)  # that handle reads another version: never use it again
             raise changed
-    with lock, _storage_errors(handle):
+    remote = not is_local(path)
+    with lock, _storage_errors(handle), (gc_paused() if remote else contextlib.nullcontext()):
         reader = getattr(handle, "_neurocube_reader", None)
         if reader is not None:
             reader.error = None

@@ -335,3 +335,39 @@ def test_open_spectral_refuses_a_damaged_global_heap_too(tmp_path):
     _zero_free_space(path)
     with pytest.raises(FormatError, match=r"spectral\.h5: expected global heap collections"):
         neurocube.open_spectral(path)
+
+
+def test_gc_pauses_are_counted_and_restore_the_collector():
+    """Remote h5py reads keep the collector off (see hdf5.gc_paused); it comes back after."""
+    import gc
+    import threading
+
+    from neurocube.sources.hdf5 import gc_paused
+
+    assert gc.isenabled()
+    inside = threading.Event()
+    leave = threading.Event()
+
+    def other():
+        with gc_paused():
+            inside.set()
+            leave.wait(10)
+
+    worker = threading.Thread(target=other)
+    with gc_paused():
+        worker.start()
+        inside.wait(10)
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert not gc.isenabled()  # the other thread still reads
+    leave.set()
+    worker.join(10)
+    assert gc.isenabled()
+    gc.disable()  # a user who keeps it off keeps it off
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
