@@ -239,25 +239,39 @@ def read_whole_arrays(graph: dict[Any, Any], keys: Any) -> dict[Any, Any]:
     the workers.
     """
     from dask._task_spec import DataNode, Task, TaskRef
+    from dask.array.core import finalize
     from dask.core import flatten
 
     from neurocube.progress import active_client
     from neurocube.sources import nifti
 
+    if active_client() is not None:
+        return graph
+    out = dict(graph)
     wanted: dict[str, set[tuple[Any, ...]]] = {}
     for key in flatten(keys) if isinstance(keys, list) else [keys]:
+        task = graph.get(key)
+        if task is not None and getattr(task, "func", None) is finalize:
+            # a compute of a whole collection (``.values``, ``.compute()``): one task
+            # concatenates every chunk. Read the array into its result directly instead.
+            deps = set(task.dependencies)
+            names = {d[0] for d in deps if isinstance(d, tuple) and d}
+            if len(names) == 1:
+                (name,) = names
+                source = _whole_source(name)
+                if source is not None and deps == set(_chunk_keys(name, _chunks_of(source))):
+                    out[key] = Task(key, nifti.read_whole_array, DataNode(None, source))
+            continue
         if isinstance(key, tuple) and key and isinstance(key[0], str):
             wanted.setdefault(key[0], set()).add(key)
     candidates = [name for name in wanted if name.startswith(("nifti-masked-", "concatenate-"))]
-    if not candidates or active_client() is not None:
-        return graph
-    out = dict(graph)
+    if not candidates:
+        return out
     for name in candidates:
-        source = nifti.whole_array_source(name)
+        source = _whole_source(name)
         if source is None:
             continue
-        chunks = source[2] if source[0] == "volumes" else _stacked_chunks(source[1])
-        all_keys = _chunk_keys(name, chunks)
+        all_keys = _chunk_keys(name, _chunks_of(source))
         if wanted[name] != set(all_keys):
             continue
         whole = f"whole-{name}"
@@ -265,6 +279,22 @@ def read_whole_arrays(graph: dict[Any, Any], keys: Any) -> dict[Any, Any]:
         for key, index in all_keys.items():
             out[key] = Task(key, operator.getitem, TaskRef(whole), DataNode(None, index))
     return out
+
+
+def _whole_source(name: str) -> tuple[Any, ...] | None:
+    from neurocube.sources import nifti
+
+    if not name.startswith(("nifti-masked-", "concatenate-")):
+        return None
+    return nifti.whole_array_source(name)
+
+
+def _chunks_of(source: tuple[Any, ...]) -> tuple[tuple[int, ...], ...]:
+    """Return the chunks of the Dask array a :func:`nifti.whole_array_source` stands for."""
+    if source[0] == "volumes":
+        chunks: tuple[tuple[int, ...], ...] = source[2]
+        return chunks
+    return _stacked_chunks(source[1])
 
 
 def _stacked_chunks(parts: tuple[Any, ...]) -> tuple[tuple[int, ...], ...]:

@@ -35,6 +35,20 @@ def _mask(shape):
     return rng.random(shape[:3]) < 0.4
 
 
+@pytest.fixture
+def whole_reads(monkeypatch):
+    """Count the whole-array reads that computes run (the real compute path, not a mock)."""
+    calls = []
+    real = nifti.read_whole_array
+
+    def counting(source):
+        calls.append(source[0])
+        return real(source)
+
+    monkeypatch.setattr(nifti, "read_whole_array", counting)
+    return calls
+
+
 def _optimized_keys(array):
     graph = pushdown.optimize(array.__dask_graph__(), array.__dask_keys__())
     return [str(k) for k in dict(graph)]
@@ -42,7 +56,7 @@ def _optimized_keys(array):
 
 @pytest.mark.parametrize("ext", [".nii.gz", ".nii"])
 @pytest.mark.parametrize("first_read", [True, False])
-def test_values_of_every_chunk_read_whole(nifti_factory, tmp_path, ext, first_read):
+def test_values_of_every_chunk_read_whole(nifti_factory, tmp_path, ext, first_read, whole_reads):
     shape = (6, 5, 4, 23)
     path = nifti_factory(f"betas{ext}", shape=shape)
     mask = _mask(shape)
@@ -53,14 +67,15 @@ def test_values_of_every_chunk_read_whole(nifti_factory, tmp_path, ext, first_re
     ds = neurocube.open_nifti(path, mask=mask, cache_dir=cache, chunks=4)
     keys = _optimized_keys(ds.data.data)
     assert sum(k.startswith("whole-") for k in keys) == 1
+    whole_reads.clear()
     with dask.config.set(scheduler="threads", num_workers=2):
         values = ds.data.values
+    assert whole_reads == ["volumes"]  # the compute's concatenation became one direct read
     np.testing.assert_array_equal(values, _oracle(path, mask))
-    # the chunks of the result are views of one read: every row is there exactly once
-    assert values.shape == (shape[3], int(mask.sum()))
+    assert values.shape == (shape[3], int(mask.sum())) and values.flags.c_contiguous
 
 
-def test_dataset_load_and_compute_read_whole(nifti_factory, tmp_path):
+def test_dataset_load_and_compute_read_whole(nifti_factory, tmp_path, whole_reads):
     shape = (6, 5, 4, 17)
     path = nifti_factory("betas.nii.gz", shape=shape)
     mask = _mask(shape)
@@ -69,6 +84,7 @@ def test_dataset_load_and_compute_read_whole(nifti_factory, tmp_path):
     np.testing.assert_array_equal(ds.data.data.compute(), oracle)
     np.testing.assert_array_equal(ds.compute().data.values, oracle)
     np.testing.assert_array_equal(ds.load().data.values, oracle)
+    assert whole_reads == ["volumes"] * 3
 
 
 @pytest.mark.parametrize(
@@ -81,7 +97,9 @@ def test_dataset_load_and_compute_read_whole(nifti_factory, tmp_path):
     ],
     ids=["slice", "pick", "reduce", "arith"],
 )
-def test_partial_or_derived_computes_keep_their_chunk_tasks(nifti_factory, tmp_path, partial):
+def test_partial_or_derived_computes_keep_their_chunk_tasks(
+    nifti_factory, tmp_path, partial, whole_reads
+):
     shape = (6, 5, 4, 17)
     path = nifti_factory("betas.nii.gz", shape=shape)
     mask = _mask(shape)
@@ -91,10 +109,12 @@ def test_partial_or_derived_computes_keep_their_chunk_tasks(nifti_factory, tmp_p
     selected = partial(ds.data)
     assert not any(k.startswith("whole-") for k in _optimized_keys(selected.data))
     oracle = partial(xr.DataArray(_oracle(path, mask), dims=("trial", "voxel")))
+    whole_reads.clear()
     np.testing.assert_allclose(selected.values, oracle.values, rtol=1e-6)
+    assert whole_reads == []
 
 
-def test_several_sessions_concatenated_read_whole(nifti_factory, tmp_path):
+def test_several_sessions_concatenated_read_whole(nifti_factory, tmp_path, whole_reads):
     shape = (6, 5, 4, 11)
     mask = _mask(shape)
     paths = [nifti_factory(f"ses{i}.nii.gz", shape=shape) for i in range(3)]
@@ -104,7 +124,9 @@ def test_several_sessions_concatenated_read_whole(nifti_factory, tmp_path):
     ]
     stacked = nifti.concatenate_trials(arrays)
     assert sum(k.startswith("whole-") for k in _optimized_keys(stacked)) == 1
+    whole_reads.clear()
     values = stacked.compute()
+    assert whole_reads == ["stacked"]
     np.testing.assert_array_equal(values, np.concatenate([_oracle(p, mask) for p in paths]))
 
 
