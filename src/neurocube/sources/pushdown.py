@@ -207,13 +207,13 @@ def optimize(dsk: Any, keys: Any, **kwargs: Any) -> Any:
     graph = convert_legacy_graph(ensure_dict(dsk))
     graph = push_down(graph)
     if not getattr(_STATE, "keep_chunk_tasks", False):
-        graph = read_chunks_as_runs(read_whole_arrays(graph, keys), keys)
+        graph = read_whole_arrays(graph, keys)
     return dask_optimize(graph, keys, **kwargs)
 
 
 @contextlib.contextmanager
 def chunk_tasks_kept() -> Iterator[None]:
-    """In this thread, optimize only pushes selections down: chunk reads stay one task each.
+    """In this thread, optimize only pushes selections down: whole-array reads are not merged.
 
     For code that inspects or re-runs the graph's reads itself
     (:func:`~neurocube.sources.nifti.trial_rows`).
@@ -314,110 +314,3 @@ def _chunk_keys(name: str, chunks: tuple[tuple[int, ...], ...]) -> dict[Any, tup
             slice(int(b[i]), int(b[i + 1])) for b, i in zip(bounds, block, strict=True)
         )
     return keys
-
-
-def read_chunks_as_runs(graph: dict[Any, Any], keys: Any) -> dict[Any, Any]:
-    """Return ``graph`` with the chunk reads of fully used indexed NIfTI arrays chained in runs.
-
-    When every chunk of a masked, indexed ``.nii.gz`` array is read by the
-    graph (``cache()``, ``to_zarr``, a reduction over all trials), the chunks
-    are split into one contiguous run per thread and each run is read front
-    to back by one reader (:class:`~neurocube.sources.nifti.ChunkRun`), instead
-    of every chunk seeking from its own index point. Chunk keys and values are
-    unchanged; each chunk task now also waits for the previous chunk of its
-    run. Graphs that read only some chunks, and distributed clients, are left
-    as they are.
-    """
-    from dask._task_spec import DataNode, Task, TaskRef
-    from dask.core import flatten
-
-    from neurocube.progress import active_client
-    from neurocube.sources import nifti
-
-    names = {
-        key[0]
-        for key in graph
-        if isinstance(key, tuple) and key and isinstance(key[0], str)
-        and key[0].startswith("nifti-masked-")
-    }
-    if not names or active_client() is not None:
-        return graph
-    outputs = set(flatten(keys)) if isinstance(keys, list) else {keys}
-    needed = _reachable(graph, outputs)
-    out = dict(graph)
-    for name in names:
-        arr = nifti.chunk_runs_source(name)
-        if arr is None:
-            continue
-        with nifti._DIRECT_LOCK:
-            chunks = nifti._DIRECT[name][1]
-        if len(chunks[0]) < 2 or any(len(c) != 1 for c in chunks[1:]):
-            continue
-        chunk_keys = list(_chunk_keys(name, chunks))
-        if any(k not in needed or k in outputs for k in chunk_keys):
-            continue  # only some chunks are read, or a chunk is wanted as it is
-        if not all(_is_chunk_read(graph[k]) for k in chunk_keys):
-            continue  # a chunk was already rewritten (e.g. a selection pushed down)
-        gate = _consumers_of(graph, needed, chunk_keys)
-        bounds = np.cumsum((0, *chunks[0]))
-        workers = nifti.workers_for(None)
-        n = len(chunk_keys)
-        starts = sorted({n * r // workers for r in range(workers)})
-        for r, first in enumerate(starts):
-            stop = starts[r + 1] if r + 1 < len(starts) else n
-            run = nifti.ChunkRun(arr)
-            previous: Any = None
-            for i in range(first, stop):
-                key = chunk_keys[i]
-                out[key] = Task(
-                    key, nifti.read_run_chunk, DataNode(None, run),
-                    int(bounds[i]), int(bounds[i + 1]), i == stop - 1,
-                    None if previous is None else [TaskRef(k) for k in previous],
-                )
-                # the next chunk of the run waits until this one is used up (stored,
-                # reduced), so reads never run ahead of what consumes them
-                previous = gate.get(key) or [key]
-    return out
-
-
-def _consumers_of(
-    graph: dict[Any, Any], needed: set[Any], chunk_keys: list[Any]
-) -> dict[Any, list[Any]]:
-    """Map each chunk key to the tasks that use it and nothing else of the array's reads.
-
-    A task that also needs another chunk, or anything computed, is left out:
-    a later chunk of the run waiting for it could wait for itself.
-    """
-    chunks = set(chunk_keys)
-    found: dict[Any, list[Any]] = {}
-    for key in needed:
-        task = graph[key]
-        deps = set(getattr(task, "dependencies", ()))
-        used = deps & chunks
-        if len(used) != 1 or key in chunks:
-            continue
-        others = deps - used
-        if all(not getattr(graph.get(d), "dependencies", ()) for d in others):
-            found.setdefault(used.pop(), []).append(key)
-    return found
-
-
-def _is_chunk_read(task: Any) -> bool:
-    """Return True if ``task`` reads one chunk of a VolumeArray as ``from_array`` made it."""
-    from dask._task_spec import Task
-    from dask.array.core import getter, getter_nofancy
-
-    return isinstance(task, Task) and task.func in (getter, getter_nofancy)
-
-
-def _reachable(graph: dict[Any, Any], outputs: set[Any]) -> set[Any]:
-    """Return the keys of ``graph`` that computing ``outputs`` runs."""
-    seen: set[Any] = set()
-    stack = [k for k in outputs if k in graph]
-    while stack:
-        key = stack.pop()
-        if key in seen:
-            continue
-        seen.add(key)
-        stack.extend(d for d in getattr(graph[key], "dependencies", ()) if d in graph)
-    return seen
