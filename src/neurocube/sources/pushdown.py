@@ -260,7 +260,11 @@ def read_whole_arrays(graph: dict[Any, Any], keys: Any) -> dict[Any, Any]:
                 (name,) = names
                 source = _whole_source(name)
                 if source is not None and deps == set(_chunk_keys(name, _chunks_of(source))):
-                    out[key] = Task(key, nifti.read_whole_array, DataNode(None, source))
+                    # the read keeps a reader's name ("nifti-"), so the compute's progress
+                    # bar (neurocube.progress) still knows that it reads files
+                    whole = f"whole-nifti-{name}"
+                    out[whole] = Task(whole, nifti.read_whole_array, DataNode(None, source))
+                    out[key] = Task(key, _same, TaskRef(whole))
             continue
         if isinstance(key, tuple) and key and isinstance(key[0], str):
             wanted.setdefault(key[0], set()).add(key)
@@ -279,6 +283,11 @@ def read_whole_arrays(graph: dict[Any, Any], keys: Any) -> dict[Any, Any]:
         for key, index in all_keys.items():
             out[key] = Task(key, operator.getitem, TaskRef(whole), DataNode(None, index))
     return out
+
+
+def _same(value: Any) -> Any:
+    """Return ``value`` (the finalize step of a whole-array read: nothing left to join)."""
+    return value
 
 
 def _whole_source(name: str) -> tuple[Any, ...] | None:
