@@ -229,12 +229,14 @@ def chunk_tasks_kept() -> Iterator[None]:
 def read_whole_arrays(graph: dict[Any, Any], keys: Any) -> dict[Any, Any]:
     """Return ``graph`` with arrays whose every chunk is wanted read by one direct task.
 
-    ``.values``, ``.compute()`` and ``ds.load()`` of a masked NIfTI array ask
-    for all of its chunks. One task per chunk makes each seek to its own
-    index point and decode alone; one task that reads the whole array with
-    the direct loader (a forward pass per thread, gathered straight into one
-    output, as :func:`neurocube.load` does) is faster, and the chunks become
-    views of it. Only done on the local schedulers: under a
+    ``.values``, ``.compute()`` and ``ds.load()`` of a masked NIfTI array end in
+    Dask's finalize task, which concatenates every chunk. One task per chunk
+    makes each seek to its own index point and decode alone; one task that
+    reads the whole array with the direct loader (a forward pass per thread,
+    gathered straight into one output, as :func:`neurocube.load` does) is
+    faster and needs no concatenation: it replaces the finalize task. When
+    the chunk keys themselves are asked for (``persist``), they become views
+    of that read. Only done on the local schedulers: under a
     ``distributed.Client`` the chunks stay tasks of their own, spread over
     the workers.
     """
@@ -243,7 +245,6 @@ def read_whole_arrays(graph: dict[Any, Any], keys: Any) -> dict[Any, Any]:
     from dask.core import flatten
 
     from neurocube.progress import active_client
-    from neurocube.sources import nifti
 
     if active_client() is not None:
         return graph
@@ -260,29 +261,36 @@ def read_whole_arrays(graph: dict[Any, Any], keys: Any) -> dict[Any, Any]:
                 (name,) = names
                 source = _whole_source(name)
                 if source is not None and deps == set(_chunk_keys(name, _chunks_of(source))):
-                    # the read keeps a reader's name ("nifti-"), so the compute's progress
-                    # bar (neurocube.progress) still knows that it reads files
-                    whole = f"whole-nifti-{name}"
-                    out[whole] = Task(whole, nifti.read_whole_array, DataNode(None, source))
-                    out[key] = Task(key, _same, TaskRef(whole))
+                    out[key] = Task(key, _same, TaskRef(_add_whole_read(out, name, source)))
             continue
         if isinstance(key, tuple) and key and isinstance(key[0], str):
             wanted.setdefault(key[0], set()).add(key)
-    candidates = [name for name in wanted if name.startswith(("nifti-masked-", "concatenate-"))]
-    if not candidates:
-        return out
-    for name in candidates:
+    for name, keys_of_name in wanted.items():  # chunk keys asked for themselves (persist)
         source = _whole_source(name)
         if source is None:
             continue
         all_keys = _chunk_keys(name, _chunks_of(source))
-        if wanted[name] != set(all_keys):
+        if keys_of_name != set(all_keys):
             continue
-        whole = f"whole-{name}"
-        out[whole] = Task(whole, nifti.read_whole_array, DataNode(None, source))
+        whole = _add_whole_read(out, name, source)
         for key, index in all_keys.items():
             out[key] = Task(key, operator.getitem, TaskRef(whole), DataNode(None, index))
     return out
+
+
+def _add_whole_read(graph: dict[Any, Any], name: str, source: tuple[Any, ...]) -> str:
+    """Add the task that reads array ``name`` whole to ``graph``; return its key.
+
+    The key keeps a reader's name part ("nifti-"), so the compute's progress bar
+    (:mod:`neurocube.progress`) still knows that the graph reads files.
+    """
+    from dask._task_spec import DataNode, Task
+
+    from neurocube.sources import nifti
+
+    whole = f"whole-nifti-{name}"
+    graph[whole] = Task(whole, nifti.read_whole_array, DataNode(None, source))
+    return whole
 
 
 def _same(value: Any) -> Any:
