@@ -158,3 +158,19 @@ def test_a_damaged_npy_header_is_a_format_error(find, replace):
     header = buffer.getvalue()[:128].replace(find, replace, 1)
     with pytest.raises(FormatError, match=r"malformed \.npy header"):
         _parse_npy_header(header, "x.npz", "a")
+
+
+@pytest.mark.parametrize("field_at", [10, 8], ids=["total-count", "count-on-disk"])
+def test_a_zeroed_member_count_in_the_end_record_is_refused(tmp_path, field_at):
+    """Found by the slow fuzz run: zeroing the end record's member count (and the low byte of
+    the directory size) gave an archive with no arrays instead of an error."""
+    source = next(p for p in SAMPLES if p.name == "sub-01_arrays.npz")
+    data = bytearray(source.read_bytes())
+    end = data.rfind(b"PK\x05\x06")
+    data[end + field_at : end + field_at + 2] = b"\0\0"
+    if field_at == 10:
+        data[end + 12] = 0  # the directory size's low byte: count and size both 0 for tiny archives
+    damaged = tmp_path / source.name
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="end record is inconsistent"):
+        read_npz_directory(damaged)

@@ -262,10 +262,11 @@ def _find_end_of_directory(reader: _Reader) -> tuple[int, int, int]:
         pos = tail.rfind(_EOCD_SIG)
     if pos < 0 or len(tail) - pos < _EOCD_SIZE:
         raise _truncated(reader.path, "no end-of-central-directory record")
-    (_, _, _, _, n_entries, cd_size, cd_offset, _) = struct.unpack(
+    (_, _, _, on_disk, n_entries, cd_size, cd_offset, _) = struct.unpack(
         "<4sHHHHIIH", tail[pos : pos + _EOCD_SIZE]
     )
     eocd_offset = tail_start + pos
+    directory_end = eocd_offset  # the central directory ends where the end record begins
     if n_entries == 0xFFFF or cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF:
         locator = reader.read_at(eocd_offset - 20, 20)
         if len(locator) < 20 or locator[:4] != _ZIP64_LOCATOR_SIG:
@@ -274,11 +275,23 @@ def _find_end_of_directory(reader: _Reader) -> tuple[int, int, int]:
         record = reader.read_at(z64_offset, 56)
         if len(record) < 56 or record[:4] != _ZIP64_EOCD_SIG:
             raise _truncated(reader.path, "ZIP64 end-of-directory record missing")
-        (_, _, _, _, _, _, _, n_entries, cd_size, cd_offset) = struct.unpack("<4sQHHIIQQQQ", record)
-    if cd_offset + cd_size > eocd_offset:
+        (_, _, _, _, _, _, on_disk, n_entries, cd_size, cd_offset) = struct.unpack(
+            "<4sQHHIIQQQQ", record
+        )
+        directory_end = z64_offset
+    if cd_offset + cd_size > directory_end:
         raise _truncated(
             reader.path,
-            f"central directory at {cd_offset}+{cd_size} runs past its end record at {eocd_offset}",
+            f"central directory at {cd_offset}+{cd_size} runs past its end record at "
+            f"{directory_end}",
+        )
+    # the end record carries no CRC: its counts and sizes must agree with the layout
+    if cd_offset + cd_size != directory_end or on_disk != n_entries:
+        raise FormatError(
+            f"{reader.path}: the ZIP end record is inconsistent: expected a central directory "
+            f"ending at byte {directory_end} with as many members on this disk as in total, "
+            f"found {cd_size} bytes at {cd_offset} and {on_disk} against {n_entries} members. "
+            "The archive is damaged: re-download or re-write it."
         )
     return n_entries, cd_size, cd_offset
 
@@ -470,8 +483,13 @@ def read_npz_directory(
             reader.prefetch(_local_offsets(directory, n_entries, local))
         pos = 0
         for _ in range(n_entries):
-            if directory[pos : pos + 4] != _CENTRAL_SIG:
-                raise FormatError(f"{local}: corrupt ZIP central directory at entry offset {pos}.")
+            if directory[pos : pos + 4] != _CENTRAL_SIG or pos + 46 > len(directory):
+                raise FormatError(
+                    f"{local}: corrupt ZIP central directory: expected entry {len(members) + 1} "
+                    f"of {n_entries} at byte {pos} of {cd_size}, found "
+                    f"{directory[pos : pos + 4]!r}. The archive is damaged: re-download or "
+                    "re-write it."
+                )
             fields = struct.unpack("<4sHHHHHHIIIHHHHHII", directory[pos : pos + 46])
             flags, method, crc = fields[3], fields[4], fields[7]
             csize, usize = fields[8], fields[9]
@@ -552,6 +570,12 @@ def read_npz_directory(
                     "of data; the file is damaged, rewrite it."
                 )
             members[name] = member
+        if pos != cd_size:  # the count in the end record carries no CRC: the sizes must agree
+            raise FormatError(
+                f"{local}: the ZIP end record announces {n_entries} members in a central "
+                f"directory of {cd_size} bytes, but those members fill {pos} bytes: the archive "
+                "is damaged. Re-download or re-write it."
+            )
     return members
 
 
