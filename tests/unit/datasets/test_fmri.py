@@ -589,7 +589,10 @@ def test_roi_formats_and_resolutions(bucket, tmp_path):
 
 
 def test_embeddings_are_lazy_and_follow_repeats(bucket, monkeypatch):
-    from neurocube.sources import hdf5
+    from neurocube.sources import (
+        hdf5,
+        stimuli,  # noqa: F401  (imported now, it binds the real reader)
+    )
 
     original = hdf5.read_selection
 
