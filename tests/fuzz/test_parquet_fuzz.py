@@ -113,3 +113,95 @@ def test_damaged_column_name_in_the_footer_is_a_neurocube_error(files):
     from tests.fuzz.damage import Damage
 
     _run(files, Damage(kind="flip_bit", where=0.25, size=1, bit=7, other=0.0), 0)
+
+
+def _footer_damaged(tmp_path: Path, find: bytes, offset: int, value: int) -> Path:
+    """A copy of the first sample (rewritten with page CRCs) with one footer byte set."""
+    source = tmp_path / "source.parquet"
+    pq.write_table(pq.read_table(SAMPLES[0]), source, write_page_checksum=True)
+    data = bytearray(source.read_bytes())
+    footer_start = len(data) - 8 - int.from_bytes(data[-8:-4], "little")
+    at = data.index(find, footer_start) + offset
+    data[at] = value
+    damaged = tmp_path / "damaged.parquet"
+    damaged.write_bytes(bytes(data))
+    return damaged
+
+
+def _rewritten(tmp_path: Path) -> Path:
+    """The first sample rewritten with page CRCs (as neurocube's writers write)."""
+    source = tmp_path / "source.parquet"
+    if not source.exists():
+        pq.write_table(pq.read_table(SAMPLES[0]), source, write_page_checksum=True)
+    return source
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _footer_value_replaced(tmp_path: Path, header: bytes, old: int, new: int) -> Path:
+    """A copy of the first sample whose footer holds ``new`` where it held the integer ``old``
+    after the compact-protocol field ``header`` (both encodings the same length)."""
+    data = _rewritten(tmp_path).read_bytes()
+    footer_start = len(data) - 8 - int.from_bytes(data[-8:-4], "little")
+    before, after = header + _varint(2 * old), header + _varint(2 * new)  # zigzag, positive
+    assert len(before) == len(after) and data.count(before, footer_start) == 1
+    damaged = tmp_path / "damaged.parquet"
+    damaged.write_bytes(data[:footer_start] + data[footer_start:].replace(before, after))
+    return damaged
+
+
+@pytest.mark.parametrize(
+    ("find", "offset", "value", "message"),
+    [
+        # the schema's type of 'subject' (BYTE_ARRAY, zigzag 0x0c) zeroed into BOOLEAN
+        (b"\x15\x0c%\x02\x18\x07subject", 1, 0, "is BOOLEAN in the schema but its chunk"),
+        # its repetition (OPTIONAL) zeroed into REQUIRED: the level histogram no longer fits
+        (b"\x15\x0c%\x02\x18\x07subject", 3, 0, "definition-level histogram of 2 bins"),
+        # a byte of a column's name in the schema: the chunks still name the old column
+        (b"\x18\x0cwindow_index", 7, 0, "is named 'window_index' by its chunk"),
+    ],
+    ids=["type", "repetition", "name"],
+)
+def test_a_footer_that_disagrees_with_itself_is_refused(tmp_path, find, offset, value, message):
+    """Found by a byte-by-byte scan: pyarrow *aborts the process* (a C++ exception through a
+    noexcept frame) on the first two, and the third renamed a column, whose values then came
+    back as NaN. Each is now a FormatError before pyarrow parses the footer."""
+    from neurocube.errors import FormatError
+
+    damaged = _footer_damaged(tmp_path, find, offset, value)
+    columns = _numeric_columns(SAMPLES[0])
+    with pytest.raises(FormatError, match=message) as caught:
+        _read(damaged, columns)
+    assert damaged.name in str(caught.value)
+
+
+def test_a_footer_whose_row_count_or_page_offset_moved_is_refused(tmp_path):
+    """Found by a byte-by-byte scan: a row group's row count changed in the footer read fewer
+    rows, and a data page offset moved onto another column's pages read *those* pages, whose
+    own CRCs pass. Both gave other values; both are now FormatErrors."""
+    from neurocube.errors import FormatError
+
+    meta = pq.read_metadata(_rewritten(tmp_path))
+    columns = _numeric_columns(SAMPLES[0])
+    group = meta.row_group(0)
+    # RowGroup: total_byte_size (field 2), then num_rows (field 3): both i64, header 0x16
+    rows_header = b"\x16" + _varint(2 * group.total_byte_size) + b"\x16"
+    fewer = _footer_value_replaced(tmp_path, rows_header, group.num_rows, group.num_rows - 1)
+    with pytest.raises(FormatError, match=f"holds {group.num_rows} values for "
+                                          f"{group.num_rows - 1} rows"):
+        _read(fewer, columns)
+    # ColumnMetaData: total_compressed_size (7), then data_page_offset (9): header 0x26
+    names = [group.column(j).path_in_schema for j in range(group.num_columns)]
+    own = group.column(names.index("window_index"))
+    other = group.column(names.index("embedding_0000"))
+    moved = _footer_value_replaced(tmp_path, b"\x26", own.data_page_offset,
+                                   other.data_page_offset)
+    with pytest.raises(FormatError, match="first data page is at byte|, inside the chunk"):
+        _read(moved, columns)

@@ -42,6 +42,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from neurocube import storage
 from neurocube.errors import CorruptDataError, FormatError, SourceChangedError
+from neurocube.sources.parquet_footer import check_footer, footer_bytes
 from neurocube.storage import (
     IO_STATS,
     HandlePool,
@@ -261,11 +262,45 @@ def read_remote_footer(
         tail = storage.read_range(url, start, size, storage_options)
     if start == 0:  # the whole (small) file came along: row-group reads are served from it
         _remember_small(url, size, tail)
+    footer = footer_bytes(tail, url)
+    check_footer(footer, url, data_end=size - 8 - len(footer))
     try:
         return pq.read_metadata(_TailFile(url, size, start, tail))
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowException, OSError) as exc:  # ArrowInvalid, ArrowNotImplementedError, ...
         raise FormatError(f"{url}: unreadable parquet footer ({exc}); the file may be "
                           "truncated.") from exc
+
+
+def read_local_footer(fh: Any, path: str) -> pq.FileMetaData:
+    """Read the footer of the open local parquet file ``fh``, checked before pyarrow parses it.
+
+    Raises
+    ------
+    FormatError
+        If the footer is unreadable, or disagrees with itself in a way that would abort
+        pyarrow (see :mod:`neurocube.sources.parquet_footer`).
+    """
+    import struct
+
+    size = fh.seek(0, os.SEEK_END)
+    start = max(0, size - FOOTER_PROBE)
+    fh.seek(start)
+    tail = fh.read()
+    if len(tail) >= 8 and tail[-4:] == PARQUET_MAGIC:  # else pyarrow says what is wrong
+        need = struct.unpack("<I", tail[-8:-4])[0] + 8
+        if need > len(tail) and need <= size:
+            fh.seek(size - need)
+            tail = fh.read()
+        footer = footer_bytes(tail, path)
+        check_footer(footer, path, data_end=size - 8 - len(footer))
+    fh.seek(0)
+    try:
+        return pq.read_metadata(fh)
+    except (pa.ArrowException, OSError) as exc:  # ArrowInvalid, ArrowNotImplementedError, ...
+        raise FormatError(
+            f"{path}: unreadable parquet footer ({exc}); the file may be truncated. Restore "
+            "or rewrite it."
+        ) from exc
 
 
 def open_row_groups(
@@ -399,13 +434,7 @@ def _parse_info(
                     f"{local}: not a parquet file (starts with {head!r}, expected b'PAR1'). "
                     "Check the path in the index, or re-run convert_tracks."
                 )
-            fh.seek(0)
-            try:
-                meta = pq.read_metadata(fh)
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise FormatError(
-                    f"{local}: unreadable parquet footer ({exc}); the file may be truncated."
-                ) from exc
+            meta = read_local_footer(fh, local)
         size, mtime_ns, ctime_ns = obj.size, obj.mtime_ns, obj.ctime_ns
         now = storage.info(local)
         if (now.size, now.mtime_ns, now.ctime_ns) != (size, mtime_ns, ctime_ns):
@@ -542,7 +571,7 @@ def _footer(
         if remote:
             return _Footer(read_remote_footer(spec_path, storage_options, size))
         with open_file(spec_path, "rb") as fh:
-            return _Footer(pq.read_metadata(fh))
+            return _Footer(read_local_footer(fh, spec_path))
 
     holder, _ = _FOOTERS.acquire(_footer_key(spec_path, size, mtime_ns, ctime_ns, etag), load)
     return holder.metadata

@@ -82,10 +82,7 @@ def _metadata(
     A local file's version is its size, mtime and ctime (a rewrite that keeps the
     size and sets the mtime back still changes the ctime).
     """
-    import pyarrow.lib
-    import pyarrow.parquet as pq
-
-    from neurocube.sources.parquet import read_remote_footer
+    from neurocube.sources.parquet import read_local_footer, read_remote_footer
 
     remote = is_url(path)
     key: tuple[Any, ...] = (path, size, etag) if remote else (path, size, mtime_ns, ctime_ns)
@@ -107,12 +104,7 @@ def _metadata(
             raise FormatError(
                 f"{path}: not a parquet file (expected magic 'PAR1', found {head!r})."
             )
-        try:
-            metadata = pq.read_metadata(fh)
-        except (pyarrow.lib.ArrowInvalid, OSError) as exc:
-            raise FormatError(
-                f"{path}: unreadable parquet footer ({exc}); rewrite the table."
-            ) from exc
+        metadata = read_local_footer(fh, path)
     IO_STATS.add_bytes(metadata.serialized_size + 12)
     with _FOOTERS_LOCK:
         _FOOTERS[key] = metadata
