@@ -71,7 +71,9 @@ def worker(name: str, path: str, mask_path: str, cache: str, threads: int) -> di
     if name.endswith("_noverify"):  # the same read without per-volume checksums (their cost)
         name = name[: -len("_noverify")]
         gzindex.VERIFY_VOLUMES = False
+    check_cpu = _count_check_cpu(gzindex)
     base = _rss_now()
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     if name in ("neurocube_first", "neurocube_indexed", "neurocube_indexed_compute",
                 "neurocube_first_compute"):
@@ -141,7 +143,34 @@ def worker(name: str, path: str, mask_path: str, cache: str, threads: int) -> di
     else:
         raise SystemExit(f"unknown worker {name}")
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "peak_rss": _rss_peak(), "base_rss": base, "out_bytes": out_bytes}
+    cpu = time.process_time() - cpu0  # every thread of this process
+    return {"seconds": seconds, "cpu_seconds": cpu, "check_cpu_seconds": check_cpu[0],
+            "peak_rss": _rss_peak(), "base_rss": base, "out_bytes": out_bytes}
+
+
+def _count_check_cpu(gzindex) -> list[float]:
+    """Count the CPU time the reader threads spend in per-volume checks (a one-item list).
+
+    The checks run inside the reads, so their own thread time is an exact account of their
+    cost, where a difference of two noisy runs is not.
+    """
+    import threading
+
+    total = [0.0]
+    lock = threading.Lock()
+    original = gzindex.check_volumes
+
+    def counted(*args):
+        t0 = time.thread_time()
+        try:
+            return original(*args)
+        finally:
+            spent = time.thread_time() - t0
+            with lock:
+                total[0] += spent
+
+    gzindex.check_volumes = counted
+    return total
 
 
 def _laion_streaming(path: str, mask):
@@ -229,6 +258,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="default: results/nifti.json (results/nifti-quick.json with --quick, "
                              "so a smoke run never replaces the recorded figures)")
+    parser.add_argument("--verification", action="store_true",
+                        help="only the cost of per-volume checksums: indexed reads with and "
+                             "without them, alternating, --repeats pairs (results/"
+                             "nifti-verification.json)")
     parser.add_argument("--worker", nargs=5, metavar=("NAME", "PATH", "MASK", "CACHE", "THREADS"))
     args = parser.parse_args()
     if args.worker:
@@ -241,7 +274,8 @@ def main() -> int:
     from neurocube.synthetic.session import make_session
 
     if args.out is None:
-        args.out = HERE / "results" / ("nifti-quick.json" if args.quick else "nifti.json")
+        name = "nifti-verification" if args.verification else "nifti"
+        args.out = HERE / "results" / (f"{name}-quick.json" if args.quick else f"{name}.json")
     grid, n_trials = ((20, 24, 20), 30) if args.quick else ((81, 96, 81), 300)
     repeats = 1 if args.quick else args.repeats
     threads = os.cpu_count() or 2
@@ -262,6 +296,9 @@ def main() -> int:
     with open(betas, "rb") as fh:  # warm the page cache: every method reads from RAM
         while fh.read(64 << 20):
             pass
+
+    if args.verification:
+        return _verification_cost(args, betas, mask_path, cache, threads, raw_bytes, repeats)
 
     # (method, threads): every figure of one run; "@1t" / "@2t" rows are the scaling runs.
     scaling = sorted({1, 2, threads})
@@ -405,6 +442,67 @@ def main() -> int:
         "targets_met": verdicts,
     }
     write_report(args.out, report)
+    return 0
+
+
+def _verification_cost(args, betas, mask_path, cache, threads, raw_bytes, repeats) -> int:
+    """Indexed reads with and without per-volume checksums, in alternating pairs.
+
+    Each pair runs both variants back to back in fresh processes, the order swapped every
+    pair, so a slow spell of the machine touches both alike. The ratio of medians is the
+    wall-clock cost; the CPU-seconds ratio is the work the checks add (less noisy on a
+    shared machine).
+    """
+    if not (cache / "gzindex").exists():
+        run_worker("neurocube_first", betas, mask_path, cache, threads)
+    pairs = [("neurocube_indexed", "neurocube_indexed_noverify"),
+             ("neurocube_indexed_compute", "neurocube_indexed_compute_noverify")]
+    runs: dict[str, list[dict]] = {name: [] for pair in pairs for name in pair}
+    for k in range(repeats):
+        print(f"pair {k + 1} of {repeats}", flush=True)
+        for pair in pairs:
+            for name in pair if k % 2 == 0 else pair[::-1]:
+                runs[name].append(run_worker(name, betas, mask_path, cache, threads))
+    results = {}
+    for name, rs in runs.items():
+        secs = [r["seconds"] for r in rs]
+        cpus = [r["cpu_seconds"] for r in rs]
+        checks = [r["check_cpu_seconds"] for r in rs]
+        results[name] = {"seconds_median": statistics.median(secs), "seconds_all": secs,
+                         "cpu_seconds_median": statistics.median(cpus), "cpu_seconds_all": cpus,
+                         "check_cpu_seconds_median": statistics.median(checks),
+                         "mb_per_s": raw_bytes / 1e6 / statistics.median(secs)}
+        print(f"  {name:38s} {results[name]['seconds_median']:.3f} s  "
+              f"cpu {results[name]['cpu_seconds_median']:.3f} s  "
+              f"in checks {results[name]['check_cpu_seconds_median']:.3f} s", flush=True)
+    ratios = {}
+    for verified, plain in pairs:
+        what = "values" if verified.endswith("compute") else "load"
+        v, u = runs[verified], runs[plain]
+        ratios[f"verified_vs_unverified_{what}"] = (
+            results[verified]["mb_per_s"] / results[plain]["mb_per_s"])
+        ratios[f"verified_vs_unverified_{what}_pairwise_median"] = statistics.median(
+            b["seconds"] / a["seconds"] for a, b in zip(v, u, strict=True))
+        ratios[f"unverified_vs_verified_{what}_cpu"] = statistics.median(
+            b["cpu_seconds"] / a["cpu_seconds"] for a, b in zip(v, u, strict=True))
+        # the checks' own CPU time, counted inside each verified run: the throughput left if
+        # they were removed from the reader threads (spread over `threads` cores)
+        ratios[f"check_cpu_share_{what}"] = statistics.median(
+            a["check_cpu_seconds"] / a["cpu_seconds"] for a in v)
+        ratios[f"verified_throughput_share_{what}"] = statistics.median(
+            1 - a["check_cpu_seconds"] / threads / a["seconds"] for a in v)
+    targets = {"verified_vs_unverified_load": (">=", 0.95),
+               "verified_vs_unverified_values": (">=", 0.95),
+               "verified_throughput_share_load": (">=", 0.95),
+               "verified_throughput_share_values": (">=", 0.95)}
+    verdicts = judge(ratios, targets, digits=3)
+    write_report(args.out, {
+        "benchmark": "nifti-verification",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "load_avg_at_end": os.getloadavg()},
+        "threads": threads, "pairs": repeats, "results": results, "ratios": ratios,
+        "targets_met": verdicts,
+    })
     return 0
 
 
