@@ -173,3 +173,21 @@ def test_nan_scl_slope_means_no_scaling_as_in_nibabel(tmp_path):
     got = neurocube.open_nifti(path)["data"].values
     np.testing.assert_array_equal(got, np.asarray(nib.load(str(path)).get_fdata()))
     np.testing.assert_array_equal(got, values)
+
+
+@pytest.mark.parametrize("dtype", ["int16", "uint8", "int32"])
+def test_scaling_beyond_the_output_dtype_is_a_format_error(tmp_path, dtype):
+    """Found by a byte-by-byte header scan: one flipped exponent bit turned an int16 file's
+    scl_slope 0.5 into 1.7e38; scaled in float32 the voxels became inf (nibabel: finite)."""
+    stored = (np.arange(np.prod(SHAPE)) % 200).reshape(SHAPE).astype(dtype)
+    path = write_nifti(tmp_path / "scaled.nii", stored, slope=0.5, inter=-3.0)
+    buf = bytearray(path.read_bytes())
+    struct.pack_into("<f", buf, 112, 1.7e38)
+    path.write_bytes(bytes(buf))
+    if dtype == "int32":  # scaled into float64, which holds 1.7e38 * 2**31: nibabel's values
+        got = neurocube.open_nifti(path)["data"].values
+        np.testing.assert_allclose(got, np.asarray(nib.load(str(path)).get_fdata()), rtol=1e-12)
+        assert np.isfinite(got).all()
+        return
+    with pytest.raises(FormatError, match=r"scaled\.nii: scl_slope .* expected values that fit"):
+        neurocube.open_nifti(path)
