@@ -333,6 +333,7 @@ def read_header(
         slope = inter = None
     if slope is not None and inter is None:
         inter = 0.0
+    _check_scaled_range(spath, dtype, slope, inter)
     info = NiftiInfo(
         path=spath,
         version=version,
@@ -408,6 +409,31 @@ def _check_header_fields(path: str, head: bytes, version: int) -> None:
         raise FormatError(
             f"{path}: vox_offset (where the voxel data starts) is {vox_offset}; expected a byte "
             f"offset of at least {first}, just past the NIfTI-{version} header. {damaged}"
+        )
+
+
+def _check_scaled_range(
+    path: str, stored: np.dtype, slope: float | None, inter: float | None
+) -> None:
+    """Refuse scaling that takes an integer type's range beyond the output dtype.
+
+    Found by a byte-by-byte header scan: one flipped exponent bit makes an int16 file's
+    ``scl_slope`` of 0.5 into 1.7e38; scaled in float32 the voxels became ``inf`` where
+    nibabel (float64) reads finite numbers. No real image is scaled like that. Float voxels
+    are not checked: their range is only known from the data.
+    """
+    if slope is None or stored.kind not in "iu":
+        return
+    out = _output_dtype(stored, slope, inter)
+    limits = np.iinfo(stored)
+    reach = abs(slope) * max(abs(int(limits.min)), int(limits.max)) + abs(inter or 0.0)
+    top = float(np.finfo(out).max)
+    if not reach <= top:
+        raise FormatError(
+            f"{path}: scl_slope {slope:g} and scl_inter {inter:g} scale {stored.name} voxels "
+            f"(range {limits.min}..{limits.max}) up to {reach:g}; expected values that fit "
+            f"{out.name} (at most {top:g}). The header is damaged: re-download or re-write the "
+            "file."
         )
 
 
