@@ -175,6 +175,22 @@ def test_each_bad_header_field_is_a_format_error_naming_the_file(
         neurocube.open_nifti(path)
 
 
+def test_a_qform_quaternion_beyond_unit_length_is_a_format_error(original, tmp_path):
+    """Found by the slow bucket fuzz: two swapped header blocks left quatern_b/c/d with
+    b^2 + c^2 + d^2 > 1, and nibabel's affine raised a raw ValueError ("w2 should be
+    positive") from open_nifti."""
+    data, _ = original
+    buf = bytearray(data)
+    struct.pack_into("<hh", buf, 252, 1, 0)  # qform_code 1, sform_code 0: the qform is used
+    struct.pack_into("<fff", buf, 256, 0.9, 0.9, 0.9)  # quatern_b, c, d
+    path = tmp_path / "quaternion.nii"
+    path.write_bytes(bytes(buf))
+    with pytest.raises(ValueError):
+        nib.load(str(path)).header.get_best_affine()  # nibabel refuses it too
+    with pytest.raises(FormatError, match=r"quaternion\.nii: the header's orientation cannot"):
+        neurocube.open_nifti(path)
+
+
 def test_nan_scl_slope_means_no_scaling_as_in_nibabel(tmp_path):
     values = analytic_values(SHAPE).astype(np.float32)
     path = write_nifti(tmp_path / "s.nii", values)

@@ -203,5 +203,5 @@ def test_a_footer_whose_row_count_or_page_offset_moved_is_refused(tmp_path):
     other = group.column(names.index("embedding_0000"))
     moved = _footer_value_replaced(tmp_path, b"\x26", own.data_page_offset,
                                    other.data_page_offset)
-    with pytest.raises(FormatError, match="first data page is at byte|, inside the chunk"):
+    with pytest.raises(FormatError, match=r"first data page is at byte|, inside the chunk"):
         _read(moved, columns)

@@ -334,6 +334,16 @@ def read_header(
     if slope is not None and inter is None:
         inter = 0.0
     _check_scaled_range(spath, dtype, slope, inter)
+    try:
+        affine = np.asarray(hdr.get_best_affine(), dtype=np.float64)
+    except ValueError as exc:  # nibabel: a qform quaternion whose b, c, d exceed unit length
+        raise FormatError(
+            f"{spath}: the header's orientation cannot be computed: {exc} (qform_code "
+            f"{hdr['qform_code'].item()}, quatern_b/c/d {hdr['quatern_b'].item()}, "
+            f"{hdr['quatern_c'].item()}, {hdr['quatern_d'].item()}); expected a rotation "
+            "quaternion with b^2 + c^2 + d^2 <= 1. The header is damaged: re-download or "
+            "re-write the file."
+        ) from exc
     info = NiftiInfo(
         path=spath,
         version=version,
@@ -342,7 +352,7 @@ def read_header(
         vox_offset=int(hdr.get_data_offset()),
         slope=None if slope is None else float(slope),
         inter=None if inter is None else float(inter),
-        affine=np.asarray(hdr.get_best_affine(), dtype=np.float64),
+        affine=affine,
         compressed=compressed,
         size=meta.size,
         file_version=meta.mtime_ns if storage.is_local(spath) else meta.etag,
