@@ -35,7 +35,9 @@ from neurocube.errors import FormatError, SelectionError
 from neurocube.sources.hdf5 import (
     TraceStackSpec,
     Version,
+    check_attribute_types,
     check_declared_size,
+    check_storage,
     is_hdf5,
     member,
     open_hdf5,
@@ -357,6 +359,7 @@ def read_raw_attrs(obj: Any, path: str | None = None) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     oid = obj.id
+    check_attribute_types(obj, path if path is not None else _file_name(obj))
     try:
         count = h5py.h5a.get_num_attrs(oid)
         for index in range(count):
@@ -513,6 +516,7 @@ def _scan_file(
             )
         origin_attrs: dict[str, dict[str, Any]] = {}
         traces: list[TraceEntry] = []
+        stored: dict[str, Any] = {}
         for origin, group in groups:
             origin_attrs[origin] = read_raw_attrs(h5[origin], local)
             for name in sorted(group.keys(), key=trace_sort_key):
@@ -523,6 +527,7 @@ def _scan_file(
                         "found a group."
                     )
                 check_declared_size(dset, local, f"/{origin}/{_TRACES}/{name}")
+                stored[f"/{origin}/{_TRACES}/{name}"] = dset
                 traces.append(
                     TraceEntry(
                         origin=origin,
@@ -532,6 +537,7 @@ def _scan_file(
                         attrs=read_raw_attrs(dset, local),
                     )
                 )
+        check_storage(h5, stored, local)
     return TraceCatalog(
         local, key[1], key[2], [o for o, _ in groups], origin_attrs, traces, storage_options
     )
