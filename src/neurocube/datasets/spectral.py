@@ -248,7 +248,13 @@ def open_spectral(
             value = decode_hdf5_attr(h5.attrs[attr_name])
             if value is not None:
                 attrs[str(attr_name)] = value
-        check_storage(h5, {spec.dataset: h5[spec.dataset] for spec, _ in specs.values()}, local)
+        if not specs:
+            raise FormatError(
+                f"{local}: expected a spectral cache with at least one array; found "
+                f"{sorted(names) or 'no members'} (its group index may be damaged). Re-create it."
+            )
+        stored = {spec.dataset: h5[spec.dataset] for spec, _ in specs.values()}
+        check_storage(h5, stored, local, complete=True)
     _check_sizes(specs, local)
     data_vars = {
         name: xr.Variable(dims, hdf5_dask_array(spec, chunks.get(name)))

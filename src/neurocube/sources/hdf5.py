@@ -1634,19 +1634,34 @@ def _header_address(obj: Any) -> int | None:
         return None
 
 
-def _stored_ranges(dset: h5py.Dataset, path: str, name: str) -> list[tuple[int, int, str]]:
-    """Return the byte ranges that hold ``dset``'s data; refuse an inconsistent chunk index."""
+def _unwritten(path: str, name: str, shape: tuple[int, ...], what: str) -> FormatError:
+    return FormatError(
+        f"{path}: dataset {name!r} of shape {shape} has {what}; this format's writer writes "
+        "every value, so its chunk index or layout message is damaged. Restore or re-create "
+        "the file."
+    )
+
+
+def _stored_ranges(
+    dset: h5py.Dataset, path: str, name: str, complete: bool = False
+) -> list[tuple[int, int, str]]:
+    """Return the byte ranges that hold ``dset``'s data; refuse an inconsistent chunk index.
+
+    ``complete``: the format's writer writes every chunk, so a missing one is damage.
+    """
     dcpl = dset.id.get_create_plist()
     layout = dcpl.get_layout()
+    shape = tuple(int(n) for n in dset.shape or ())
     if layout == h5py.h5d.CONTIGUOUS:
         offset = dset.id.get_offset()
         if offset is None:  # never written: reads as fill values
+            if complete and int(np.prod(shape, dtype=object)) > 0:
+                raise _unwritten(path, name, shape, "no data stored")
             return []
         return [(int(offset), int(offset) + int(dset.id.get_storage_size()), name)]
     if layout != h5py.h5d.CHUNKED or not dset.chunks:
         return []
     chunks = tuple(int(n) for n in dset.chunks)
-    shape = tuple(int(n) for n in dset.shape)
     chunk_bytes = int(np.prod(chunks, dtype=np.int64)) * int(np.dtype(dset.dtype).itemsize)
     filters = [int(dcpl.get_filter(i)[0]) for i in range(dcpl.get_nfilters())]
     found: list[Any] = []
@@ -1656,9 +1671,9 @@ def _stored_ranges(dset: h5py.Dataset, path: str, name: str) -> list[tuple[int, 
         where = tuple(int(n) for n in info.chunk_offset)
         problem = None
         if len(where) != len(chunks) or any(
-            o % c or o >= max(n, 1) for o, c, n in zip(where, chunks, shape, strict=False)
+            o % c or o >= n for o, c, n in zip(where, chunks, shape, strict=False)
         ):
-            problem = f"a chunk at {where}, not on the {chunks} grid of shape {shape}"
+            problem = f"a chunk at {where}, outside shape {shape} or off its {chunks} grid"
         elif not filters and int(info.size) != chunk_bytes:
             problem = (
                 f"an unfiltered chunk at {where} of {info.size} bytes, expected {chunk_bytes} "
@@ -1670,6 +1685,12 @@ def _stored_ranges(dset: h5py.Dataset, path: str, name: str) -> list[tuple[int, 
                 "layout or filter messages are damaged. Restore or re-create the file."
             )
         ranges.append((int(info.byte_offset), int(info.byte_offset) + int(info.size), name))
+    if complete:
+        grid = int(np.prod([-(-n // c) for n, c in zip(shape, chunks, strict=False)], dtype=object))
+        if len(found) != grid:
+            raise _unwritten(
+                path, name, shape, f"{len(found)} stored chunks of {chunks}, expected {grid}"
+            )
     if found and filters == [h5py.h5z.FILTER_DEFLATE] and chunk_bytes <= DIRECT_BATCH_BYTES:
         # The chunk shape itself is not checksummed: one chunk inflating to another size
         # shows a damaged shape (HDF5 would place the bytes on the wrong grid).
@@ -1688,7 +1709,9 @@ def _stored_ranges(dset: h5py.Dataset, path: str, name: str) -> list[tuple[int, 
     return ranges
 
 
-def check_storage(h5: h5py.File, datasets: Mapping[str, h5py.Dataset], path: str) -> None:
+def check_storage(
+    h5: h5py.File, datasets: Mapping[str, h5py.Dataset], path: str, *, complete: bool = False
+) -> None:
     """Check that the data of ``datasets`` lies where an intact file would keep it.
 
     A file without checksums cannot show that a data address or chunk index entry was
@@ -1697,7 +1720,10 @@ def check_storage(h5: h5py.File, datasets: Mapping[str, h5py.Dataset], path: str
     superblock, inside the file, apart from every other dataset's bytes, and must not hold
     the start of any object header of the file's root, of the datasets or of their groups.
     Chunks must sit on the chunk grid; unfiltered chunks must be exactly one chunk long, and
-    the first deflated chunk must inflate to one chunk. About a microsecond per chunk.
+    the first deflated chunk must inflate to one chunk. With ``complete`` (formats whose writer
+    writes every value), every chunk of the grid must be stored and a contiguous dataset must
+    have its data: an emptied chunk index would read as fill values. About a microsecond per
+    chunk.
 
     Raises
     ------
@@ -1727,7 +1753,7 @@ def check_storage(h5: h5py.File, datasets: Mapping[str, h5py.Dataset], path: str
                     continue
                 seen.add(addr)
                 headers.setdefault(addr, name)
-            ranges.extend(_stored_ranges(dset, path, name))
+            ranges.extend(_stored_ranges(dset, path, name, complete))
     except NeurocubeError:
         raise
     except (RuntimeError, OSError, ValueError, KeyError, TypeError) as exc:

@@ -8,6 +8,7 @@ object headers, and one message byte is changed where the scan found it.
 
 from __future__ import annotations
 
+import re
 import struct
 import subprocess
 import sys
@@ -146,17 +147,23 @@ def test_a_lost_filter_message_is_refused_not_read_as_raw_floats(tmp_path):
 
 
 def test_a_shrunk_chunk_shape_is_refused_not_filled_with_zeros(tmp_path):
-    path = tmp_path / "chunks.h5"
-    _spectral(path)
+    path = tmp_path / "chunks.hdf5"
+    with h5py.File(path, "w") as h5:
+        traces = h5.create_group("rec1.xdf").create_group("traces")
+        traces.create_dataset("0", data=np.arange(400.0), chunks=(200,), compression="gzip")
 
     def edit(raw):
-        at = _only(raw, struct.pack("<III", 12, 5, 8))  # eigenvectors' chunk shape, 8 B items
-        raw[at] = 4  # (12, 5) -> (4, 5): rows 4.. would read as the fill value
+        # layout message v3, chunked, rank 1 + 1, the index address, then chunk dims 200, 8 B
+        found = list(re.finditer(rb"\x03\x02\x02.{8}\xc8\x00\x00\x00\x08\x00\x00\x00",
+                                 bytes(raw), re.DOTALL))  # fmt: skip
+        assert len(found) == 1
+        raw[found[0].start() + 11] = 100  # (200,) -> (100,): HDF5 would fill half with zeros
 
     _edit(path, edit)
-    with pytest.raises(FormatError, match=r"chunks\.h5: a chunk of dataset '/eigenvectors' "
-                                          r"inflates to 480 bytes, expected 160"):  # fmt: skip
-        neurocube.open_spectral(path)
+    with pytest.raises(FormatError, match=r"chunks\.hdf5: a chunk of dataset "
+                                          r"'/rec1.xdf/traces/0' inflates to 1600 bytes, "
+                                          r"expected 800"):  # fmt: skip
+        neurocube.open_traces(path, use_cache=False)
 
 
 def _move_data(path, dataset, to):
@@ -205,3 +212,56 @@ def test_undamaged_files_pass_the_checks(tmp_path):
     ds = neurocube.open_spectral(spectral)
     with h5py.File(spectral, "r") as h5:
         np.testing.assert_array_equal(ds.eigenvectors.values, h5["eigenvectors"][()])
+
+
+def _tree_entries(raw, after):
+    """Offset of the 'entries used' field of the first v1 B-tree node at or after ``after``."""
+    return raw.index(b"TREE", after) + 6  # signature, node type, level, then entries used
+
+
+def test_an_emptied_chunk_index_in_a_spectral_cache_is_refused_not_read_as_zeros(tmp_path):
+    path = tmp_path / "nochunks.h5"
+    _spectral(path)
+    with h5py.File(path, "r") as h5:
+        first_chunk = h5["eigenvalues"].id.get_chunk_info(0).byte_offset
+
+    def edit(raw):
+        at = _tree_entries(raw, raw.rindex(b"TREE", 0, first_chunk))  # eigenvalues' index
+        assert raw[at : at + 2] == b"\x01\x00"
+        raw[at] = 0  # one chunk -> none: HDF5 reads the fill value (zeros)
+
+    _edit(path, edit)
+    expected = r"nochunks\.h5: dataset '/eigenvalues' of shape \(5,\) has 0 stored chunks"
+    with pytest.raises(FormatError, match=expected):
+        neurocube.open_spectral(path)
+
+
+def test_a_shape_zeroed_under_stored_chunks_is_refused(tmp_path):
+    path = tmp_path / "shape.h5"
+    _spectral(path)
+
+    def edit(raw):
+        # eigenvectors' dataspace (version 1, rank 2, max dims): sizes 12 and 5 follow
+        at = _only(raw, struct.pack("<QQQQ", 12, 5, 12, 5))
+        raw[at] = 0  # 12 vertices -> 0: h5py reads an empty array
+
+    _edit(path, edit)
+    with pytest.raises(FormatError, match=r"shape\.h5: the chunk index of dataset "
+                                          r"'/eigenvectors' lists a chunk at \(0, 0\), outside "
+                                          r"shape \(0, 5\)"):  # fmt: skip
+        neurocube.open_spectral(path)
+
+
+def test_a_spectral_cache_whose_group_index_lost_its_entries_is_refused(tmp_path):
+    path = tmp_path / "emptied.h5"
+    _spectral(path)
+
+    def edit(raw):
+        at = _tree_entries(raw, 0)  # the root group's B-tree comes first
+        assert raw[at : at + 2] == b"\x01\x00"
+        raw[at] = 0  # the root group now lists no members (its version stamp is an attribute)
+
+    _edit(path, edit)
+    with pytest.raises(FormatError, match=r"emptied\.h5: expected a spectral cache with at "
+                                          r"least one array; found no members"):  # fmt: skip
+        neurocube.open_spectral(path)
