@@ -36,6 +36,7 @@ from neurocube.sources.hdf5 import (
     pooled_file,
     stat_key,
     structure_errors,
+    unique_names,
 )
 
 __all__ = [
@@ -179,7 +180,7 @@ def open_spectral(
     storage.remember_options(local, options)
     chunks = dict(chunks or {})
     with pooled_file(*key, options, heap_checked=True) as h5, structure_errors(local):
-        names = set(h5.keys())
+        names = set(unique_names(h5, local))
         unknown_groups = sorted(
             name
             for name in names

@@ -101,6 +101,7 @@ __all__ = [
     "release_file",
     "stat_key",
     "trace_stack_dask_array",
+    "unique_names",
     "check_attribute_types",
     "check_declared_size",
     "check_storage",
@@ -1784,6 +1785,22 @@ def check_storage(
             )
         if previous is None or stop > previous[1]:
             previous = (start, stop, name)
+
+
+def unique_names(group: h5py.Group, path: str) -> list[str]:
+    """Return the member names of ``group`` in HDF5 order, refusing a name listed twice.
+
+    A group's index lists each name once; a damaged name in its name heap can repeat another
+    (trace "0" read as "1"), and HDF5 then returns the first member for both.
+    """
+    names = [str(name) for name in group.keys()]
+    if len(set(names)) != len(names):
+        twice = sorted({name for name in names if names.count(name) > 1})
+        raise FormatError(
+            f"{path}: group {group.name!r} lists the member name(s) {twice} more than once; "
+            "its name heap is damaged. Restore or re-create the file."
+        )
+    return names
 
 
 def member(group: h5py.Group, name: str, path: str) -> Any:

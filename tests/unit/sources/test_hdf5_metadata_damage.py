@@ -265,3 +265,32 @@ def test_a_spectral_cache_whose_group_index_lost_its_entries_is_refused(tmp_path
     with pytest.raises(FormatError, match=r"emptied\.h5: expected a spectral cache with at "
                                           r"least one array; found no members"):  # fmt: skip
         neurocube.open_spectral(path)
+
+
+def test_a_trace_name_repeated_by_a_damaged_name_heap_is_refused(tmp_path):
+    """Name "0" read as "1": HDF5 returned trace 1's values for both."""
+    path = tmp_path / "names.hdf5"
+    _traces(path)
+
+    def edit(raw):
+        heap = raw.index(b"HEAP", raw.index(b"traces"))  # the traces group's name heap
+        at = raw.index(b"0\x00", heap + 32)  # its first name after the heap header
+        raw[at] = ord("1")
+
+    _edit(path, edit)
+    with pytest.raises(FormatError, match=r"names\.hdf5: group '/rec1.xdf/traces' lists the "
+                                          r"member name\(s\) \['1'\] more than once"):  # fmt: skip
+        neurocube.open_traces(path, use_cache=False)
+
+
+def test_a_trace_whose_float_type_reads_as_integers_is_refused(tmp_path):
+    path = tmp_path / "kinds.hdf5"
+    _traces(path)
+
+    def edit(raw):
+        raw[raw.index(F64_TYPE)] = 0x10  # trace 0: class float -> integer (uint64)
+
+    _edit(path, edit)
+    expected = r"kinds\.hdf5: expected the traces of one cache to share a kind of number; found "
+    with pytest.raises(FormatError, match=expected + r"float64, uint64"):
+        neurocube.open_traces(path, use_cache=False)
