@@ -25,7 +25,9 @@ from neurocube import storage
 from neurocube.errors import FormatError, IncompleteFileError, NeurocubeWarning
 from neurocube.sources.hdf5 import (
     HDF5DatasetSpec,
+    check_attribute_types,
     check_declared_size,
+    check_storage,
     hdf5_dask_array,
     is_hdf5,
     location,
@@ -34,6 +36,7 @@ from neurocube.sources.hdf5 import (
     pooled_file,
     stat_key,
     structure_errors,
+    unique_names,
 )
 
 __all__ = [
@@ -52,6 +55,15 @@ SPECTRAL_DIMS: dict[str, tuple[str, ...]] = {
     "eigenvectors": ("vertex", "mode"),
     "vertices": ("vertex", "xyz"),
     "faces": ("face", "corner"),
+}
+
+#: The numpy kinds each known dataset may have (the writer stores floats and int64 faces);
+#: another kind means the datatype message is damaged (HDF5 would convert the bytes).
+SPECTRAL_KINDS: dict[str, str] = {
+    "eigenvalues": "f",
+    "eigenvectors": "f",
+    "vertices": "f",
+    "faces": "iu",
 }
 
 #: The root attribute the original writer sets last; a file without it is incomplete.
@@ -168,7 +180,7 @@ def open_spectral(
     storage.remember_options(local, options)
     chunks = dict(chunks or {})
     with pooled_file(*key, options, heap_checked=True) as h5, structure_errors(local):
-        names = set(h5.keys())
+        names = set(unique_names(h5, local))
         unknown_groups = sorted(
             name
             for name in names
@@ -197,6 +209,13 @@ def open_spectral(
         for name, dims in SPECTRAL_DIMS.items():
             if name in names:
                 dset = _dataset(h5, name, local)
+                if np.dtype(dset.dtype).kind not in SPECTRAL_KINDS[name]:
+                    expected = "floats" if SPECTRAL_KINDS[name] == "f" else "integers"
+                    raise FormatError(
+                        f"{local}: expected {name!r} to hold {expected}, found "
+                        f"{np.dtype(dset.dtype)}; its datatype is damaged or the file is not a "
+                        "spectral cache. Re-create it."
+                    )
                 spec = HDF5DatasetSpec.from_dataset(dset, key, options)
                 specs[name] = (spec, _dims_for(dims, dset.ndim))
         descriptor_names: list[str] = []
@@ -225,10 +244,18 @@ def open_spectral(
                 dims = tuple(f"{name}_dim{i}" for i in range(obj.ndim))
                 specs[name] = (HDF5DatasetSpec.from_dataset(obj, key, options), dims)
         attrs: dict[str, Any] = {}
+        check_attribute_types(h5, local)
         for attr_name in h5.attrs:
             value = decode_hdf5_attr(h5.attrs[attr_name])
             if value is not None:
                 attrs[str(attr_name)] = value
+        if not specs:
+            raise FormatError(
+                f"{local}: expected a spectral cache with at least one array; found "
+                f"{sorted(names) or 'no members'} (its group index may be damaged). Re-create it."
+            )
+        stored = {spec.dataset: h5[spec.dataset] for spec, _ in specs.values()}
+        check_storage(h5, stored, local, complete=True)
     _check_sizes(specs, local)
     data_vars = {
         name: xr.Variable(dims, hdf5_dask_array(spec, chunks.get(name)))

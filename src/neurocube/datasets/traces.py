@@ -35,7 +35,9 @@ from neurocube.errors import FormatError, SelectionError
 from neurocube.sources.hdf5 import (
     TraceStackSpec,
     Version,
+    check_attribute_types,
     check_declared_size,
+    check_storage,
     is_hdf5,
     member,
     open_hdf5,
@@ -43,6 +45,7 @@ from neurocube.sources.hdf5 import (
     stat_key,
     structure_errors,
     trace_stack_dask_array,
+    unique_names,
 )
 
 __all__ = [
@@ -357,6 +360,7 @@ def read_raw_attrs(obj: Any, path: str | None = None) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     oid = obj.id
+    check_attribute_types(obj, path if path is not None else _file_name(obj))
     try:
         count = h5py.h5a.get_num_attrs(oid)
         for index in range(count):
@@ -400,7 +404,7 @@ def origin_groups(h5: Any, path: str) -> list[tuple[str, Any]]:
     import h5py
 
     groups = []
-    for origin in h5.keys():  # HDF5 name order, as the original library iterates
+    for origin in unique_names(h5, path):  # HDF5 name order, as the original library iterates
         group = member(h5, origin, path)
         if not isinstance(group, h5py.Group) or _TRACES not in group:
             raise FormatError(
@@ -513,9 +517,10 @@ def _scan_file(
             )
         origin_attrs: dict[str, dict[str, Any]] = {}
         traces: list[TraceEntry] = []
+        stored: dict[str, Any] = {}
         for origin, group in groups:
             origin_attrs[origin] = read_raw_attrs(h5[origin], local)
-            for name in sorted(group.keys(), key=trace_sort_key):
+            for name in sorted(unique_names(group, local), key=trace_sort_key):
                 dset = member(group, name, local)
                 if not isinstance(dset, h5py.Dataset):
                     raise FormatError(
@@ -523,6 +528,7 @@ def _scan_file(
                         "found a group."
                     )
                 check_declared_size(dset, local, f"/{origin}/{_TRACES}/{name}")
+                stored[f"/{origin}/{_TRACES}/{name}"] = dset
                 traces.append(
                     TraceEntry(
                         origin=origin,
@@ -532,6 +538,7 @@ def _scan_file(
                         attrs=read_raw_attrs(dset, local),
                     )
                 )
+        check_storage(h5, stored, local)
     return TraceCatalog(
         local, key[1], key[2], [o for o, _ in groups], origin_attrs, traces, storage_options
     )
@@ -727,6 +734,15 @@ def dataset_from_catalog(
         raise FormatError(
             f"{local}: traces differ in length ({min(lengths)} to {max(lengths)} samples); "
             "pass ragged='pad' to pad them with NaN."
+        )
+    kinds = {"f" if np.dtype(t.dtype).kind in "fc" else np.dtype(t.dtype).kind for t in traces}
+    if len(kinds) > 1:
+        raise FormatError(
+            f"{local}: expected the traces of one cache to share a kind of number; found "
+            f"{', '.join(sorted({np.dtype(t.dtype).name for t in traces}))} (e.g. "
+            f"{_example(traces, lambda t: np.dtype(t.dtype).kind not in 'fc')}). A trace's "
+            "datatype message is damaged or the cache was assembled from mismatched files. "
+            "Re-create it."
         )
     dtype = np.result_type(*{np.dtype(t.dtype) for t in traces})
     if not equal and not np.issubdtype(dtype, np.inexact):
