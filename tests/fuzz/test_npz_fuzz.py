@@ -174,3 +174,20 @@ def test_a_zeroed_member_count_in_the_end_record_is_refused(tmp_path, field_at):
     damaged.write_bytes(bytes(data))
     with pytest.raises(FormatError, match="end record is inconsistent"):
         read_npz_directory(damaged)
+
+
+def test_an_archive_with_a_zip64_end_record_reads_as_numpy_reads_it(tmp_path, monkeypatch):
+    """Python's zipfile adds a ZIP64 end record (before the classic one, whose values still
+    fit) past 65535 members or 4 GiB; the end-record check must look for it first. A member
+    limit of 1 makes zipfile write one for a two-array archive."""
+    import zipfile
+
+    arrays = {"a": np.arange(5.0), "b": np.arange(3)}
+    path = tmp_path / "zip64.npz"
+    monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 1)
+    np.savez(path, **arrays)
+    monkeypatch.undo()
+    assert b"PK\x06\x06" in path.read_bytes()  # the ZIP64 end record is there
+    members = read_npz_directory(path)
+    for name, values in arrays.items():
+        np.testing.assert_array_equal(read_member(members[name]), values)

@@ -267,10 +267,17 @@ def _find_end_of_directory(reader: _Reader) -> tuple[int, int, int]:
     )
     eocd_offset = tail_start + pos
     directory_end = eocd_offset  # the central directory ends where the end record begins
-    if n_entries == 0xFFFF or cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF:
-        locator = reader.read_at(eocd_offset - 20, 20)
-        if len(locator) < 20 or locator[:4] != _ZIP64_LOCATOR_SIG:
-            raise _truncated(reader.path, "ZIP64 locator missing")
+    saturated = n_entries == 0xFFFF or cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF
+    # A ZIP64 end record may stand before the end record even when its values fit (Python's
+    # zipfile writes one past 65535 members or 4 GiB): its values count, as zipfile reads them.
+    if pos >= 20:  # the locator's 20 bytes came with the tail
+        locator = tail[pos - 20 : pos]
+    else:
+        locator = reader.read_at(eocd_offset - 20, 20) if eocd_offset >= 20 else b""
+    has_zip64 = len(locator) == 20 and locator[:4] == _ZIP64_LOCATOR_SIG
+    if saturated and not has_zip64:
+        raise _truncated(reader.path, "ZIP64 locator missing")
+    if has_zip64:
         (_, _, z64_offset, _) = struct.unpack("<4sIQI", locator)
         record = reader.read_at(z64_offset, 56)
         if len(record) < 56 or record[:4] != _ZIP64_EOCD_SIG:
