@@ -13,7 +13,9 @@ RSS is its own), one epoch of masked trials:
   LRU's window), as a ``DataLoader(ds, sampler=ds.sampler(...))`` would;
 - (d) ``isel_loop``: ``ds.isel(trial=i).values`` per trial, in a random order, on a
   subset of trials and **extrapolated** to the epoch (the report says how many);
-- (e) ``nibabel_loop``: nibabel, one volume at a time through ``dataobj`` + the mask.
+- (e) ``nibabel_loop``: nibabel, one volume at a time through ``dataobj`` + the mask;
+- ``map_random_zarr`` and ``isel_loop_zarr``: (c) and (d) over the Zarr cache, for information
+  (there a per-item ``isel`` decompresses its trial's whole chunk).
 
 Targets: (a) >= 0.8 x load; (b) >= 3 x (a); (c) >= 10 x (d). Writes
 ``benchmarks/results/batches.json``.
@@ -52,7 +54,7 @@ def worker(name: str, path: str, mask_path: str, cache: str, subset: int) -> dic
     ds = neurocube.open_nifti(path, mask=mask, cache_dir=cache).rename(data="betas")
     n = ds.sizes["trial"]
     zarr_store = str(Path(cache) / "zarr")
-    if name == "batches_zarr":
+    if name.endswith("_zarr"):
         ds = neurocube.open_cached("bench-batches", store=zarr_store)
     base = rss_now()
     trials = n
@@ -66,11 +68,11 @@ def worker(name: str, path: str, mask_path: str, cache: str, subset: int) -> dic
     elif name in ("batches_gz", "batches_zarr"):
         for batch in neurocube.batches(ds, batch_size=64, seed=0):
             checksum += float(np.nansum(batch["betas"][:, 0]))
-    elif name == "map_random":
+    elif name in ("map_random", "map_random_zarr"):
         items = TrialDataset(ds, cache_chunks=4)
         for i in items.sampler(seed=0):
             checksum += float(np.nansum(items[i]["betas"][0]))
-    elif name == "isel_loop":
+    elif name in ("isel_loop", "isel_loop_zarr"):
         order = np.random.default_rng(0).permutation(n)[:subset]
         trials = len(order)
         with dask.config.set(scheduler="threads"):
@@ -131,7 +133,8 @@ def main() -> int:
     run_worker(__file__, "load", betas, mask_path, cache, subset)  # builds the gzip index
     run_worker(__file__, "make_zarr", betas, mask_path, cache, subset)
 
-    methods = ["load", "batches_gz", "batches_zarr", "map_random", "isel_loop", "nibabel_loop"]
+    methods = ["load", "batches_gz", "batches_zarr", "map_random", "isel_loop", "nibabel_loop",
+               "map_random_zarr", "isel_loop_zarr"]
     repeats = args.repeats or (1 if args.quick else 3)
     # Rounds over all methods (not one method's repeats in a row), so a noisy spell on the shared
     # machine hits every method alike; each method's median run is reported.
@@ -180,6 +183,10 @@ def main() -> int:
         # map-style dataset over the .nii.gz cannot beat load (it inflates the same bytes)
         "c_ceiling_load_vs_isel_loop": tps["load"] / tps["isel_loop"],
         "c_map_random_vs_load": tps["map_random"] / tps["load"],
+        # (c) with both sides over the Zarr cache: there a per-item isel decompresses its whole
+        # chunk, which is what the dataset's chunk LRU saves (over the .nii.gz the gzip index
+        # lets the loop inflate only its one volume)
+        "c_zarr_map_random_vs_isel_loop": tps["map_random_zarr"] / tps["isel_loop_zarr"],
     }
     targets = {
         "a_batches_gz_vs_load": (">=", 0.8),

@@ -968,6 +968,8 @@ def open_sequential(
     remote = None if isinstance(source, str) else source
     reader = SequentialReader(handle, spec.path, start, remote, spec, volumes)
     reader.end = None if span is None else end
+    if end is not None:
+        reader.limit_to(end)  # a remote span moves its own compressed bytes, not more
     return reader
 
 

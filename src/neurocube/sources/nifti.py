@@ -62,11 +62,13 @@ RUN_MIN_SPLIT = 16 << 20  # a finished thread splits another's run only if this 
 READ_BLOCK = 8 << 20  # masked chunks read their volumes in pieces of at most this size
 #: a span of volumes at least this large is read by a forward pass of its own reader
 #: (rapidgzip, opened with the span's seek points only); shorter spans seek through
-#: indexed_gzip's pooled per-thread handles. Measured on 300 volumes of 2.5 MB in blocks of
-#: 13 (an epoch of neurocube.batches, CPU seconds): forward readers 4.0-4.6, indexed_gzip
-#: 3.3-3.4, neurocube.load (two long forward passes) 3.1-3.3: over one chunk, a new
-#: reader's start-up and read-ahead cost more than rapidgzip's faster inflate saves
-FORWARD_MIN_BYTES = 64 << 20
+#: indexed_gzip's pooled per-thread handles. Measured on 81x96x81 float32 volumes (2.5 MB)
+#: through the stored index, CPU per volume in one thread, spans in shuffled order (medians
+#: of 3-5 alternating rounds): spans of 13 volumes 4.9 ms forward against 6.0 ms through
+#: indexed_gzip (a long forward pass: 4.1 ms); of 5 volumes 6.5 against 7.7; of 3 volumes
+#: 7.6 against 8.0. A new reader costs ~10 ms (its seek points imported, inflation from the
+#: point before the span, read-ahead past its end); indexed_gzip inflates with zlib
+FORWARD_MIN_BYTES = 8 << 20
 # (through a gzip index: gzindex.INDEXED_READ_BLOCK, since each read call there restarts
 # inflation from a seek point)
 
@@ -824,10 +826,11 @@ class VolumeArray:
         Volumes are read in sub-blocks into this thread's reusable buffer (fresh
         pages cost page faults on every call) and the masked voxels are gathered
         straight into ``out``. Rows map to volumes through :attr:`volumes`;
-        each run of consecutive volumes is read on its own.
+        each run of consecutive volumes is read on its own, by a forward reader
+        of its own when it is long enough (:meth:`read_forward_into`).
         """
         for row, first, n in self._volume_runs(lo, hi):
-            self._read_volume_span(out[row - lo : row - lo + n], first, first + n)
+            self.read_forward_into(out[row - lo : row - lo + n], first, n)
 
     def _read_volume_span(self, out: np.ndarray, lo: int, hi: int) -> None:
         """Fill ``out`` with the masked voxels of the file's volumes ``[lo, hi)``.
