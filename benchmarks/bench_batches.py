@@ -54,7 +54,7 @@ def worker(name: str, path: str, mask_path: str, cache: str, subset: int) -> dic
     ds = neurocube.open_nifti(path, mask=mask, cache_dir=cache).rename(data="betas")
     n = ds.sizes["trial"]
     zarr_store = str(Path(cache) / "zarr")
-    if name.endswith("_zarr"):
+    if name in ("batches_zarr", "map_random_zarr", "isel_loop_zarr"):
         ds = neurocube.open_cached("bench-batches", store=zarr_store)
     base = rss_now()
     trials = n
