@@ -25,16 +25,18 @@ from neurocube import storage
 from neurocube.errors import FormatError, IncompleteFileError, NeurocubeWarning
 from neurocube.sources.hdf5 import (
     HDF5DatasetSpec,
-    check_attribute_types,
-    check_declared_size,
-    check_storage,
     hdf5_dask_array,
     is_hdf5,
     location,
-    member,
     open_hdf5,
     pooled_file,
     stat_key,
+)
+from neurocube.sources.hdf5_checks import (
+    check_attribute_types,
+    check_declared_size,
+    check_storage,
+    member,
     structure_errors,
     unique_names,
 )

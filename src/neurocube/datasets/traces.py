@@ -35,16 +35,18 @@ from neurocube.errors import FormatError, SelectionError
 from neurocube.sources.hdf5 import (
     TraceStackSpec,
     Version,
-    check_attribute_types,
-    check_declared_size,
-    check_storage,
     is_hdf5,
-    member,
     open_hdf5,
     pooled_file,
     stat_key,
-    structure_errors,
     trace_stack_dask_array,
+)
+from neurocube.sources.hdf5_checks import (
+    check_attribute_types,
+    check_declared_size,
+    check_storage,
+    member,
+    structure_errors,
     unique_names,
 )
 
