@@ -23,15 +23,7 @@ import xarray as xr
 
 from neurocube import storage
 from neurocube.errors import FormatError, IncompleteFileError, NeurocubeWarning
-from neurocube.sources.hdf5 import (
-    HDF5DatasetSpec,
-    hdf5_dask_array,
-    is_hdf5,
-    location,
-    open_hdf5,
-    pooled_file,
-    stat_key,
-)
+from neurocube.sources.hdf5 import HDF5DatasetSpec, hdf5_dask_array
 from neurocube.sources.hdf5_checks import (
     check_attribute_types,
     check_declared_size,
@@ -40,6 +32,7 @@ from neurocube.sources.hdf5_checks import (
     structure_errors,
     unique_names,
 )
+from neurocube.sources.hdf5_handles import is_hdf5, location, open_hdf5, pooled_file, stat_key
 
 __all__ = [
     "SPECTRAL_DIMS",
