@@ -148,7 +148,7 @@ def case_spectral(tool: str, what: str, path: str) -> float:
     }[what]
     if tool == "neurocube":
         import neurocube
-        from neurocube.sources.hdf5 import HDF5_POOL
+        from neurocube.sources.hdf5_handles import HDF5_POOL
 
         HDF5_POOL.clear()
         ds = neurocube.open_spectral(path)
@@ -166,7 +166,7 @@ def case_traces(tool: str, path: str, n_original: int) -> float:
 
     if tool in ("neurocube", "neurocube_cached"):
         import neurocube
-        from neurocube.sources.hdf5 import HDF5_POOL
+        from neurocube.sources.hdf5_handles import HDF5_POOL
 
         HDF5_POOL.clear()
         # cold: every HDF5 attribute read and decoded; cached: the catalog JSON that the

@@ -45,7 +45,7 @@ from neurocube.datasets.traces import (
 )
 from neurocube.errors import AttributeMismatchError, FormatError, SourceChangedError
 from neurocube.io._atomic import atomic_path
-from neurocube.sources.hdf5 import open_hdf5, pooled_file, stat_key
+from neurocube.sources.hdf5_handles import open_hdf5, pooled_file, stat_key
 
 __all__ = [
     "CONSISTENT_ORIGIN_KEYS",

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import neurocube
 from neurocube.datasets.traces import trace_sort_key
-from neurocube.sources.hdf5 import release_file
+from neurocube.sources.hdf5_handles import release_file
 from tests.fuzz.damage import assert_oracle_or_neurocube_error, damages, fuzz_settings
 
 DATA = Path(__file__).parents[1] / "data"

@@ -23,21 +23,16 @@ import xarray as xr
 
 from neurocube import storage
 from neurocube.errors import FormatError, IncompleteFileError, NeurocubeWarning
-from neurocube.sources.hdf5 import (
-    HDF5DatasetSpec,
+from neurocube.sources.hdf5 import HDF5DatasetSpec, hdf5_dask_array
+from neurocube.sources.hdf5_checks import (
     check_attribute_types,
     check_declared_size,
     check_storage,
-    hdf5_dask_array,
-    is_hdf5,
-    location,
     member,
-    open_hdf5,
-    pooled_file,
-    stat_key,
     structure_errors,
     unique_names,
 )
+from neurocube.sources.hdf5_handles import is_hdf5, location, open_hdf5, pooled_file, stat_key
 
 __all__ = [
     "SPECTRAL_DIMS",

@@ -32,21 +32,16 @@ import yaml
 
 from neurocube import storage
 from neurocube.errors import FormatError, SelectionError
-from neurocube.sources.hdf5 import (
-    TraceStackSpec,
-    Version,
+from neurocube.sources.hdf5 import TraceStackSpec, trace_stack_dask_array
+from neurocube.sources.hdf5_checks import (
     check_attribute_types,
     check_declared_size,
     check_storage,
-    is_hdf5,
     member,
-    open_hdf5,
-    pooled_file,
-    stat_key,
     structure_errors,
-    trace_stack_dask_array,
     unique_names,
 )
+from neurocube.sources.hdf5_handles import Version, is_hdf5, open_hdf5, pooled_file, stat_key
 
 __all__ = [
     "RESERVED_COORDS",

@@ -22,14 +22,8 @@ import numpy as np
 
 from neurocube import storage
 from neurocube.errors import FormatError
-from neurocube.sources.hdf5 import (
-    HDF5DatasetSpec,
-    hdf5_dask_array,
-    pooled_file,
-    read_rows,
-    read_selection,
-    stat_key,
-)
+from neurocube.sources.hdf5 import HDF5DatasetSpec, hdf5_dask_array, read_rows, read_selection
+from neurocube.sources.hdf5_handles import pooled_file, stat_key
 
 __all__ = [
     "TrialImages",

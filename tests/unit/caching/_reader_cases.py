@@ -34,7 +34,7 @@ class ReaderCase:
 
 
 def _close_hdf5_handles() -> None:
-    from neurocube.sources.hdf5 import HDF5_POOL
+    from neurocube.sources.hdf5_handles import HDF5_POOL
 
     HDF5_POOL.clear()
 

@@ -14,6 +14,7 @@ import neurocube
 from neurocube import storage
 from neurocube.errors import AccessDeniedError, DataChangedError, DataNotFoundError, FormatError
 from neurocube.sources import hdf5 as h5src
+from neurocube.sources import hdf5_handles as h5handles
 from tests.fixtures.remote import SECRET
 from tests.unit.datasets.test_spectral import FULL, write_cache
 from tests.unit.datasets.test_traces import DATA as TRACE_DATA
@@ -23,10 +24,10 @@ from tests.unit.datasets.test_traces import write_traces
 @pytest.fixture(autouse=True)
 def _fresh_pool():
     """Every test opens its files itself (no handle or block left by another test)."""
-    h5src.HDF5_POOL.clear()
+    h5handles.HDF5_POOL.clear()
     storage.SHARED_BLOCKS.clear()
     yield
-    h5src.HDF5_POOL.clear()
+    h5handles.HDF5_POOL.clear()
 
 
 def assert_same_dataset(remote: xr.Dataset, local: xr.Dataset, url: str | list[str]) -> None:
@@ -152,10 +153,10 @@ def test_specs_pickle_with_their_options_and_read_in_a_fresh_pool(s3, tmp_path):
     assert SECRET not in repr(spec) and SECRET not in ds.eigenvectors.data.name
     again = pickle.loads(pickle.dumps(spec))
     assert again == spec and again.storage_options.as_dict() == s3.storage_options
-    h5src.HDF5_POOL.clear()  # as a worker process would: no handle, options from the spec
+    h5handles.HDF5_POOL.clear()  # as a worker process would: no handle, options from the spec
     storage.SHARED_BLOCKS.clear()
     np.testing.assert_array_equal(h5src.read_selection(again, (slice(0, 100), 3)), values[:100, 3])
-    assert len(h5src.HDF5_POOL) == 1
+    assert len(h5handles.HDF5_POOL) == 1
     assert key is None or key[0] == ds.eigenvectors.data.name
 
 
@@ -166,7 +167,7 @@ def test_a_changed_object_is_an_error_not_new_values(s3, tmp_path):
     ds = neurocube.open_spectral(url, storage_options=s3.storage_options)
     write_cache(path, n_vertices=50, seed=7)
     s3.put(path, "c/sub-01_lh_spectral.h5")  # a new version: another ETag
-    h5src.HDF5_POOL.clear()  # as in a worker process that has not opened nor checked it yet
+    h5handles.HDF5_POOL.clear()  # as in a worker process that has not opened nor checked it yet
     storage.SHARED_BLOCKS.clear()
     storage._CHECKED.clear()
     with pytest.raises(DataChangedError, match="changed since it was opened"):
@@ -226,7 +227,7 @@ def test_generated_traces_from_s3_and_http(s3, http_files, tmp_path):
 
 
 def _pool_size() -> int:
-    from neurocube.sources.hdf5 import HDF5_POOL
+    from neurocube.sources.hdf5_handles import HDF5_POOL
 
     return len(HDF5_POOL)
 

@@ -13,6 +13,7 @@ import neurocube
 from neurocube.datasets.spectral import guess_spectral, spectral_entities
 from neurocube.errors import DataNotFoundError, FormatError, IncompleteFileError, NeurocubeWarning
 from neurocube.sources import hdf5 as h5src
+from neurocube.sources import hdf5_handles as h5handles
 from neurocube.storage import IO_STATS
 
 DATA = Path(__file__).parents[2] / "data" / "spectralbrain"
@@ -120,7 +121,7 @@ def test_tiny_target_gives_hdf5_chunks(tmp_path):
     path = tmp_path / "c.h5"
     with h5py.File(path, "w") as h5:
         h5.create_dataset("eigenvectors", data=np.zeros((100, 10)), chunks=(10, 5))
-    key = h5src.stat_key(path)
+    key = h5handles.stat_key(path)
     with h5py.File(path, "r") as h5:
         spec = h5src.HDF5DatasetSpec.from_dataset(h5["eigenvectors"], key)
     arr = h5src.hdf5_dask_array(spec, target_bytes=1)

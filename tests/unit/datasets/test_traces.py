@@ -26,6 +26,7 @@ from neurocube.errors import (
     SourceChangedError,
 )
 from neurocube.sources import hdf5 as h5src
+from neurocube.sources import hdf5_handles as h5handles
 from neurocube.storage import IO_STATS
 
 DATA = Path(__file__).parents[2] / "data" / "offspect"
@@ -664,9 +665,9 @@ def test_release_file_lets_an_in_place_writer_in(editable):
 
     assert edit_elsewhere().startswith("refused: ")
     assert "unable to lock file" in edit_elsewhere()
-    assert h5src.release_file(editable) is True
+    assert h5handles.release_file(editable) is True
     assert edit_elsewhere() == "written"
-    assert h5src.release_file(editable) is False  # nothing pooled any more
+    assert h5handles.release_file(editable) is False  # nothing pooled any more
     with pytest.raises(SourceChangedError, match="changed since it was opened"):
         ds.data.values  # noqa: B018  (the old Dataset names a version that is gone)
     again = neurocube.open_traces(editable)
@@ -721,7 +722,7 @@ def _rename_after_stat(monkeypatch, path, times):
 def test_get_attrs_reads_again_once_when_a_rename_lands_between_stat_and_open(
     editable, monkeypatch
 ):
-    h5src.release_file(editable)
+    h5handles.release_file(editable)
     calls = _rename_after_stat(monkeypatch, editable, times=1)
     attrs = nct.get_attrs(editable, 0)
     assert calls["n"] == 1
@@ -730,7 +731,7 @@ def test_get_attrs_reads_again_once_when_a_rename_lands_between_stat_and_open(
 
 
 def test_get_attrs_raises_when_the_file_is_replaced_at_every_attempt(editable, monkeypatch):
-    h5src.release_file(editable)
+    h5handles.release_file(editable)
     calls = _rename_after_stat(monkeypatch, editable, times=5)
     with pytest.raises(SourceChangedError, match=r"cf0\.hdf5: changed since it was opened"):
         nct.get_attrs(editable, 0)

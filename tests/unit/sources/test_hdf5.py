@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import neurocube
 from neurocube.errors import DataNotFoundError, FormatError, SourceChangedError
 from neurocube.sources import hdf5 as h5src
+from neurocube.sources import hdf5_handles as h5handles
 from neurocube.storage import IO_STATS
 from tests.unit.datasets.test_traces import write_traces
 
@@ -33,37 +34,37 @@ def matrix_file(tmp_path_factory):
 
 
 def spec_of(path, name="m"):
-    key = h5src.stat_key(path)
+    key = h5handles.stat_key(path)
     with h5py.File(path, "r") as h5:
         return h5src.HDF5DatasetSpec.from_dataset(h5[name], key)
 
 
 def test_is_hdf5(tmp_path, matrix_file):
-    assert h5src.is_hdf5(matrix_file)
+    assert h5handles.is_hdf5(matrix_file)
     text = tmp_path / "t.h5"
     text.write_bytes(b"hello" * 200)
-    assert not h5src.is_hdf5(text)
-    assert not h5src.is_hdf5(tmp_path / "missing.h5")
+    assert not h5handles.is_hdf5(text)
+    assert not h5handles.is_hdf5(tmp_path / "missing.h5")
     with_userblock = tmp_path / "ub.h5"
     with h5py.File(with_userblock, "w", userblock_size=512) as h5:
         h5["x"] = np.arange(3)
-    assert h5src.is_hdf5(with_userblock)
+    assert h5handles.is_hdf5(with_userblock)
 
 
 def test_open_errors(tmp_path):
     with pytest.raises(DataNotFoundError, match=r"missing\.h5: no such file"):
-        h5src.open_hdf5(tmp_path / "missing.h5")
+        h5handles.open_hdf5(tmp_path / "missing.h5")
     text = tmp_path / "t.h5"
     text.write_text("not hdf5")
     with pytest.raises(FormatError, match=r"t\.h5: expected an HDF5 file"):
-        h5src.open_hdf5(text)
+        h5handles.open_hdf5(text)
     with pytest.raises(DataNotFoundError, match="is a folder, expected an HDF5 file"):
-        h5src.open_hdf5(tmp_path)
+        h5handles.open_hdf5(tmp_path)
 
 
 def test_open_counts_and_uses_swmr(matrix_file):
     before = IO_STATS.snapshot()[0]
-    with h5src.open_hdf5(matrix_file) as h5:
+    with h5handles.open_hdf5(matrix_file) as h5:
         assert h5.swmr_mode
     assert IO_STATS.snapshot()[0] == before + 1
 
@@ -129,7 +130,7 @@ def test_proxy_and_graph_pickle_without_handles(matrix_file):
     spec = spec_of(matrix_file)
     proxy = pickle.loads(pickle.dumps(h5src.HDF5ArrayProxy(spec)))
     np.testing.assert_array_equal(proxy[3:5, 1], VALUES[3:5, 1])
-    assert len(h5src.HDF5_POOL) >= 1  # the read opened a pooled handle ...
+    assert len(h5handles.HDF5_POOL) >= 1  # the read opened a pooled handle ...
     arr = h5src.hdf5_dask_array(spec)
     graph = dict(arr.__dask_graph__())
     assert b"h5py._hl.files" not in pickle.dumps(graph)  # ... which never enters a graph
@@ -142,7 +143,7 @@ def test_changed_file_is_reported(tmp_path):
     arr = h5src.hdf5_dask_array(spec_of(path))
     with h5py.File(path, "w") as h5:  # rewritten with another shape
         h5["m"] = np.zeros((12, 4))
-    h5src.HDF5_POOL.clear()
+    h5handles.HDF5_POOL.clear()
     with pytest.raises(SourceChangedError, match=r"c\.h5: changed since it was opened"):
         arr.compute()
 
@@ -151,7 +152,7 @@ def test_changed_file_is_reported(tmp_path):
 
 
 def _pool_size() -> int:
-    from neurocube.sources.hdf5 import HDF5_POOL
+    from neurocube.sources.hdf5_handles import HDF5_POOL
 
     return len(HDF5_POOL)
 
@@ -176,7 +177,7 @@ def test_both_readers_on_a_cluster(client, tmp_path):
         h5.attrs["spectralbrain_version"] = "0.1.0"
     traces = tmp_path / "traces.hdf5"
     write_traces(traces, n_per_origin=(30, 21), channels=2)
-    h5src.HDF5_POOL.clear()
+    h5handles.HDF5_POOL.clear()
 
     ds = neurocube.open_spectral(spectral, chunks={"eigenvectors": (64, 16)})
     assert ds.eigenvectors.data.npartitions > 4

@@ -159,7 +159,7 @@ def test_a_file_replaced_after_opening_is_refused_at_read_time(tmp_path):
     path = tmp_path / "moving.hdf5"
     _traces(path)
     ds = neurocube.open_traces(path, use_cache=False)
-    from neurocube.sources.hdf5 import release_file
+    from neurocube.sources.hdf5_handles import release_file
 
     release_file(path)  # as in a fresh worker process: no handle on the old version
     _traces(tmp_path / "new.hdf5", length=100)
@@ -186,21 +186,21 @@ def test_swmr_reads_retry_a_bad_checksum_a_bounded_number_of_times(tmp_path):
     file for ever; neurocube's SWMR opens ask for a bounded number of tries."""
     import ctypes
 
-    from neurocube.sources import hdf5 as h5src
+    from neurocube.sources import hdf5_handles as h5handles
 
     path = tmp_path / "latest.h5"
     with h5py.File(path, "w", libver="latest") as h5:
         h5["a"] = np.arange(5)
-    lib = h5src._hdf5_library()
+    lib = h5handles._hdf5_library()
     if lib is None:
         pytest.skip("the HDF5 C library is not reachable here (not Linux)")
-    with h5src.open_hdf5(path) as h5:
+    with h5handles.open_hdf5(path) as h5:
         assert h5.swmr_mode
         attempts = ctypes.c_uint(0)
         fapl = h5.id.get_access_plist()
         status = lib.H5Pget_metadata_read_attempts(ctypes.c_int64(fapl.id), ctypes.byref(attempts))
         assert status >= 0
-        assert attempts.value == h5src.SWMR_METADATA_READ_ATTEMPTS
+        assert attempts.value == h5handles.SWMR_METADATA_READ_ATTEMPTS
         np.testing.assert_array_equal(h5["a"][()], np.arange(5))
 
 
@@ -338,11 +338,11 @@ def test_open_spectral_refuses_a_damaged_global_heap_too(tmp_path):
 
 
 def test_gc_pauses_are_counted_and_restore_the_collector():
-    """Remote h5py reads keep the collector off (see hdf5.gc_paused); it comes back after."""
+    """Remote h5py reads keep the collector off (hdf5_handles.gc_paused); it comes back after."""
     import gc
     import threading
 
-    from neurocube.sources.hdf5 import gc_paused
+    from neurocube.sources.hdf5_handles import gc_paused
 
     assert gc.isenabled()
     inside = threading.Event()
