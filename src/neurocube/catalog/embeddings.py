@@ -389,6 +389,44 @@ def _sidecar_problem(path: str, cache: dict[str, Any], need: str) -> Exception |
     return None
 
 
+def _alnum(text: Any) -> str:
+    """``text`` lowercased with everything but letters and digits dropped (as a BIDS label)."""
+    return re.sub(r"[^0-9a-z]", "", str(text).lower())
+
+
+def _name_contradicts(
+    path: str, metadata: Mapping[str, Any], key: str, wanted: str
+) -> Exception | None:
+    """Return an error when the file name names ``wanted`` for ``key`` and the sidecar does not.
+
+    The writer names an artifact ``desc-<model><Cond><Pool>``. A filter on ``key``
+    (``model_key`` or ``condition``) goes by the sidecar, which carries no checksum:
+    a damaged value there would leave the artifact out without a word. So an
+    artifact whose sidecar value differs from ``wanted`` while its ``desc`` spells
+    ``wanted`` (and not the sidecar's value) at that place is reported. A file
+    whose name and sidecar agree, or whose name follows another scheme, is not.
+    """
+    desc = _alnum(parse_entities(storage.basename(path)).get("desc", ""))
+    found = metadata.get(key)
+    if not desc or found is None:
+        return None
+    if key == "condition":  # it follows the model key in desc
+        model = _alnum(metadata.get("model_key", ""))
+        if not model or not desc.startswith(model):
+            return None
+        desc = desc[len(model):]
+    want, have = _alnum(wanted), _alnum(found)
+    if not want or not desc.startswith(want) or desc.startswith(have):
+        return None
+    return FormatError(
+        f"{sidecar_location(path)}: the sidecar's {key} is {found!r}, but the file name "
+        f"({storage.basename(path)}) names {wanted!r}: one of them is wrong (a damaged "
+        f"sidecar, or a renamed file), and a filter on {key} would silently leave the "
+        f"artifact out. Correct the sidecar's {key!r} (or the file name); on_error='skip' "
+        "leaves the artifact out, listed in the result's attrs."
+    )
+
+
 def _skip(skipped: list[dict[str, str]], path: str, exc: BaseException) -> None:
     skipped.append({"path": str(path), "error": str(exc)})
     warnings.warn(f"skipped {path}: {exc}", NeurocubeWarning, stacklevel=4)
@@ -471,6 +509,8 @@ def _discover(
         kept = []
         for p in candidates:
             problem = _sidecar_problem(str(p), sidecars, "model_key")
+            if problem is None:
+                problem = _name_contradicts(str(p), sidecars[str(p)] or {}, "model_key", model_key)
             if problem is not None:
                 if on_error == "raise":
                     raise problem
@@ -785,12 +825,18 @@ def _select(
             opts = as_options(storage_options)
     if condition is not None:
         _read_sidecars(paths, sidecars, storage_options=opts)
-        paths = [
-            p
-            for p in paths
-            if sidecars[str(p)] is None  # reported by the scan below
-            or str(sidecars[str(p)].get("condition")) == condition  # type: ignore[union-attr]
-        ]
+        chosen = []
+        for p in paths:
+            metadata = sidecars[str(p)]
+            if metadata is None or str(metadata.get("condition")) == condition:
+                chosen.append(p)  # (an unreadable sidecar is reported by the scan below)
+                continue
+            problem = _name_contradicts(str(p), metadata, "condition", condition)
+            if problem is not None:
+                if on_error == "raise":
+                    raise problem
+                _skip(skipped, str(p), problem)
+        paths = chosen
     if on_error == "raise":
         return scan_artifacts(paths, sidecars=sidecars, storage_options=opts, listing=listing)
     kept: list[EmbeddingArtifact] = []

@@ -218,3 +218,61 @@ def test_native_token_contract_needs_token_source(tmp_path):
     dst.with_suffix(".json").write_text(json.dumps(sidecar))
     with pytest.raises(FormatError, match=r"_tokens\.json: token_source is missing"):
         scan_artifact(dst)
+
+
+def _set_sidecar(path: Path, **values) -> None:
+    sidecar = path.with_suffix(".json")
+    metadata = json.loads(sidecar.read_text())
+    metadata.update(values)
+    sidecar.write_text(json.dumps(metadata))
+
+
+def test_damaged_model_key_in_a_sidecar_is_reported_not_dropped(tmp_path):
+    recordings = make_tree(tmp_path, models=("cbramod",), conditions=("EO",), failed_record=False)
+    damaged = recordings[1].path
+    _set_sidecar(damaged, model_key="cbramoe")  # one byte changed: another model, per the sidecar
+    with pytest.raises(FormatError, match=r"model_key is 'cbramoe', but the file name .* names "
+                                          r"'cbramod'"):
+        discover_embedding_artifacts(tmp_path, model_key="cbramod")
+    with pytest.warns(NeurocubeWarning, match="cbramoe"):
+        found = discover_embedding_artifacts(tmp_path, model_key="cbramod", on_error="skip")
+    assert found == sorted(r.path for r in recordings if r.path != damaged)
+
+
+def test_damaged_condition_in_a_sidecar_is_reported_not_dropped(tmp_path):
+    recordings = make_tree(tmp_path, models=("cbramod",), failed_record=False)
+    damaged = next(r.path for r in recordings if "cbramodEC" in r.path.name)
+    _set_sidecar(damaged, condition="EO")
+    with pytest.raises(FormatError, match=r"condition is 'EO', but the file name .* names 'EC'"):
+        catalog_embeddings(tmp_path, model_key="cbramod", condition="EC")
+    import neurocube
+
+    with pytest.warns(NeurocubeWarning, match="names 'EC'"):
+        ds = neurocube.open_embeddings(tmp_path, model_key="cbramod", condition="EC",
+                                       on_error="skip")
+    assert ds.attrs["skipped"] == [str(damaged)]
+    assert ds.sizes["recording"] == sum("cbramodEC" in r.path.name for r in recordings) - 1
+    # the damaged one spells EC in its name: it is not reported under the other condition
+    assert len(catalog_embeddings(tmp_path, model_key="cbramod", condition="EO")) == sum(
+        "cbramodEO" in r.path.name for r in recordings
+    ) + 1
+
+
+def test_names_and_sidecars_that_agree_are_filtered_quietly(tmp_path):
+    recordings = make_tree(tmp_path, models=("cbramod",), conditions=("EO",), failed_record=False)
+    # a model whose key starts with another's: its files spell both, its sidecar the longer one
+    other = recordings[0].path
+    renamed = other.with_name(other.name.replace("desc-cbramod", "desc-cbramodv2"))
+    other.rename(renamed)
+    other.with_suffix(".json").rename(renamed.with_suffix(".json"))
+    _set_sidecar(renamed, model_key="cbramodV2")
+    # a file named by another scheme keeps its sidecar's word
+    plain = recordings[1].path
+    named = plain.with_name(plain.name.replace("desc-cbramodEOMean", "desc-pooled"))
+    plain.rename(named)
+    plain.with_suffix(".json").rename(named.with_suffix(".json"))
+    _set_sidecar(named, model_key="labram")
+    (tmp_path / "run_manifest.json").unlink()
+    found = discover_embedding_artifacts(tmp_path, model_key="cbramod")
+    assert sorted(found) == sorted(r.path for r in recordings[2:])
+    assert discover_embedding_artifacts(tmp_path, model_key="cbramodv2") == [renamed]
