@@ -274,28 +274,42 @@ def read_remote_footer(
 def read_local_footer(fh: Any, path: str) -> pq.FileMetaData:
     """Read the footer of the open local parquet file ``fh``, checked before pyarrow parses it.
 
+    The file must start and end with the parquet magic. The tail is read once:
+    pyarrow parses the footer from those bytes.
+
     Raises
     ------
     FormatError
-        If the footer is unreadable, or disagrees with itself in a way that would abort
-        pyarrow (see :mod:`neurocube.sources.parquet_footer`).
+        If the file does not start with the magic, the footer is unreadable, or it
+        disagrees with itself in a way that would abort pyarrow (see
+        :mod:`neurocube.sources.parquet_footer`).
     """
     import struct
 
+    fh.seek(0)
+    head = fh.read(4)
+    if head != PARQUET_MAGIC:
+        raise FormatError(
+            f"{path}: not a parquet file (starts with {head!r}, expected b'PAR1'). Check the "
+            "path (and the index that names it), or rewrite the file."
+        )
     size = fh.seek(0, os.SEEK_END)
     start = max(0, size - FOOTER_PROBE)
     fh.seek(start)
     tail = fh.read()
+    source: Any = fh
     if len(tail) >= 8 and tail[-4:] == PARQUET_MAGIC:  # else pyarrow says what is wrong
         need = struct.unpack("<I", tail[-8:-4])[0] + 8
         if need > len(tail) and need <= size:
-            fh.seek(size - need)
+            start = size - need
+            fh.seek(start)
             tail = fh.read()
         footer = footer_bytes(tail, path)
         check_footer(footer, path, data_end=size - 8 - len(footer))
+        source = _TailFile(path, size, start, tail)  # the footer is all in the tail
     fh.seek(0)
     try:
-        return pq.read_metadata(fh)
+        return pq.read_metadata(source)
     except (pa.ArrowException, OSError) as exc:  # ArrowInvalid, ArrowNotImplementedError, ...
         raise FormatError(
             f"{path}: unreadable parquet footer ({exc}); the file may be truncated. Restore "
@@ -428,12 +442,6 @@ def _parse_info(
         meta = read_remote_footer(local, opts, size)
     else:
         with open_file(local, "rb") as fh:
-            head = fh.read(4)
-            if head != PARQUET_MAGIC:
-                raise FormatError(
-                    f"{local}: not a parquet file (starts with {head!r}, expected b'PAR1'). "
-                    "Check the path in the index, or re-run convert_tracks."
-                )
             meta = read_local_footer(fh, local)
         size, mtime_ns, ctime_ns = obj.size, obj.mtime_ns, obj.ctime_ns
         now = storage.info(local)
@@ -557,7 +565,7 @@ _FOOTERS = HandlePool(maxsize=256)
 _COUNT_LOCK = threading.Lock()
 
 
-def _footer(
+def cached_footer(
     spec_path: str,
     size: int,
     mtime_ns: int,
@@ -565,6 +573,12 @@ def _footer(
     storage_options: Mapping[str, Any] | None = None,
     ctime_ns: int = 0,
 ) -> pq.FileMetaData:
+    """Return the parsed footer of a parquet file, read once per process and file version.
+
+    The version is the size and ETag of an object, the size, mtime and ctime of a
+    local file (a rewrite that keeps the size and sets the mtime back still
+    changes the ctime).
+    """
     remote = is_url(spec_path)
 
     def load() -> _Footer:
@@ -650,7 +664,7 @@ def read_table(
     """
     if check:
         _check_unchanged(spec)
-    meta = _footer(spec.path, spec.size, spec.mtime_ns, spec.etag, spec.storage_options,
+    meta = cached_footer(spec.path, spec.size, spec.mtime_ns, spec.etag, spec.storage_options,
                    spec.ctime_ns)
     wanted = [c for c in columns]
     with open_row_groups(spec.path, spec.storage_options, spec.size, spec.etag, meta,

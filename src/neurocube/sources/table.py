@@ -6,15 +6,13 @@ columns. :func:`parquet_layout` reads the footer only; :func:`read_feature_rowgr
 is the chunk task: it reads the feature columns of one row group into a 2-D
 ``(rows, features)`` array. Tasks carry a :class:`ParquetRowGroup` spec (path,
 size, mtime, row group, columns), never a handle; each process keeps the parsed
-footers of the files it reads (keyed by path, size and mtime) so a task does not
-parse the footer again.
+footers of the files it reads (keyed by path and version, in
+:func:`neurocube.sources.parquet.cached_footer`) so a task does not parse the footer again.
 """
 
 from __future__ import annotations
 
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +21,8 @@ import numpy as np
 
 from neurocube import storage
 from neurocube.errors import FormatError
-from neurocube.storage import IO_STATS, StorageOptions, as_options, is_url, open_file
+from neurocube.sources.parquet import PARQUET_MAGIC, cached_footer
+from neurocube.storage import IO_STATS, StorageOptions, as_options, is_url
 
 __all__ = [
     "PARQUET_MAGIC",
@@ -33,10 +32,6 @@ __all__ = [
     "read_feature_rowgroup",
 ]
 
-PARQUET_MAGIC = b"PAR1"
-_FOOTERS: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
-_FOOTERS_LOCK = threading.Lock()
-_FOOTERS_MAX = 128
 
 
 @dataclass(frozen=True)
@@ -77,40 +72,11 @@ def _metadata(
     storage_options: Mapping[str, Any] | None = None,
     ctime_ns: int = 0,
 ) -> Any:
-    """Return the parsed footer of ``path`` (memoised per process and version).
+    """Return the parsed footer of ``path``, memoised per process and version.
 
-    A local file's version is its size, mtime and ctime (a rewrite that keeps the
-    size and sets the mtime back still changes the ctime).
+    The memo is :mod:`neurocube.sources.parquet`'s, shared with the tracks reader.
     """
-    from neurocube.sources.parquet import read_local_footer, read_remote_footer
-
-    remote = is_url(path)
-    key: tuple[Any, ...] = (path, size, etag) if remote else (path, size, mtime_ns, ctime_ns)
-    with _FOOTERS_LOCK:
-        cached = _FOOTERS.get(key)
-        if cached is not None:
-            _FOOTERS.move_to_end(key)
-            return cached
-    if remote:
-        metadata = read_remote_footer(path, storage_options, size)
-        with _FOOTERS_LOCK:
-            _FOOTERS[key] = metadata
-            while len(_FOOTERS) > _FOOTERS_MAX:
-                _FOOTERS.popitem(last=False)
-        return metadata
-    with open_file(path) as fh:
-        head = fh.read(4)
-        if head != PARQUET_MAGIC:
-            raise FormatError(
-                f"{path}: not a parquet file (expected magic 'PAR1', found {head!r})."
-            )
-        metadata = read_local_footer(fh, path)
-    IO_STATS.add_bytes(metadata.serialized_size + 12)
-    with _FOOTERS_LOCK:
-        _FOOTERS[key] = metadata
-        while len(_FOOTERS) > _FOOTERS_MAX:
-            _FOOTERS.popitem(last=False)
-    return metadata
+    return cached_footer(path, size, mtime_ns, etag, storage_options, ctime_ns)
 
 
 def parquet_layout(
