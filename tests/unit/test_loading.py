@@ -13,7 +13,7 @@ import xarray as xr
 
 import neurocube
 from neurocube.errors import SourceChangedError, TruncatedFileError
-from neurocube.sources import gzindex, nifti
+from neurocube.sources import gzindex, nifti, nifti_header
 from neurocube.storage import IO_STATS
 from tests.fixtures.nifti import analytic_values, write_nifti
 
@@ -73,7 +73,7 @@ def test_direct_load_of_indexed_gz_reads_one_forward_pass_per_thread(
     opens, nbytes = IO_STATS.snapshot()[:2]
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     assert got.dtype == ds.data.dtype
-    info = nifti.read_header(path)
+    info = nifti_header.read_header(path)
     assert opens == min(workers, 31)  # one reader per run of volumes, not one per chunk
     assert nbytes == 31 * info.volume_bytes  # every volume inflated once
 
@@ -109,7 +109,7 @@ def test_direct_load_values_do_not_depend_on_how_runs_are_split(
         np.testing.assert_allclose(nifti.direct_load(ds.data.data, num_workers=workers), expected)
         opens, nbytes = IO_STATS.snapshot()[:2]
         assert opens >= min(workers, 50)
-        assert nbytes == 50 * nifti.read_header(path).volume_bytes  # each volume read once
+        assert nbytes == 50 * nifti_header.read_header(path).volume_bytes  # each volume read once
 
 
 def test_direct_load_of_a_gz_cut_after_opening_fails_like_the_dask_path(nifti_factory, tmp_path):
