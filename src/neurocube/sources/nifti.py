@@ -9,20 +9,23 @@ dtype, offset, scaling), never an open file, so graphs run on Dask
 distributed workers, each opening files itself.
 
 The header is read and checked before this module sees it, by
-:mod:`neurocube.sources.nifti_header`.
+:mod:`neurocube.sources.nifti_header`. Which trial rows a graph over these
+arrays reads (for batches read without Dask) is found by
+:mod:`neurocube.sources.nifti_rows`, through :func:`probing`.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import re
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -356,7 +359,7 @@ class VolumeArray:
         if not isinstance(key, tuple):
             key = (key,)
         key = key + (slice(None),) * (self.ndim - len(key))
-        probe: _RowProbe | None = getattr(_THREAD_STATE, "probe", None)
+        probe: ReadProbe | None = getattr(_THREAD_STATE, "probe", None)
         if probe is not None:  # trial_rows() asks which rows a graph reads: nothing is read
             return probe.rows_of(self, key)
         self.spec.check_unchanged()  # one stat per chunk task: no values from a replaced file
@@ -645,6 +648,28 @@ class VolumeRuns:
 _THREAD_STATE = threading.local()
 
 
+class ReadProbe(Protocol):
+    """What answers every :class:`VolumeArray` read of a thread inside :func:`probing`."""
+
+    def rows_of(self, arr: VolumeArray, key: tuple[Any, ...]) -> np.ndarray:
+        """Return what stands in for ``arr[key]`` (no file is read)."""
+        ...
+
+
+@contextlib.contextmanager
+def probing(probe: ReadProbe) -> Iterator[None]:
+    """In this block, reads of :class:`VolumeArray` in this thread return ``probe.rows_of``.
+
+    For :func:`neurocube.sources.nifti_rows.trial_rows`, which runs a graph to
+    learn which rows it reads; the check of a first pass is skipped too.
+    """
+    _THREAD_STATE.probe = probe
+    try:
+        yield
+    finally:
+        _THREAD_STATE.probe = None
+
+
 def _verification_deferred() -> bool:
     """Return True inside :func:`_deferred_verification` (reads leave the check to it)."""
     return bool(getattr(_THREAD_STATE, "defer", False))
@@ -654,7 +679,7 @@ class _deferred_verification:
     """Reads in this block go through a first-pass stream without finishing it.
 
     Only the ordered graph of a first read uses this: its chunks are read in
-    file order, and its verification task (:func:`_verify_after`) finishes
+    file order, and its verification task (:func:`verify_after`) finishes
     the pass (CRC32 to the end of the stream) before any chunk is released.
     """
 
@@ -903,195 +928,6 @@ def _load_stacked(
             da.store(piece, rows, lock=False)
         lo += piece.shape[0]
     return out
-
-
-# --- trial rows read outside Dask (neurocube.batches) ---------------------------------------
-
-_ID_BASE = 1 << 32  # a probed row id is source * _ID_BASE + row (exact in float64)
-
-
-class _NotPlainRows(Exception):
-    """The graph reads something :func:`trial_rows` cannot map to trial rows."""
-
-
-class _RowProbe:
-    """Stands in for every :class:`VolumeArray` read while :func:`trial_rows` runs a graph.
-
-    A read returns, in place of values, the id of the source row behind each
-    output row (broadcast over the voxels, so it costs no memory).
-    """
-
-    def __init__(self) -> None:
-        self.sources: list[VolumeArray] = []
-        self._ids: dict[int, int] = {}
-
-    def rows_of(self, arr: VolumeArray, key: tuple[Any, ...]) -> np.ndarray:
-        if arr.voxels is None or len(key) != 2:
-            raise _NotPlainRows
-        index = self._ids.get(id(arr))
-        if index is None:
-            index = self._ids[id(arr)] = len(self.sources)
-            self.sources.append(arr)
-        ids = np.arange(arr.n_rows, dtype=np.float64) + float(index * _ID_BASE)
-        return np.broadcast_to(ids[:, None], arr.shape)[key]
-
-
-def _plain_funcs() -> dict[Any, str]:
-    """Task functions that only pick, order or join rows: ``{function: kind}``."""
-    import operator
-
-    from dask.array import _shuffle as shuffle
-    from dask.array import chunk, core
-
-    from neurocube.sources import pushdown
-
-    kinds: dict[Any, str] = {
-        core.getter: "read", core.getter_nofancy: "read", pushdown.read_selected: "read",
-        _read_after: "read", operator.getitem: "index", chunk.getitem: "index",
-        shuffle._getitem: "take", shuffle.concatenate_arrays: "shuffle-join",
-        core.concatenate3: "join", _verified: "pass", _chunk_done: "pass", _verify_after: "pass",
-    }
-    shaped = getattr(core, "concatenate_shaped", None)
-    if shaped is not None:
-        kinds[shaped] = "join"
-    return kinds
-
-
-def _full_voxels(key: Any, n_voxels: int) -> bool:
-    """Return True if ``key`` (an index) keeps every voxel of a ``(trial, voxel)`` block."""
-    if not isinstance(key, tuple):
-        return not isinstance(key, (tuple, type(None), type(Ellipsis)))
-    if len(key) < 2:
-        return len(key) == 1 and not isinstance(key[0], (type(None), type(Ellipsis)))
-    if len(key) > 2 or not isinstance(key[1], slice):
-        return False
-    return key[1].indices(n_voxels) == (0, n_voxels, 1)
-
-
-def _check_plain(node: Any, graph: dict[Any, Any], kinds: dict[Any, str], n_voxels: int) -> None:
-    """Raise :class:`_NotPlainRows` unless task ``node`` only picks whole rows of masked reads."""
-    from dask._task_spec import DataNode, NestedContainer, Task, TaskRef, _execute_subgraph
-
-    if not isinstance(node, Task):  # Alias, DataNode, TaskRef: no computation
-        return
-    args = [a.value if isinstance(a, DataNode) else a for a in node.args]
-    if isinstance(node, NestedContainer):
-        pass
-    elif node.func is _execute_subgraph:  # a fused chain: check its tasks
-        for inner in args[0].values():
-            _check_plain(inner, {**graph, **args[0]}, kinds, n_voxels)
-    else:
-        kind = kinds.get(node.func)
-        if kind is None or set(node.kwargs) - {"asarray", "lock"}:  # from_array's getter options
-            raise _NotPlainRows
-        if kind in ("read", "index") and not _full_voxels(args[1], n_voxels):
-            raise _NotPlainRows
-        if kind == "take":  # the index of a shuffle's take is a task of its own
-            taker = graph.get(args[1].key) if isinstance(args[1], TaskRef) else args[1]
-            taker = taker.value if isinstance(taker, DataNode) else taker
-            if not (isinstance(taker, tuple) and len(taker) == 2):
-                raise _NotPlainRows
-            if not _full_voxels(taker[1], n_voxels):
-                raise _NotPlainRows
-        if kind == "shuffle-join" and args[-1] != 0:
-            raise _NotPlainRows  # a shuffle's join along the voxels
-    for a in args:
-        if isinstance(a, Task):
-            _check_plain(a, graph, kinds, n_voxels)
-
-
-@dataclass
-class TrialRows:
-    """Where each row of a ``(trial, voxel)`` array lies in masked NIfTI files (:func:`trial_rows`).
-
-    Row ``i`` is row ``rows[i]`` of ``sources[which[i]]``; the array's values are
-    those rows' masked voxels, unchanged. Pickles small (specs and indices).
-    """
-
-    sources: list[VolumeArray]
-    which: np.ndarray
-    rows: np.ndarray
-    dtype: np.dtype
-    n_voxels: int
-
-    def read(self, lo: int, hi: int) -> np.ndarray:
-        """Return rows ``[lo, hi)`` in a new array, each run of consecutive volumes read at once."""
-        hi = min(hi, int(self.rows.size))
-        lo = min(lo, hi)
-        out = np.empty((hi - lo, self.n_voxels), dtype=self.dtype)
-        which = self.which[lo:hi]
-        volumes = np.empty(hi - lo, dtype=np.int64)
-        for s, arr in enumerate(self.sources):
-            picked = which == s
-            if picked.any():
-                rows = self.rows[lo:hi][picked]
-                volumes[picked] = rows if arr.volumes is None else arr.volumes[rows]
-        checked: set[int] = set()
-        breaks = np.flatnonzero((np.diff(which) != 0) | (np.diff(volumes) != 1)) + 1
-        starts = np.concatenate(([0], breaks)).tolist()
-        stops = np.concatenate((breaks, [hi - lo])).tolist()
-        for a, b in zip(starts, stops, strict=True):
-            if b <= a:
-                continue
-            arr = self.sources[int(which[a])]
-            if id(arr) not in checked:  # one stat per file and read: no values from a replaced file
-                arr.spec.check_unchanged()
-                checked.add(id(arr))
-            arr.read_forward_into(out[a:b], int(volumes[a]), b - a)
-        return out
-
-
-def trial_rows(data: Any) -> TrialRows | None:
-    """Map each row of a Dask ``(trial, voxel)`` array to a row of masked NIfTI volumes.
-
-    ``data`` qualifies when it is a masked :func:`open_nifti` array (all voxels of
-    its mask, no change of values or dtype) or rows of such arrays picked,
-    ordered, rechunked or joined along ``trial`` (``isel``/``sel`` of trials,
-    :func:`concatenate_trials`, a split), with one chunk along ``voxel``. Its
-    values can then be read row span by row span without Dask
-    (:meth:`TrialRows.read`). Returns None for anything else (a computed
-    array, a voxel selection, several voxel chunks, a ``.nii`` without mask).
-    The graph is run once with every volume read replaced by a probe that
-    returns row numbers: nothing is read.
-    """
-    import dask
-    from dask.array.core import concatenate3
-    from dask.local import get_sync
-
-    if not (hasattr(data, "__dask_graph__") and getattr(data, "ndim", 0) == 2):
-        return None
-    if data.shape[0] == 0 or data.shape[1] == 0 or data.numblocks[1] != 1:
-        return None
-    layers = getattr(data.__dask_graph__(), "layers", {})
-    if not any(str(name).startswith("nifti-masked-") for name in layers):
-        return None
-    n_voxels = int(data.shape[1])
-    kinds = _plain_funcs()
-    from neurocube.sources import pushdown
-
-    try:
-        with pushdown.chunk_tasks_kept():  # the reads as tasks of their own, to be probed
-            (optimized,) = dask.optimize(data)
-            (column,) = dask.optimize(data[:, :1])
-        graph = dict(optimized.__dask_graph__())
-        for node in graph.values():
-            _check_plain(node, graph, kinds, n_voxels)
-        probe = _RowProbe()
-        _THREAD_STATE.probe = probe
-        try:  # in this thread, so the probe stands in for the reads; no scheduler to look up
-            pieces = get_sync(dict(column.__dask_graph__()), column.__dask_keys__())
-        finally:
-            _THREAD_STATE.probe = None
-        ids = np.asarray(concatenate3(pieces))[:, 0]
-    except _NotPlainRows:
-        return None
-    if not probe.sources or any(
-        a.shape[1] != n_voxels or a.dtype != data.dtype for a in probe.sources
-    ):
-        return None
-    which = (ids // _ID_BASE).astype(np.int64)
-    rows = (ids - which * float(_ID_BASE)).astype(np.int64)
-    return TrialRows(probe.sources, which, rows, np.dtype(data.dtype), n_voxels)
 
 
 # --- chunking --------------------------------------------------------------------------------
@@ -1425,13 +1261,13 @@ def build_index(
     return spec.index_path
 
 
-def _read_after(arr: VolumeArray, key: tuple[slice, ...], _previous: Any) -> np.ndarray:
+def read_after(arr: VolumeArray, key: tuple[slice, ...], _previous: Any) -> np.ndarray:
     """Read ``arr[key]`` once the previous chunk of the same stream has been read (unverified)."""
     with _deferred_verification():
         return arr[key]
 
 
-def _verify_after(arr: VolumeArray, _last: Any) -> None:
+def verify_after(arr: VolumeArray, _last: Any) -> None:
     """Finish and check the first pass the chunks were read from (raises if it fails)."""
     if getattr(_THREAD_STATE, "probe", None) is not None:
         return  # trial_rows() only asks which rows the graph reads
@@ -1440,12 +1276,12 @@ def _verify_after(arr: VolumeArray, _last: Any) -> None:
         gzindex.ensure_verified(spec.gzip, data_end=spec.data_end, volumes=spec.volume_layout)
 
 
-def _verified(chunk: np.ndarray, _check: Any) -> np.ndarray:
+def verified(chunk: np.ndarray, _check: Any) -> np.ndarray:
     """Release ``chunk`` once the pass it was read from has been verified."""
     return chunk
 
 
-def _chunk_done(_chunk: Any) -> None:
+def chunk_done(_chunk: Any) -> None:
     """Mark that the chunk this task depends on has been read (returns nothing)."""
     return None
 
@@ -1485,13 +1321,13 @@ def _streaming_array(
         )
         block_index = tuple(idx if ax == trial_axis else 0 for ax in range(len(chunks)))
         raw_key = (f"unverified-{name}", *block_index)
-        graph[raw_key] = (_read_after, source_key, key_slices, previous)
+        graph[raw_key] = (read_after, source_key, key_slices, previous)
         chunk_key = (name, *block_index)
-        graph[chunk_key] = (_verified, raw_key, verify_key)
+        graph[chunk_key] = (verified, raw_key, verify_key)
         previous = (f"read-{name}", idx)
-        graph[previous] = (_chunk_done, raw_key)
+        graph[previous] = (chunk_done, raw_key)
         start += size
-    graph[verify_key] = (_verify_after, source_key, previous)
+    graph[verify_key] = (verify_after, source_key, previous)
     hlg = HighLevelGraph.from_collections(name, graph, dependencies=[])
     return da.Array(hlg, name, chunks=chunks, meta=meta)
 

@@ -216,7 +216,7 @@ def chunk_tasks_kept() -> Iterator[None]:
     """In this thread, optimize only pushes selections down: whole-array reads are not merged.
 
     For code that inspects or re-runs the graph's reads itself
-    (:func:`~neurocube.sources.nifti.trial_rows`).
+    (:func:`~neurocube.sources.nifti_rows.trial_rows`).
     """
     before = getattr(_STATE, "keep_chunk_tasks", False)
     _STATE.keep_chunk_tasks = True
