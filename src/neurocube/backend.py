@@ -265,7 +265,8 @@ def _readers() -> list[tuple[str, str, str, tuple[str, ...]]]:
     takes ``(path, storage_options)``.
     """
     return [
-        ("nifti", "neurocube.sources.nifti:sniff_nifti", "neurocube.backend:_open_nifti_lazy",
+        ("nifti", "neurocube.sources.nifti_header:sniff_nifti",
+         "neurocube.backend:_open_nifti_lazy",
          ("mask", "index", "chunks", "cache_dir", "storage_options", "index_store",
           "index_store_options")),
         ("spectral (HDF5)", "neurocube.datasets.spectral:guess_spectral",

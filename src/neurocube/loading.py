@@ -82,5 +82,8 @@ def _direct_loader() -> Any:
     """Return the NIfTI reader's in-place loader, if that reader is in use in this process."""
     import sys
 
-    module = sys.modules.get("neurocube.sources.nifti")
-    return None if module is None else module.direct_load
+    if "neurocube.sources.nifti" not in sys.modules:
+        return None
+    from neurocube.sources.nifti_load import direct_load
+
+    return direct_load

@@ -13,7 +13,7 @@ import xarray as xr
 
 import neurocube
 from neurocube.errors import SourceChangedError, TruncatedFileError
-from neurocube.sources import gzindex, nifti
+from neurocube.sources import gzindex, nifti, nifti_header, nifti_load
 from neurocube.storage import IO_STATS
 from tests.fixtures.nifti import analytic_values, write_nifti
 
@@ -29,8 +29,10 @@ def masked(nifti_factory):
 def test_load_matches_oracle_on_every_path(masked, tmp_path, monkeypatch):
     path, mask, expected = masked
     calls = []
-    original = nifti.direct_load
-    monkeypatch.setattr(nifti, "direct_load", lambda d, **k: calls.append(d.name) or original(d))
+    original = nifti_load.direct_load
+    monkeypatch.setattr(
+        nifti_load, "direct_load", lambda d, **k: calls.append(d.name) or original(d)
+    )
 
     first = neurocube.open_nifti(path, mask=mask, chunks=7, cache_dir=tmp_path)
     np.testing.assert_allclose(neurocube.load(first).data.values, expected)  # no index yet
@@ -49,10 +51,10 @@ def test_direct_load_only_takes_untransformed_arrays(masked, tmp_path):
     path, mask, expected = masked
     neurocube.open_nifti(path, mask=mask, cache_dir=tmp_path).compute()  # builds the index
     ds = neurocube.open_nifti(path, mask=mask, chunks=4, cache_dir=tmp_path)
-    np.testing.assert_allclose(nifti.direct_load(ds.data.data), expected)
-    assert nifti.direct_load(ds.data.data * 2) is None
-    assert nifti.direct_load(ds.data.data[:5]) is None
-    assert nifti.direct_load(da.ones(3)) is None
+    np.testing.assert_allclose(nifti_load.direct_load(ds.data.data), expected)
+    assert nifti_load.direct_load(ds.data.data * 2) is None
+    assert nifti_load.direct_load(ds.data.data[:5]) is None
+    assert nifti_load.direct_load(da.ones(3)) is None
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3, 31, 40])
@@ -69,11 +71,11 @@ def test_direct_load_of_indexed_gz_reads_one_forward_pass_per_thread(
     neurocube.open_nifti(path, mask=mask, cache_dir=tmp_path).compute()  # builds the index
     ds = neurocube.open_nifti(path, mask=mask, chunks=4, cache_dir=tmp_path)
     IO_STATS.reset()
-    got = nifti.direct_load(ds.data.data, num_workers=workers)
+    got = nifti_load.direct_load(ds.data.data, num_workers=workers)
     opens, nbytes = IO_STATS.snapshot()[:2]
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     assert got.dtype == ds.data.dtype
-    info = nifti.read_header(path)
+    info = nifti_header.read_header(path)
     assert opens == min(workers, 31)  # one reader per run of volumes, not one per chunk
     assert nbytes == 31 * info.volume_bytes  # every volume inflated once
 
@@ -101,15 +103,16 @@ def test_direct_load_values_do_not_depend_on_how_runs_are_split(
     mask[::2, 1:, 3:] = True
     expected = nib.load(str(path)).get_fdata()[mask].T
     neurocube.open_nifti(path, mask=mask, cache_dir=tmp_path).compute()  # builds the index
-    monkeypatch.setattr(nifti, "RUN_MIN_SPLIT", 1)  # split whenever 2 volumes are left
+    monkeypatch.setattr(nifti_load, "RUN_MIN_SPLIT", 1)  # split whenever 2 volumes are left
     monkeypatch.setattr(gzindex, "SEQUENTIAL_READ_BLOCK", 1)  # one volume per read call
     ds = neurocube.open_nifti(path, mask=mask, cache_dir=tmp_path)
     for workers in (1, 2, 4):
         IO_STATS.reset()
-        np.testing.assert_allclose(nifti.direct_load(ds.data.data, num_workers=workers), expected)
+        got = nifti_load.direct_load(ds.data.data, num_workers=workers)
+        np.testing.assert_allclose(got, expected)
         opens, nbytes = IO_STATS.snapshot()[:2]
         assert opens >= min(workers, 50)
-        assert nbytes == 50 * nifti.read_header(path).volume_bytes  # each volume read once
+        assert nbytes == 50 * nifti_header.read_header(path).volume_bytes  # each volume read once
 
 
 def test_direct_load_of_a_gz_cut_after_opening_fails_like_the_dask_path(nifti_factory, tmp_path):
@@ -122,7 +125,10 @@ def test_direct_load_of_a_gz_cut_after_opening_fails_like_the_dask_path(nifti_fa
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     # a file changed after it was opened is refused before any index or byte is used
-    for read in (lambda: nifti.direct_load(ds.data.data, num_workers=2), lambda: ds.data.values):
+    def direct():
+        return nifti_load.direct_load(ds.data.data, num_workers=2)
+
+    for read in (direct, lambda: ds.data.values):
         with pytest.raises(SourceChangedError, match=r"whole\.nii\.gz: changed since it was "
                            r"opened"):
             read()
@@ -146,7 +152,7 @@ def test_direct_load_of_a_gz_damaged_inside_names_the_damage(tmp_path):
     ds = neurocube.open_nifti(path, mask=mask, chunks=3, cache_dir=tmp_path)
     with pytest.raises(TruncatedFileError, match=r"hurt\.nii\.gz: the gzip stream is corrupt or "
                        r"truncated before uncompressed byte \d+.*Volume \d+ of 12 \(0-based\)"):
-        nifti.direct_load(ds.data.data, num_workers=2)
+        nifti_load.direct_load(ds.data.data, num_workers=2)
 
 
 def test_load_keeps_coords_attrs_and_other_variables():

@@ -826,7 +826,8 @@ class Subject:
         """
         import xarray as xr
 
-        from neurocube.sources.nifti import concatenate_trials, open_nifti
+        from neurocube.sources.nifti import open_nifti
+        from neurocube.sources.nifti_load import concatenate_trials
 
         sessions = self._sessions_arg(session)
         keep_kind = None if stimuli is None else _stimuli_filter(stimuli)

@@ -225,19 +225,20 @@ def _direct_rows(lazy: Mapping[str, Any]) -> dict[str, Any]:
 
     A masked ``open_nifti`` array, or trial rows of such arrays (a selection,
     a split, several sessions joined), with its values unchanged: each block
-    is then read by :meth:`neurocube.sources.nifti.TrialRows.read`, each run
+    is then read by :meth:`neurocube.sources.nifti_rows.TrialRows.read`, each run
     of consecutive volumes gathered straight into the block (the reads of
     :func:`neurocube.load`), with no Dask graph run per chunk. Anything else
     is read through its Dask graph.
     """
     import sys
 
-    nifti = sys.modules.get("neurocube.sources.nifti")  # loaded by whoever opened a NIfTI
-    if nifti is None:
+    if "neurocube.sources.nifti" not in sys.modules:  # loaded by whoever opened a NIfTI
         return {}
+    from neurocube.sources.nifti_rows import trial_rows
+
     found: dict[str, Any] = {}
     for name, array in lazy.items():
-        rows = nifti.trial_rows(array)
+        rows = trial_rows(array)
         if rows is not None:
             found[name] = rows
     return found

@@ -7,21 +7,27 @@ and (optionally) a voxel mask, and returns ``(x, y, z, trial)`` or
 ``(trial, voxel)``. Arrays hold a picklable :class:`NiftiSpec` (path, shape,
 dtype, offset, scaling), never an open file, so graphs run on Dask
 distributed workers, each opening files itself.
+
+The header is read and checked before this module sees it, by
+:mod:`neurocube.sources.nifti_header`. Which trial rows a graph over these
+arrays reads (for batches read without Dask) is found by
+:mod:`neurocube.sources.nifti_rows`, through :func:`probing`; masked arrays
+are loaded straight into their output by :mod:`neurocube.sources.nifti_load`,
+from the arrays :func:`open_nifti` registers (:func:`register_direct`).
 """
 
 from __future__ import annotations
 
 import collections
-import math
+import contextlib
 import os
 import re
-import struct
 import threading
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -34,6 +40,7 @@ from neurocube.errors import (
 )
 from neurocube.progress import watch_computes
 from neurocube.sources import gzindex
+from neurocube.sources.nifti_header import NiftiInfo, VolumeGeometry, read_header
 from neurocube.sources.voxels import check_mask_grid, mask_from_array, voxel_coords
 from neurocube.storage import IO_STATS, StorageOptions
 
@@ -42,23 +49,17 @@ watch_computes()
 
 __all__ = [
     "MaskedVolume",
-    "NiftiInfo",
     "NiftiParts",
     "build_parts",
-    "concatenate_trials",
     "NiftiSpec",
     "VolumeArray",
     "as_mask",
     "build_index",
     "open_nifti",
-    "read_header",
     "read_volume",
-    "sniff_nifti",
 ]
 
-GZIP_MAGIC = b"\x1f\x8b"
 DEFAULT_CHUNK_BYTES = 32 << 20  # "tens of MB" of voxel data per chunk
-RUN_MIN_SPLIT = 16 << 20  # a finished thread splits another's run only if this much is left
 READ_BLOCK = 8 << 20  # masked chunks read their volumes in pieces of at most this size
 #: a span of volumes at least this large is read by a forward pass of its own reader
 #: (rapidgzip, opened with the span's seek points only); shorter spans seek through
@@ -73,421 +74,7 @@ FORWARD_MIN_BYTES = 8 << 20
 # inflation from a seek point)
 
 
-# --- header -------------------------------------------------------------------------------
-
-
-class _VolumeGeometry:
-    """Sizes and offsets from a NIfTI's shape, dtype and scaling (header and spec share them)."""
-
-    shape: tuple[int, ...]
-    dtype: Any  # np.dtype or its string
-    vox_offset: int
-    slope: float | None
-    inter: float | None
-
-    @property
-    def grid_shape(self) -> tuple[int, int, int]:
-        """The spatial grid ``(X, Y, Z)``."""
-        return (self.shape[0], self.shape[1], self.shape[2])
-
-    @property
-    def n_volumes(self) -> int:
-        """Number of volumes (1 for a 3-D image)."""
-        return self.shape[3] if len(self.shape) == 4 else 1
-
-    @property
-    def volume_elems(self) -> int:
-        """Voxels in one volume (a Python int: a damaged header's product never overflows)."""
-        return math.prod(int(n) for n in self.grid_shape)
-
-    @property
-    def volume_bytes(self) -> int:
-        """Bytes of one volume on disk."""
-        return self.volume_elems * np.dtype(self.dtype).itemsize
-
-    @property
-    def data_end(self) -> int:
-        """Offset just past the last voxel byte."""
-        return self.vox_offset + self.volume_bytes * self.n_volumes
-
-    @property
-    def out_dtype(self) -> np.dtype:
-        """The dtype of values after scaling (native byte order)."""
-        return _output_dtype(np.dtype(self.dtype), self.slope, self.inter)
-
-
-@dataclass(frozen=True)
-class NiftiInfo(_VolumeGeometry):
-    """What a NIfTI header says, in plain Python values.
-
-    Attributes
-    ----------
-    path
-        Absolute path of the file.
-    version
-        1 or 2.
-    shape
-        Spatial grid plus trials: ``(X, Y, Z)`` or ``(X, Y, Z, T)``.
-    dtype
-        On-disk dtype, with its byte order.
-    vox_offset
-        Byte offset of the first voxel (after the header and extensions).
-    slope, inter
-        Scaling to apply (``value * slope + inter``); ``None`` when the header
-        asks for none.
-    affine
-        4x4 voxel-to-scanner (mm) transform (sform, else qform, else pixdim).
-    compressed
-        True for a gzip file.
-    """
-
-    path: str
-    version: int
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    vox_offset: int
-    slope: float | None
-    inter: float | None
-    affine: np.ndarray = field(compare=False)
-    compressed: bool
-    size: int = 0
-    file_version: int | str = 0  # mtime_ns of a local file, ETag of an object
-    storage_options: StorageOptions | None = None
-
-
-def _output_dtype(stored: np.dtype, slope: float | None, inter: float | None) -> np.dtype:
-    native = stored.newbyteorder("=")
-    if slope is None and inter is None:
-        return native
-    if native.kind == "f" and native.itemsize >= 8:
-        return np.dtype(np.float64)
-    if native.kind in "iu" and native.itemsize >= 4:
-        return np.dtype(np.float64)
-    return np.dtype(np.float32)
-
-
-HEADER_BLOCK = 64 << 10  # what a header read fetches of a remote file: one small range
-
-
-def _read_prefix(
-    path: str, n: int, storage_options: StorageOptions | None = None, size: int | None = None
-) -> tuple[bytes, bool]:
-    """Return the first ``n`` uncompressed bytes of ``path`` and whether it is gzip.
-
-    A remote file costs one range request of :data:`HEADER_BLOCK` bytes
-    (more only for a header that does not fit, which NIfTI's never do).
-    """
-    import zlib
-
-    def fetch(offset: int) -> bytes:
-        end = offset + HEADER_BLOCK if size is None else min(size, offset + HEADER_BLOCK)
-        if storage.is_local(path):  # header bytes are not voxel data: IO_STATS does not count them
-            with storage.open_file(path) as fh:
-                fh.seek(offset)
-                data: bytes = fh.read(end - offset)
-            return data
-        return storage.read_range(path, offset, end, storage_options)
-
-    first = fetch(0)
-    if first[:2] != GZIP_MAGIC:
-        return first[:n], False
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    out = b""
-    block, offset = first, len(first)
-    while True:
-        try:
-            out += inflater.decompress(block, n - len(out))
-        except zlib.error as exc:
-            raise FormatError(
-                f"{path}: starts like a gzip file but cannot be decompressed ({exc}). "
-                "The file is corrupt: re-download it."
-            ) from exc
-        if len(out) >= n or inflater.eof or not block:
-            return out, True
-        if inflater.unconsumed_tail:
-            block = inflater.unconsumed_tail
-            continue
-        block = fetch(offset)
-        offset += len(block)
-
-
-def sniff_nifti(
-    path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
-) -> int | None:
-    """Return 1 or 2 if ``path`` holds a NIfTI-1/NIfTI-2 header (gzip or not), else None.
-
-    Checks ``sizeof_hdr`` (348 or 540, either byte order) and the magic
-    string, not the suffix.
-    """
-    try:
-        head, _ = _read_prefix(storage.normalize(path), 544, storage.as_options(storage_options))
-    except (OSError, NeurocubeError):
-        return None
-    return _version_from_bytes(head)
-
-
-def _version_from_bytes(head: bytes) -> int | None:
-    if len(head) < 348:
-        return None
-    for order in "<>":
-        (size,) = struct.unpack(order + "i", head[:4])
-        if size == 348 and head[344:347] in (b"n+1", b"ni1"):
-            return 1
-        if size == 540 and len(head) >= 540 and head[4:7] in (b"n+2", b"ni2"):
-            return 2
-    return None
-
-
-def read_header(
-    path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
-) -> NiftiInfo:
-    """Read the header of a NIfTI file or object (only the header bytes).
-
-    ``path`` is a local path or a URL (``s3://``, ``https://``, ...) read
-    with ``storage_options``; a remote file costs a stat and one small range.
-
-    Raises
-    ------
-    DataNotFoundError
-        If the file does not exist.
-    FormatError
-        If it is not NIfTI-1/NIfTI-2 (by magic bytes), or is a ``.hdr/.img``
-        pair, or has an unsupported shape; if a header field cannot describe an
-        image (an unknown datatype code, ``dim[0]`` outside 1..7, a dimension
-        below 1, a NaN or too small ``vox_offset``, a non-finite ``scl_inter``
-        with a valid ``scl_slope``); if a ``.nii.gz`` declares more image than
-        its size can inflate to (:data:`DEFLATE_MAX_RATIO`). Nothing is
-        allocated for the declared shape before these checks.
-    TruncatedFileError
-        If an uncompressed file is shorter than its header says.
-    ArgumentError
-        If ``path`` is not a path or URL.
-    """
-    import nibabel as nib
-
-    if not isinstance(path, (str, os.PathLike)):
-        raise ArgumentError(
-            f"expected the path or URL of a .nii/.nii.gz file, found {type(path).__name__}: "
-            f"{path!r}"
-        )
-    options = storage.as_options(storage_options)
-    spath = storage.normalize(path)
-    meta = storage.info(spath, options)
-    if meta.is_dir:
-        raise FormatError(f"{spath}: a folder, expected a .nii or .nii.gz image")
-    head, compressed = _read_prefix(spath, 544, options, meta.size)
-    version = _version_from_bytes(head)
-    if version is None:
-        what = "a gzip file whose content" if compressed else "a file that"
-        raise FormatError(
-            f"{spath}: {what} is not NIfTI: expected sizeof_hdr 348 (NIfTI-1) or 540 (NIfTI-2) "
-            f"with the 'n+1'/'n+2' magic, found first bytes {head[:8]!r}. Is this the right file?"
-        )
-    _check_header_fields(spath, head, version)
-    header_cls = nib.Nifti1Header if version == 1 else nib.Nifti2Header
-    hdr_size = 348 if version == 1 else 540
-    # Extensions are skipped (their bytes lie before vox_offset): clear the extension flag so
-    # the header parser does not look for them in the prefix read here.
-    head = head[:hdr_size] + b"\0\0\0\0"
-    try:
-        hdr = header_cls.from_fileobj(_BytesReader(head), check=False)
-    except Exception as exc:  # nibabel raises a variety of errors on bad headers
-        raise FormatError(f"{spath}: the NIfTI-{version} header cannot be parsed: {exc}") from exc
-    if hdr["magic"].item() in (b"ni1", b"ni2"):
-        raise FormatError(
-            f"{spath}: a NIfTI '.hdr/.img' pair header (magic 'ni{version}'); neurocube reads "
-            "single-file NIfTI (.nii/.nii.gz). Convert it with nibabel: "
-            "nib.save(nib.load(hdr_path), 'out.nii.gz')."
-        )
-    shape = tuple(int(s) for s in hdr.get_data_shape())
-    while len(shape) > 4 and shape[-1] == 1:
-        shape = shape[:-1]
-    if len(shape) < 3:
-        shape = shape + (1,) * (3 - len(shape))
-    if len(shape) > 4:
-        raise FormatError(
-            f"{spath}: a {len(shape)}-D image of shape {shape}; neurocube expects 3-D (x, y, z) "
-            "or 4-D (x, y, z, trial) images."
-        )
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape  # a 4-D image with one volume stays 4-D
-    dtype = hdr.get_data_dtype()
-    if dtype.kind not in "iuf" or dtype.fields is not None:
-        raise FormatError(
-            f"{spath}: voxel type {dtype} is not supported (expected integer or float voxels)."
-        )
-    try:
-        slope, inter = hdr.get_slope_inter()
-    except nib.spatialimages.HeaderDataError as exc:  # a valid scl_slope with a NaN/inf scl_inter
-        raise FormatError(
-            f"{spath}: the header's scaling cannot be applied: {exc} (scl_slope "
-            f"{hdr['scl_slope'].item()}, scl_inter {hdr['scl_inter'].item()}); expected a finite "
-            "scl_inter whenever scl_slope is a finite non-zero number. The header is damaged: "
-            "re-download or re-write the file."
-        ) from exc
-    if slope is not None and (not math.isfinite(slope) or slope == 0):
-        slope = None
-    if inter is not None and not math.isfinite(inter):
-        inter = None
-    if slope is None and inter is not None and inter != 0:
-        slope = 1.0
-    if slope == 1.0 and (inter is None or inter == 0):
-        slope = inter = None
-    if slope is not None and inter is None:
-        inter = 0.0
-    _check_scaled_range(spath, dtype, slope, inter)
-    try:
-        affine = np.asarray(hdr.get_best_affine(), dtype=np.float64)
-    except ValueError as exc:  # nibabel: a qform quaternion whose b, c, d exceed unit length
-        raise FormatError(
-            f"{spath}: the header's orientation cannot be computed: {exc} (qform_code "
-            f"{hdr['qform_code'].item()}, quatern_b/c/d {hdr['quatern_b'].item()}, "
-            f"{hdr['quatern_c'].item()}, {hdr['quatern_d'].item()}); expected a rotation "
-            "quaternion with b^2 + c^2 + d^2 <= 1. The header is damaged: re-download or "
-            "re-write the file."
-        ) from exc
-    info = NiftiInfo(
-        path=spath,
-        version=version,
-        shape=shape,
-        dtype=dtype,
-        vox_offset=int(hdr.get_data_offset()),
-        slope=None if slope is None else float(slope),
-        inter=None if inter is None else float(inter),
-        affine=affine,
-        compressed=compressed,
-        size=meta.size,
-        file_version=meta.mtime_ns if storage.is_local(spath) else meta.etag,
-        storage_options=options,
-    )
-    _check_declared_size(info)
-    if not compressed:
-        size = meta.size
-        if size < info.data_end:
-            complete = max(0, (size - info.vox_offset) // info.volume_bytes)
-            raise TruncatedFileError(
-                f"{spath}: the file has {size} bytes but its header promises {info.data_end} "
-                f"({info.n_volumes} volumes of {info.volume_bytes} bytes from offset "
-                f"{info.vox_offset}); volume {complete} onwards cannot be read. The file is "
-                "truncated: re-download or re-write it."
-            )
-    return info
-
-
-#: The most bytes deflate can inflate from one compressed byte (RFC 1951: a 258-byte match
-#: per ~2 bits, about 1032:1). A ``.nii.gz`` declaring more image than its size times this
-#: cannot hold it: the header is damaged (or the file truncated), whatever the stream says.
-DEFLATE_MAX_RATIO = 1032
-
-# NIfTI-1 / NIfTI-2 field layout: (dim offset, dim format, datatype offset, vox_offset offset,
-# vox_offset format); both keep the 4 extension-flag bytes right after the header.
-_FIELDS = {1: (40, "8h", 70, 108, "f"), 2: (16, "8q", 12, 168, "q")}
-
-
-def _check_header_fields(path: str, head: bytes, version: int) -> None:
-    """Refuse a header whose shape, datatype or data offset cannot describe an image.
-
-    Read from the raw bytes (in the byte order ``sizeof_hdr`` gives) before nibabel parses
-    them: nibabel guesses the byte order from ``dim[0]`` and fails on these with a
-    ``KeyError`` or an overflow, or accepts them (a zero or negative dimension).
-    """
-    import nibabel as nib
-
-    order = "<" if struct.unpack_from("<i", head, 0)[0] in (348, 540) else ">"
-    dim_at, dim_fmt, dtype_at, off_at, off_fmt = _FIELDS[version]
-    dim = struct.unpack_from(order + dim_fmt, head, dim_at)
-    (code,) = struct.unpack_from(order + "h", head, dtype_at)
-    (vox_offset,) = struct.unpack_from(order + off_fmt, head, off_at)
-    damaged = "The header is damaged: re-download or re-write the file."
-    if not 1 <= dim[0] <= 7:
-        raise FormatError(
-            f"{path}: dim[0] (the number of dimensions) is {dim[0]}; expected 1 to 7. {damaged}"
-        )
-    sizes = dim[1 : dim[0] + 1]
-    if any(n < 1 for n in sizes):
-        raise FormatError(
-            f"{path}: the header declares dimensions {tuple(sizes)}; expected every dimension "
-            f"to be at least 1. {damaged}"
-        )
-    try:
-        nib.nifti1.data_type_codes.dtype[code]
-    except KeyError:
-        raise FormatError(
-            f"{path}: datatype code {code} is not a NIfTI datatype (expected e.g. 2 uint8, "
-            f"4 int16, 8 int32, 16 float32, 64 float64, 256 int8, 512 uint16). {damaged}"
-        ) from None
-    first = 352 if version == 1 else 544  # header + extension flag
-    if not math.isfinite(vox_offset) or vox_offset < first:
-        raise FormatError(
-            f"{path}: vox_offset (where the voxel data starts) is {vox_offset}; expected a byte "
-            f"offset of at least {first}, just past the NIfTI-{version} header. {damaged}"
-        )
-
-
-def _check_scaled_range(
-    path: str, stored: np.dtype, slope: float | None, inter: float | None
-) -> None:
-    """Refuse scaling that takes an integer type's range beyond the output dtype.
-
-    Found by a byte-by-byte header scan: one flipped exponent bit makes an int16 file's
-    ``scl_slope`` of 0.5 into 1.7e38; scaled in float32 the voxels became ``inf`` where
-    nibabel (float64) reads finite numbers. No real image is scaled like that. Float voxels
-    are not checked: their range is only known from the data.
-    """
-    if slope is None or stored.kind not in "iu":
-        return
-    out = _output_dtype(stored, slope, inter)
-    limits = np.iinfo(stored)
-    reach = abs(slope) * max(abs(int(limits.min)), int(limits.max)) + abs(inter or 0.0)
-    top = float(np.finfo(out).max)
-    if not reach <= top:
-        raise FormatError(
-            f"{path}: scl_slope {slope:g} and scl_inter {inter:g} scale {stored.name} voxels "
-            f"(range {limits.min}..{limits.max}) up to {reach:g}; expected values that fit "
-            f"{out.name} (at most {top:g}). The header is damaged: re-download or re-write the "
-            "file."
-        )
-
-
-def _check_declared_size(info: NiftiInfo) -> None:
-    """Refuse a ``.nii.gz`` declaring more image than its compressed bytes can inflate to.
-
-    Checked at open, before anything is allocated for the declared shape (a 1 KB file can
-    declare 32767^4 voxels). A ``.nii`` is checked against its size by the caller.
-    """
-    if not info.compressed:
-        return
-    limit = info.size * DEFLATE_MAX_RATIO
-    if info.data_end > limit:
-        raise FormatError(
-            f"{info.path}: the header declares {info.data_end} bytes of image (shape "
-            f"{info.shape}, {info.dtype}, data from byte {info.vox_offset}), but a gzip file of "
-            f"{info.size} bytes inflates to at most {limit} (deflate's maximum ratio is "
-            f"{DEFLATE_MAX_RATIO}:1). The header is damaged or the file is truncated: "
-            "re-download or re-write it."
-        )
-
-
-class _BytesReader:
-    """A minimal file object over bytes, for nibabel's header parser."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self._pos = 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self._data) if n < 0 else self._pos + n
-        out = self._data[self._pos : end]
-        self._pos += len(out)
-        return out
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: len(self._data)}[whence]
-        self._pos = base + pos
-        return self._pos
+# --- small images read eagerly -----------------------------------------------------------------
 
 
 def read_volume(
@@ -564,7 +151,7 @@ def as_mask(
 
 
 @dataclass(frozen=True)
-class NiftiSpec(_VolumeGeometry):
+class NiftiSpec(VolumeGeometry):
     """Everything a task needs to read volumes of one file: paths and numbers only."""
 
     path: str
@@ -772,7 +359,7 @@ class VolumeArray:
         if not isinstance(key, tuple):
             key = (key,)
         key = key + (slice(None),) * (self.ndim - len(key))
-        probe: _RowProbe | None = getattr(_THREAD_STATE, "probe", None)
+        probe: ReadProbe | None = getattr(_THREAD_STATE, "probe", None)
         if probe is not None:  # trial_rows() asks which rows a graph reads: nothing is read
             return probe.rows_of(self, key)
         self.spec.check_unchanged()  # one stat per chunk task: no values from a replaced file
@@ -849,11 +436,11 @@ class VolumeArray:
         for a in range(lo, hi, step):
             b = min(hi, a + step)
             raw = spec.read_volumes(a, b, scratch, verify=indexed)
-            self._gather(raw, out[a - lo : b - lo], raw_dtype)
+            self.gather(raw, out[a - lo : b - lo], raw_dtype)
         if spec.gzip is not None and not indexed and not _verification_deferred():
             gzindex.ensure_verified(spec.gzip, data_end=spec.data_end, volumes=spec.volume_layout)
 
-    def _gather(self, raw: np.ndarray, rows: np.ndarray, raw_dtype: np.dtype) -> None:
+    def gather(self, raw: np.ndarray, rows: np.ndarray, raw_dtype: np.dtype) -> None:
         """Store the masked voxels of raw volumes ``raw`` (``(n, X*Y*Z)``) into ``rows``."""
         assert self.voxels is not None
         # mode="clip": the voxel positions are checked when the array is made, and numpy
@@ -913,7 +500,7 @@ class VolumeArray:
                         failed = piece  # re-read through indexed_gzip, which names the damage
                         break
                     raw = buf.view(raw_dtype).reshape(b - a, spec.volume_elems)
-                    self._gather(raw, out[a:b], raw_dtype)
+                    self.gather(raw, out[a:b], raw_dtype)
         if failed is not None:
             for v in range(*failed):
                 self.read_masked_into(out[v : v + 1], v, v + 1)
@@ -925,11 +512,11 @@ class VolumeArray:
         """Fill ``out`` (``(n, n_voxels)``) with masked file volumes ``[first, first + n)``.
 
         One forward pass of a private reader (:func:`gzindex.open_sequential`), as
-        :func:`direct_load` reads a run, when the ``.nii.gz`` has a usable index
-        and the span is worth opening a reader for (:data:`FORWARD_MIN_BYTES`);
-        else (a ``.nii``, a first read that builds the index, a short span, a
-        reader failing on damaged data) through :meth:`_read_volume_span`,
-        which verifies and names the damage.
+        :func:`~neurocube.sources.nifti_load.direct_load` reads a run, when the
+        ``.nii.gz`` has a usable index and the span is worth opening a reader
+        for (:data:`FORWARD_MIN_BYTES`); else (a ``.nii``, a first read that
+        builds the index, a short span, a reader failing on damaged data)
+        through :meth:`_read_volume_span`, which verifies and names the damage.
         """
         spec = self.spec
         reader = None
@@ -952,7 +539,7 @@ class VolumeArray:
                     except gzindex.SequentialReadError:
                         break  # re-read below through indexed_gzip, which names the damage
                     raw = buf.view(raw_dtype).reshape(b - done, spec.volume_elems)
-                    self._gather(raw, out[done:b], raw_dtype)
+                    self.gather(raw, out[done:b], raw_dtype)
                     done = b
         if done < n:
             self._read_volume_span(out[done:n], first + done, first + n)
@@ -983,7 +570,8 @@ class MaskedVolume:
 
     Wraps the ``(1, n_voxels)`` :class:`VolumeArray` of the image's single
     volume. ``voxels`` is None: it is not a ``(trial, voxel)`` array, so it is
-    read through Dask (one small chunk), not by :func:`direct_load`.
+    read through Dask (one small chunk), not by
+    :func:`~neurocube.sources.nifti_load.direct_load`.
     """
 
     voxels = None
@@ -1061,6 +649,28 @@ class VolumeRuns:
 _THREAD_STATE = threading.local()
 
 
+class ReadProbe(Protocol):
+    """What answers every :class:`VolumeArray` read of a thread inside :func:`probing`."""
+
+    def rows_of(self, arr: VolumeArray, key: tuple[Any, ...]) -> np.ndarray:
+        """Return what stands in for ``arr[key]`` (no file is read)."""
+        ...
+
+
+@contextlib.contextmanager
+def probing(probe: ReadProbe) -> Iterator[None]:
+    """In this block, reads of :class:`VolumeArray` in this thread return ``probe.rows_of``.
+
+    For :func:`neurocube.sources.nifti_rows.trial_rows`, which runs a graph to
+    learn which rows it reads; the check of a first pass is skipped too.
+    """
+    _THREAD_STATE.probe = probe
+    try:
+        yield
+    finally:
+        _THREAD_STATE.probe = None
+
+
 def _verification_deferred() -> bool:
     """Return True inside :func:`_deferred_verification` (reads leave the check to it)."""
     return bool(getattr(_THREAD_STATE, "defer", False))
@@ -1070,7 +680,7 @@ class _deferred_verification:
     """Reads in this block go through a first-pass stream without finishing it.
 
     Only the ordered graph of a first read uses this: its chunks are read in
-    file order, and its verification task (:func:`_verify_after`) finishes
+    file order, and its verification task (:func:`verify_after`) finishes
     the pass (CRC32 to the end of the stream) before any chunk is released.
     """
 
@@ -1091,7 +701,7 @@ def _scratch(nbytes: int) -> np.ndarray:
     return buf
 
 
-# --- direct loading ------------------------------------------------------------------------
+# --- arrays the direct load may fill (neurocube.sources.nifti_load) -------------------------
 
 _DIRECT: collections.OrderedDict[str, tuple[VolumeArray, tuple[tuple[int, ...], ...]]] = (
     collections.OrderedDict()
@@ -1099,13 +709,8 @@ _DIRECT: collections.OrderedDict[str, tuple[VolumeArray, tuple[tuple[int, ...], 
 _DIRECT_LOCK = threading.Lock()
 
 
-#: Concatenations along the first axis (several sessions' betas): name -> (pieces, chunks).
-_STACKED: collections.OrderedDict[str, tuple[tuple[Any, ...], tuple[tuple[int, ...], ...]]] = (
-    collections.OrderedDict()
-)
-
-
-def _register_direct(name: str, arr: VolumeArray, chunks: tuple[tuple[int, ...], ...]) -> None:
+def register_direct(name: str, arr: VolumeArray, chunks: tuple[tuple[int, ...], ...]) -> None:
+    """Record masked ``arr`` (with ``chunks``) as what Dask array ``name`` reads."""
     with _DIRECT_LOCK:
         _DIRECT[name] = (arr, chunks)
         _DIRECT.move_to_end(name)
@@ -1113,401 +718,11 @@ def _register_direct(name: str, arr: VolumeArray, chunks: tuple[tuple[int, ...],
             _DIRECT.popitem(last=False)
 
 
-def concatenate_trials(pieces: Sequence[Any]) -> Any:
-    """``dask.array.concatenate(pieces, axis=0)``, loadable piece by piece by :func:`direct_load`.
-
-    Several sessions' masked betas are one array along ``trial``. Through
-    Dask, computing it would run every session's chunks at once (on a first
-    read: a gzip stream per session, each with its decode buffers). Registered
-    here, :func:`neurocube.load` fills the output one piece after the other,
-    each piece straight into its rows (or with ``dask.array.store`` when it is
-    not a plain masked read, e.g. trials filtered or a ``.gz`` without index).
-    """
-    import dask.array as da
-
-    pieces = list(pieces)
-    if len(pieces) == 1:
-        return pieces[0]
-    data = da.concatenate(pieces, axis=0)
+def registered_direct(name: str) -> tuple[VolumeArray, tuple[tuple[int, ...], ...]] | None:
+    """Return the masked array and chunks registered under Dask array ``name``, or None."""
     with _DIRECT_LOCK:
-        _STACKED[data.name] = (tuple(pieces), tuple(data.chunks))
-        _STACKED.move_to_end(data.name)
-        while len(_STACKED) > 64:
-            _STACKED.popitem(last=False)
-    return data
+        return _DIRECT.get(name)
 
-
-def direct_load(
-    data: Any, num_workers: int | None = None, out: np.ndarray | None = None
-) -> np.ndarray | None:
-    """Load an untransformed masked ``open_nifti`` array with each chunk read into place.
-
-    Returns None when ``data`` is anything else (a selection, a sum, a
-    ``.nii.gz`` whose index does not exist yet, ...): the caller then uses
-    Dask. Dask computes each chunk into a new array and copies it into the
-    output; here volumes are gathered straight into their rows. A ``.nii.gz``
-    is split into one contiguous run of volumes per thread, each read in one
-    forward pass (:meth:`VolumeArray.read_masked_runs`; a
-    thread done early takes half of the largest run left); a ``.nii`` chunk by
-    chunk. A concatenation made by :func:`concatenate_trials` is filled piece
-    after piece. ``out``, if given, is the C-contiguous array to fill.
-    """
-    name = getattr(data, "name", None)
-    with _DIRECT_LOCK:
-        entry = _DIRECT.get(name) if isinstance(name, str) else None
-        stacked = _STACKED.get(name) if isinstance(name, str) else None
-    if stacked is not None and tuple(data.chunks) == stacked[1]:
-        return _load_stacked(stacked[0], data, num_workers, out)
-    if entry is None:
-        return None
-    arr, chunks = entry
-    if tuple(data.chunks) != chunks or arr.voxels is None:
-        return None
-    return _fill_direct(arr, chunks, num_workers, out)
-
-
-def whole_array_source(name: str) -> tuple[Any, ...] | None:
-    """Return what :func:`read_whole_array` needs to read Dask array ``name`` at once, or None.
-
-    ``name`` is a masked ``open_nifti`` array registered for :func:`direct_load`
-    (``("volumes", array, chunks)``), or a concatenation of such arrays made by
-    :func:`concatenate_trials` (``("stacked", ((array, chunks), ...))``).
-    """
-    with _DIRECT_LOCK:
-        entry = _DIRECT.get(name)
-        stacked = _STACKED.get(name)
-    if entry is not None and entry[0].voxels is not None:
-        return ("volumes", entry[0], entry[1])
-    if stacked is None:
-        return None
-    parts = []
-    for piece in stacked[0]:
-        with _DIRECT_LOCK:
-            piece_entry = _DIRECT.get(str(getattr(piece, "name", "")))
-        if piece_entry is None or piece_entry[0].voxels is None:
-            return None
-        if tuple(piece.chunks) != piece_entry[1] or piece.dtype != piece_entry[0].dtype:
-            return None
-        parts.append(piece_entry)
-    return ("stacked", tuple(parts))
-
-
-def read_whole_array(source: tuple[Any, ...]) -> np.ndarray:
-    """Read every row of a :func:`whole_array_source` into one new array (the direct path).
-
-    This is what a Dask compute of *every* chunk of such an array (``.values``,
-    ``.compute()``, ``ds.load()``) runs instead of one task per chunk: the same
-    forward passes as :func:`neurocube.load`, on all the threads Dask may use.
-    """
-    if source[0] == "volumes":
-        _, arr, chunks = source
-        out = np.empty(arr.shape, dtype=arr.dtype)
-        if _fill_direct(arr, chunks, None, out) is None:  # stale index: chunk by chunk
-            arr.read_masked_into(out, 0, arr.shape[0])
-        return out
-    parts = source[1]
-    rows = sum(arr.shape[0] for arr, _ in parts)
-    out = np.empty((rows, *parts[0][0].shape[1:]), dtype=parts[0][0].dtype)
-    lo = 0
-    for arr, chunks in parts:
-        rows = out[lo : lo + arr.shape[0]]
-        if _fill_direct(arr, chunks, None, rows) is None:
-            arr.read_masked_into(rows, 0, arr.shape[0])
-        lo += arr.shape[0]
-    return out
-
-
-def _fill_direct(
-    arr: VolumeArray,
-    chunks: tuple[tuple[int, ...], ...],
-    num_workers: int | None,
-    out: np.ndarray | None,
-) -> np.ndarray | None:
-    """Fill ``out`` (or a new array) with every masked row of ``arr`` (see :func:`direct_load`)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import dask
-
-    arr.spec.check_unchanged()  # one stat for the whole load: no values from a replaced file
-    if out is None:
-        out = np.empty(arr.shape, dtype=arr.dtype)
-    if arr.spec.gzip is not None and not gzindex.has_index(arr.spec.gzip):
-        # First read (or indexing disabled): one sequential pass, which records the seek
-        # index, gathered straight into the rows. Through Dask's ordered graph the chunks
-        # read ahead of their stores piled up (about the output again, measured).
-        if arr.volumes is None and workers_for(num_workers) > 1:
-            _first_pass_pipelined(arr, out)
-        else:
-            arr.read_masked_into(out, 0, arr.shape[0])
-        return out
-    if arr.spec.gzip is not None and not gzindex.index_usable(arr.spec.gzip):
-        return None  # stale cached index (deleted with a warning): Dask's graph streams
-    workers = num_workers or dask.config.get("num_workers", None) or os.cpu_count() or 1
-    n = arr.shape[0]
-    if arr.spec.gzip is not None and arr.volumes is None:
-        # One contiguous run of volumes per thread, read in one forward pass: a reader goes
-        # on from where it stopped instead of seeking for every chunk.
-        volume_runs = VolumeRuns(
-            n, workers, min_split=RUN_MIN_SPLIT // max(arr.spec.volume_bytes, 1)
-        )
-        runs = min(workers, n)
-
-        def read(i: int) -> None:
-            arr.read_masked_runs(out, volume_runs)
-    else:
-        runs = len(chunks[0])
-        bounds = [int(b) for b in np.cumsum((0, *chunks[0]))]
-
-        def read(i: int) -> None:
-            arr.read_masked_into(out[bounds[i] : bounds[i + 1]], bounds[i], bounds[i + 1])
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(read, range(runs)))
-    return out
-
-
-def workers_for(num_workers: int | None) -> int:
-    """Threads a load may use: ``num_workers``, else Dask's setting, else every core."""
-    import dask
-
-    return int(num_workers or dask.config.get("num_workers", None) or os.cpu_count() or 1)
-
-
-def _first_pass_pipelined(arr: VolumeArray, out: np.ndarray) -> None:
-    """Fill ``out`` from a first pass, reading and gathering in two threads.
-
-    This thread reads pieces of whole volumes from the pass (rapidgzip
-    decodes ahead on its own threads) into two alternating buffers; a helper
-    gathers the masked voxels of the previous piece meanwhile, so the reader
-    goes back to the decoder at once. The pass is verified (CRC32 to the end
-    of the stream) before ``out`` is returned.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    spec = arr.spec
-    assert spec.gzip is not None and arr.voxels is not None
-    step = max(1, READ_BLOCK // max(spec.volume_bytes, 1))
-    buffers = [np.empty(step * spec.volume_bytes, np.uint8) for _ in range(2)]
-    raw_dtype = np.dtype(spec.dtype)
-    n = spec.n_volumes
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = None
-        for k, a in enumerate(range(0, n, step)):
-            b = min(n, a + step)
-            raw = spec.read_volumes(a, b, buffers[k % 2], verify=False)
-            if pending is not None:
-                pending.result()  # the other buffer is free again
-            pending = pool.submit(arr._gather, raw, out[a:b], raw_dtype)
-        if pending is not None:
-            pending.result()
-    gzindex.ensure_verified(spec.gzip, data_end=spec.data_end, volumes=spec.volume_layout)
-
-
-def _load_stacked(
-    pieces: Sequence[Any], data: Any, num_workers: int | None, out: np.ndarray | None
-) -> np.ndarray:
-    """Fill ``out`` from the pieces of a concatenation along axis 0, one piece at a time."""
-    import dask.array as da
-
-    if out is None:
-        out = np.empty(data.shape, dtype=data.dtype)
-    lo = 0
-    for piece in pieces:
-        rows = out[lo : lo + piece.shape[0]]
-        same_dtype = piece.dtype == out.dtype
-        if not same_dtype or direct_load(piece, num_workers=num_workers, out=rows) is None:
-            da.store(piece, rows, lock=False)
-        lo += piece.shape[0]
-    return out
-
-
-# --- trial rows read outside Dask (neurocube.batches) ---------------------------------------
-
-_ID_BASE = 1 << 32  # a probed row id is source * _ID_BASE + row (exact in float64)
-
-
-class _NotPlainRows(Exception):
-    """The graph reads something :func:`trial_rows` cannot map to trial rows."""
-
-
-class _RowProbe:
-    """Stands in for every :class:`VolumeArray` read while :func:`trial_rows` runs a graph.
-
-    A read returns, in place of values, the id of the source row behind each
-    output row (broadcast over the voxels, so it costs no memory).
-    """
-
-    def __init__(self) -> None:
-        self.sources: list[VolumeArray] = []
-        self._ids: dict[int, int] = {}
-
-    def rows_of(self, arr: VolumeArray, key: tuple[Any, ...]) -> np.ndarray:
-        if arr.voxels is None or len(key) != 2:
-            raise _NotPlainRows
-        index = self._ids.get(id(arr))
-        if index is None:
-            index = self._ids[id(arr)] = len(self.sources)
-            self.sources.append(arr)
-        ids = np.arange(arr.n_rows, dtype=np.float64) + float(index * _ID_BASE)
-        return np.broadcast_to(ids[:, None], arr.shape)[key]
-
-
-def _plain_funcs() -> dict[Any, str]:
-    """Task functions that only pick, order or join rows: ``{function: kind}``."""
-    import operator
-
-    from dask.array import _shuffle as shuffle
-    from dask.array import chunk, core
-
-    from neurocube.sources import pushdown
-
-    kinds: dict[Any, str] = {
-        core.getter: "read", core.getter_nofancy: "read", pushdown.read_selected: "read",
-        _read_after: "read", operator.getitem: "index", chunk.getitem: "index",
-        shuffle._getitem: "take", shuffle.concatenate_arrays: "shuffle-join",
-        core.concatenate3: "join", _verified: "pass", _chunk_done: "pass", _verify_after: "pass",
-    }
-    shaped = getattr(core, "concatenate_shaped", None)
-    if shaped is not None:
-        kinds[shaped] = "join"
-    return kinds
-
-
-def _full_voxels(key: Any, n_voxels: int) -> bool:
-    """Return True if ``key`` (an index) keeps every voxel of a ``(trial, voxel)`` block."""
-    if not isinstance(key, tuple):
-        return not isinstance(key, (tuple, type(None), type(Ellipsis)))
-    if len(key) < 2:
-        return len(key) == 1 and not isinstance(key[0], (type(None), type(Ellipsis)))
-    if len(key) > 2 or not isinstance(key[1], slice):
-        return False
-    return key[1].indices(n_voxels) == (0, n_voxels, 1)
-
-
-def _check_plain(node: Any, graph: dict[Any, Any], kinds: dict[Any, str], n_voxels: int) -> None:
-    """Raise :class:`_NotPlainRows` unless task ``node`` only picks whole rows of masked reads."""
-    from dask._task_spec import DataNode, NestedContainer, Task, TaskRef, _execute_subgraph
-
-    if not isinstance(node, Task):  # Alias, DataNode, TaskRef: no computation
-        return
-    args = [a.value if isinstance(a, DataNode) else a for a in node.args]
-    if isinstance(node, NestedContainer):
-        pass
-    elif node.func is _execute_subgraph:  # a fused chain: check its tasks
-        for inner in args[0].values():
-            _check_plain(inner, {**graph, **args[0]}, kinds, n_voxels)
-    else:
-        kind = kinds.get(node.func)
-        if kind is None or set(node.kwargs) - {"asarray", "lock"}:  # from_array's getter options
-            raise _NotPlainRows
-        if kind in ("read", "index") and not _full_voxels(args[1], n_voxels):
-            raise _NotPlainRows
-        if kind == "take":  # the index of a shuffle's take is a task of its own
-            taker = graph.get(args[1].key) if isinstance(args[1], TaskRef) else args[1]
-            taker = taker.value if isinstance(taker, DataNode) else taker
-            if not (isinstance(taker, tuple) and len(taker) == 2):
-                raise _NotPlainRows
-            if not _full_voxels(taker[1], n_voxels):
-                raise _NotPlainRows
-        if kind == "shuffle-join" and args[-1] != 0:
-            raise _NotPlainRows  # a shuffle's join along the voxels
-    for a in args:
-        if isinstance(a, Task):
-            _check_plain(a, graph, kinds, n_voxels)
-
-
-@dataclass
-class TrialRows:
-    """Where each row of a ``(trial, voxel)`` array lies in masked NIfTI files (:func:`trial_rows`).
-
-    Row ``i`` is row ``rows[i]`` of ``sources[which[i]]``; the array's values are
-    those rows' masked voxels, unchanged. Pickles small (specs and indices).
-    """
-
-    sources: list[VolumeArray]
-    which: np.ndarray
-    rows: np.ndarray
-    dtype: np.dtype
-    n_voxels: int
-
-    def read(self, lo: int, hi: int) -> np.ndarray:
-        """Return rows ``[lo, hi)`` in a new array, each run of consecutive volumes read at once."""
-        hi = min(hi, int(self.rows.size))
-        lo = min(lo, hi)
-        out = np.empty((hi - lo, self.n_voxels), dtype=self.dtype)
-        which = self.which[lo:hi]
-        volumes = np.empty(hi - lo, dtype=np.int64)
-        for s, arr in enumerate(self.sources):
-            picked = which == s
-            if picked.any():
-                rows = self.rows[lo:hi][picked]
-                volumes[picked] = rows if arr.volumes is None else arr.volumes[rows]
-        checked: set[int] = set()
-        breaks = np.flatnonzero((np.diff(which) != 0) | (np.diff(volumes) != 1)) + 1
-        starts = np.concatenate(([0], breaks)).tolist()
-        stops = np.concatenate((breaks, [hi - lo])).tolist()
-        for a, b in zip(starts, stops, strict=True):
-            if b <= a:
-                continue
-            arr = self.sources[int(which[a])]
-            if id(arr) not in checked:  # one stat per file and read: no values from a replaced file
-                arr.spec.check_unchanged()
-                checked.add(id(arr))
-            arr.read_forward_into(out[a:b], int(volumes[a]), b - a)
-        return out
-
-
-def trial_rows(data: Any) -> TrialRows | None:
-    """Map each row of a Dask ``(trial, voxel)`` array to a row of masked NIfTI volumes.
-
-    ``data`` qualifies when it is a masked :func:`open_nifti` array (all voxels of
-    its mask, no change of values or dtype) or rows of such arrays picked,
-    ordered, rechunked or joined along ``trial`` (``isel``/``sel`` of trials,
-    :func:`concatenate_trials`, a split), with one chunk along ``voxel``. Its
-    values can then be read row span by row span without Dask
-    (:meth:`TrialRows.read`). Returns None for anything else (a computed
-    array, a voxel selection, several voxel chunks, a ``.nii`` without mask).
-    The graph is run once with every volume read replaced by a probe that
-    returns row numbers: nothing is read.
-    """
-    import dask
-    from dask.array.core import concatenate3
-    from dask.local import get_sync
-
-    if not (hasattr(data, "__dask_graph__") and getattr(data, "ndim", 0) == 2):
-        return None
-    if data.shape[0] == 0 or data.shape[1] == 0 or data.numblocks[1] != 1:
-        return None
-    layers = getattr(data.__dask_graph__(), "layers", {})
-    if not any(str(name).startswith("nifti-masked-") for name in layers):
-        return None
-    n_voxels = int(data.shape[1])
-    kinds = _plain_funcs()
-    from neurocube.sources import pushdown
-
-    try:
-        with pushdown.chunk_tasks_kept():  # the reads as tasks of their own, to be probed
-            (optimized,) = dask.optimize(data)
-            (column,) = dask.optimize(data[:, :1])
-        graph = dict(optimized.__dask_graph__())
-        for node in graph.values():
-            _check_plain(node, graph, kinds, n_voxels)
-        probe = _RowProbe()
-        _THREAD_STATE.probe = probe
-        try:  # in this thread, so the probe stands in for the reads; no scheduler to look up
-            pieces = get_sync(dict(column.__dask_graph__()), column.__dask_keys__())
-        finally:
-            _THREAD_STATE.probe = None
-        ids = np.asarray(concatenate3(pieces))[:, 0]
-    except _NotPlainRows:
-        return None
-    if not probe.sources or any(
-        a.shape[1] != n_voxels or a.dtype != data.dtype for a in probe.sources
-    ):
-        return None
-    which = (ids // _ID_BASE).astype(np.int64)
-    rows = (ids - which * float(_ID_BASE)).astype(np.int64)
-    return TrialRows(probe.sources, which, rows, np.dtype(data.dtype), n_voxels)
 
 
 # --- chunking --------------------------------------------------------------------------------
@@ -1785,7 +1000,7 @@ def volume_dask_array(
     :func:`_streaming_array`); otherwise chunks are independent tasks, and a
     trial selection of them reads only the selected volumes
     (:mod:`neurocube.sources.pushdown`). Masked arrays are registered for
-    :func:`direct_load`.
+    :func:`~neurocube.sources.nifti_load.direct_load`.
     """
     import dask.array as da
     from dask.base import tokenize
@@ -1806,7 +1021,7 @@ def volume_dask_array(
             arr, chunks=chunks, name=name, asarray=False, fancy=False, lock=False, meta=meta
         )
     if isinstance(arr, VolumeArray) and arr.voxels is not None:
-        _register_direct(name, arr, chunks)
+        register_direct(name, arr, chunks)
     return data
 
 
@@ -1841,13 +1056,13 @@ def build_index(
     return spec.index_path
 
 
-def _read_after(arr: VolumeArray, key: tuple[slice, ...], _previous: Any) -> np.ndarray:
+def read_after(arr: VolumeArray, key: tuple[slice, ...], _previous: Any) -> np.ndarray:
     """Read ``arr[key]`` once the previous chunk of the same stream has been read (unverified)."""
     with _deferred_verification():
         return arr[key]
 
 
-def _verify_after(arr: VolumeArray, _last: Any) -> None:
+def verify_after(arr: VolumeArray, _last: Any) -> None:
     """Finish and check the first pass the chunks were read from (raises if it fails)."""
     if getattr(_THREAD_STATE, "probe", None) is not None:
         return  # trial_rows() only asks which rows the graph reads
@@ -1856,12 +1071,12 @@ def _verify_after(arr: VolumeArray, _last: Any) -> None:
         gzindex.ensure_verified(spec.gzip, data_end=spec.data_end, volumes=spec.volume_layout)
 
 
-def _verified(chunk: np.ndarray, _check: Any) -> np.ndarray:
+def verified(chunk: np.ndarray, _check: Any) -> np.ndarray:
     """Release ``chunk`` once the pass it was read from has been verified."""
     return chunk
 
 
-def _chunk_done(_chunk: Any) -> None:
+def chunk_done(_chunk: Any) -> None:
     """Mark that the chunk this task depends on has been read (returns nothing)."""
     return None
 
@@ -1901,13 +1116,13 @@ def _streaming_array(
         )
         block_index = tuple(idx if ax == trial_axis else 0 for ax in range(len(chunks)))
         raw_key = (f"unverified-{name}", *block_index)
-        graph[raw_key] = (_read_after, source_key, key_slices, previous)
+        graph[raw_key] = (read_after, source_key, key_slices, previous)
         chunk_key = (name, *block_index)
-        graph[chunk_key] = (_verified, raw_key, verify_key)
+        graph[chunk_key] = (verified, raw_key, verify_key)
         previous = (f"read-{name}", idx)
-        graph[previous] = (_chunk_done, raw_key)
+        graph[previous] = (chunk_done, raw_key)
         start += size
-    graph[verify_key] = (_verify_after, source_key, previous)
+    graph[verify_key] = (verify_after, source_key, previous)
     hlg = HighLevelGraph.from_collections(name, graph, dependencies=[])
     return da.Array(hlg, name, chunks=chunks, meta=meta)
 

@@ -216,7 +216,7 @@ def chunk_tasks_kept() -> Iterator[None]:
     """In this thread, optimize only pushes selections down: whole-array reads are not merged.
 
     For code that inspects or re-runs the graph's reads itself
-    (:func:`~neurocube.sources.nifti.trial_rows`).
+    (:func:`~neurocube.sources.nifti_rows.trial_rows`).
     """
     before = getattr(_STATE, "keep_chunk_tasks", False)
     _STATE.keep_chunk_tasks = True
@@ -286,10 +286,10 @@ def _add_whole_read(graph: dict[Any, Any], name: str, source: tuple[Any, ...]) -
     """
     from dask._task_spec import DataNode, Task
 
-    from neurocube.sources import nifti
+    from neurocube.sources import nifti_load
 
     whole = f"whole-nifti-{name}"
-    graph[whole] = Task(whole, nifti.read_whole_array, DataNode(None, source))
+    graph[whole] = Task(whole, nifti_load.read_whole_array, DataNode(None, source))
     return whole
 
 
@@ -299,15 +299,15 @@ def _same(value: Any) -> Any:
 
 
 def _whole_source(name: str) -> tuple[Any, ...] | None:
-    from neurocube.sources import nifti
+    from neurocube.sources import nifti_load
 
     if not name.startswith(("nifti-masked-", "concatenate-")):
         return None
-    return nifti.whole_array_source(name)
+    return nifti_load.whole_array_source(name)
 
 
 def _chunks_of(source: tuple[Any, ...]) -> tuple[tuple[int, ...], ...]:
-    """Return the chunks of the Dask array a :func:`nifti.whole_array_source` stands for."""
+    """Return the chunks of the Dask array a :func:`nifti_load.whole_array_source` stands for."""
     if source[0] == "volumes":
         chunks: tuple[tuple[int, ...], ...] = source[2]
         return chunks

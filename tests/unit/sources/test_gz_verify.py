@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import neurocube
 from neurocube.errors import CorruptDataError, NeurocubeError, TruncatedFileError
-from neurocube.sources import gzindex, nifti
+from neurocube.sources import gzindex, nifti, nifti_header
 from neurocube.sources.gzindex import IndexRebuildWarning, VolumeHasher, volume_checksum
 from tests.fixtures.nifti import write_nifti
 
@@ -55,7 +55,7 @@ def _flip_middle(path, fraction=0.5):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     damaged = zlib.decompressobj(31).decompress(bytes(data[:-8]))  # stops short of the CRC
     first = next(i for i, (a, b) in enumerate(zip(original, damaged)) if a != b)  # noqa: B905
-    info = nifti.read_header(path)
+    info = nifti_header.read_header(path)
     return (first - info.vox_offset) // info.volume_bytes
 
 
@@ -65,7 +65,7 @@ def test_the_sidecar_records_each_volume_checksum(stored, tmp_path):
     np.testing.assert_array_equal(neurocube.open_nifti(path, cache_dir=cache).data.values,
                                   expected)
     side = json.loads(_index_of(path, cache).with_suffix(".json").read_text())
-    info = nifti.read_header(path)
+    info = nifti_header.read_header(path)
     raw = zlib.decompressobj(31).decompress(path.read_bytes())
     want = [volume_checksum(raw[info.vox_offset + t * info.volume_bytes :
                                 info.vox_offset + (t + 1) * info.volume_bytes])

@@ -22,7 +22,7 @@ from neurocube.errors import (
     SourceChangedError,
     TruncatedFileError,
 )
-from neurocube.sources import nifti
+from neurocube.sources import nifti_header
 from neurocube.storage import IO_STATS
 from tests.fixtures.nifti import AFFINE, analytic_values, stored_for, write_nifti
 
@@ -365,7 +365,7 @@ def test_corrupt_gzip(tmp_path):
 
 def test_truncated_nii_names_the_missing_volume(nifti_factory):
     path = nifti_factory("trunc.nii", shape=(5, 6, 7, 9))
-    info = nifti.read_header(path)
+    info = nifti_header.read_header(path)
     with open(path, "r+b") as fh:
         fh.truncate(info.vox_offset + 4 * info.volume_bytes + 10)
     with pytest.raises(TruncatedFileError, match=r"trunc\.nii.*volume 4 onwards cannot be read"):
@@ -378,7 +378,7 @@ def test_truncated_gz_names_the_volumes_on_read(nifti_factory, tmp_path):
     cut = tmp_path / "cut.nii.gz"
     cut.write_bytes(data[: len(data) // 2])
     ds = neurocube.open_nifti(cut, chunks=10)  # the header is intact: opening works
-    info = nifti.read_header(path)
+    info = nifti_header.read_header(path)
     first_bad = (  # the uncompressed bytes that survive the cut end inside this volume
         _intact_bytes(cut) - info.vox_offset
     ) // info.volume_bytes
@@ -394,7 +394,7 @@ def test_truncated_gz_names_the_volumes_on_read(nifti_factory, tmp_path):
 def test_nii_truncated_after_opening_names_the_first_missing_volume(nifti_factory):
     path = nifti_factory("late.nii", shape=(5, 6, 7, 20))
     ds = neurocube.open_nifti(path, chunks=5)  # intact when opened
-    info = nifti.read_header(path)
+    info = nifti_header.read_header(path)
     with open(path, "r+b") as fh:
         fh.truncate(info.vox_offset + 7 * info.volume_bytes + 3)
     # the file changed after it was opened (issue 11, item 2): no values, even from the intact part

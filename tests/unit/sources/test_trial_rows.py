@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import neurocube
-from neurocube.sources.nifti import concatenate_trials, trial_rows
+from neurocube.sources.nifti_load import concatenate_trials
+from neurocube.sources.nifti_rows import trial_rows
 from neurocube.synthetic.session import make_session
 
 

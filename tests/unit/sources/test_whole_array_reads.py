@@ -16,7 +16,7 @@ import pytest
 import xarray as xr
 
 import neurocube
-from neurocube.sources import nifti, pushdown
+from neurocube.sources import nifti_load, pushdown
 
 
 def _oracle(path, mask):
@@ -33,13 +33,13 @@ def _mask(shape):
 def whole_reads(monkeypatch):
     """Count the whole-array reads that computes run (the real compute path, not a mock)."""
     calls = []
-    real = nifti.read_whole_array
+    real = nifti_load.read_whole_array
 
     def counting(source):
         calls.append(source[0])
         return real(source)
 
-    monkeypatch.setattr(nifti, "read_whole_array", counting)
+    monkeypatch.setattr(nifti_load, "read_whole_array", counting)
     return calls
 
 
@@ -116,7 +116,7 @@ def test_several_sessions_concatenated_read_whole(nifti_factory, tmp_path, whole
         neurocube.open_nifti(p, mask=mask, cache_dir=tmp_path / "c", chunks=4).data.data
         for p in paths
     ]
-    stacked = nifti.concatenate_trials(arrays)
+    stacked = nifti_load.concatenate_trials(arrays)
     assert sum(k.startswith("whole-") for k in _optimized_keys(stacked)) == 1
     whole_reads.clear()
     values = stacked.compute()
@@ -129,7 +129,7 @@ def test_building_the_rewritten_graph_reads_nothing(nifti_factory, tmp_path, mon
     path = nifti_factory("betas.nii.gz", shape=shape)
     ds = neurocube.open_nifti(path, mask=_mask(shape), cache_dir=tmp_path / "c", chunks=2)
     calls = []
-    monkeypatch.setattr(nifti, "read_whole_array", lambda source: calls.append(source))
+    monkeypatch.setattr(nifti_load, "read_whole_array", lambda source: calls.append(source))
     assert sum(k.startswith("whole-") for k in _optimized_keys(ds.data.data)) == 1
     assert calls == []
 
