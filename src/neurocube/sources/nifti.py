@@ -13,7 +13,8 @@ The header is read and checked before this module sees it, by
 arrays reads (for batches read without Dask) is found by
 :mod:`neurocube.sources.nifti_rows`, through :func:`probing`; masked arrays
 are loaded straight into their output by :mod:`neurocube.sources.nifti_load`,
-from the arrays :func:`open_nifti` registers (:func:`register_direct`).
+from the arrays :func:`open_nifti` registers (:func:`register_direct`). Which gzip
+index a file gets is :mod:`neurocube.sources.nifti_index`'s choice.
 """
 
 from __future__ import annotations
@@ -23,24 +24,22 @@ import contextlib
 import os
 import re
 import threading
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from neurocube import config, storage
+from neurocube import storage
 from neurocube.errors import (
     ArgumentError,
     FormatError,
-    NeurocubeError,
     TruncatedFileError,
 )
 from neurocube.progress import watch_computes
 from neurocube.sources import gzindex
 from neurocube.sources.nifti_header import NiftiInfo, VolumeGeometry, read_header
+from neurocube.sources.nifti_index import check_index_argument, gzip_spec
 from neurocube.sources.voxels import check_mask_grid, mask_from_array, voxel_coords
 from neurocube.storage import IO_STATS, StorageOptions
 
@@ -54,7 +53,6 @@ __all__ = [
     "NiftiSpec",
     "VolumeArray",
     "as_mask",
-    "build_index",
     "open_nifti",
     "read_volume",
 ]
@@ -776,116 +774,6 @@ def _chunk_tuple(n: int, per: int) -> tuple[int, ...]:
 
 # --- opening -------------------------------------------------------------------------------
 
-_WRITABLE_CACHE: dict[str, bool] = {}
-_WRITABLE_LOCK = threading.Lock()
-
-
-def _cache_writable(folder: Path) -> bool:
-    key = str(folder)
-    with _WRITABLE_LOCK:
-        if key in _WRITABLE_CACHE:
-            return _WRITABLE_CACHE[key]
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".probe-{os.getpid()}-{threading.get_ident()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-        ok = True
-    except OSError:
-        ok = False
-    with _WRITABLE_LOCK:
-        _WRITABLE_CACHE[key] = ok
-    return ok
-
-
-#: ``index=`` values that name no index file (for a plain ``.nii`` they change nothing).
-_INDEX_WORDS = ("auto", "never")
-
-
-def check_index_argument(index: Any, info: NiftiInfo) -> None:
-    """Refuse an ``index=`` that ``open_nifti`` does not accept for this file.
-
-    ``index`` accepts ``"auto"`` (default) or ``True``, ``False``/``None``/``"never"``,
-    or the path of a gzip index file (a ``str`` or ``os.PathLike``); a path only for
-    a ``.nii.gz``: a plain ``.nii`` has no gzip stream to index.
-
-    Raises
-    ------
-    ArgumentError
-        Naming the file, the value given and what ``index`` accepts.
-    """
-    accepts = (
-        "index accepts 'auto' (default) or True, False/None/'never' (always stream), or the "
-        "path of a gzip index file for a .nii.gz"
-    )
-    if index is None or isinstance(index, bool):
-        return
-    if isinstance(index, str) and index in _INDEX_WORDS:
-        return
-    if not isinstance(index, (str, os.PathLike)):
-        raise ArgumentError(
-            f"{info.path}: index={index!r} ({type(index).__name__}) is not an index setting; "
-            f"{accepts}."
-        )
-    if not info.compressed:
-        raise ArgumentError(
-            f"{info.path}: index={index!r} names a gzip index, but this is an uncompressed "
-            f".nii (nothing to index); {accepts}. Leave index at its default."
-        )
-
-
-def _gzip_spec(
-    info: NiftiInfo,
-    index: Any,
-    cache_dir: Any,
-    index_store: Any = None,
-    index_store_options: dict[str, Any] | None = None,
-) -> gzindex.GzipIndexSpec:
-    check_index_argument(index, info)
-    remote = not storage.is_local(info.path)
-    base = {
-        "storage_options": info.storage_options,
-        "size": info.size,
-        "etag": str(info.file_version) if remote else "",
-    }
-    if index is False or index is None or index == "never":
-        return gzindex.GzipIndexSpec(info.path, None, **base)  # type: ignore[arg-type]
-    if index == "auto" or index is True:
-        folder = config.cache_dir(cache_dir) / "gzindex"
-        if not _cache_writable(folder):
-            warnings.warn(
-                f"{info.path}: neurocube's cache folder {folder} cannot be created or written; "
-                "reading this .nii.gz by streaming from the start (no random access). Set "
-                "NEUROCUBE_CACHE_DIR or pass cache_dir= to a writable folder.",
-                gzindex.IndexWriteWarning,
-                stacklevel=3,
-            )
-            return gzindex.GzipIndexSpec(info.path, None, **base)  # type: ignore[arg-type]
-        meta = storage.ObjectInfo(
-            info.path, info.size, mtime_ns=info.file_version if not remote else 0,  # type: ignore[arg-type]
-            etag=str(info.file_version) if remote else "",
-        )
-        store = gzindex.index_store(index_store)
-        store_options = (
-            storage.as_options(index_store_options)
-            if index_store_options is not None
-            else info.storage_options
-        )
-        spec = gzindex.GzipIndexSpec(
-            info.path,
-            str(gzindex.auto_index_path(info.path, cache_dir, meta=meta)),
-            store=store,
-            store_options=store_options if store is not None else None,
-            **base,  # type: ignore[arg-type]
-        )
-        gzindex.retire_old_versions(spec)
-        return spec
-    index_path = storage.local_path(index)
-    gzindex.check_index(index_path, info.path, info.storage_options)
-    return gzindex.GzipIndexSpec(info.path, str(index_path), explicit=True,
-                                 **base)  # type: ignore[arg-type]
-
-
 def open_nifti(
     path: str | os.PathLike[str],
     *,
@@ -1025,37 +913,6 @@ def volume_dask_array(
     return data
 
 
-def build_index(
-    path: str | os.PathLike[str],
-    *,
-    storage_options: dict[str, Any] | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    index_store: str | os.PathLike[str] | None = None,
-    index_store_options: dict[str, Any] | None = None,
-) -> str | None:
-    """Build (or find) the gzip seek index of a ``.nii.gz`` ahead of time; return its local path.
-
-    Streams the file once (remote objects: once over the network) unless a
-    valid index is already in the cache folder or the index store, and puts
-    a new index into the store when one is named. A ``.nii`` needs no index:
-    None is returned.
-    """
-    info = read_header(path, storage_options)
-    if not info.compressed:
-        return None
-    spec = _gzip_spec(info, "auto", cache_dir, index_store, index_store_options)
-    if spec.index_path is None:
-        raise NeurocubeError(
-            f"{info.path}: no writable cache folder for its index; set NEUROCUBE_CACHE_DIR "
-            "or pass cache_dir= to a writable folder."
-        )
-    if gzindex.fetch_index(spec) and gzindex.index_usable(spec):
-        return spec.index_path
-    layout = (info.vox_offset, info.volume_bytes, info.n_volumes)
-    gzindex.run_pass(spec, data_end=info.data_end, volumes=layout)
-    return spec.index_path
-
-
 def read_after(arr: VolumeArray, key: tuple[slice, ...], _previous: Any) -> np.ndarray:
     """Read ``arr[key]`` once the previous chunk of the same stream has been read (unverified)."""
     with _deferred_verification():
@@ -1160,12 +1017,12 @@ def build_parts(
     info = read_header(path, storage_options)
     storage.remember_options(info.path, info.storage_options)
     check_index_argument(index, info)
-    gzip_spec = (
-        _gzip_spec(info, index, cache_dir, index_store, index_store_options)
+    index_spec = (
+        gzip_spec(info, index, cache_dir, index_store, index_store_options)
         if info.compressed
         else None
     )
-    spec = NiftiSpec.from_info(info, gzip_spec)
+    spec = NiftiSpec.from_info(info, index_spec)
     identity = (info.path, info.size, info.file_version)
     per = _volumes_per_chunk(chunks, spec, info.path)
     attrs: dict[str, Any] = {

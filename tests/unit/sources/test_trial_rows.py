@@ -42,7 +42,7 @@ def test_rows_of_selections_equal_the_values(session, indexed):
     s, mask, truth, root = session
     cache = root / ("cache-indexed" if indexed else "cache-first")
     if indexed:
-        from neurocube.sources.nifti import build_index
+        from neurocube.sources.nifti_index import build_index
 
         build_index(s.betas, cache_dir=cache)
     x = neurocube.open_nifti(s.betas, mask=mask, cache_dir=cache, chunks=4)["data"].data
@@ -90,7 +90,7 @@ def test_batches_over_a_selection_read_the_same_rows(session):
 def test_forward_reads_of_spans_equal_the_values(session, monkeypatch):
     """Spans long enough for a reader of their own (made small here) read the same values."""
     import neurocube.sources.nifti as nifti
-    from neurocube.sources.nifti import build_index
+    from neurocube.sources.nifti_index import build_index
 
     s, mask, truth, root = session
     cache = root / "cache-forward"
