@@ -780,18 +780,18 @@ def check_unchanged(
     meta = info(path, storage_options)
     local = is_local(meta.path)
     now_size, now_version = meta.size, (meta.mtime_ns if local else meta.etag)
+    if now_size != size or now_version != version:
+        raise DataChangedError(
+            f"{path}: changed since it was {what} (then {size} bytes, version {version}; now "
+            f"{now_size} bytes, version {now_version}). Values read now would mix two versions: "
+            "open it again."
+        )
     if local and ctime_ns and meta.ctime_ns != ctime_ns:
         raise DataChangedError(
             f"{path}: changed since it was {what} (then ctime {ctime_ns} ns; now ctime "
             f"{meta.ctime_ns} ns, with {now_size} bytes and mtime {now_version}: rewritten, "
             "even if its size and mtime look the same). Values read now would mix two "
             "versions: open it again."
-        )
-    if now_size != size or now_version != version:
-        raise DataChangedError(
-            f"{path}: changed since it was {what} (then {size} bytes, version {version}; now "
-            f"{now_size} bytes, version {now_version}). Values read now would mix two versions: "
-            "open it again."
         )
     if not is_local(path):
         with _CHECKED_LOCK:

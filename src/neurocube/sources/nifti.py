@@ -163,6 +163,7 @@ class NiftiSpec(VolumeGeometry):
     storage_options: StorageOptions | None = None
     size: int = 0
     file_version: int | str = 0
+    ctime_ns: int = 0
 
     @classmethod
     def from_info(cls, info: NiftiInfo, gzip_spec: gzindex.GzipIndexSpec | None) -> NiftiSpec:
@@ -179,6 +180,7 @@ class NiftiSpec(VolumeGeometry):
             storage_options=info.storage_options,
             size=info.size,
             file_version=info.file_version,
+            ctime_ns=info.ctime_ns,
         )
 
     @property
@@ -190,11 +192,14 @@ class NiftiSpec(VolumeGeometry):
         """Raise :class:`~neurocube.errors.SourceChangedError` if the file is not the one opened.
 
         Its size and version (mtime locally, ETag remotely) are compared with those recorded
-        at open: one stat per chunk task (a remote object is asked once per process and
-        version). A file replaced by one with another grid or ``vox_offset`` would otherwise
-        be read with the old header's geometry; nothing is re-hashed.
+        at open, and a local file's ctime too (a rewrite that keeps the size and sets the
+        mtime back still changes it): one stat per chunk task (a remote object is asked
+        once per process and version). A file replaced by one with another grid or
+        ``vox_offset`` would otherwise be read with the old header's geometry; nothing is
+        re-hashed.
         """
-        storage.check_unchanged(self.path, self.storage_options, self.size, self.file_version)
+        storage.check_unchanged(self.path, self.storage_options, self.size, self.file_version,
+                                ctime_ns=self.ctime_ns or None)
 
     @property
     def volume_layout(self) -> tuple[int, int, int]:

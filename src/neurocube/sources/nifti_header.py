@@ -113,6 +113,7 @@ class NiftiInfo(VolumeGeometry):
     size: int = 0
     file_version: int | str = 0  # mtime_ns of a local file, ETag of an object
     storage_options: StorageOptions | None = None
+    ctime_ns: int = 0  # a local file's status-change time when opened (0: an object)
 
 
 def _output_dtype(stored: np.dtype, slope: float | None, inter: float | None) -> np.dtype:
@@ -319,6 +320,7 @@ def read_header(
         size=meta.size,
         file_version=meta.mtime_ns if storage.is_local(spath) else meta.etag,
         storage_options=options,
+        ctime_ns=meta.ctime_ns if storage.is_local(spath) else 0,
     )
     _check_declared_size(info)
     if not compressed:

@@ -406,6 +406,27 @@ def test_nii_truncated_after_opening_names_the_first_missing_volume(nifti_factor
     with pytest.raises(TruncatedFileError, match=r"late\.nii.*volume 7 onwards cannot be read"):
         neurocube.open_nifti(path, mask=brain_mask())
 
+def test_nii_rewritten_with_size_and_mtime_restored_is_refused(nifti_factory):
+    path = nifti_factory("same.nii", shape=(5, 6, 7, 20))
+    ds = neurocube.open_nifti(path, chunks=5)
+    before = os.stat(path)
+    data = bytearray(open(path, "rb").read())
+    info = nifti_header.read_header(path)
+    data[info.vox_offset : info.vox_offset + 8] = b"\x7f" * 8  # other values, same size
+    with open(path, "r+b") as fh:
+        fh.write(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # mtime set back
+    assert os.stat(path).st_size == before.st_size
+    # only the status-change time tells: no values of the new content under the old opening
+    with pytest.raises(SourceChangedError, match=r"same\.nii: changed since it was opened "
+                       r"\(then ctime"):
+        ds.data.isel(trial=slice(0, 5)).compute()
+    with pytest.raises(SourceChangedError, match="ctime"):
+        neurocube.load(ds.data, progress=False)
+    reopened = neurocube.open_nifti(path, chunks=5)  # opened again: the new content, as it is
+    assert np.isfinite(reopened.data.isel(trial=slice(5, 10)).values).all()
+
+
 def _intact_bytes(gz_path):
     import zlib
 
