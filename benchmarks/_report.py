@@ -31,15 +31,22 @@ def rss_now() -> int:
     return 0
 
 
-def run_worker(script: str | Path, name: str, *args: object) -> dict[str, Any]:
+def run_worker(
+    script: str | Path,
+    name: str,
+    *args: object,
+    stdin: str | None = None,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Run ``python script --worker name *args`` in a fresh process; return its last JSON line.
 
     A fresh process per measurement: its peak RSS is its own, and no cache of an
-    earlier method is warm.
+    earlier method is warm. ``stdin`` is written to the worker's standard input,
+    ``env`` replaces its environment.
     """
     proc = subprocess.run(
         [sys.executable, str(script), "--worker", name, *map(str, args)],
-        capture_output=True, text=True,
+        input=stdin, capture_output=True, text=True, env=env,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")

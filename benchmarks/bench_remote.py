@@ -48,14 +48,13 @@ import platform
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from _report import judge, write_report
+from _report import judge, run_worker, write_report
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -278,16 +277,6 @@ def du(*folders: Path) -> int:
     return total
 
 
-def run_worker(name: str, cfg: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", name], input=json.dumps(cfg),
-        capture_output=True, text=True, env=env,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small file, one repeat (smoke test)")
@@ -380,12 +369,12 @@ def main() -> int:
                 if name == "neurocube_first":
                     shutil.rmtree(cache, ignore_errors=True)
                 elif name.startswith("neurocube") and not (cache / "gzindex").exists():
-                    run_worker("neurocube_first", cfg, run_env)
+                    run_worker(__file__, "neurocube_first", stdin=json.dumps(cfg), env=run_env)
                 cache.mkdir(parents=True, exist_ok=True)
                 before = du(cache, tmp)
                 proxy.counter.reset()
                 server_cpu = os.times()
-                r = run_worker(name, cfg, run_env)
+                r = run_worker(__file__, name, stdin=json.dumps(cfg), env=run_env)
                 after = os.times()  # this process serves: moto and the proxy
                 r["server_cpu_seconds"] = (after.user - server_cpu.user
                                            + after.system - server_cpu.system)
