@@ -79,6 +79,7 @@ from neurocube.errors import (
     NeurocubeWarning,
     TruncatedFileError,
 )
+from neurocube.sources.volume_sums import VOLUME_SUM, VolumeHasher, Volumes, volume_checksum
 from neurocube.storage import IO_STATS, HandlePool, StorageOptions, file_identity
 
 __all__ = [
@@ -98,6 +99,7 @@ INDEXED_READ_BLOCK = 32 << 20  # bytes per read call through an index (one call 
 SEQUENTIAL_READ_BLOCK = 4 << 20  # bytes per read call of a forward pass (open_sequential)
 STREAM_THREADS = max(1, os.cpu_count() or 1)  # a first pass decodes on all cores (rapidgzip)
 DECODED_CHUNK = 6 << 20  # rapidgzip chunk size of a first pass, in decoded bytes (2 threads)
+VERIFY_VOLUMES = True  # read by check_volumes; False only in benchmarks, to measure its cost
 
 
 _STREAM_THREADS_IN_USE = 0
@@ -142,105 +144,6 @@ def stream_chunk_size(compressed: int, uncompressed: int, threads: int = 2) -> i
     decoded = max(2 << 20, DECODED_CHUNK * 5 / (2 * max(1, threads) + 1))
     return int(min(2 << 20, max(64 << 10, decoded / ratio)))
 
-
-# --- per-volume checksums -----------------------------------------------------------------
-#
-# The gzip CRC32 covers the whole stream and is checked only by a full sequential pass; reads
-# through an index (indexed_gzip seeking to a point) check nothing. The first pass therefore
-# records one checksum per volume in the index's sidecar, and every indexed read checks the
-# volumes it returns. The checksum: each 4 KiB block of the volume is summed as little-endian
-# uint64 words (mod 2**64; a last partial block is zero-padded to whole words), and the CRC32 of
-# those block sums is the volume's checksum. Summing runs at memory speed (about 4x zlib.crc32
-# measured), so verifying costs a few % of inflating; the CRC over the sums makes the result
-# depend on every block and its position, and a changed byte always changes its block's sum.
-
-Volumes = tuple[int, int, int]  # (offset of the first volume, bytes per volume, count)
-VOLUME_SUM = "sum64x4k-crc32"
-VERIFY_VOLUMES = True  # False only in benchmarks, to measure what verification costs
-SUM_BLOCK = 4096
-_SUM_WORDS = SUM_BLOCK // 8
-
-
-def _block_sums(data: Any) -> Any:
-    """Return the uint64 sums of the 4 KiB blocks of ``data`` (bytes-like; length any)."""
-    import numpy as np
-
-    raw = np.frombuffer(data, dtype=np.uint8)
-    full = raw.size // SUM_BLOCK
-    head = raw[: full * SUM_BLOCK].view("<u8").reshape(full, _SUM_WORDS)
-    sums = head.sum(axis=1, dtype=np.uint64)
-    rest = raw[full * SUM_BLOCK :]
-    if rest.size:
-        padded = np.zeros(-(-rest.size // 8) * 8, dtype=np.uint8)
-        padded[: rest.size] = rest
-        sums = np.append(sums, padded.view("<u8").sum(dtype=np.uint64))
-    return sums
-
-
-def volume_checksum(data: Any) -> int:
-    """Return the checksum (:data:`VOLUME_SUM`) of one volume's uncompressed bytes."""
-    import zlib
-
-    return zlib.crc32(_block_sums(data).astype("<u8").tobytes())
-
-
-class VolumeHasher:
-    """Per-volume checksums of a stream fed in order, in pieces that need not align to volumes.
-
-    ``feed(pos, data)`` takes the uncompressed bytes at ``pos`` (the next position expected);
-    bytes outside ``[offset, offset + size * count)`` are ignored. :attr:`sums` grows by one
-    checksum per finished volume.
-    """
-
-    def __init__(self, offset: int, size: int, count: int) -> None:
-        self.offset, self.size, self.count = offset, size, count
-        self.position = 0
-        self.sums: list[int] = []
-        self._crc = 0
-        self._carry = bytearray()  # the unfinished 4 KiB block of the current volume
-
-    @property
-    def complete(self) -> bool:
-        """True once every volume has its checksum."""
-        return len(self.sums) >= self.count
-
-    def feed(self, pos: int, data: Any) -> None:
-        import zlib
-
-        if pos != self.position:
-            raise ValueError(f"volume checksums fed out of order ({pos} after {self.position})")
-        view = memoryview(data).cast("B")
-        n = len(view)
-        i = 0
-        while i < n and not self.complete:
-            vol_start = self.offset + len(self.sums) * self.size
-            here = pos + i
-            if here < vol_start:  # header or extension bytes
-                i += min(n - i, vol_start - here)
-                continue
-            done = here - vol_start  # bytes of this volume already fed
-            take = min(n - i, self.size - done)
-            piece = view[i : i + take]
-            j = 0
-            if self._carry:
-                j = min(take, SUM_BLOCK - len(self._carry))
-                self._carry += piece[:j]
-                if len(self._carry) == SUM_BLOCK:
-                    self._crc = zlib.crc32(_block_sums(self._carry).astype("<u8"), self._crc)
-                    self._carry.clear()
-            whole = (take - j) // SUM_BLOCK * SUM_BLOCK
-            if whole:
-                sums = _block_sums(piece[j : j + whole])
-                self._crc = zlib.crc32(sums.astype("<u8"), self._crc)
-            self._carry += piece[j + whole :]
-            i += take
-            if done + take == self.size:  # the volume is complete
-                if self._carry:
-                    self._crc = zlib.crc32(_block_sums(self._carry).astype("<u8"), self._crc)
-                    self._carry.clear()
-                self.sums.append(self._crc)
-                self._crc = 0
-        self.position = pos + n
 
 
 class IndexWriteWarning(NeurocubeWarning):
