@@ -79,6 +79,7 @@ from neurocube.errors import (
     NeurocubeWarning,
     TruncatedFileError,
 )
+from neurocube.sources import gzidx_format
 from neurocube.sources.volume_sums import VOLUME_SUM, VolumeHasher, Volumes, volume_checksum
 from neurocube.storage import IO_STATS, HandlePool, StorageOptions, file_identity
 
@@ -93,7 +94,6 @@ __all__ = [
     "read_range",
 ]
 
-_MAGIC = b"GZIDX"
 SPACING = 4 << 20  # one seek point per 4 MiB of uncompressed data
 INDEXED_READ_BLOCK = 32 << 20  # bytes per read call through an index (one call per chunk)
 SEQUENTIAL_READ_BLOCK = 4 << 20  # bytes per read call of a forward pass (open_sequential)
@@ -306,7 +306,7 @@ def check_index(
             f"{index_path}: gzip index not found (given for {gz_path}). Pass index='auto' to let "
             "neurocube build one in its cache folder, or index=False to stream."
         ) from exc
-    if len(head) < 23 or not head.startswith(_MAGIC):
+    if len(head) < 23 or not head.startswith(gzidx_format.MAGIC):
         raise IndexMismatchError(
             f"{index_path}: not a gzip seek index (expected the 'GZIDX' header of indexed_gzip, "
             f"found {head[:8]!r}). Delete it or pass index='auto'."
@@ -790,7 +790,7 @@ class SequentialReader:
         if self._source is None or self._spec is None or self._spec.index_path is None:
             return
         try:
-            _, hi = compressed_range(self._spec.index_path, end, end, self._spec.size)
+            _, hi = gzidx_format.compressed_range(self._spec.index_path, end, end, self._spec.size)
         except (OSError, NeurocubeError):
             return
         self._source.ahead_limit = hi
@@ -839,10 +839,10 @@ def open_sequential(
 
     With ``end`` (the pass reads no further than uncompressed byte ``end``), the
     reader is given only the seek points that span ``[start, end)``
-    (:func:`_span_index`): importing the whole index costs ~20-25 ms of CPU for
-    a 750 MB file (rapidgzip takes every 32 KiB window in), a span's points
-    ~3-5 ms, for the same bytes (measured). Such a reader refuses to read past
-    ``end`` (:class:`SequentialReadError`).
+    (:func:`~neurocube.sources.gzidx_format.span_index`): importing the whole
+    index costs ~20-25 ms of CPU for a 750 MB file (rapidgzip takes every
+    32 KiB window in), a span's points ~3-5 ms, for the same bytes (measured).
+    Such a reader refuses to read past ``end`` (:class:`SequentialReadError`).
 
     Returns None when the file has no usable index (see :func:`index_usable`),
     rapidgzip is not installed, or it cannot load the index: the caller then
@@ -859,7 +859,7 @@ def open_sequential(
     source = _source(spec)
     try:
         handle = rapidgzip.RapidgzipFile(source, parallelization=1)
-        span = None if end is None else _span_index(spec.index_path, start, end)
+        span = None if end is None else gzidx_format.span_index(spec.index_path, start, end)
         handle.import_index(spec.index_path if span is None else io.BytesIO(span))
         handle.seek(start)
     except Exception:  # an index rapidgzip cannot load: indexed_gzip reads (or reports) it
@@ -876,144 +876,10 @@ def open_sequential(
     return reader
 
 
-_INDEX_BYTES: dict[str, tuple[tuple[int, int], bytes]] = {}  # index path -> ((size, mtime), bytes)
-_INDEX_BYTES_LOCK = threading.Lock()
-
-
-def _span_index(index_path: str, start: int, end: int) -> bytes | None:
-    """Return a GZIDX index holding the seek points a pass over ``[start, end)`` needs.
-
-    The stream's first point, the last point at or before ``start`` and every
-    point up to the first at or after ``end``, with their windows, copied from
-    the stored index (already checked: :func:`index_usable`). None if the
-    index cannot be parsed (the caller then imports the whole file).
-    """
-    import bisect
-
-    stat = os.stat(index_path)
-    version = (stat.st_size, stat.st_mtime_ns)
-    with _INDEX_BYTES_LOCK:
-        cached = _INDEX_BYTES.get(index_path)
-    if cached is None or cached[0] != version:
-        with open(index_path, "rb") as fh:
-            cached = (version, fh.read())
-        with _INDEX_BYTES_LOCK:
-            _INDEX_BYTES[index_path] = cached
-            while len(_INDEX_BYTES) > 4:  # a few MB each
-                _INDEX_BYTES.pop(next(iter(_INDEX_BYTES)))
-    raw = cached[1]
-    if len(raw) < _HEADER.size or not raw.startswith(_MAGIC):
-        return None
-    magic, version_byte, flags, csize, usize, spacing, window, n = _HEADER.unpack_from(raw)
-    table = _HEADER.size
-    if n == 0 or len(raw) < table + n * _POINT.size:
-        return None
-    points = [_POINT.unpack_from(raw, table + i * _POINT.size) for i in range(n)]
-    windows: list[int] = []
-    pos = table + n * _POINT.size
-    for point in points:
-        windows.append(pos)
-        pos += window if point[3] else 0
-    if len(raw) < pos:
-        return None
-    uoffs = [p[1] for p in points]
-    first = max(0, bisect.bisect_right(uoffs, start) - 1)
-    last = min(n - 1, bisect.bisect_left(uoffs, end))
-    keep = sorted({0, *range(first, last + 1)})
-    parts = [_HEADER.pack(magic, version_byte, flags, csize, usize, spacing, window, len(keep))]
-    parts += [_POINT.pack(*points[k]) for k in keep]
-    parts += [raw[windows[k] : windows[k] + window] for k in keep if points[k][3]]
-    return b"".join(parts)
-
-
-_HEADER = struct.Struct("<5sBBQQIII")  # magic, version, flags, csize, usize, spacing, window, n
-_POINT = struct.Struct("<QQBB")  # compressed offset, uncompressed offset, bits, has-window
-
-
-def thin_index(src: str | os.PathLike[str], dst: str | os.PathLike[str], spacing: int) -> int:
-    """Copy a GZIDX (v1) index keeping seek points at least ``spacing`` uncompressed bytes apart.
-
-    rapidgzip records a point per compressed chunk; every indexed_gzip handle
-    loads all windows (32 KiB each) into memory, so a dense index would cost
-    hundreds of MB per handle on a large session. The first and the last
-    points are always kept. Returns the number of points kept.
-    """
-    with open(src, "rb") as fh:
-        head = fh.read(_HEADER.size)
-        magic, version, flags, csize, usize, old_spacing, window, n = _HEADER.unpack(head)
-        if magic != _MAGIC or version != 1:
-            raise IndexMismatchError(f"{src}: not a version-1 GZIDX index (found {head[:6]!r})")
-        points = [_POINT.unpack(fh.read(_POINT.size)) for _ in range(n)]
-        keep: list[int] = []
-        last = None
-        for idx, (_, uoff, _, _) in enumerate(points):
-            if last is None or uoff - last >= spacing or idx == n - 1:
-                keep.append(idx)
-                last = uoff
-        window_at: dict[int, int] = {}
-        pos = fh.tell()
-        for idx, point in enumerate(points):
-            if point[3]:
-                window_at[idx] = pos
-                pos += window
-        with open(dst, "wb") as out:
-            out.write(_HEADER.pack(magic, version, flags, csize, usize,
-                                   max(old_spacing, spacing), window, len(keep)))
-            for idx in keep:
-                out.write(_POINT.pack(*points[idx]))
-            for idx in keep:
-                if points[idx][3]:
-                    fh.seek(window_at[idx])
-                    out.write(fh.read(window))
-    return len(keep)
-
-
-_POINTS: dict[str, tuple[list[int], list[int]]] = {}  # index path -> (uncompressed, compressed)
-_POINTS_LOCK = threading.Lock()
-
-
-def _seek_points(index_path: str) -> tuple[list[int], list[int]]:
-    """Return the seek points of a GZIDX index: sorted uncompressed and compressed offsets."""
-    with _POINTS_LOCK:
-        cached = _POINTS.get(index_path)
-    if cached is not None:
-        return cached
-    with open(index_path, "rb") as fh:
-        head = fh.read(_HEADER.size)
-        if len(head) < _HEADER.size or not head.startswith(_MAGIC):
-            raise IndexMismatchError(f"{index_path}: not a GZIDX index (found {head[:6]!r})")
-        n = _HEADER.unpack(head)[-1]
-        raw = fh.read(n * _POINT.size)
-    if len(raw) < n * _POINT.size:
-        raise IndexMismatchError(f"{index_path}: the index is truncated ({n} points announced)")
-    points = [_POINT.unpack_from(raw, i * _POINT.size) for i in range(n)]
-    result = ([p[1] for p in points], [p[0] for p in points])
-    with _POINTS_LOCK:
-        _POINTS[index_path] = result
-    return result
-
-
-def compressed_range(index_path: str, start: int, end: int, size: int) -> tuple[int, int]:
-    """Return the compressed bytes ``[lo, hi)`` that inflate uncompressed ``[start, end)``.
-
-    From the last seek point at or before ``start`` (one byte earlier: a point
-    may start inside a byte) to the first point at or after ``end`` (or the
-    end of the file), plus a small margin for the inflater's look-ahead.
-    """
-    import bisect
-
-    uoffs, coffs = _seek_points(index_path)
-    i = bisect.bisect_right(uoffs, start) - 1
-    lo = max(0, coffs[i] - 1) if i >= 0 else 0
-    j = bisect.bisect_left(uoffs, end)
-    hi = min(size, coffs[j] + (64 << 10)) if j < len(uoffs) else size
-    return lo, max(lo, hi)
-
-
 def _prefetch(spec: GzipIndexSpec, index_path: str, start: int, end: int) -> None:
     """Fetch the compressed bytes an indexed read of ``[start, end)`` needs, concurrently."""
     try:
-        lo, hi = compressed_range(index_path, start, end, spec.size)
+        lo, hi = gzidx_format.compressed_range(index_path, start, end, spec.size)
     except (OSError, NeurocubeError):
         return  # the inflater reports an unusable index itself
     reader = _source(spec, readahead=0)
@@ -1165,7 +1031,7 @@ def _store_index(stream: _Stream, spec: GzipIndexSpec) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         stream.export(str(dense))
-        thin_index(dense, tmp, SPACING)
+        gzidx_format.thin_index(dense, tmp, SPACING)
         version = _version(spec, str(target))
         record: dict[str, Any] = {
             "format": "GZIDX",
@@ -1226,8 +1092,7 @@ def _discard_cached_index(spec: GzipIndexSpec, index_path: str, problem: str) ->
         for stale in (Path(index_path), Path(index_path).with_suffix(".json")):
             with contextlib.suppress(OSError):
                 stale.unlink()
-    with _POINTS_LOCK:
-        _POINTS.pop(index_path, None)
+    gzidx_format.forget_seek_points(index_path)
     with _SUMS_LOCK:
         _SUMS.pop(index_path, None)
     _INDEXED.discard_matching(  # readers that loaded the old index (or hold the old file)
@@ -1504,8 +1369,7 @@ def reset_handles() -> None:
     with _STATE_LOCK:
         _BROKEN_INDEX_DIRS.clear()
         _STORE_CHECKED.clear()
-    with _POINTS_LOCK:
-        _POINTS.clear()
+    gzidx_format.forget_seek_points()
     with _VERIFY_LOCK:
         _VERIFIED.clear()
         _PASSED.clear()
