@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import neurocube
 from neurocube.errors import CorruptDataError, NeurocubeError, TruncatedFileError
 from neurocube.sources import gzindex, nifti, nifti_header
-from neurocube.sources.gzindex import IndexRebuildWarning
+from neurocube.sources.gzindex_store import IndexRebuildWarning
 from neurocube.sources.volume_sums import VOLUME_SUM, VolumeHasher, volume_checksum
 from tests.fixtures.nifti import write_nifti
 
