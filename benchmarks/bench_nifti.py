@@ -210,9 +210,9 @@ def _parallel_inflate(path: str, cache: str, threads: int, lib: str) -> None:
     import indexed_gzip
     import rapidgzip
 
-    from neurocube.sources import gzindex
+    from neurocube.sources import gzindex_store
 
-    index = gzindex.auto_index_path(path, cache)
+    index = gzindex_store.auto_index_path(path, cache)
     size = _uncompressed_size(path, str(index))
     bounds = [size * i // threads for i in range(threads + 1)]
 

@@ -437,7 +437,7 @@ def main() -> int:
     nc = ("neurocube_first", "neurocube_indexed", "neurocube_subset")
     # Issue 10 §4: a subset may send the compressed bytes of its volumes (estimated here as
     # their share of the file: every volume has the same statistics) + 2 index spacings.
-    from neurocube.sources.gzindex import SPACING
+    from neurocube.sources.gzindex_store import SPACING
 
     subset_budget = gz_bytes * (SUBSET / n_trials + 2 * SPACING / raw_bytes)
     ratios = {

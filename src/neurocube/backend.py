@@ -41,13 +41,13 @@ class _NiftiBackendArray(BackendArray):
 def _open_nifti_lazy(path: str, **kwargs: Any) -> Any:
     import xarray as xr
 
-    from neurocube.sources import gzindex
+    from neurocube.sources import gzindex_store
     from neurocube.sources.nifti import build_parts
 
     parts = build_parts(path, **kwargs)
     gz = parts.array.spec.gzip
     if gz is not None and gz.index_path is not None and gz.store is not None:
-        gzindex.fetch_index(gz)  # an index shared in the store: no first pass over the data
+        gzindex_store.fetch_index(gz)  # an index shared in the store: no first pass over the data
     var = xr.Variable(
         parts.dims, indexing.LazilyIndexedArray(_NiftiBackendArray(parts.array)),
         attrs=parts.variable_attrs(),

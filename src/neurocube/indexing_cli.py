@@ -106,7 +106,7 @@ def _build(args: argparse.Namespace) -> int:
     from neurocube import storage
     from neurocube.errors import NeurocubeError
     from neurocube.progress import operation
-    from neurocube.sources.gzindex import index_store
+    from neurocube.sources.gzindex_store import index_store
     from neurocube.sources.nifti_index import build_index
 
     show = False if args.no_progress else None

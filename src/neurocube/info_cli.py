@@ -85,11 +85,11 @@ def describe(
         lines.append(f"  format: {name}")
         kwargs: dict[str, Any] = {}
         if name == "nifti":
-            from neurocube.sources import gzindex
+            from neurocube.sources import gzindex, gzindex_store
             from neurocube.sources.nifti import build_parts, open_nifti
 
             parts = build_parts(path, cache_dir=cache_dir, storage_options=storage_options,
-                                index_store=gzindex.index_store(index_store))  # fmt: skip
+                                index_store=gzindex_store.index_store(index_store))  # fmt: skip
             gz = parts.array.spec.gzip
             if gz is None:
                 lines.append("  gzip index: not needed (not gzip-compressed)")

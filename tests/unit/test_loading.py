@@ -13,7 +13,7 @@ import xarray as xr
 
 import neurocube
 from neurocube.errors import SourceChangedError, TruncatedFileError
-from neurocube.sources import gzindex, nifti, nifti_header, nifti_load
+from neurocube.sources import gzindex, gzindex_store, nifti, nifti_header, nifti_load
 from neurocube.storage import IO_STATS
 from tests.fixtures.nifti import analytic_values, write_nifti
 
@@ -120,7 +120,7 @@ def test_direct_load_of_a_gz_cut_after_opening_fails_like_the_dask_path(nifti_fa
     mask = np.ones((5, 6, 7), bool)
     neurocube.open_nifti(path, mask=mask, cache_dir=tmp_path).compute()  # builds the index
     index = tmp_path / "whole.gzidx"
-    index.write_bytes(gzindex.auto_index_path(path, tmp_path).read_bytes())
+    index.write_bytes(gzindex_store.auto_index_path(path, tmp_path).read_bytes())
     ds = neurocube.open_nifti(path, mask=mask, chunks=10, index=index)  # intact when opened
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])

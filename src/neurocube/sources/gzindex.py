@@ -25,79 +25,52 @@ A remote object (``s3://``, ``https://``) is read the same way through a
 seekable file over its byte ranges (:class:`neurocube.storage.BlockReader`):
 the first pass fetches the object once, ahead of the inflater, and records the
 index; with the index, a read fetches only the compressed bytes between the
-seek points around the volumes it needs. Indexes of objects are keyed by the
-URL, the size and the ETag (never a local mtime) and can be shared through an
-*index store* (a folder or URL, ``NEUROCUBE_INDEX_STORE``), so that a team or a
-cluster builds each one once.
+seek points around the volumes it needs.
 
-Verification. The index's JSON sidecar records, besides the file's identity,
-the CRC32 of the index file, one checksum per volume (:data:`VOLUME_SUM`,
-over the uncompressed bytes) and a CRC32 of its own content. Every read through
-the index checks the volumes it returns (:func:`check_volumes`): a mismatch is
-a :class:`~neurocube.errors.CorruptDataError` naming the file and the volume. A
-damaged index or sidecar is deleted and rebuilt with an
-:class:`IndexRebuildWarning`. Sidecars written before volume checksums existed
-are treated the same way (rebuilt by one verified pass on their next use: the
-choice made for old indexes). An index the caller names (``index=path``) has
-no neurocube sidecar unless one lies beside it; its volume checksums are then
-computed by one full pass per process before the first read through it.
+Verification. Reads through an index check the volumes they return against the
+checksums the first pass recorded (:func:`check_volumes`, the checksum itself
+is :mod:`neurocube.sources.volume_sums`): a mismatch is a
+:class:`~neurocube.errors.CorruptDataError` naming the file and the volume. An
+index the caller names (``index=path``) has no neurocube sidecar unless one lies
+beside it; its volume checksums are then computed by one full pass per process
+before the first read through it.
 
-Index files of local files are keyed by the file's identity (path, size, mtime, hash of its
-first and last MiB), in two steps so that opening a file reads nothing but its
-header: the index's *name* comes from the path, size and mtime (a ``stat``),
-and its JSON sidecar records the hash of the ends, which is checked against the
-file once per process and file version, inside the first read task that uses
-the index (that task reads the file anyway). A file rewritten with the same
-size and mtime thus keeps the name, fails the check, and its stale index is
-deleted with an :class:`IndexRebuildWarning`; the read streams and stores a new
-one. A cache folder that cannot be written falls back to streaming, with a
-warning.
+This module reads; the index files are kept elsewhere. Their names, their
+sidecars (the file's identity, checked once per process and file version), a
+stale or damaged index deleted with an ``IndexRebuildWarning``, an unwritable
+cache folder and the shared index store are
+:mod:`neurocube.sources.gzindex_store`; the GZIDX layout itself (thinning,
+spans of seek points, compressed ranges) is :mod:`neurocube.sources.gzidx_format`.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import hashlib
 import io
-import json
 import os
 import struct
 import threading
-import uuid
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from neurocube import config, storage
+from neurocube import storage
 from neurocube.errors import (
     CorruptDataError,
-    DataNotFoundError,
-    IndexMismatchError,
     NeurocubeError,
-    NeurocubeWarning,
     TruncatedFileError,
 )
-from neurocube.storage import IO_STATS, HandlePool, StorageOptions, file_identity
+from neurocube.sources import gzidx_format, gzindex_store
+from neurocube.sources.gzindex_store import GzipIndexSpec
+from neurocube.sources.volume_sums import VOLUME_SUM, VolumeHasher, Volumes, volume_checksum
+from neurocube.storage import IO_STATS, HandlePool
 
-__all__ = [
-    "GzipIndexSpec",
-    "IndexRebuildWarning",
-    "IndexWriteWarning",
-    "auto_index_path",
-    "check_index",
-    "index_usable",
-    "open_sequential",
-    "read_range",
-]
+__all__ = ["open_sequential", "read_range"]
 
-_MAGIC = b"GZIDX"
-SPACING = 4 << 20  # one seek point per 4 MiB of uncompressed data
 INDEXED_READ_BLOCK = 32 << 20  # bytes per read call through an index (one call per chunk)
 SEQUENTIAL_READ_BLOCK = 4 << 20  # bytes per read call of a forward pass (open_sequential)
 STREAM_THREADS = max(1, os.cpu_count() or 1)  # a first pass decodes on all cores (rapidgzip)
 DECODED_CHUNK = 6 << 20  # rapidgzip chunk size of a first pass, in decoded bytes (2 threads)
+VERIFY_VOLUMES = True  # read by check_volumes; False only in benchmarks, to measure its cost
 
 
 _STREAM_THREADS_IN_USE = 0
@@ -143,153 +116,6 @@ def stream_chunk_size(compressed: int, uncompressed: int, threads: int = 2) -> i
     return int(min(2 << 20, max(64 << 10, decoded / ratio)))
 
 
-# --- per-volume checksums -----------------------------------------------------------------
-#
-# The gzip CRC32 covers the whole stream and is checked only by a full sequential pass; reads
-# through an index (indexed_gzip seeking to a point) check nothing. The first pass therefore
-# records one checksum per volume in the index's sidecar, and every indexed read checks the
-# volumes it returns. The checksum: each 4 KiB block of the volume is summed as little-endian
-# uint64 words (mod 2**64; a last partial block is zero-padded to whole words), and the CRC32 of
-# those block sums is the volume's checksum. Summing runs at memory speed (about 4x zlib.crc32
-# measured), so verifying costs a few % of inflating; the CRC over the sums makes the result
-# depend on every block and its position, and a changed byte always changes its block's sum.
-
-Volumes = tuple[int, int, int]  # (offset of the first volume, bytes per volume, count)
-VOLUME_SUM = "sum64x4k-crc32"
-VERIFY_VOLUMES = True  # False only in benchmarks, to measure what verification costs
-SUM_BLOCK = 4096
-_SUM_WORDS = SUM_BLOCK // 8
-
-
-def _block_sums(data: Any) -> Any:
-    """Return the uint64 sums of the 4 KiB blocks of ``data`` (bytes-like; length any)."""
-    import numpy as np
-
-    raw = np.frombuffer(data, dtype=np.uint8)
-    full = raw.size // SUM_BLOCK
-    head = raw[: full * SUM_BLOCK].view("<u8").reshape(full, _SUM_WORDS)
-    sums = head.sum(axis=1, dtype=np.uint64)
-    rest = raw[full * SUM_BLOCK :]
-    if rest.size:
-        padded = np.zeros(-(-rest.size // 8) * 8, dtype=np.uint8)
-        padded[: rest.size] = rest
-        sums = np.append(sums, padded.view("<u8").sum(dtype=np.uint64))
-    return sums
-
-
-def volume_checksum(data: Any) -> int:
-    """Return the checksum (:data:`VOLUME_SUM`) of one volume's uncompressed bytes."""
-    import zlib
-
-    return zlib.crc32(_block_sums(data).astype("<u8").tobytes())
-
-
-class VolumeHasher:
-    """Per-volume checksums of a stream fed in order, in pieces that need not align to volumes.
-
-    ``feed(pos, data)`` takes the uncompressed bytes at ``pos`` (the next position expected);
-    bytes outside ``[offset, offset + size * count)`` are ignored. :attr:`sums` grows by one
-    checksum per finished volume.
-    """
-
-    def __init__(self, offset: int, size: int, count: int) -> None:
-        self.offset, self.size, self.count = offset, size, count
-        self.position = 0
-        self.sums: list[int] = []
-        self._crc = 0
-        self._carry = bytearray()  # the unfinished 4 KiB block of the current volume
-
-    @property
-    def complete(self) -> bool:
-        """True once every volume has its checksum."""
-        return len(self.sums) >= self.count
-
-    def feed(self, pos: int, data: Any) -> None:
-        import zlib
-
-        if pos != self.position:
-            raise ValueError(f"volume checksums fed out of order ({pos} after {self.position})")
-        view = memoryview(data).cast("B")
-        n = len(view)
-        i = 0
-        while i < n and not self.complete:
-            vol_start = self.offset + len(self.sums) * self.size
-            here = pos + i
-            if here < vol_start:  # header or extension bytes
-                i += min(n - i, vol_start - here)
-                continue
-            done = here - vol_start  # bytes of this volume already fed
-            take = min(n - i, self.size - done)
-            piece = view[i : i + take]
-            j = 0
-            if self._carry:
-                j = min(take, SUM_BLOCK - len(self._carry))
-                self._carry += piece[:j]
-                if len(self._carry) == SUM_BLOCK:
-                    self._crc = zlib.crc32(_block_sums(self._carry).astype("<u8"), self._crc)
-                    self._carry.clear()
-            whole = (take - j) // SUM_BLOCK * SUM_BLOCK
-            if whole:
-                sums = _block_sums(piece[j : j + whole])
-                self._crc = zlib.crc32(sums.astype("<u8"), self._crc)
-            self._carry += piece[j + whole :]
-            i += take
-            if done + take == self.size:  # the volume is complete
-                if self._carry:
-                    self._crc = zlib.crc32(_block_sums(self._carry).astype("<u8"), self._crc)
-                    self._carry.clear()
-                self.sums.append(self._crc)
-                self._crc = 0
-        self.position = pos + n
-
-
-class IndexWriteWarning(NeurocubeWarning):
-    """The gzip index could not be stored; reads fall back to streaming."""
-
-
-class IndexRebuildWarning(NeurocubeWarning):
-    """A cached gzip index was damaged or stale: it was deleted and is rebuilt by streaming."""
-
-
-INDEX_STORE_ENV = "NEUROCUBE_INDEX_STORE"
-
-
-@dataclass(frozen=True)
-class GzipIndexSpec:
-    """How to reach bytes inside one ``.gz`` file (picklable: locations and numbers only).
-
-    Parameters
-    ----------
-    path
-        The ``.gz`` file: a local path or a URL.
-    index_path
-        Where its index lives locally (or will be written); None disables indexing.
-    explicit
-        True when the caller named the index file: a missing or mismatched
-        index is then an error, and neurocube never overwrites it.
-    storage_options
-        Options for a remote ``path`` (credentials redacted from text and tokens).
-    size, etag
-        The object's size and ETag when it was opened (remote files): its version.
-    store, store_options
-        An index store (folder or URL) where the index is looked up before a
-        first read streams the file, and where a new index is uploaded.
-    """
-
-    path: str
-    index_path: str | None
-    explicit: bool = False
-    storage_options: StorageOptions | None = None
-    size: int = 0
-    etag: str = ""
-    store: str | None = None
-    store_options: StorageOptions | None = None
-
-    @property
-    def remote(self) -> bool:
-        """True for an object reached over the network (not a local path)."""
-        return not storage.is_local(self.path)
-
 
 def _source(spec: GzipIndexSpec, *, readahead: int | None = None) -> Any:
     """Return what the inflaters read: the local path, or a seekable reader over the object."""
@@ -304,238 +130,23 @@ def _compressed_size(spec: GzipIndexSpec) -> int:
     return spec.size if spec.remote else storage.info(spec.path).size
 
 
-def auto_index_path(
-    path: str | os.PathLike[str],
-    cache: str | os.PathLike[str] | None = None,
-    *,
-    meta: storage.ObjectInfo | None = None,
-) -> Path:
-    """Return where the index of ``path`` lives in the cache folder.
-
-    For a local file the name comes from the resolved path, the size and the
-    mtime (one ``stat``, no read); the hash of the file's first and last MiB,
-    the rest of its identity, is recorded in the index's sidecar and checked
-    when the index is first used (:func:`read_range`). For an object it comes
-    from the URL, the size and the ETag (``meta``, from the opener's stat).
-
-    Raises
-    ------
-    DataNotFoundError
-        If ``path`` does not exist.
-    """
-    meta = meta or storage.info(path)
-    return config.cache_dir(cache) / "gzindex" / index_name(meta)
-
-
-def index_name(meta: storage.ObjectInfo) -> str:
-    """Return the file name of the index of a file or object, from its stat alone.
-
-    An object's name is ``<name>.<hash of the URL>-<hash of size and ETag>.gzidx``,
-    so the indexes of earlier versions of the same URL can be found (and
-    retired, see :func:`retire_old_versions`).
-    """
-    if storage.is_local(meta.path):
-        text = f"{meta.path}\0{meta.size}\0{meta.mtime_ns}"
-        digest = hashlib.sha256(text.encode()).hexdigest()[:32]
-        return f"{meta.name}.{digest}.gzidx"
-    version = hashlib.sha256(f"{meta.size}\0etag:{meta.etag}".encode()).hexdigest()[:16]
-    return f"{meta.name}.{_url_digest(meta.path)}-{version}.gzidx"
-
-
-def _url_digest(url: str) -> str:
-    return hashlib.sha256(url.encode()).hexdigest()[:16]
-
-
-def retire_old_versions(spec: GzipIndexSpec) -> None:
-    """Delete cached indexes of earlier versions of ``spec.path`` (an object), with a warning.
-
-    The object's ETag changed since they were built: their seek points would
-    land in the wrong places. The new version gets its own index on its first
-    read; nothing is read through an old one.
-    """
-    if not spec.remote or spec.index_path is None or spec.explicit:
-        return
-    current = Path(spec.index_path)
-    prefix = f"{storage.basename(spec.path)}.{_url_digest(spec.path)}-"
-    try:
-        stale = [
-            p for p in current.parent.glob(f"{prefix}*.gzidx") if p.name != current.name
-        ]
-    except OSError:
-        return
-    if not stale:
-        return
-    for old in stale:
-        for leftover in (old, old.with_suffix(".json")):
-            with contextlib.suppress(OSError):
-                leftover.unlink()
-    warnings.warn(
-        f"{spec.path}: the object changed since its gzip index was built (its ETag is now "
-        f"{spec.etag}); the old index was deleted and the next read streams the object once, "
-        "storing a new one.",
-        IndexRebuildWarning,
-        stacklevel=4,
-    )
-
-
-def index_store(store: str | os.PathLike[str] | None = None) -> str | None:
-    """Return the index store to use: ``store``, else ``$NEUROCUBE_INDEX_STORE``, else None."""
-    chosen = store if store is not None else os.environ.get(INDEX_STORE_ENV) or None
-    return None if chosen is None else storage.normalize(chosen)
-
-
-def check_index(
-    index_path: str | os.PathLike[str],
-    gz_path: str | os.PathLike[str],
-    storage_options: StorageOptions | None = None,
-) -> None:
-    """Raise :class:`IndexMismatchError` unless ``index_path`` is a GZIDX index of ``gz_path``.
-
-    The index header records the compressed size of the file it was built on;
-    a sidecar ``.json`` (written by neurocube) records its full identity.
-    """
-    index_path = Path(index_path)
-    try:
-        with open(index_path, "rb") as fh:
-            head = fh.read(7 + 16)
-    except FileNotFoundError as exc:
-        raise IndexMismatchError(
-            f"{index_path}: gzip index not found (given for {gz_path}). Pass index='auto' to let "
-            "neurocube build one in its cache folder, or index=False to stream."
-        ) from exc
-    if len(head) < 23 or not head.startswith(_MAGIC):
-        raise IndexMismatchError(
-            f"{index_path}: not a gzip seek index (expected the 'GZIDX' header of indexed_gzip, "
-            f"found {head[:8]!r}). Delete it or pass index='auto'."
-        )
-    compressed_size = struct.unpack("<Q", head[7:15])[0]
-    actual = storage.info(gz_path, storage_options).size
-    if compressed_size != actual:
-        raise IndexMismatchError(
-            f"{index_path}: this gzip index was built for a file of {compressed_size} compressed "
-            f"bytes, but {gz_path} has {actual}. The file changed or the index belongs to another "
-            "file: delete the index or pass index='auto' to rebuild it."
-        )
-    sidecar = index_path.with_suffix(".json")
-    if sidecar.exists():
-        recorded = json.loads(sidecar.read_text())
-        ident = storage.identity(gz_path, storage_options).as_dict()
-        if (recorded.get("ends_sha256") or "") != ident["ends_sha256"] or (
-            recorded.get("etag") or ""
-        ) != ident.get("etag", ""):
-            raise IndexMismatchError(
-                f"{index_path}: built for a file whose first/last MiB differ from {gz_path} now; "
-                "delete the index or pass index='auto' to rebuild it."
-            )
-
-
 # --- per-process handles -------------------------------------------------------------------
 
 _INDEXED = HandlePool(maxsize=32)  # key: (path, index_path, thread id) -> indexed_gzip handle
 _STREAMS = HandlePool(maxsize=8)  # key: (path, index_path) -> _Stream (shared, locked)
-_BROKEN_INDEX_DIRS: set[str] = set()
-_STATE_LOCK = threading.Lock()
-# Cached indexes whose sidecar matched the file, per (path, index, size, mtime, ctime): the ends
-# are hashed once per process and file version, not per chunk. ctime changes with any rewrite,
-# even one that puts the old size and mtime back.
-_VERIFIED: set[tuple[str, str, int, int | str, int]] = set()
-_VERIFY_LOCK = threading.Lock()
-# Per-volume checksums of an index, per index path: ((offset, size, count), uint32 sums).
-_SUMS: dict[str, tuple[tuple[int, int, int], Any]] = {}
-_SUMS_LOCK = threading.Lock()
-# File versions (see _version, index part "") a stream of this process read in full with a
-# matching CRC32 and length.
+
+
+def _drop_readers(path: str, index_path: str) -> None:
+    """Close the readers that loaded ``index_path`` for ``path`` (the index is being deleted)."""
+    _INDEXED.discard_matching(lambda key: isinstance(key, tuple) and key[:2] == (path, index_path))
+
+
+gzindex_store.on_discard(_drop_readers)
+
+# File versions (see gzindex_store.version, index part "") a stream of this process read in
+# full with a matching CRC32 and length.
 _PASSED: set[tuple[str, str, int, int | str, int]] = set()
-
-
-def _version(spec: GzipIndexSpec, index_path: str) -> tuple[str, str, int, int | str, int]:
-    """Which version of the file this is, cheaply: a stat locally, the opened ETag remotely."""
-    if spec.remote:
-        return (spec.path, index_path, spec.size, spec.etag, 0)
-    meta = storage.info(spec.path)
-    return (spec.path, index_path, meta.size, meta.mtime_ns, meta.ctime_ns)
-
-
-def _cached_index_usable(spec: GzipIndexSpec, index_path: str) -> bool:
-    """Return True if the cached index at ``index_path`` belongs to ``spec.path`` as it is now.
-
-    Its sidecar must record the file's size and the hash of its first and
-    last MiB. A stale index (the file was rewritten, e.g. with the same size
-    and mtime) or one without a readable sidecar is deleted with an
-    :class:`IndexRebuildWarning` and False is returned: the caller streams and
-    stores a new one. An explicit index was checked when the file was opened.
-    """
-    if spec.explicit:
-        return True
-    try:
-        version = _version(spec, index_path)
-    except DataNotFoundError as exc:
-        raise DataNotFoundError(
-            f"{spec.path}: no such file (it was removed after it was opened)"
-        ) from exc
-    if version in _VERIFIED:
-        return True
-    with _VERIFY_LOCK:
-        if version in _VERIFIED:
-            return True
-        if not os.path.exists(index_path):  # another thread found it stale and deleted it
-            return False
-        sidecar = Path(index_path).with_suffix(".json")
-        try:
-            recorded = _unseal(sidecar.read_text())
-        except (OSError, ValueError) as exc:
-            _discard_cached_index(
-                spec, index_path, f"has no readable identity sidecar {sidecar.name} ({exc})"
-            )
-            return False
-        ident = _identity(spec)
-        if (
-            recorded.get("size") != ident.size
-            or (recorded.get("ends_sha256") or "") != ident.ends_sha256
-            or (recorded.get("etag") or "") != ident.etag
-        ):
-            _discard_cached_index(
-                spec,
-                index_path,
-                f"is stale: it was built for a file of {recorded.get('size')} bytes whose "
-                f"{_version_text(recorded)}, but the file now has {ident.size} bytes whose "
-                f"{_version_text(ident.as_dict())} (rewritten, possibly with the same size "
-                "and modification time)",
-            )
-            return False
-        try:
-            volumes = _parse_volumes(recorded)
-        except ValueError as exc:
-            _discard_cached_index(spec, index_path, f"cannot be trusted: its sidecar {exc}")
-            return False
-        try:
-            crc = _file_crc32(index_path)
-        except OSError:
-            return False  # another thread deleted it meanwhile
-        if crc != recorded.get("index_crc32"):
-            _discard_cached_index(
-                spec, index_path, f"is damaged (its CRC32 is {crc:#010x}, its sidecar recorded "
-                f"{recorded.get('index_crc32')!r})"
-            )
-            return False
-        with _SUMS_LOCK:
-            _SUMS[index_path] = volumes
-        _VERIFIED.add(version)
-        return True
-
-
-def _identity(spec: GzipIndexSpec) -> storage.FileIdentity:
-    """Return the identity of ``spec.path`` now (remote: checked against the opened ETag)."""
-    if not spec.remote:
-        return file_identity(spec.path)
-    storage.check_unchanged(spec.path, spec.storage_options, spec.size, spec.etag)
-    return storage.FileIdentity(spec.path, spec.size, 0, "", spec.etag)
-
-
-def _version_text(identity: dict[str, Any]) -> str:
-    if identity.get("etag"):
-        return f"ETag is {identity['etag']}"
-    return f"first/last MiB hash to {str(identity.get('ends_sha256'))[:12]}..."
+_PASSED_LOCK = threading.Lock()
 
 
 def _indexed_gzip_file(spec: GzipIndexSpec, **kwargs: Any) -> Any:
@@ -584,7 +195,7 @@ class _Stream:
             self.kind = "rapidgzip"
         except ImportError:
             self.threads = 0
-            self.handle = _indexed_gzip_file(spec, spacing=SPACING)
+            self.handle = _indexed_gzip_file(spec, spacing=gzindex_store.SPACING)
             self.kind = "indexed_gzip"
         self.exported = False
         self.closed = False
@@ -607,7 +218,7 @@ class _Stream:
         marked failed and delivers nothing after this.
         """
         self.handle.close()
-        self.handle = _indexed_gzip_file(self.spec, spacing=SPACING)
+        self.handle = _indexed_gzip_file(self.spec, spacing=gzindex_store.SPACING)
         self.kind = "indexed_gzip"
         self.hasher = None
         _release_stream_threads(self.threads)
@@ -831,19 +442,6 @@ def _readinto_exact(handle: Any, view: memoryview, start: int, path: str) -> Non
         got += n
 
 
-def index_usable(spec: GzipIndexSpec | None) -> bool:
-    """Return True if ``spec`` has a stored index that belongs to the file as it is now.
-
-    A cached index is checked against the file (the hash of its ends) once
-    per process and file version; a stale or unreadable one is deleted with an
-    :class:`IndexRebuildWarning` and False is returned (reads then stream and
-    store a new index, see :func:`read_range`).
-    """
-    if spec is None or spec.index_path is None or not os.path.exists(spec.index_path):
-        return False
-    return _cached_index_usable(spec, spec.index_path)
-
-
 class SequentialReadError(Exception):
     """A forward pass (:class:`SequentialReader`) could not deliver the bytes asked for.
 
@@ -887,7 +485,7 @@ class SequentialReader:
         if self._source is None or self._spec is None or self._spec.index_path is None:
             return
         try:
-            _, hi = compressed_range(self._spec.index_path, end, end, self._spec.size)
+            _, hi = gzidx_format.compressed_range(self._spec.index_path, end, end, self._spec.size)
         except (OSError, NeurocubeError):
             return
         self._source.ahead_limit = hi
@@ -936,16 +534,17 @@ def open_sequential(
 
     With ``end`` (the pass reads no further than uncompressed byte ``end``), the
     reader is given only the seek points that span ``[start, end)``
-    (:func:`_span_index`): importing the whole index costs ~20-25 ms of CPU for
-    a 750 MB file (rapidgzip takes every 32 KiB window in), a span's points
-    ~3-5 ms, for the same bytes (measured). Such a reader refuses to read past
-    ``end`` (:class:`SequentialReadError`).
+    (:func:`~neurocube.sources.gzidx_format.span_index`): importing the whole
+    index costs ~20-25 ms of CPU for a 750 MB file (rapidgzip takes every
+    32 KiB window in), a span's points ~3-5 ms, for the same bytes (measured).
+    Such a reader refuses to read past ``end`` (:class:`SequentialReadError`).
 
-    Returns None when the file has no usable index (see :func:`index_usable`),
-    rapidgzip is not installed, or it cannot load the index: the caller then
-    reads through :func:`read_range`.
+    Returns None when the file has no usable index (see
+    :func:`~neurocube.sources.gzindex_store.index_usable`), rapidgzip is not
+    installed, or it cannot load the index: the caller then reads through
+    :func:`read_range`.
     """
-    if not index_usable(spec):
+    if not gzindex_store.index_usable(spec):
         return None
     assert spec.index_path is not None
     try:
@@ -956,7 +555,7 @@ def open_sequential(
     source = _source(spec)
     try:
         handle = rapidgzip.RapidgzipFile(source, parallelization=1)
-        span = None if end is None else _span_index(spec.index_path, start, end)
+        span = None if end is None else gzidx_format.span_index(spec.index_path, start, end)
         handle.import_index(spec.index_path if span is None else io.BytesIO(span))
         handle.seek(start)
     except Exception:  # an index rapidgzip cannot load: indexed_gzip reads (or reports) it
@@ -973,388 +572,14 @@ def open_sequential(
     return reader
 
 
-_INDEX_BYTES: dict[str, tuple[tuple[int, int], bytes]] = {}  # index path -> ((size, mtime), bytes)
-_INDEX_BYTES_LOCK = threading.Lock()
-
-
-def _span_index(index_path: str, start: int, end: int) -> bytes | None:
-    """Return a GZIDX index holding the seek points a pass over ``[start, end)`` needs.
-
-    The stream's first point, the last point at or before ``start`` and every
-    point up to the first at or after ``end``, with their windows, copied from
-    the stored index (already checked: :func:`index_usable`). None if the
-    index cannot be parsed (the caller then imports the whole file).
-    """
-    import bisect
-
-    stat = os.stat(index_path)
-    version = (stat.st_size, stat.st_mtime_ns)
-    with _INDEX_BYTES_LOCK:
-        cached = _INDEX_BYTES.get(index_path)
-    if cached is None or cached[0] != version:
-        with open(index_path, "rb") as fh:
-            cached = (version, fh.read())
-        with _INDEX_BYTES_LOCK:
-            _INDEX_BYTES[index_path] = cached
-            while len(_INDEX_BYTES) > 4:  # a few MB each
-                _INDEX_BYTES.pop(next(iter(_INDEX_BYTES)))
-    raw = cached[1]
-    if len(raw) < _HEADER.size or not raw.startswith(_MAGIC):
-        return None
-    magic, version_byte, flags, csize, usize, spacing, window, n = _HEADER.unpack_from(raw)
-    table = _HEADER.size
-    if n == 0 or len(raw) < table + n * _POINT.size:
-        return None
-    points = [_POINT.unpack_from(raw, table + i * _POINT.size) for i in range(n)]
-    windows: list[int] = []
-    pos = table + n * _POINT.size
-    for point in points:
-        windows.append(pos)
-        pos += window if point[3] else 0
-    if len(raw) < pos:
-        return None
-    uoffs = [p[1] for p in points]
-    first = max(0, bisect.bisect_right(uoffs, start) - 1)
-    last = min(n - 1, bisect.bisect_left(uoffs, end))
-    keep = sorted({0, *range(first, last + 1)})
-    parts = [_HEADER.pack(magic, version_byte, flags, csize, usize, spacing, window, len(keep))]
-    parts += [_POINT.pack(*points[k]) for k in keep]
-    parts += [raw[windows[k] : windows[k] + window] for k in keep if points[k][3]]
-    return b"".join(parts)
-
-
-_HEADER = struct.Struct("<5sBBQQIII")  # magic, version, flags, csize, usize, spacing, window, n
-_POINT = struct.Struct("<QQBB")  # compressed offset, uncompressed offset, bits, has-window
-
-
-def thin_index(src: str | os.PathLike[str], dst: str | os.PathLike[str], spacing: int) -> int:
-    """Copy a GZIDX (v1) index keeping seek points at least ``spacing`` uncompressed bytes apart.
-
-    rapidgzip records a point per compressed chunk; every indexed_gzip handle
-    loads all windows (32 KiB each) into memory, so a dense index would cost
-    hundreds of MB per handle on a large session. The first and the last
-    points are always kept. Returns the number of points kept.
-    """
-    with open(src, "rb") as fh:
-        head = fh.read(_HEADER.size)
-        magic, version, flags, csize, usize, old_spacing, window, n = _HEADER.unpack(head)
-        if magic != _MAGIC or version != 1:
-            raise IndexMismatchError(f"{src}: not a version-1 GZIDX index (found {head[:6]!r})")
-        points = [_POINT.unpack(fh.read(_POINT.size)) for _ in range(n)]
-        keep: list[int] = []
-        last = None
-        for idx, (_, uoff, _, _) in enumerate(points):
-            if last is None or uoff - last >= spacing or idx == n - 1:
-                keep.append(idx)
-                last = uoff
-        window_at: dict[int, int] = {}
-        pos = fh.tell()
-        for idx, point in enumerate(points):
-            if point[3]:
-                window_at[idx] = pos
-                pos += window
-        with open(dst, "wb") as out:
-            out.write(_HEADER.pack(magic, version, flags, csize, usize,
-                                   max(old_spacing, spacing), window, len(keep)))
-            for idx in keep:
-                out.write(_POINT.pack(*points[idx]))
-            for idx in keep:
-                if points[idx][3]:
-                    fh.seek(window_at[idx])
-                    out.write(fh.read(window))
-    return len(keep)
-
-
-_POINTS: dict[str, tuple[list[int], list[int]]] = {}  # index path -> (uncompressed, compressed)
-_POINTS_LOCK = threading.Lock()
-
-
-def _seek_points(index_path: str) -> tuple[list[int], list[int]]:
-    """Return the seek points of a GZIDX index: sorted uncompressed and compressed offsets."""
-    with _POINTS_LOCK:
-        cached = _POINTS.get(index_path)
-    if cached is not None:
-        return cached
-    with open(index_path, "rb") as fh:
-        head = fh.read(_HEADER.size)
-        if len(head) < _HEADER.size or not head.startswith(_MAGIC):
-            raise IndexMismatchError(f"{index_path}: not a GZIDX index (found {head[:6]!r})")
-        n = _HEADER.unpack(head)[-1]
-        raw = fh.read(n * _POINT.size)
-    if len(raw) < n * _POINT.size:
-        raise IndexMismatchError(f"{index_path}: the index is truncated ({n} points announced)")
-    points = [_POINT.unpack_from(raw, i * _POINT.size) for i in range(n)]
-    result = ([p[1] for p in points], [p[0] for p in points])
-    with _POINTS_LOCK:
-        _POINTS[index_path] = result
-    return result
-
-
-def compressed_range(index_path: str, start: int, end: int, size: int) -> tuple[int, int]:
-    """Return the compressed bytes ``[lo, hi)`` that inflate uncompressed ``[start, end)``.
-
-    From the last seek point at or before ``start`` (one byte earlier: a point
-    may start inside a byte) to the first point at or after ``end`` (or the
-    end of the file), plus a small margin for the inflater's look-ahead.
-    """
-    import bisect
-
-    uoffs, coffs = _seek_points(index_path)
-    i = bisect.bisect_right(uoffs, start) - 1
-    lo = max(0, coffs[i] - 1) if i >= 0 else 0
-    j = bisect.bisect_left(uoffs, end)
-    hi = min(size, coffs[j] + (64 << 10)) if j < len(uoffs) else size
-    return lo, max(lo, hi)
-
-
 def _prefetch(spec: GzipIndexSpec, index_path: str, start: int, end: int) -> None:
     """Fetch the compressed bytes an indexed read of ``[start, end)`` needs, concurrently."""
     try:
-        lo, hi = compressed_range(index_path, start, end, spec.size)
+        lo, hi = gzidx_format.compressed_range(index_path, start, end, spec.size)
     except (OSError, NeurocubeError):
         return  # the inflater reports an unusable index itself
     reader = _source(spec, readahead=0)
     reader.prefetch(lo, hi)
-
-
-_STORE_CHECKED: set[str] = set()
-
-
-def fetch_index(spec: GzipIndexSpec) -> bool:
-    """Copy the index of ``spec.path`` from its index store if it is there; True if one exists."""
-    if spec.index_path is None:
-        return False
-    if spec.store is not None and not spec.explicit:
-        _fetch_from_store(spec, spec.index_path)
-    return os.path.exists(spec.index_path)
-
-
-def _fetch_from_store(spec: GzipIndexSpec, index_path: str) -> None:
-    """Copy the index of ``spec.path`` from the index store into the local cache, if it is there.
-
-    Looked up once per process and index; an index that is not in the store
-    is built by the first read (and uploaded by :func:`_store_index`).
-    """
-    if os.path.exists(index_path) or spec.store is None:
-        return
-    with _STATE_LOCK:
-        if index_path in _STORE_CHECKED:
-            return
-        _STORE_CHECKED.add(index_path)
-    name = Path(index_path).name
-    remote_index = storage.join(spec.store, name)
-    remote_sidecar = storage.join(spec.store, Path(name).with_suffix(".json").name)
-    opts = spec.store_options
-    try:
-        sidecar = storage.read_all(remote_sidecar, opts)
-        data = storage.read_all(remote_index, opts)
-    except DataNotFoundError:
-        return
-    except NeurocubeError as exc:
-        _warn_store(spec.store, f"cannot be read ({exc})")
-        return
-    target = Path(index_path)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        for path, payload in ((target.with_suffix(".json"), sidecar), (target, data)):
-            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-            tmp.write_bytes(payload)
-            os.replace(tmp, path)
-    except OSError as exc:
-        _warn_unwritable(target.parent, exc)
-
-
-def _upload_to_store(spec: GzipIndexSpec, target: Path) -> None:
-    """Put a freshly built index (and its sidecar) into the index store, if one is set."""
-    if spec.store is None:
-        return
-    opts = spec.store_options
-    try:
-        storage.write_bytes(storage.join(spec.store, target.name), target.read_bytes(), opts)
-        sidecar = target.with_suffix(".json")
-        storage.write_bytes(storage.join(spec.store, sidecar.name), sidecar.read_bytes(), opts)
-    except (OSError, NeurocubeError) as exc:
-        _warn_store(spec.store, f"cannot be written ({exc})")
-
-
-def _warn_store(store: str, problem: str) -> None:
-    with _STATE_LOCK:
-        if f"store:{store}" in _BROKEN_INDEX_DIRS:
-            return
-        _BROKEN_INDEX_DIRS.add(f"store:{store}")
-    warnings.warn(
-        f"the gzip index store {store} {problem}; indexes are kept in the local cache folder "
-        "only. Check index_store= / NEUROCUBE_INDEX_STORE and index_store_options.",
-        IndexWriteWarning,
-        stacklevel=4,
-    )
-
-
-def _file_crc32(path: str | os.PathLike[str]) -> int:
-    import zlib
-
-    crc = 0
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            crc = zlib.crc32(block, crc)
-    return crc
-
-
-def _seal(record: dict[str, Any]) -> str:
-    """Return ``record`` as sidecar JSON carrying the CRC32 of its own content."""
-    import zlib
-
-    body = json.dumps(record, sort_keys=True)
-    return json.dumps({**record, "sidecar_crc32": zlib.crc32(body.encode())}, sort_keys=True)
-
-
-def _unseal(text: str) -> dict[str, Any]:
-    """Parse a sidecar written by :func:`_seal`; ValueError if it is damaged or not sealed."""
-    import zlib
-
-    record = json.loads(text)
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, found {type(record).__name__}")
-    sealed = record.pop("sidecar_crc32", None)
-    if sealed is None:
-        raise ValueError("it carries no checksum of its own (written by an older neurocube)")
-    if zlib.crc32(json.dumps(record, sort_keys=True).encode()) != sealed:
-        raise ValueError("its content does not match its checksum (the sidecar is damaged)")
-    return record
-
-
-def _parse_volumes(record: dict[str, Any]) -> tuple[tuple[int, int, int], Any]:
-    """Return ``((offset, size, count), sums)`` from a sidecar record; ValueError if unusable."""
-    import numpy as np
-
-    vols = record.get("volumes")
-    if not isinstance(vols, dict) or vols.get("algorithm") != VOLUME_SUM:
-        raise ValueError(
-            "it records no per-volume checksums (written by an older neurocube, or with "
-            f"another algorithm than {VOLUME_SUM})"
-        )
-    geometry = tuple(vols.get(k) for k in ("offset", "size", "count"))
-    sums = vols.get("sums")
-    if (
-        not all(isinstance(v, int) and v >= 0 for v in geometry)
-        or geometry[1] <= 0  # type: ignore[operator]
-        or not isinstance(sums, list)
-        or len(sums) != geometry[2]
-        or not all(isinstance(v, int) and 0 <= v < 1 << 32 for v in sums)
-    ):
-        raise ValueError("its per-volume checksums are malformed")
-    return geometry, np.asarray(sums, dtype=np.uint32)  # type: ignore[return-value]
-
-
-def _store_index(stream: _Stream, spec: GzipIndexSpec) -> None:
-    """Export the stream's seek points to ``spec.index_path`` atomically (or warn and carry on).
-
-    The sidecar records the file's identity, the CRC32 of the index file, the
-    per-volume checksums of the pass (when the caller gave the volume layout)
-    and a CRC32 of its own content: a damaged index or sidecar is detected and
-    rebuilt, never read through.
-    """
-    assert spec.index_path is not None
-    target = Path(spec.index_path)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    dense = tmp.with_name(tmp.name + ".dense")
-    side_tmp = tmp.with_name(tmp.name + ".json")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        stream.export(str(dense))
-        thin_index(dense, tmp, SPACING)
-        version = _version(spec, str(target))
-        record: dict[str, Any] = {
-            "format": "GZIDX",
-            **_identity(spec).as_dict(),
-            "index_crc32": _file_crc32(tmp),
-        }
-        hasher = stream.hasher
-        if hasher is not None and hasher.complete:
-            record["volumes"] = {
-                "algorithm": VOLUME_SUM, "offset": hasher.offset, "size": hasher.size,
-                "count": hasher.count, "sums": hasher.sums,
-            }
-        side_tmp.write_text(_seal(record))
-        os.replace(side_tmp, target.with_suffix(".json"))
-        os.replace(tmp, target)
-        _upload_to_store(spec, target)
-        with _VERIFY_LOCK:
-            _VERIFIED.add(version)  # built from this very version: no need to hash it again
-        if "volumes" in record:
-            with _SUMS_LOCK:
-                _SUMS[str(target)] = _parse_volumes(record)
-    except OSError as exc:
-        _warn_unwritable(target.parent, exc)
-    finally:
-        for leftover in (tmp, dense, side_tmp):
-            with contextlib.suppress(OSError):
-                leftover.unlink()
-
-
-def _unusable_index(spec: GzipIndexSpec, index_path: str, exc: BaseException) -> None:
-    """Handle an index file that exists but cannot be loaded for ``spec.path``.
-
-    A caller's own index (``explicit``) is never touched: that is an
-    :class:`IndexMismatchError`. A damaged index in neurocube's cache (a
-    crash, a full disk, a hand-edited file) is deleted with a warning, so the
-    next read streams the file and stores a fresh one.
-    """
-    if not storage.exists(spec.path, spec.storage_options):
-        raise DataNotFoundError(f"{spec.path}: no such file (it was removed after it was opened)")
-    if spec.explicit:
-        raise IndexMismatchError(
-            f"{index_path}: this gzip index cannot be loaded for {spec.path} ({exc}); expected "
-            "a complete GZIDX index of this file, found a damaged index or one of another "
-            "file. Delete it, or pass index='auto' to let neurocube build one in its cache "
-            "folder."
-        ) from exc
-    _discard_cached_index(spec, index_path, f"is damaged ({exc})")
-
-
-def _discard_cached_index(spec: GzipIndexSpec, index_path: str, problem: str) -> None:
-    """Delete a cached index (and its sidecar) that cannot serve ``spec.path``, with a warning.
-
-    ``problem`` completes "the cached gzip index of <file> ...". Raises
-    :class:`IndexMismatchError` if the index cannot be deleted (never reads
-    through it).
-    """
-    with _STATE_LOCK:
-        for stale in (Path(index_path), Path(index_path).with_suffix(".json")):
-            with contextlib.suppress(OSError):
-                stale.unlink()
-    with _POINTS_LOCK:
-        _POINTS.pop(index_path, None)
-    with _SUMS_LOCK:
-        _SUMS.pop(index_path, None)
-    _INDEXED.discard_matching(  # readers that loaded the old index (or hold the old file)
-        lambda key: isinstance(key, tuple) and key[:2] == (spec.path, index_path)
-    )
-    if os.path.exists(index_path):
-        raise IndexMismatchError(
-            f"{index_path}: the cached gzip index of {spec.path} {problem} and cannot be "
-            "deleted; delete it by hand, or pass index=False to stream."
-        )
-    warnings.warn(
-        f"{index_path}: the cached gzip index of {spec.path} {problem}; it was deleted and "
-        "this read streams the file, storing a new index.",
-        IndexRebuildWarning,
-        stacklevel=5,
-    )
-
-
-def _warn_unwritable(folder: Path, exc: BaseException) -> None:
-    with _STATE_LOCK:
-        if str(folder) in _BROKEN_INDEX_DIRS:
-            return
-        _BROKEN_INDEX_DIRS.add(str(folder))
-    warnings.warn(
-        f"neurocube cannot store gzip indexes in {folder} ({exc}); reading by streaming "
-        "instead, which is slower. Set NEUROCUBE_CACHE_DIR (or pass cache_dir=) to a "
-        "writable folder to enable random access.",
-        IndexWriteWarning,
-        stacklevel=3,
-    )
 
 
 def read_range(
@@ -1393,11 +618,11 @@ def read_range(
     """
     index_path = spec.index_path
     if index_path is not None and spec.store and not spec.explicit:
-        _fetch_from_store(spec, index_path)
+        gzindex_store.fetch_from_store(spec, index_path)
     if (
         index_path is not None
         and os.path.exists(index_path)
-        and _cached_index_usable(spec, index_path)  # checks the sidecar once per file version
+        and gzindex_store.cached_index_usable(spec, index_path)  # once per file version
     ):
         try:
             handle, lock = _INDEXED.acquire(
@@ -1405,7 +630,7 @@ def read_range(
                 lambda: _open_indexed(spec, index_path),
             )
         except OSError as exc:  # indexed_gzip's ZranError: the index cannot be loaded
-            _unusable_index(spec, index_path, exc)  # raises, or deletes a damaged cached index
+            gzindex_store.unusable_index(spec, index_path, exc)  # raises, or deletes it
             return read_range(spec, start, view, data_end=data_end, volumes=volumes,
                               verify=verify)  # streams and rebuilds it
         if spec.remote:
@@ -1485,10 +710,10 @@ def _finish_stream(stream: _Stream, spec: GzipIndexSpec) -> None:
     if stream.verified or stream.closed:
         return
     stream.at_eof()
-    with _VERIFY_LOCK:
-        _PASSED.add(_version(spec, ""))
+    with _PASSED_LOCK:
+        _PASSED.add(gzindex_store.version_of(spec, ""))
     if spec.index_path is not None and not spec.explicit and not stream.exported:
-        _store_index(stream, spec)
+        gzindex_store.store_index(spec, stream.export, stream.hasher)
         stream.exported = True
 
 
@@ -1501,10 +726,10 @@ def ensure_verified(spec: GzipIndexSpec, *, data_end: int, volumes: Volumes | No
     another process, a stored index from a verified pass, or a pass of its
     own now, vouches for the file.
     """
-    with _VERIFY_LOCK:
-        if _version(spec, "") in _PASSED:
+    with _PASSED_LOCK:
+        if gzindex_store.version_of(spec, "") in _PASSED:
             return
-    if spec.index_path is not None and not spec.explicit and index_usable(spec):
+    if spec.index_path is not None and not spec.explicit and gzindex_store.index_usable(spec):
         return  # stored only by a pass that reached the end with a matching CRC32
     run_pass(spec, data_end=data_end, volumes=volumes)
 
@@ -1537,18 +762,9 @@ def _volume_sums(spec: GzipIndexSpec, volumes: Volumes) -> Any:
     process.
     """
     assert spec.index_path is not None
-    with _SUMS_LOCK:
-        known = _SUMS.get(spec.index_path)
-    if known is not None and known[0] == tuple(volumes):
-        return known[1]
-    if spec.explicit:
-        sidecar = Path(spec.index_path).with_suffix(".json")
-        with contextlib.suppress(OSError, ValueError):
-            known = _parse_volumes(_unseal(sidecar.read_text()))
-            if known[0] == tuple(volumes):
-                with _SUMS_LOCK:
-                    _SUMS[spec.index_path] = known
-                return known[1]
+    known = gzindex_store.recorded_sums(spec, volumes)
+    if known is not None:
+        return known
     import numpy as np
 
     plain = GzipIndexSpec(spec.path, None, storage_options=spec.storage_options,
@@ -1561,8 +777,7 @@ def _volume_sums(spec: GzipIndexSpec, volumes: Volumes) -> Any:
         sums = np.asarray(stream.hasher.sums, dtype=np.uint32)
     finally:
         stream.close()
-    with _SUMS_LOCK:
-        _SUMS[spec.index_path] = (tuple(volumes), sums)  # type: ignore[assignment]
+    gzindex_store.remember_sums(spec.index_path, volumes, sums)
     return sums
 
 
@@ -1598,13 +813,8 @@ def reset_handles() -> None:
     """Close every cached gzip handle of this process (tests, or after files changed)."""
     _INDEXED.clear()
     _STREAMS.clear()
-    with _STATE_LOCK:
-        _BROKEN_INDEX_DIRS.clear()
-        _STORE_CHECKED.clear()
-    with _POINTS_LOCK:
-        _POINTS.clear()
-    with _VERIFY_LOCK:
-        _VERIFIED.clear()
+    gzindex_store.reset()
+    gzidx_format.forget_seek_points()
+    with _PASSED_LOCK:
         _PASSED.clear()
-    with _SUMS_LOCK:
-        _SUMS.clear()
+

@@ -37,7 +37,7 @@ from neurocube.errors import (
     TruncatedFileError,
 )
 from neurocube.progress import watch_computes
-from neurocube.sources import gzindex
+from neurocube.sources import gzindex, gzindex_store
 from neurocube.sources.nifti_header import NiftiInfo, VolumeGeometry, read_header
 from neurocube.sources.nifti_index import check_index_argument, gzip_spec
 from neurocube.sources.voxels import check_mask_grid, mask_from_array, voxel_coords
@@ -89,7 +89,7 @@ def read_volume(
             f"{info.path}: expected a 3-D volume (a mask or a map), found shape {info.shape}."
         )
     gz = (
-        gzindex.GzipIndexSpec(
+        gzindex_store.GzipIndexSpec(
             info.path, None, storage_options=info.storage_options, size=info.size,
             etag=str(info.file_version) if not storage.is_local(info.path) else "",
         )
@@ -159,14 +159,14 @@ class NiftiSpec(VolumeGeometry):
     slope: float | None
     inter: float | None
     compressed: bool
-    gzip: gzindex.GzipIndexSpec | None = None
+    gzip: gzindex_store.GzipIndexSpec | None = None
     storage_options: StorageOptions | None = None
     size: int = 0
     file_version: int | str = 0
     ctime_ns: int = 0
 
     @classmethod
-    def from_info(cls, info: NiftiInfo, gzip_spec: gzindex.GzipIndexSpec | None) -> NiftiSpec:
+    def from_info(cls, info: NiftiInfo, gzip_spec: gzindex_store.GzipIndexSpec | None) -> NiftiSpec:
         """Build the spec of a file from its header."""
         return cls(
             path=info.path,
@@ -874,7 +874,7 @@ def open_nifti(
     arr = parts.array
     gz = arr.spec.gzip
     if gz is not None and gz.index_path is not None and gz.store is not None:
-        gzindex.fetch_index(gz)  # an index shared in the store: no first pass over the data
+        gzindex_store.fetch_index(gz)  # an index shared in the store: no first pass over the data
     data = volume_dask_array(arr, parts.chunks, parts.dims, parts.identity)
     return xr.Dataset(
         {"data": (parts.dims, data, parts.variable_attrs())}, coords=parts.coords, attrs=parts.attrs

@@ -17,7 +17,7 @@ from typing import Any
 
 from neurocube import config, storage
 from neurocube.errors import ArgumentError, NeurocubeError
-from neurocube.sources import gzindex
+from neurocube.sources import gzindex, gzindex_store
 from neurocube.sources.nifti_header import NiftiInfo, read_header
 
 __all__ = ["build_index", "check_index_argument", "gzip_spec"]
@@ -86,13 +86,13 @@ def gzip_spec(
     cache_dir: Any,
     index_store: Any = None,
     index_store_options: dict[str, Any] | None = None,
-) -> gzindex.GzipIndexSpec:
+) -> gzindex_store.GzipIndexSpec:
     """Return the gzip index spec of the ``.nii.gz`` ``info`` describes, for ``index=``.
 
     ``"auto"``/``True``: the index in the cache folder's ``gzindex`` (fetched from
     and put into ``index_store`` when one is named; older versions' indexes are
     retired); ``False``/``None``/``"never"`` or an unwritable cache folder (with an
-    :class:`~neurocube.sources.gzindex.IndexWriteWarning`): none, the file is
+    :class:`~neurocube.sources.gzindex_store.IndexWriteWarning`): none, the file is
     streamed; a path: that index file, checked against the file first.
     """
     check_index_argument(index, info)
@@ -103,7 +103,7 @@ def gzip_spec(
         "etag": str(info.file_version) if remote else "",
     }
     if index is False or index is None or index == "never":
-        return gzindex.GzipIndexSpec(info.path, None, **base)  # type: ignore[arg-type]
+        return gzindex_store.GzipIndexSpec(info.path, None, **base)  # type: ignore[arg-type]
     if index == "auto" or index is True:
         folder = config.cache_dir(cache_dir) / "gzindex"
         if not _cache_writable(folder):
@@ -111,33 +111,33 @@ def gzip_spec(
                 f"{info.path}: neurocube's cache folder {folder} cannot be created or written; "
                 "reading this .nii.gz by streaming from the start (no random access). Set "
                 "NEUROCUBE_CACHE_DIR or pass cache_dir= to a writable folder.",
-                gzindex.IndexWriteWarning,
+                gzindex_store.IndexWriteWarning,
                 stacklevel=3,
             )
-            return gzindex.GzipIndexSpec(info.path, None, **base)  # type: ignore[arg-type]
+            return gzindex_store.GzipIndexSpec(info.path, None, **base)  # type: ignore[arg-type]
         meta = storage.ObjectInfo(
             info.path, info.size, mtime_ns=info.file_version if not remote else 0,  # type: ignore[arg-type]
             etag=str(info.file_version) if remote else "",
         )
-        store = gzindex.index_store(index_store)
+        store = gzindex_store.index_store(index_store)
         store_options = (
             storage.as_options(index_store_options)
             if index_store_options is not None
             else info.storage_options
         )
-        spec = gzindex.GzipIndexSpec(
+        spec = gzindex_store.GzipIndexSpec(
             info.path,
-            str(gzindex.auto_index_path(info.path, cache_dir, meta=meta)),
+            str(gzindex_store.auto_index_path(info.path, cache_dir, meta=meta)),
             store=store,
             store_options=store_options if store is not None else None,
             **base,  # type: ignore[arg-type]
         )
-        gzindex.retire_old_versions(spec)
+        gzindex_store.retire_old_versions(spec)
         return spec
     index_path = storage.local_path(index)
-    gzindex.check_index(index_path, info.path, info.storage_options)
-    return gzindex.GzipIndexSpec(info.path, str(index_path), explicit=True,
-                                 **base)  # type: ignore[arg-type]
+    gzindex_store.check_index(index_path, info.path, info.storage_options)
+    return gzindex_store.GzipIndexSpec(info.path, str(index_path), explicit=True,
+                                       **base)  # type: ignore[arg-type]
 
 
 def build_index(
@@ -164,7 +164,7 @@ def build_index(
             f"{info.path}: no writable cache folder for its index; set NEUROCUBE_CACHE_DIR "
             "or pass cache_dir= to a writable folder."
         )
-    if gzindex.fetch_index(spec) and gzindex.index_usable(spec):
+    if gzindex_store.fetch_index(spec) and gzindex_store.index_usable(spec):
         return spec.index_path
     layout = (info.vox_offset, info.volume_bytes, info.n_volumes)
     gzindex.run_pass(spec, data_end=info.data_end, volumes=layout)

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from neurocube.sources import gzindex
+from neurocube.sources import gzindex, gzindex_store
 from neurocube.sources.nifti import READ_BLOCK, VolumeArray, VolumeRuns, registered_direct
 
 __all__ = ["concatenate_trials", "direct_load", "read_whole_array", "whole_array_source"]
@@ -166,7 +166,7 @@ def _fill_direct(
         else:
             arr.read_masked_into(out, 0, arr.shape[0])
         return out
-    if arr.spec.gzip is not None and not gzindex.index_usable(arr.spec.gzip):
+    if arr.spec.gzip is not None and not gzindex_store.index_usable(arr.spec.gzip):
         return None  # stale cached index (deleted with a warning): Dask's graph streams
     workers = num_workers or dask.config.get("num_workers", None) or os.cpu_count() or 1
     n = arr.shape[0]

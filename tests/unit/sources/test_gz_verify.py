@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 import neurocube
 from neurocube.errors import CorruptDataError, NeurocubeError, TruncatedFileError
 from neurocube.sources import gzindex, nifti, nifti_header
-from neurocube.sources.gzindex import IndexRebuildWarning, VolumeHasher, volume_checksum
+from neurocube.sources.gzindex_store import IndexRebuildWarning
+from neurocube.sources.volume_sums import VOLUME_SUM, VolumeHasher, volume_checksum
 from tests.fixtures.nifti import write_nifti
 
 SHAPE = (40, 32, 24, 30)  # 123 KB per volume: the file is more than the hashed 2 MiB of ends
@@ -71,7 +72,7 @@ def test_the_sidecar_records_each_volume_checksum(stored, tmp_path):
                                 info.vox_offset + (t + 1) * info.volume_bytes])
             for t in range(SHAPE[3])]
     assert side["volumes"]["sums"] == want
-    assert side["volumes"]["algorithm"] == gzindex.VOLUME_SUM
+    assert side["volumes"]["algorithm"] == VOLUME_SUM
     assert side["index_crc32"] == zlib.crc32(_index_of(path, cache).read_bytes())
 
 

@@ -15,8 +15,8 @@ import pytest
 
 import neurocube
 from neurocube.errors import IndexMismatchError
-from neurocube.sources import gzindex
-from neurocube.sources.gzindex import IndexRebuildWarning, IndexWriteWarning
+from neurocube.sources import gzindex, gzindex_store
+from neurocube.sources.gzindex_store import IndexRebuildWarning, IndexWriteWarning
 
 SHAPE = (6, 7, 8, 60)
 
@@ -165,7 +165,7 @@ def test_first_read_shows_one_progress_bar(gz_file, tmp_path, monkeypatch, capsy
 
 
 def _index_of(gz_file, cache):
-    return gzindex.auto_index_path(gz_file, cache)
+    return gzindex_store.auto_index_path(gz_file, cache)
 
 
 def test_touched_file_gets_a_new_index(gz_file, tmp_path):
@@ -233,10 +233,10 @@ def test_the_ends_are_hashed_once_per_process_not_per_chunk(gz_file, tmp_path):
     gzindex.reset_handles()
     index = str(_index_of(gz_file, cache))
     ds = neurocube.open_nifti(gz_file, chunks=3, cache_dir=cache)
-    assert gzindex._VERIFIED == set()  # opening checks nothing
+    assert gzindex_store._VERIFIED == set()  # opening checks nothing
     with dask.config.set(scheduler="threads", num_workers=4):
         np.testing.assert_allclose(ds.data.values, nib.load(str(gz_file)).get_fdata())
-    assert [key[:2] for key in gzindex._VERIFIED] == [(str(gz_file.resolve()), index)]
+    assert [key[:2] for key in gzindex_store._VERIFIED] == [(str(gz_file.resolve()), index)]
 
 
 def test_cached_index_without_its_sidecar_is_rebuilt_with_a_warning(gz_file, tmp_path):

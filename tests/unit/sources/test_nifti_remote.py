@@ -158,7 +158,7 @@ def _fresh_process_state():
 
 
 def test_indexed_subsets_fetch_only_their_volumes(s3, session_files):
-    from neurocube.sources import gzindex
+    from neurocube.sources import gzindex_store
 
     folder, values, mask, _ = session_files
     url = s3.put(folder / "betas.nii.gz", "subset/betas.nii.gz")
@@ -168,7 +168,7 @@ def test_indexed_subsets_fetch_only_their_volumes(s3, session_files):
     neurocube.load(ds)  # the first read records the index
     expected = masked_oracle(values, mask)
     # compressed bytes of the volumes + 2 index spacings (in compressed bytes) per run
-    budget = lambda n: n * VOLUME * ratio + 2 * gzindex.SPACING * ratio + (2 << 20)  # noqa: E731
+    budget = lambda n: n * VOLUME * ratio + 2 * gzindex_store.SPACING * ratio + (2 << 20)  # noqa: E731
     for selection in (slice(85, 90), slice(40, 45), [3, 4, 5, 6, 7]):
         _fresh_process_state()
         s3.counter.reset()
@@ -249,7 +249,7 @@ def test_a_connection_that_keeps_failing_names_the_url_and_bytes(s3, session_fil
 
 def test_a_changed_object_gets_a_new_index_never_wrong_data(s3, session_files, tmp_path):
     from neurocube.errors import DataChangedError
-    from neurocube.sources.gzindex import IndexRebuildWarning
+    from neurocube.sources.gzindex_store import IndexRebuildWarning
 
     folder, values, mask, _ = session_files
     url = s3.put(folder / "betas.nii.gz", "changing/betas.nii.gz")

@@ -22,6 +22,8 @@ FORBIDDEN = re.compile(
 ALLOWED = {
     "storage.py": "the storage layer itself",
     "sources/gzindex.py": "its own seek-index files in the cache folder",
+    "sources/gzidx_format.py": "reads and writes the seek-index files gzindex keeps in the cache",
+    "sources/gzindex_store.py": "names, checks, writes and deletes those index files and sidecars",
     "io/": "writers write their own outputs (temporary sibling, then rename)",
     "synthetic/": "generators of test and demo data write their own files",
     "caching/": "the Zarr cache manages its own entries (a local store folder)",
