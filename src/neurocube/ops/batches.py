@@ -481,6 +481,7 @@ class BatchIterator:
         prefetcher = _Prefetcher(reader, order, self.prefetch)
         size = self.batch_size
         carry: dict[str, np.ndarray] | None = None
+        placed = 0  # rows in the batches handed out so far
         try:
             for blocks, rows in windows:
                 loaded = [prefetcher.take() for _ in blocks]
@@ -497,12 +498,14 @@ class BatchIterator:
                     # within a batch, rows are grouped by chunk (order inside a batch does not
                     # matter to a gradient step) so that each group is copied without temporaries
                     pick = pick[np.argsort(which[pick], kind="stable")]
+                    room = min(size, reader.n - placed)  # the epoch's last batch is shorter
                     piece = _gather(loaded, which[pick], within[pick], position[pick],
-                                    reader.names, carry)
+                                    reader.names, carry, room)
                     carry = None
                     if len(piece["__position__"]) < size:
                         carry = piece
                         break
+                    placed += size
                     yield self._finish(piece)
                 del loaded
             if carry is not None and not self.drop_last:
@@ -512,6 +515,8 @@ class BatchIterator:
 
     def _finish(self, piece: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         where = piece.pop("__position__")
+        if where.size < self.batch_size:  # the last, short batch: its rows, not the room left
+            piece = {name: values[: where.size] for name, values in piece.items()}
         for name, values in self.reader.coords.items():
             piece[name] = values[where]
         return piece
@@ -524,18 +529,25 @@ def _gather(
     position: np.ndarray,
     names: list[str],
     carry: dict[str, np.ndarray] | None,
+    room: int,
 ) -> dict[str, np.ndarray]:
-    """``carry``'s rows, then rows ``within[i]`` of blocks ``which[i]`` (grouped by block)."""
+    """``carry``'s rows, then rows ``within[i]`` of blocks ``which[i]`` (grouped by block).
+
+    Each variable is a batch with room for ``room`` rows; a batch that the window's rows
+    cannot fill is carried to the next window and filled there in place, so every
+    row is copied once (rows carried over used to be copied again into a new batch).
+    """
     k = 0 if carry is None else len(carry["__position__"])
     out: dict[str, np.ndarray] = {}
     cuts = np.flatnonzero(np.diff(which)) + 1
     starts = np.concatenate(([0], cuts)).tolist()
     stops = np.concatenate((cuts, [which.size])).tolist()
     for name in names:
-        first = loaded[0][name]
-        result = np.empty((k + which.size, *first.shape[1:]), dtype=first.dtype)
         if carry is not None:
-            result[:k] = carry[name]
+            result = carry[name]
+        else:
+            first = loaded[0][name]
+            result = np.empty((room, *first.shape[1:]), dtype=first.dtype)
         for a, b in zip(starts, stops, strict=True):
             if b > a:
                 block = loaded[int(which[a])][name]

@@ -130,6 +130,14 @@ def test_every_row_once_and_aligned(n, chunks, feature_chunks, batch_size, buffe
         assert feature_reads == {s: 1 for s in range(0, n, feature_chunks)}
 
 
+def test_batch_larger_than_the_epoch_holds_only_its_rows():
+    ds, _, _ = dataset(30, 7)
+    (batch,) = list(neurocube.batches(ds, batch_size=10**12, seed=3))  # no room for 10**12 rows
+    assert len(batch["trial"]) == 30 and batch["betas"].shape[0] == 30
+    check_epoch(ds, [batch], drop_last=False, batch_size=10**12)
+    assert list(neurocube.batches(ds, batch_size=10**12, drop_last=True)) == []
+
+
 def test_same_seed_and_epoch_same_order_other_epoch_other_order():
     ds, _, _ = dataset(200, 10)
 
