@@ -33,6 +33,7 @@ chunk.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from collections import deque
 from collections.abc import Hashable, Iterator, Mapping
@@ -441,6 +442,7 @@ class BatchIterator:
         self.buffer_chunks = buffer_chunks
         self.prefetch = prefetch
         self._gen: Iterator[dict[str, np.ndarray]] | None = None
+        self._spare = _BatchArrays()
 
     def __len__(self) -> int:
         n = self.reader.n
@@ -500,7 +502,7 @@ class BatchIterator:
                     pick = pick[np.argsort(which[pick], kind="stable")]
                     room = min(size, reader.n - placed)  # the epoch's last batch is shorter
                     piece = _gather(loaded, which[pick], within[pick], position[pick],
-                                    reader.names, carry, room)
+                                    reader.names, carry, room, self._spare.empty)
                     carry = None
                     if len(piece["__position__"]) < size:
                         carry = piece
@@ -512,6 +514,7 @@ class BatchIterator:
                 yield self._finish(carry)
         finally:
             prefetcher.close()
+            self._spare.clear()
 
     def _finish(self, piece: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         where = piece.pop("__position__")
@@ -522,6 +525,49 @@ class BatchIterator:
         return piece
 
 
+class _BatchArrays:
+    """Batch arrays handed out earlier, taken back once nothing outside refers to them.
+
+    A batch of masked betas is tens of MB: a fresh allocation of that size is new
+    memory from the system every time (first-touch page faults, ~0.1-2 ms per MB
+    on a VM). An array that the consumer has dropped (no reference left but this
+    list's: no dict, view, memoryview or tensor made from it holds it) is filled
+    again instead. At most :attr:`keep` arrays per shape are kept: the batch being
+    built and the one the consumer holds, which the memory bound already counts.
+    """
+
+    keep = 2
+
+    def __init__(self) -> None:
+        self._arrays: list[np.ndarray] = []
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """Return an uninitialised array of ``shape`` and ``dtype``, reused when free."""
+        dtype = np.dtype(dtype)
+        same = 0
+        for i in range(len(self._arrays)):
+            arr = self._arrays[i]
+            if arr.shape != shape or arr.dtype != dtype:
+                continue
+            same += 1
+            # three references: this list, the name arr and getrefcount's argument
+            if sys.getrefcount(arr) <= 3:
+                self._arrays.append(self._arrays.pop(i))  # most recently used last
+                return arr
+        arr = np.empty(shape, dtype=dtype)
+        if same >= self.keep:  # drop the oldest of this shape (still held by the consumer)
+            for i, old in enumerate(self._arrays):
+                if old.shape == shape and old.dtype == dtype:
+                    del self._arrays[i]
+                    break
+        self._arrays.append(arr)
+        return arr
+
+    def clear(self) -> None:
+        """Let go of every array (the epoch is over)."""
+        self._arrays.clear()
+
+
 def _gather(
     loaded: list[dict[str, np.ndarray]],
     which: np.ndarray,
@@ -530,6 +576,7 @@ def _gather(
     names: list[str],
     carry: dict[str, np.ndarray] | None,
     room: int,
+    empty: Any = np.empty,
 ) -> dict[str, np.ndarray]:
     """``carry``'s rows, then rows ``within[i]`` of blocks ``which[i]`` (grouped by block).
 
@@ -547,7 +594,7 @@ def _gather(
             result = carry[name]
         else:
             first = loaded[0][name]
-            result = np.empty((room, *first.shape[1:]), dtype=first.dtype)
+            result = empty((room, *first.shape[1:]), first.dtype)
         for a, b in zip(starts, stops, strict=True):
             if b > a:
                 block = loaded[int(which[a])][name]

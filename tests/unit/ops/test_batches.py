@@ -138,6 +138,30 @@ def test_batch_larger_than_the_epoch_holds_only_its_rows():
     assert list(neurocube.batches(ds, batch_size=10**12, drop_last=True)) == []
 
 
+def test_batch_arrays_are_refilled_only_once_nothing_refers_to_them():
+    ds, _, _ = dataset(120, 7, feature_chunks=5)
+    kept_view = kept_memory = None
+    seen: list[weakref.ref] = []
+    reused = 0
+    trials = []
+    for i, batch in enumerate(neurocube.batches(ds, batch_size=8, seed=1)):
+        t = batch["trial"] - 100
+        np.testing.assert_array_equal(batch["betas"][:, 0], t * 1000.0)  # right when handed out
+        np.testing.assert_array_equal(batch["feature"][:, 1], t * 1000.0 + 1)
+        reused += any(r() is batch["betas"] for r in seen)
+        seen.append(weakref.ref(batch["betas"]))
+        trials.append(t)
+        if i == 1:  # a view and a memoryview outlive their batches: never refilled
+            kept_view, view_trials = batch["betas"][:3], t[:3].copy()
+        if i == 2:
+            kept_memory, memory_trials = memoryview(batch["feature"]), t.copy()
+        del batch
+    assert reused > 0  # dropped batches were filled again rather than allocated anew
+    np.testing.assert_array_equal(np.sort(np.concatenate(trials)), np.arange(120))
+    np.testing.assert_array_equal(kept_view[:, 0], view_trials * 1000.0)
+    np.testing.assert_array_equal(np.asarray(kept_memory)[:, 0], memory_trials * 1000.0)
+
+
 def test_same_seed_and_epoch_same_order_other_epoch_other_order():
     ds, _, _ = dataset(200, 10)
 
