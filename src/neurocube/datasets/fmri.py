@@ -36,7 +36,6 @@ Examples
 from __future__ import annotations
 
 import os
-import re
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
@@ -49,6 +48,13 @@ import pandas as pd
 
 from neurocube import storage
 from neurocube.catalog.fmri import natural_key, scan_bucket, subject_ids
+from neurocube.datasets.fmri_trials import (
+    SIDECAR_BLOCK,
+    annotate_trials,
+    read_csv,
+    read_trial_table,
+    trial_coords,
+)
 from neurocube.errors import (
     AccessDeniedError,
     ArgumentError,
@@ -65,7 +71,6 @@ __all__ = ["Subject", "open_subject", "open_subjects", "roi_means"]
 
 MASK_SOURCES = ("anatomical", "rsquare")
 STIMULI_FILTERS = ("shared", "unique")
-_LABEL_PREFIX = re.compile(r"^(shared|unique)_(.+)$")
 
 
 def _names(
@@ -679,7 +684,7 @@ class Subject:
         def read(item: tuple[str, str]) -> pd.DataFrame | AccessDeniedError:
             path, session = item
             try:
-                return _read_trial_table(path, session, opts)
+                return read_trial_table(path, session, opts)
             except AccessDeniedError as exc:
                 return exc
 
@@ -697,7 +702,7 @@ class Subject:
                 continue
             # Annotated per session: sessions may follow different layouts (``label`` or the
             # older ``stimulus_id``), and a concatenation would put NaN in the missing column.
-            frames.append(_annotate_trials(table_or_error, stimuli, path))
+            frames.append(annotate_trials(table_or_error, stimuli, path))
         self._denied = denied
         if denied:
             warnings.warn(
@@ -761,7 +766,7 @@ class Subject:
         with self._lock:
             table = self._stimuli_table
         if table is None:
-            table = _read_csv(path, storage_options=self.storage_options)
+            table = read_csv(path, storage_options=self.storage_options)
             with self._lock:
                 self._stimuli_table = table
         return table
@@ -889,7 +894,7 @@ class Subject:
         data = concatenate_trials(arrays)  # neurocube.load reads it session by session
         trials = pd.concat(rows)
         coords: dict[str, Any] = {"trial": trials.index.to_numpy(dtype=np.int64)}
-        coords.update(_trial_coords(trials, self._subject_id))
+        coords.update(trial_coords(trials, self._subject_id))
         coords.update(voxel_coords(selection, affine))
         attrs: dict[str, Any] = {
             "subject": self._subject_id,
@@ -1106,7 +1111,7 @@ class Subject:
             storage_options=self.storage_options,
         )
         coords: dict[str, Any] = {"trial": metadata.index.to_numpy(dtype=np.int64)}
-        coords.update(_trial_coords(metadata, self._subject_id))
+        coords.update(trial_coords(metadata, self._subject_id))
         coords["embedding_valid"] = ("trial", valid)
         model_name = str(rows[rows["label"].str.lower() == model.lower()]["label"].iloc[0])
         return xr.Dataset(
@@ -1159,7 +1164,7 @@ class Subject:
     def captions(self) -> pd.DataFrame:
         """Captions table (``task-images_desc-captions.csv``), every cell as text."""
         path = self._stimuli_file("captions", "task-images_desc-captions.csv")
-        return _read_csv(path, storage_options=self.storage_options)
+        return read_csv(path, storage_options=self.storage_options)
 
     @property
     def segmentations(self) -> Any:
@@ -1210,129 +1215,6 @@ def _stimuli_filter(stimuli: str) -> str:
     if stimuli not in STIMULI_FILTERS:
         raise SelectionError(f"stimuli={stimuli!r}: expected 'shared', 'unique' or None")
     return stimuli
-
-
-#: Remote sidecars (TSVs, CSVs, surface ROIs) are read in blocks this large: one request for
-#: a small file, a few for a big captions CSV.
-SIDECAR_BLOCK = 8 << 20
-
-
-def _read_csv(path: str, sep: str = ",", storage_options: Any = None) -> pd.DataFrame:
-    with storage.open_file(path, "rb", storage_options, block_size=SIDECAR_BLOCK) as handle:
-        kind = "TSV" if sep == chr(9) else "CSV"
-        try:
-            return pd.read_csv(handle, sep=sep, dtype=str, keep_default_na=False)
-        except pd.errors.EmptyDataError as exc:
-            raise FormatError(
-                f"{path}: an empty {kind} (no header line); expected a header naming its columns "
-                "and one row per entry. Re-download the file."
-            ) from exc
-        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-            raise FormatError(f"{path}: not a readable {kind} ({exc})") from exc
-
-
-_INT_COLUMNS = ("run", "beta_index")
-
-
-def _read_trial_table(path: str, session: str, storage_options: Any = None) -> pd.DataFrame:
-    table = _read_csv(path, sep="\t", storage_options=storage_options)
-    if "label" not in table.columns and "stimulus_id" not in table.columns:
-        raise FormatError(
-            f"{path}: a trial table needs a 'label' column (or 'stimulus_id' in older buckets); "
-            f"found columns {list(table.columns)}"
-        )
-    for column in _INT_COLUMNS:
-        if column in table.columns:
-            try:
-                table[column] = table[column].astype(np.int64)
-            except ValueError as exc:
-                raise FormatError(f"{path}: column {column!r} must hold integers ({exc})") from exc
-    if "session" in table.columns and not table.empty:
-        bad = {value for value in set(table["session"]) if not _same_session(value, session)}
-        if bad:
-            raise FormatError(
-                f"{path}: its 'session' column says {sorted(bad)}, but the file is in folder "
-                f"{session}; expected {session!r} (or its number) on every row"
-            )
-    table["session"] = session
-    table["session_trial"] = np.arange(len(table), dtype=np.int64)
-    return table
-
-
-def _same_session(value: str, session: str) -> bool:
-    """Return True if a trial table's ``session`` cell names ``session``.
-
-    Older tables write the number: ``ses-01``, ``01`` and ``1`` all name
-    folder ``ses-01``; ``ses-02`` or ``2`` do not.
-    """
-    cell = str(value).strip()
-    label = session[4:] if session.startswith("ses-") else session
-    cell = cell[4:] if cell.startswith("ses-") else cell
-    if cell == label:
-        return True
-    return cell.isdigit() and label.isdigit() and int(cell) == int(label)
-
-
-def _annotate_trials(table: pd.DataFrame, stimuli: pd.DataFrame | None, where: str) -> pd.DataFrame:
-    names_known: dict[str, int] = {}
-    if stimuli is not None:
-        names_known = {name: i for i, name in enumerate(stimuli["image_name"].tolist())}
-    image_names: list[str] = []
-    kinds: list[str] = []
-    if "label" in table.columns:
-        for label in table["label"].tolist():
-            match = _LABEL_PREFIX.match(label)
-            kind, rest = (match.group(1), match.group(2)) if match else ("", label)
-            candidates = [rest, os.path.splitext(rest)[0], label]
-            name = next((c for c in candidates if c in names_known), rest)
-            image_names.append(name)
-            kinds.append(kind)
-    else:  # older trial tables: stimulus_id joined against the metadata CSV
-        if stimuli is None:
-            raise FormatError(
-                f"{where}: an older trial table (stimulus_id, no label) needs "
-                "stimuli/task-images_metadata.csv to know each trial's image; it is not on disk"
-            )
-        for sid in table["stimulus_id"].tolist():
-            if sid in names_known:
-                image_names.append(sid)
-            elif sid.isdigit() and int(sid) < len(stimuli):
-                image_names.append(str(stimuli["image_name"].iloc[int(sid)]))
-            else:
-                raise FormatError(
-                    f"{where}: stimulus_id {sid!r} is neither an image_name nor a row of the "
-                    "stimuli metadata CSV"
-                )
-            kinds.append("")
-    out = table.copy()
-    out["image_name"] = image_names
-    out["stim_idx"] = np.array([names_known.get(n, -1) for n in image_names], dtype=np.int64)
-    if stimuli is not None:
-        by_row = out["stim_idx"].to_numpy()
-        meta_kind = np.asarray([*stimuli["unique_or_shared"].tolist(), ""], dtype=object)
-        meta_dataset = np.asarray([*stimuli["dataset"].tolist(), ""], dtype=object)
-        kinds = [k or str(meta_kind[r]) for k, r in zip(kinds, by_row, strict=True)]
-        out["dataset"] = [str(v) for v in meta_dataset[by_row]]
-    else:
-        out["dataset"] = ""
-    out["unique_or_shared"] = kinds
-    return out
-
-
-def _trial_coords(trials: pd.DataFrame, subject: str) -> dict[str, Any]:
-    coords: dict[str, Any] = {"subject": ("trial", np.asarray([subject] * len(trials), dtype=str))}
-    for column in trials.columns:
-        values = trials[column]
-        if values.dtype.kind in "iub":
-            array = values.to_numpy()
-        elif values.dtype.kind == "f":
-            array = values.to_numpy(dtype=np.float64)
-        else:
-            array = np.asarray([str(v) for v in values.tolist()], dtype=str)
-            if array.size == 0:
-                array = array.astype("<U1")
-        coords[str(column)] = ("trial", array)
-    return coords
 
 
 def _read_func_gii(path: str, storage_options: Any = None) -> np.ndarray:
