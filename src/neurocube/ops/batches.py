@@ -231,8 +231,6 @@ def _direct_rows(lazy: Mapping[str, Any]) -> dict[str, Any]:
     :func:`neurocube.load`), with no Dask graph run per chunk. Anything else
     is read through its Dask graph.
     """
-    import sys
-
     if "neurocube.sources.nifti" not in sys.modules:  # loaded by whoever opened a NIfTI
         return {}
     from neurocube.sources.nifti_rows import trial_rows
