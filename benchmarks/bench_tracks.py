@@ -199,10 +199,10 @@ def _forget_caches() -> None:
     """Empty neurocube's per-process caches of manifests, indexes and parquet footers."""
     from neurocube.catalog import behavior as catalog_behavior
     from neurocube.io.behavior import manifest as io_manifest
-    from neurocube.sources import parquet
+    from neurocube.sources import parquet_meta
 
-    parquet._INFOS.clear()
-    parquet._FOOTERS.clear()
+    parquet_meta._INFOS.clear()
+    parquet_meta._FOOTERS.clear()
     catalog_behavior._MEMO.clear()
     io_manifest._MANIFESTS.clear()
 

@@ -153,7 +153,8 @@ def _open_parquet(
     """
     import xarray as xr
 
-    from neurocube.sources.parquet import group_chunks, lazy_columns, plan_chunks, read_parquet_info
+    from neurocube.sources.parquet import group_chunks, lazy_columns, plan_chunks
+    from neurocube.sources.parquet_meta import read_parquet_info
 
     info = read_parquet_info(path, storage_options=storage_options)
     if any(c.startswith("embedding_") for c in info.columns):

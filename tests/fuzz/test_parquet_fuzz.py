@@ -19,7 +19,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from neurocube.sources.parquet import lazy_columns, plan_chunks, read_parquet_info
+from neurocube.sources.parquet import lazy_columns, plan_chunks
+from neurocube.sources.parquet_meta import read_parquet_info
 from tests.fuzz.damage import assert_oracle_or_neurocube_error, damages, fuzz_settings
 
 DATA = Path(__file__).parents[1] / "data"

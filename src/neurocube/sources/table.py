@@ -7,7 +7,7 @@ is the chunk task: it reads the feature columns of one row group into a 2-D
 ``(rows, features)`` array. Tasks carry a :class:`ParquetRowGroup` spec (path,
 size, mtime, row group, columns), never a handle; each process keeps the parsed
 footers of the files it reads (keyed by path and version, in
-:func:`neurocube.sources.parquet.cached_footer`) so a task does not parse the footer again.
+:func:`neurocube.sources.parquet_meta.cached_footer`) so a task does not parse the footer again.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 
 from neurocube import storage
 from neurocube.errors import FormatError
-from neurocube.sources.parquet import PARQUET_MAGIC, cached_footer
+from neurocube.sources.parquet_meta import PARQUET_MAGIC, cached_footer
 from neurocube.storage import IO_STATS, StorageOptions, as_options, is_url
 
 __all__ = [

@@ -21,6 +21,7 @@ import neurocube
 from neurocube.datasets import behavior as behavior_mod
 from neurocube.errors import CorruptDataError, SourceChangedError
 from neurocube.sources import parquet as parquet_source
+from neurocube.sources import parquet_meta
 
 N_IDS = 3
 RG_FRAMES = 20  # row groups of 20 frames = 60 rows
@@ -186,14 +187,14 @@ def test_reopen_parses_nothing(small, monkeypatch):
     first = neurocube.open_behavior(small).tracks(sequences="s1", start_frame=3, end_frame=9)
     calls: list[str] = []
     real_yaml, real_csv, real_info = (
-        yaml.safe_load, io_layout.read_index_csv, parquet_source._parse_info
+        yaml.safe_load, io_layout.read_index_csv, parquet_meta._parse_info
     )  # fmt: skip
     monkeypatch.setattr(yaml, "safe_load", lambda *a: calls.append("yaml") or real_yaml(*a))
     monkeypatch.setattr(
         io_layout, "read_index_csv", lambda *a: calls.append("csv") or real_csv(*a)
     )
     monkeypatch.setattr(
-        parquet_source, "_parse_info", lambda *a: calls.append("footer") or real_info(*a)
+        parquet_meta, "_parse_info", lambda *a: calls.append("footer") or real_info(*a)
     )
     again = neurocube.open_behavior(small).tracks(sequences="s1", start_frame=3, end_frame=9)
     assert calls == []
@@ -251,7 +252,7 @@ def test_caches_never_serve_a_rewritten_file(tmp_path):
 
 def test_eager_read_checks_crc_and_changes(small):
     path = small / "tracks/run1/g__s1.parquet"
-    info = parquet_source.read_parquet_info(path)
+    info = parquet_meta.read_parquet_info(path)
     cols, dtypes = ["frame", "X"], ["int64", "float64"]
     out = parquet_source.read_rows(info, cols, dtypes, filter_column="frame",
                                    filter_range=(30, 50))  # fmt: skip

@@ -12,13 +12,8 @@ import pytest
 
 from neurocube.errors import DataNotFoundError, FormatError
 from neurocube.sources import parquet as source
-from neurocube.sources.parquet import (
-    common_dtypes,
-    lazy_columns,
-    plan_chunks,
-    read_chunk,
-    read_parquet_info,
-)
+from neurocube.sources.parquet import lazy_columns, plan_chunks, read_chunk
+from neurocube.sources.parquet_meta import common_dtypes, read_parquet_info
 from neurocube.storage import IO_STATS
 
 SAMPLE = next(
@@ -213,7 +208,8 @@ def test_page_crcs_are_verified_and_a_change_is_source_changed(tmp_path):
     import pyarrow as pa
 
     from neurocube.errors import CorruptDataError, SourceChangedError
-    from neurocube.sources.parquet import lazy_columns, plan_chunks, read_parquet_info
+    from neurocube.sources.parquet import lazy_columns, plan_chunks
+    from neurocube.sources.parquet_meta import read_parquet_info
 
     path = tmp_path / "crc.parquet"
     x = np.random.default_rng(0).standard_normal(4000)

@@ -68,7 +68,7 @@ from neurocube.datasets.behavior.track_files import (
     TrackFile,
 )
 from neurocube.errors import DataNotFoundError, FormatError, SelectionError
-from neurocube.sources.parquet import common_dtypes, read_parquet_info
+from neurocube.sources.parquet_meta import common_dtypes, read_parquet_info
 from neurocube.storage import StorageOptions, is_url
 
 __all__ = ["BehaviorDataset", "TrackFile", "open_behavior", "read_npz_headers"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from neurocube.sources.parquet import ParquetFileInfo
+from neurocube.sources.parquet_meta import ParquetFileInfo
 
 KEY_COLUMNS = ("frame", "time", "id")
 STRING_KEYS = ("group", "sequence")
