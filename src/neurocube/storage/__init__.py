@@ -93,6 +93,13 @@ from neurocube.storage.remote_blocks import SHARED_BLOCKS as SHARED_BLOCKS
 from neurocube.storage.remote_blocks import SHARED_CACHE_BYTES as SHARED_CACHE_BYTES
 from neurocube.storage.remote_blocks import BlockReader
 
+# Pickles and Dask tokens name a class by its module: keep naming the public classes
+# ``neurocube.storage.X`` as before the split, so pickled specs still load and cache keys
+# derived from objects that hold a FileIdentity or ObjectInfo do not change.
+for _cls in (BlockReader, FileIdentity, HandlePool, ObjectInfo, StorageOptions):
+    _cls.__module__ = __name__
+del _cls
+
 __all__ = [
     "IO_STATS",
     "BlockReader",
