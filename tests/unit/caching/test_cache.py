@@ -13,12 +13,11 @@ import pytest
 import xarray as xr
 
 import neurocube
-from neurocube import storage as files_module
 from neurocube.caching.keys import fingerprint
 from neurocube.caching.store import MARKER_NAME
 from neurocube.errors import CacheError, NeurocubeWarning
 from neurocube.sources import nifti as nifti_source
-from neurocube.storage import IO_STATS
+from neurocube.storage import IO_STATS, identities
 
 from .conftest import SHAPE, make_betas, oracle_masked
 
@@ -117,7 +116,7 @@ def test_rewritten_source_with_same_size_and_mtime_gives_a_new_entry(
     stat = path.stat()
     make_betas(path, offset=0.5)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    monkeypatch.setattr(files_module, "_IDENTITY_CACHE", {})
+    monkeypatch.setattr(identities, "_IDENTITY_CACHE", {})
     new = neurocube.cache(neurocube.open_nifti(path, mask=brain_mask), store=tmp_path / "c")
     assert len(_entries(tmp_path / "c")) == 2
     np.testing.assert_array_equal(new.data.values, oracle_masked(SHAPE, brain_mask, offset=0.5))

@@ -169,7 +169,7 @@ def test_a_changed_object_is_an_error_not_new_values(s3, tmp_path):
     s3.put(path, "c/sub-01_lh_spectral.h5")  # a new version: another ETag
     h5handles.HDF5_POOL.clear()  # as in a worker process that has not opened nor checked it yet
     storage.SHARED_BLOCKS.clear()
-    storage._CHECKED.clear()
+    storage.identities._CHECKED.clear()
     with pytest.raises(DataChangedError, match="changed since it was opened"):
         ds.eigenvectors.compute()
 
