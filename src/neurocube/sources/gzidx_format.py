@@ -16,8 +16,11 @@ the ``.gz`` file itself, and knows nothing of sidecars, caches or stores:
   needs, so a reader imports a few windows instead of all of them;
 - :func:`compressed_range` says which compressed bytes a read of an
   uncompressed range touches (what a remote read fetches), from the points
-  kept in memory per index (:func:`forget_seek_points` drops them when an
-  index is deleted).
+  kept in memory per index.
+
+Both keep what they read of an index file in memory (its bytes, its seek
+points); :func:`forget_index` drops that when an index is deleted or replaced,
+and when handles are reset.
 """
 
 from __future__ import annotations
@@ -28,14 +31,16 @@ import threading
 
 from neurocube.errors import IndexMismatchError
 
-__all__ = ["MAGIC", "compressed_range", "forget_seek_points", "span_index", "thin_index"]
+__all__ = ["MAGIC", "compressed_range", "forget_index", "span_index", "thin_index"]
 
 MAGIC = b"GZIDX"
 _HEADER = struct.Struct("<5sBBQQIII")  # magic, version, flags, csize, usize, spacing, window, n
 _POINT = struct.Struct("<QQBB")  # compressed offset, uncompressed offset, bits, has-window
 
 
-_INDEX_BYTES: dict[str, tuple[tuple[int, int], bytes]] = {}  # index path -> ((size, mtime), bytes)
+# index path -> ((size, mtime, ctime, inode), bytes). The stat is a second guard besides
+# forget_index: an index replaced by another process gets a new inode and ctime.
+_INDEX_BYTES: dict[str, tuple[tuple[int, int, int, int], bytes]] = {}
 _INDEX_BYTES_LOCK = threading.Lock()
 
 
@@ -50,7 +55,7 @@ def span_index(index_path: str, start: int, end: int) -> bytes | None:
     import bisect
 
     stat = os.stat(index_path)
-    version = (stat.st_size, stat.st_mtime_ns)
+    version = (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
     with _INDEX_BYTES_LOCK:
         cached = _INDEX_BYTES.get(index_path)
     if cached is None or cached[0] != version:
@@ -165,10 +170,19 @@ def compressed_range(index_path: str, start: int, end: int, size: int) -> tuple[
     return lo, max(lo, hi)
 
 
-def forget_seek_points(index_path: str | None = None) -> None:
-    """Drop the seek points kept in memory for ``index_path`` (every index if None)."""
+def forget_index(index_path: str | None = None) -> None:
+    """Drop what is kept in memory of ``index_path`` (every index if None): bytes, seek points.
+
+    Called when the index file is deleted, replaced or rewritten: the next
+    :func:`span_index` or :func:`compressed_range` reads the file again.
+    """
     with _POINTS_LOCK:
         if index_path is None:
             _POINTS.clear()
         else:
             _POINTS.pop(index_path, None)
+    with _INDEX_BYTES_LOCK:
+        if index_path is None:
+            _INDEX_BYTES.clear()
+        else:
+            _INDEX_BYTES.pop(index_path, None)

@@ -186,6 +186,7 @@ def retire_old_versions(spec: GzipIndexSpec) -> None:
         for leftover in (old, old.with_suffix(".json")):
             with contextlib.suppress(OSError):
                 leftover.unlink()
+        gzidx_format.forget_index(str(old))
     warnings.warn(
         f"{spec.path}: the object changed since its gzip index was built (its ETag is now "
         f"{spec.etag}); the old index was deleted and the next read streams the object once, "
@@ -425,6 +426,8 @@ def fetch_from_store(spec: GzipIndexSpec, index_path: str) -> None:
             os.replace(tmp, path)
     except OSError as exc:
         _warn_unwritable(target.parent, exc)
+    finally:
+        gzidx_format.forget_index(index_path)  # whatever was kept of an earlier file there
 
 
 def _upload_to_store(spec: GzipIndexSpec, target: Path) -> None:
@@ -574,6 +577,7 @@ def store_index(
         side_tmp.write_text(_seal(record))
         os.replace(side_tmp, target.with_suffix(".json"))
         os.replace(tmp, target)
+        gzidx_format.forget_index(spec.index_path)  # what was kept of the index it replaced
         _upload_to_store(spec, target)
         with _VERIFY_LOCK:
             _VERIFIED.add(version)  # built from this very version: no need to hash it again
@@ -619,7 +623,7 @@ def _discard_cached_index(spec: GzipIndexSpec, index_path: str, problem: str) ->
         for stale in (Path(index_path), Path(index_path).with_suffix(".json")):
             with contextlib.suppress(OSError):
                 stale.unlink()
-    gzidx_format.forget_seek_points(index_path)
+    gzidx_format.forget_index(index_path)
     with _SUMS_LOCK:
         _SUMS.pop(index_path, None)
     for hook in _DISCARD_HOOKS:  # readers that loaded the old index (or hold the old file)
