@@ -39,7 +39,6 @@ import contextlib
 import hashlib
 import json
 import os
-import struct
 import threading
 import uuid
 import warnings
@@ -209,24 +208,29 @@ def check_index(
 ) -> None:
     """Raise :class:`IndexMismatchError` unless ``index_path`` is a GZIDX index of ``gz_path``.
 
-    The index header records the compressed size of the file it was built on;
+    The index header (read through :func:`gzidx_format.read_header`) records the
+    compressed size of the file it was built on and how many seek points follow;
     a sidecar ``.json`` (written by neurocube) records its full identity.
     """
     index_path = Path(index_path)
     try:
         with open(index_path, "rb") as fh:
-            head = fh.read(7 + 16)
+            head = fh.read(gzidx_format.HEADER_SIZE)
+            index_size = os.fstat(fh.fileno()).st_size
     except FileNotFoundError as exc:
         raise IndexMismatchError(
             f"{index_path}: gzip index not found (given for {gz_path}). Pass index='auto' to let "
             "neurocube build one in its cache folder, or index=False to stream."
         ) from exc
-    if len(head) < 23 or not head.startswith(gzidx_format.MAGIC):
+    header = gzidx_format.read_header(head, index_path)
+    table_end = gzidx_format.HEADER_SIZE + header.n_points * gzidx_format.POINT_SIZE
+    if index_size < table_end:
         raise IndexMismatchError(
-            f"{index_path}: not a gzip seek index (expected the 'GZIDX' header of indexed_gzip, "
-            f"found {head[:8]!r}). Delete it or pass index='auto'."
+            f"{index_path}: this gzip index announces {header.n_points} seek points "
+            f"({table_end} bytes with the header) but has {index_size} bytes. The index is "
+            "damaged or truncated: delete it or pass index='auto' to rebuild it."
         )
-    compressed_size = struct.unpack("<Q", head[7:15])[0]
+    compressed_size = header.compressed_size
     actual = storage.info(gz_path, storage_options).size
     if compressed_size != actual:
         raise IndexMismatchError(
