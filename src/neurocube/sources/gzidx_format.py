@@ -16,8 +16,11 @@ the ``.gz`` file itself, and knows nothing of sidecars, caches or stores:
   needs, so a reader imports a few windows instead of all of them;
 - :func:`compressed_range` says which compressed bytes a read of an
   uncompressed range touches (what a remote read fetches), from the points
-  kept in memory per index (:func:`forget_seek_points` drops them when an
-  index is deleted).
+  kept in memory per index.
+
+Both keep what they read of an index file in memory (its bytes, its seek
+points); :func:`forget_index` drops that when an index is deleted or replaced,
+and when handles are reset.
 """
 
 from __future__ import annotations
@@ -25,17 +28,71 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from typing import NamedTuple
 
 from neurocube.errors import IndexMismatchError
 
-__all__ = ["MAGIC", "compressed_range", "forget_seek_points", "span_index", "thin_index"]
+__all__ = [
+    "HEADER_SIZE",
+    "MAGIC",
+    "POINT_SIZE",
+    "IndexHeader",
+    "compressed_range",
+    "forget_index",
+    "read_header",
+    "span_index",
+    "thin_index",
+]
 
 MAGIC = b"GZIDX"
 _HEADER = struct.Struct("<5sBBQQIII")  # magic, version, flags, csize, usize, spacing, window, n
 _POINT = struct.Struct("<QQBB")  # compressed offset, uncompressed offset, bits, has-window
+HEADER_SIZE = _HEADER.size
+POINT_SIZE = _POINT.size
 
 
-_INDEX_BYTES: dict[str, tuple[tuple[int, int], bytes]] = {}  # index path -> ((size, mtime), bytes)
+class IndexHeader(NamedTuple):
+    """The fixed header of a GZIDX (version 1) index file."""
+
+    magic: bytes
+    version: int
+    flags: int
+    compressed_size: int  #: size of the ``.gz`` file the index was built on
+    uncompressed_size: int
+    spacing: int
+    window_size: int
+    n_points: int
+
+
+def read_header(head: bytes, index_path: str | os.PathLike[str]) -> IndexHeader:
+    """Parse the header at the start of ``head`` (the first :data:`HEADER_SIZE` bytes or more).
+
+    Raises
+    ------
+    IndexMismatchError
+        If ``head`` is shorter than a header, does not start with the ``GZIDX``
+        magic, or is not version 1: it names the file, what was found and what
+        to do.
+    """
+    if len(head) < HEADER_SIZE or not head.startswith(MAGIC):
+        raise IndexMismatchError(
+            f"{index_path}: not a gzip seek index (expected the {HEADER_SIZE}-byte 'GZIDX' "
+            f"header of indexed_gzip, found {head[:8]!r} in {len(head)} bytes). Delete it or "
+            "pass index='auto'."
+        )
+    header = IndexHeader(*_HEADER.unpack_from(head))
+    if header.version != 1:
+        raise IndexMismatchError(
+            f"{index_path}: a GZIDX index of version {header.version}; neurocube reads version "
+            "1 (indexed_gzip's). The header is damaged or the index was written by another "
+            "tool: delete it or pass index='auto' to rebuild it."
+        )
+    return header
+
+
+# index path -> ((size, mtime, ctime, inode), bytes). The stat is a second guard besides
+# forget_index: an index replaced by another process gets a new inode and ctime.
+_INDEX_BYTES: dict[str, tuple[tuple[int, int, int, int], bytes]] = {}
 _INDEX_BYTES_LOCK = threading.Lock()
 
 
@@ -50,7 +107,7 @@ def span_index(index_path: str, start: int, end: int) -> bytes | None:
     import bisect
 
     stat = os.stat(index_path)
-    version = (stat.st_size, stat.st_mtime_ns)
+    version = (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
     with _INDEX_BYTES_LOCK:
         cached = _INDEX_BYTES.get(index_path)
     if cached is None or cached[0] != version:
@@ -95,9 +152,7 @@ def thin_index(src: str | os.PathLike[str], dst: str | os.PathLike[str], spacing
     """
     with open(src, "rb") as fh:
         head = fh.read(_HEADER.size)
-        magic, version, flags, csize, usize, old_spacing, window, n = _HEADER.unpack(head)
-        if magic != MAGIC or version != 1:
-            raise IndexMismatchError(f"{src}: not a version-1 GZIDX index (found {head[:6]!r})")
+        magic, version, flags, csize, usize, old_spacing, window, n = read_header(head, src)
         points = [_POINT.unpack(fh.read(_POINT.size)) for _ in range(n)]
         keep: list[int] = []
         last = None
@@ -134,10 +189,7 @@ def _seek_points(index_path: str) -> tuple[list[int], list[int]]:
     if cached is not None:
         return cached
     with open(index_path, "rb") as fh:
-        head = fh.read(_HEADER.size)
-        if len(head) < _HEADER.size or not head.startswith(MAGIC):
-            raise IndexMismatchError(f"{index_path}: not a GZIDX index (found {head[:6]!r})")
-        n = _HEADER.unpack(head)[-1]
+        n = read_header(fh.read(_HEADER.size), index_path).n_points
         raw = fh.read(n * _POINT.size)
     if len(raw) < n * _POINT.size:
         raise IndexMismatchError(f"{index_path}: the index is truncated ({n} points announced)")
@@ -165,10 +217,19 @@ def compressed_range(index_path: str, start: int, end: int, size: int) -> tuple[
     return lo, max(lo, hi)
 
 
-def forget_seek_points(index_path: str | None = None) -> None:
-    """Drop the seek points kept in memory for ``index_path`` (every index if None)."""
+def forget_index(index_path: str | None = None) -> None:
+    """Drop what is kept in memory of ``index_path`` (every index if None): bytes, seek points.
+
+    Called when the index file is deleted, replaced or rewritten: the next
+    :func:`span_index` or :func:`compressed_range` reads the file again.
+    """
     with _POINTS_LOCK:
         if index_path is None:
             _POINTS.clear()
         else:
             _POINTS.pop(index_path, None)
+    with _INDEX_BYTES_LOCK:
+        if index_path is None:
+            _INDEX_BYTES.clear()
+        else:
+            _INDEX_BYTES.pop(index_path, None)

@@ -814,7 +814,7 @@ def reset_handles() -> None:
     _INDEXED.clear()
     _STREAMS.clear()
     gzindex_store.reset()
-    gzidx_format.forget_seek_points()
+    gzidx_format.forget_index()
     with _PASSED_LOCK:
         _PASSED.clear()
 

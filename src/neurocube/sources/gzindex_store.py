@@ -39,7 +39,6 @@ import contextlib
 import hashlib
 import json
 import os
-import struct
 import threading
 import uuid
 import warnings
@@ -186,6 +185,7 @@ def retire_old_versions(spec: GzipIndexSpec) -> None:
         for leftover in (old, old.with_suffix(".json")):
             with contextlib.suppress(OSError):
                 leftover.unlink()
+        gzidx_format.forget_index(str(old))
     warnings.warn(
         f"{spec.path}: the object changed since its gzip index was built (its ETag is now "
         f"{spec.etag}); the old index was deleted and the next read streams the object once, "
@@ -208,24 +208,29 @@ def check_index(
 ) -> None:
     """Raise :class:`IndexMismatchError` unless ``index_path`` is a GZIDX index of ``gz_path``.
 
-    The index header records the compressed size of the file it was built on;
+    The index header (read through :func:`gzidx_format.read_header`) records the
+    compressed size of the file it was built on and how many seek points follow;
     a sidecar ``.json`` (written by neurocube) records its full identity.
     """
     index_path = Path(index_path)
     try:
         with open(index_path, "rb") as fh:
-            head = fh.read(7 + 16)
+            head = fh.read(gzidx_format.HEADER_SIZE)
+            index_size = os.fstat(fh.fileno()).st_size
     except FileNotFoundError as exc:
         raise IndexMismatchError(
             f"{index_path}: gzip index not found (given for {gz_path}). Pass index='auto' to let "
             "neurocube build one in its cache folder, or index=False to stream."
         ) from exc
-    if len(head) < 23 or not head.startswith(gzidx_format.MAGIC):
+    header = gzidx_format.read_header(head, index_path)
+    table_end = gzidx_format.HEADER_SIZE + header.n_points * gzidx_format.POINT_SIZE
+    if index_size < table_end:
         raise IndexMismatchError(
-            f"{index_path}: not a gzip seek index (expected the 'GZIDX' header of indexed_gzip, "
-            f"found {head[:8]!r}). Delete it or pass index='auto'."
+            f"{index_path}: this gzip index announces {header.n_points} seek points "
+            f"({table_end} bytes with the header) but has {index_size} bytes. The index is "
+            "damaged or truncated: delete it or pass index='auto' to rebuild it."
         )
-    compressed_size = struct.unpack("<Q", head[7:15])[0]
+    compressed_size = header.compressed_size
     actual = storage.info(gz_path, storage_options).size
     if compressed_size != actual:
         raise IndexMismatchError(
@@ -425,6 +430,8 @@ def fetch_from_store(spec: GzipIndexSpec, index_path: str) -> None:
             os.replace(tmp, path)
     except OSError as exc:
         _warn_unwritable(target.parent, exc)
+    finally:
+        gzidx_format.forget_index(index_path)  # whatever was kept of an earlier file there
 
 
 def _upload_to_store(spec: GzipIndexSpec, target: Path) -> None:
@@ -574,6 +581,7 @@ def store_index(
         side_tmp.write_text(_seal(record))
         os.replace(side_tmp, target.with_suffix(".json"))
         os.replace(tmp, target)
+        gzidx_format.forget_index(spec.index_path)  # what was kept of the index it replaced
         _upload_to_store(spec, target)
         with _VERIFY_LOCK:
             _VERIFIED.add(version)  # built from this very version: no need to hash it again
@@ -619,7 +627,7 @@ def _discard_cached_index(spec: GzipIndexSpec, index_path: str, problem: str) ->
         for stale in (Path(index_path), Path(index_path).with_suffix(".json")):
             with contextlib.suppress(OSError):
                 stale.unlink()
-    gzidx_format.forget_seek_points(index_path)
+    gzidx_format.forget_index(index_path)
     with _SUMS_LOCK:
         _SUMS.pop(index_path, None)
     for hook in _DISCARD_HOOKS:  # readers that loaded the old index (or hold the old file)

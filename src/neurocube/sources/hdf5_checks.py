@@ -28,6 +28,7 @@ import h5py
 import numpy as np
 
 from neurocube.errors import CorruptDataError, FormatError, NeurocubeError
+from neurocube.sources.deflate import DEFLATE_MAX_RATIO
 from neurocube.storage import is_local
 
 __all__ = [
@@ -48,9 +49,6 @@ __all__ = [
 #: Stored chunk bytes copied per turn of the handle's lock (bounds the extra memory); also
 #: the largest chunk :func:`check_storage` inflates to check the chunk shape.
 DIRECT_BATCH_BYTES = 16 * 2**20
-
-#: deflate's largest compression ratio (a run of one byte value): no stored chunk inflates more.
-DEFLATE_MAX_RATIO = 1032
 
 #: A declared dataset at most this large is never refused for its size (fill values are legal).
 DECLARED_SLACK_BYTES = 1 << 20

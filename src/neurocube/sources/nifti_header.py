@@ -29,6 +29,7 @@ from neurocube.errors import (
     NeurocubeError,
     TruncatedFileError,
 )
+from neurocube.sources.deflate import DEFLATE_MAX_RATIO  # also importable from here
 from neurocube.storage import StorageOptions
 
 __all__ = ["NiftiInfo", "VolumeGeometry", "read_header", "sniff_nifti"]
@@ -217,7 +218,8 @@ def read_header(
         image (an unknown datatype code, ``dim[0]`` outside 1..7, a dimension
         below 1, a NaN or too small ``vox_offset``, a non-finite ``scl_inter``
         with a valid ``scl_slope``); if a ``.nii.gz`` declares more image than
-        its size can inflate to (:data:`DEFLATE_MAX_RATIO`). Nothing is
+        its size can inflate to
+        (:data:`~neurocube.sources.deflate.DEFLATE_MAX_RATIO`). Nothing is
         allocated for the declared shape before these checks.
     TruncatedFileError
         If an uncompressed file is shorter than its header says.
@@ -335,11 +337,6 @@ def read_header(
             )
     return info
 
-
-#: The most bytes deflate can inflate from one compressed byte (RFC 1951: a 258-byte match
-#: per ~2 bits, about 1032:1). A ``.nii.gz`` declaring more image than its size times this
-#: cannot hold it: the header is damaged (or the file truncated), whatever the stream says.
-DEFLATE_MAX_RATIO = 1032
 
 # NIfTI-1 / NIfTI-2 field layout: (dim offset, dim format, datatype offset, vox_offset offset,
 # vox_offset format); both keep the 4 extension-flag bytes right after the header.

@@ -105,10 +105,11 @@ class NpzMember:
         Bytes of the ``.npy`` header inside the (uncompressed) member.
     crc32
         CRC-32 of the uncompressed member, from the central directory.
-    file_size, version, mtime_ns
-        Size and ETag of a remote archive, or size and mtime (ns) of a local one, when the
-        directory was read: a changed archive is refused at read time
-        (:class:`~neurocube.errors.SourceChangedError`). ``0`` / ``""`` when unknown.
+    file_size, version, mtime_ns, ctime_ns
+        Size and ETag of a remote archive, or size, mtime and status-change time (ns) of a
+        local one, when the directory was read: a changed archive is refused at read time
+        (:class:`~neurocube.errors.SourceChangedError`). ``0`` / ``""`` when unknown. The
+        ctime tells a rewrite that kept the size and set the mtime back (``os.utime``).
     storage_options
         The options to read a remote archive with (travel to Dask workers;
         their text never shows a secret).
@@ -130,6 +131,7 @@ class NpzMember:
     version: str = ""
     storage_options: StorageOptions | None = field(default=None, repr=False)
     mtime_ns: int = 0
+    ctime_ns: int = 0
 
     @property
     def is_remote(self) -> bool:
@@ -458,7 +460,7 @@ def read_npz_directory(
     remote = is_url(path)
     local = str(path) if remote else os.path.abspath(path)
     opts = as_options(storage_options) if remote else None
-    mtime_ns = 0
+    mtime_ns = ctime_ns = 0
     with contextlib.ExitStack() as stack:
         if remote:
             if size is None or version is None:
@@ -468,7 +470,7 @@ def read_npz_directory(
         else:
             fh = stack.enter_context(open_file(local))
             fst = os.fstat(fh.fileno())
-            size, mtime_ns = fst.st_size, fst.st_mtime_ns
+            size, mtime_ns, ctime_ns = fst.st_size, fst.st_mtime_ns, fst.st_ctime_ns
             version = ""
         if size < _EOCD_SIZE:
             raise _truncated(local, f"only {size} bytes")
@@ -569,6 +571,7 @@ def read_npz_directory(
                 version=version or "",
                 storage_options=opts,
                 mtime_ns=0 if remote else mtime_ns,
+                ctime_ns=0 if remote else ctime_ns,
             )
             if usize != header_size + member.nbytes:
                 raise FormatError(
@@ -612,12 +615,15 @@ def open_member_memmap(member: NpzMember) -> np.memmap[Any, Any] | np.ndarray:
     request) into memory and returned as a read-only array.
 
     A mapping is not checked against the member's CRC-32 (its bytes are read later, page
-    by page); :func:`read_member` and :func:`read_members_into` check it.
+    by page); :func:`read_member` and :func:`read_members_into` check it. The archive's
+    size, mtime and ctime are compared with those of the directory when it is mapped.
 
     Raises
     ------
     FormatError
         If the member is deflated (it cannot be mapped; use :func:`read_member`).
+    SourceChangedError
+        If the archive changed since its directory was read.
     """
     if not member.is_stored:
         raise FormatError(
@@ -629,6 +635,7 @@ def open_member_memmap(member: NpzMember) -> np.memmap[Any, Any] | np.ndarray:
         arr.flags.writeable = False
         return arr
     with open_file(member.path) as fh:
+        _check_local_unchanged(member, fh)
         mapped = np.memmap(
             fh,
             dtype=member.numpy_dtype,
@@ -649,7 +656,14 @@ def _inflate(member: NpzMember, fh: Any) -> bytes:
 
 
 def _check_local_unchanged(member: NpzMember, fh: Any) -> None:
-    """Refuse an archive whose size or mtime changed since its directory was read (one fstat)."""
+    """Refuse an archive that changed since its directory was read (one fstat).
+
+    Size and mtime, then the ctime, as :func:`neurocube.storage.check_unchanged` compares
+    them, but on the open file itself: an archive replaced by rename after ``fh`` was
+    opened leaves ``fh`` on the version whose directory was read. The ZIP CRC-32 of every
+    member read is a second check (:func:`_fill`); it would report such a rewrite as
+    damage, this names it as a change.
+    """
     if not member.mtime_ns:
         return
     st = os.fstat(fh.fileno())
@@ -658,6 +672,13 @@ def _check_local_unchanged(member: NpzMember, fh: Any) -> None:
             f"{member.path}: changed since it was opened (then {member.file_size} bytes, "
             f"mtime {member.mtime_ns}; now {st.st_size} bytes, mtime {st.st_mtime_ns}). "
             "Values read now could mix two versions: open it again."
+        )
+    if member.ctime_ns and st.st_ctime_ns != member.ctime_ns:
+        raise SourceChangedError(
+            f"{member.path}: changed since it was opened (then ctime {member.ctime_ns} ns; now "
+            f"ctime {st.st_ctime_ns} ns, with {st.st_size} bytes and mtime {st.st_mtime_ns}: "
+            "rewritten, even if its size and mtime look the same). Values read now could mix "
+            "two versions: open it again."
         )
 
 

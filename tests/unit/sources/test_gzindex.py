@@ -15,7 +15,7 @@ import pytest
 
 import neurocube
 from neurocube.errors import IndexMismatchError
-from neurocube.sources import gzindex, gzindex_store
+from neurocube.sources import gzidx_format, gzindex, gzindex_store
 from neurocube.sources.gzindex_store import IndexRebuildWarning, IndexWriteWarning
 
 SHAPE = (6, 7, 8, 60)
@@ -303,13 +303,22 @@ def test_damaged_explicit_index_is_a_clear_error(gz_file, tmp_path):
     neurocube.open_nifti(gz_file, cache_dir=cache).compute()
     mine = tmp_path / "mine.gzidx"
     good = _index_of(gz_file, cache).read_bytes()
-    mine.write_bytes(good[: len(good) // 2])  # the header (and so check_index) is intact
+    # the header and the point table (what check_index reads) are intact, but the first point
+    # now announces a 32 KiB window that the file does not hold (as if cut after the table)
+    flag = gzidx_format.HEADER_SIZE + gzidx_format.POINT_SIZE - 1
+    assert good[flag] == 0
+    damaged = good[:flag] + b"\x01" + good[flag + 1 :]
+    mine.write_bytes(damaged)
     gzindex.reset_handles()
     ds = neurocube.open_nifti(gz_file, index=mine)
     with pytest.raises(IndexMismatchError, match=r"mine\.gzidx: this gzip index cannot be loaded "
                        r"for .*sess\.nii\.gz.*Delete it, or pass index='auto'"):
         ds.data.values  # noqa: B018
-    assert mine.read_bytes() == good[: len(good) // 2]  # the caller's file is left alone
+    assert mine.read_bytes() == damaged  # the caller's file is left alone
+    mine.write_bytes(good[: len(good) // 2])  # cut inside the point table: refused at open
+    with pytest.raises(IndexMismatchError, match=r"mine\.gzidx: this gzip index announces \d+ seek "
+                       r"points \(\d+ bytes with the header\) but has \d+ bytes.*index='auto'"):
+        neurocube.open_nifti(gz_file, index=mine)
 
 
 def test_cache_unwritable_at_read_time_streams_with_a_warning(gz_file, tmp_path):
