@@ -783,9 +783,7 @@ def open_nifti(
     >>> float(ds.data.mean())
     1.0
     """
-    import xarray as xr
-
-    import neurocube.accessor  # noqa: F401  (registers ds.neuro)
+    import xarray as xr  # ``ds.neuro`` comes with it: ``neurocube/__init__.py`` registers it
 
     parts = build_parts(
         path,
