@@ -113,10 +113,10 @@ class LabelsMixin:
         sequences: str | Iterable[str] | None,
         run_id: str | None = None,
     ) -> pd.DataFrame:
-        from neurocube.catalog.behavior import _filter_pairs
+        from neurocube.io.behavior.index import filter_pairs
 
         table = self.catalog.labels_table(kind, run_id)
-        table = _filter_pairs(table, groups, sequences, self.catalog.index_path(f"labels/{kind}"))
+        table = filter_pairs(table, groups, sequences, self.catalog.index_path(f"labels/{kind}"))
         if table.empty:
             raise SelectionError(f"no {kind} labels for groups={groups!r}, sequences={sequences!r}")
         table = table.copy()
