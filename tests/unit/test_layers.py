@@ -51,3 +51,19 @@ def test_open_nifti_results_have_the_accessor_without_importing_it(tmp_path, xar
         + "float(np.asarray(loaded.data).sum()))"
     )
     assert _run(code) == f"Dataset True {float(data.sum())}"
+
+
+def test_the_cache_package_does_not_import_the_accessor_yet_ds_neuro_works():
+    """``neurocube.caching`` sits below ``neurocube.accessor`` (which calls into it)."""
+    # without neurocube's xarray import hook, importing the cache package loads no accessor
+    code = (
+        "import sys, neurocube; neurocube._remove_hook(); import neurocube.caching; "
+        "print('neurocube.accessor' in sys.modules)"
+    )
+    assert _run(code) == "False"
+    # with it (any normal import), ds.neuro is there all the same
+    code = (
+        "from neurocube.caching import cache; import xarray as xr; "
+        "print(callable(xr.Dataset().neuro.cache))"
+    )
+    assert _run(code) == "True"
