@@ -610,7 +610,7 @@ def catalog_embeddings(
     """
     import pandas as pd
 
-    artifacts = _select(root, model_key, kind, condition, storage_options)
+    artifacts = select_artifacts(root, model_key, kind, condition, storage_options)
     rows = []
     for art in artifacts:
         lead = art.members["token_embeddings" if art.kind == "token" else "window_embeddings"]
@@ -628,7 +628,7 @@ def catalog_embeddings(
     return pd.DataFrame(rows)
 
 
-def _select(
+def select_artifacts(
     root: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     model_key: str | None,
     kind: str,
