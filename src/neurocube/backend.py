@@ -259,7 +259,7 @@ def _open_connectome(path: str, storage_options: Any = None) -> Any:
     return ds
 
 
-def _readers() -> list[tuple[str, str, str, tuple[str, ...]]]:
+def single_file_readers() -> list[tuple[str, str, str, tuple[str, ...]]]:
     """Every single-file reader: (name, sniffing function, opener, keyword arguments it takes).
 
     Sniffers look at magic bytes and layout, never at the suffix alone; each
@@ -290,7 +290,8 @@ def _readers() -> list[tuple[str, str, str, tuple[str, ...]]]:
     ]
 
 
-def _load(dotted: str) -> Any:
+def resolve_dotted(dotted: str) -> Any:
+    """Return the object named by ``"module:attribute"`` (importing the module)."""
     import importlib
 
     module, _, attr = dotted.partition(":")
@@ -317,7 +318,8 @@ class NeurocubeBackendEntrypoint(BackendEntrypoint):
             return False
         path = str(filename_or_obj)
         if storage.is_local(path) and storage.isfile(path):
-            return any(bool(_load(sniff)(path)) for _, sniff, _, _ in _readers())
+            readers = single_file_readers()
+            return any(bool(resolve_dotted(sniff)(path)) for _, sniff, _, _ in readers)
         return path.endswith((".nii", ".nii.gz", ".func.gii", ".npz", ".parquet"))
 
     def open_dataset(
@@ -342,8 +344,8 @@ class NeurocubeBackendEntrypoint(BackendEntrypoint):
             # a missing or forbidden object says so now, not as "no reader recognises it"
             if storage.info(path, opts).is_dir:
                 raise DataNotFoundError(f"{path}: a folder (prefix), expected a file")
-        for name, sniff, opener, accepted in _readers():
-            if not _load(sniff)(path, opts):
+        for name, sniff, opener, accepted in single_file_readers():
+            if not resolve_dotted(sniff)(path, opts):
                 continue
             unknown = sorted(set(kwargs) - set(accepted))
             if unknown:
@@ -353,7 +355,7 @@ class NeurocubeBackendEntrypoint(BackendEntrypoint):
                 )
             if opts is not None:
                 kwargs["storage_options"] = opts.as_dict()
-            ds = _load(opener)(path, **kwargs)
+            ds = resolve_dotted(opener)(path, **kwargs)
             if drop_variables is not None:
                 dropped = (
                     [drop_variables] if isinstance(drop_variables, str) else list(drop_variables)
@@ -362,7 +364,7 @@ class NeurocubeBackendEntrypoint(BackendEntrypoint):
             return ds
         if not storage.exists(path, opts):
             raise DataNotFoundError(f"{path}: no such file")
-        names = ", ".join(name for name, _, _, _ in _readers())
+        names = ", ".join(name for name, _, _, _ in single_file_readers())
         raise ReaderNotFoundError(
             f"{path}: no neurocube reader recognises this file (by its magic bytes and layout). "
             f"Readers: {names}. For other formats use xarray's own engines (netcdf4, h5netcdf, "

@@ -71,7 +71,7 @@ def describe(
 ) -> list[str]:
     """Return the lines ``neurocube info`` prints for one file (reads headers only)."""
     from neurocube import storage
-    from neurocube.backend import _load, _readers
+    from neurocube.backend import resolve_dotted, single_file_readers
     from neurocube.errors import DataNotFoundError, ReaderNotFoundError
 
     opts = storage.as_options(storage_options)
@@ -79,8 +79,8 @@ def describe(
     if st.is_dir:
         raise DataNotFoundError(f"{path}: a folder, expected a file (open folders with Python)")
     lines = [path, f"  file size: {_size(st.size)}"]
-    for name, sniff, opener, accepted in _readers():
-        if not _load(sniff)(path, opts):
+    for name, sniff, opener, accepted in single_file_readers():
+        if not resolve_dotted(sniff)(path, opts):
             continue
         lines.append(f"  format: {name}")
         kwargs: dict[str, Any] = {}
@@ -104,7 +104,7 @@ def describe(
                 kwargs["storage_options"] = storage_options
             if "use_cache" in accepted:
                 kwargs["use_cache"] = False
-            ds = _load(opener)(path, **kwargs)
+            ds = resolve_dotted(opener)(path, **kwargs)
         lines.append("  dims: " + ", ".join(f"{d}={n}" for d, n in ds.sizes.items()))
         for var_name, var in ds.data_vars.items():
             lines.append(
@@ -112,7 +112,7 @@ def describe(
                 f"{_size(var.nbytes)} loaded, chunks {_chunks(var.data)}"
             )
         return lines
-    names = ", ".join(n for n, _, _, _ in _readers())
+    names = ", ".join(n for n, _, _, _ in single_file_readers())
     raise ReaderNotFoundError(
         f"{path}: no neurocube reader recognises this file (readers: {names})"
     )

@@ -7,8 +7,10 @@ the entry and read nothing else. ``neurocube.cache_info()``,
 the entries (also ``neurocube cache ls|du|clear`` on the command line).
 
 The package is named ``caching`` (not ``cache``) so that the function
-``neurocube.cache`` is never shadowed by a submodule. Importing it registers
-the ``.neuro`` xarray accessor (``ds.neuro.cache()``).
+``neurocube.cache`` is never shadowed by a submodule. The ``.neuro`` xarray
+accessor (``ds.neuro.cache()``) is registered by ``import neurocube`` as soon
+as xarray is imported; this package does not import :mod:`neurocube.accessor`
+(which builds on it).
 """
 
 from __future__ import annotations
@@ -34,5 +36,3 @@ __all__ = [
     "fingerprint",
     "open_cached",
 ]
-
-import neurocube.accessor  # noqa: F401  (registers ds.neuro / da.neuro)

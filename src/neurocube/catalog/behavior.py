@@ -33,21 +33,21 @@ import pandas as pd
 from neurocube import storage
 from neurocube.errors import DataNotFoundError, SelectionError
 from neurocube.io.behavior.conventions import (
-    _INDEX_KINDS,
     DEFAULT_ROOTS,
+    INDEX_KINDS,
     MANIFEST_NAMES,
     MANIFEST_VERSION,
     STD_FORMAT_UNITS,
-    _url_join,
     entry_key,
     is_inside,
     longest_prefix_remap,
     split_list_cell,
     std_format_of,
+    url_join,
 )
-from neurocube.io.behavior.index import _filter_pairs, read_index_csv, write_index_csv
+from neurocube.io.behavior.index import filter_pairs, read_index_csv, write_index_csv
 from neurocube.io.behavior.layout import DatasetLayout
-from neurocube.io.behavior.manifest import Manifest, _stat_or_none, _version_key, find_manifest
+from neurocube.io.behavior.manifest import Manifest, find_manifest, stat_or_none, version_key
 from neurocube.storage import ObjectInfo, StorageOptions, as_options, is_url
 
 # The layout helpers and the Manifest live in neurocube.io.behavior (the lower layer: its
@@ -131,7 +131,7 @@ class BehaviorCatalog(DatasetLayout):
                 return found
             if text.startswith(str(self.root).rstrip("/") + "/"):
                 return None
-        meta = _stat_or_none(text, self.storage_options if is_url(text) else None)
+        meta = stat_or_none(text, self.storage_options if is_url(text) else None)
         return None if meta is None or meta.is_dir else meta
 
     # -- paths ---------------------------------------------------------------------
@@ -157,7 +157,7 @@ class BehaviorCatalog(DatasetLayout):
         if self.is_remote:
             if not os.path.isabs(text):
                 base = str(anchor) if anchor is not None else str(self.root)
-                return cast(Path, _url_join(base, text))
+                return cast(Path, url_join(base, text))
             new = longest_prefix_remap(text, self.path_map)
             return cast(Path, new if new is not None else text)
         return super().resolve_path(text, anchor)
@@ -200,7 +200,7 @@ class BehaviorCatalog(DatasetLayout):
             )
         # a local index is shared by every catalog of this process that sees the same
         # version of the file; a remote one is read at every open (one request)
-        version = ("index", *_version_key(str(path), meta))
+        version = ("index", *version_key(str(path), meta))
         table = _memo_get(version) if not self.is_remote else None
         if table is None:
             table = self._load_index(path)
@@ -363,13 +363,13 @@ class BehaviorCatalog(DatasetLayout):
             If a named group or sequence is not in the index.
         """
         table = self._tracks_table(run_id)
-        return _filter_pairs(table, groups, sequences, self.index_path("tracks"))
+        return filter_pairs(table, groups, sequences, self.index_path("tracks"))
 
     # -- portability -------------------------------------------------------------------
 
     def _index_files(self) -> list[Path]:
         files = []
-        for kind in _INDEX_KINDS:
+        for kind in INDEX_KINDS:
             try:
                 files.append(self.index_path(kind))
             except SelectionError:

@@ -31,8 +31,8 @@ from neurocube import storage
 from neurocube.catalog.embeddings import (
     ARTIFACT_SUFFIX,
     EmbeddingArtifact,
-    _select,
     guess_npz_embedding,
+    select_artifacts,
 )
 from neurocube.errors import DataNotFoundError, FormatError, SelectionError
 from neurocube.io._atomic import atomic_path
@@ -284,8 +284,8 @@ def open_embeddings(
         )
     kind = "token" if representation == "token" else "embedding"
     skipped: list[dict[str, str]] = []
-    artifacts = _select(root, model_key, kind, condition, storage_options, on_error=on_error,
-                        skipped=skipped)
+    artifacts = select_artifacts(root, model_key, kind, condition, storage_options,
+                                 on_error=on_error, skipped=skipped)
     _remember(root, storage_options)
     if model_key is not None:
         other = [
@@ -651,7 +651,7 @@ def write_combined_tables(
             raise SelectionError(
                 f"representation must be among {sorted(COMBINED_TABLE_LABELS)}, got {level!r}."
             )
-    artifacts = _select(root, model_key, "embedding", None)
+    artifacts = select_artifacts(root, model_key, "embedding", None)
     artifacts = [
         a for a in artifacts if str(a.metadata.get("model_key", "")).lower() == model_key.lower()
     ]

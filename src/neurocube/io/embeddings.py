@@ -23,16 +23,17 @@ from typing import Any
 
 import numpy as np
 
-from neurocube.catalog.embeddings import (
+from neurocube.errors import DataNotFoundError, FormatError, OutputExistsError
+from neurocube.io._atomic import atomic_path
+from neurocube.sources.embedding_format import (
     ARTIFACT_SUFFIX,
     EMBEDDING_ARRAYS,
+    MANIFEST_NAME,
     TOKEN_ARRAYS,
     check_artifact,
     read_sidecar,
     sidecar_path,
 )
-from neurocube.errors import DataNotFoundError, FormatError, OutputExistsError
-from neurocube.io._atomic import atomic_path
 from neurocube.sources.npz import read_npz_directory
 
 __all__ = [
@@ -267,7 +268,7 @@ def write_embedding_manifest(
     ``root`` or absolute), ``status`` (``success`` / ``failed`` / ``skipped``)
     and optionally ``reason``. Readers use only successful records.
     """
-    path = Path(root) / "run_manifest.json"
+    path = Path(root) / MANIFEST_NAME
     payload = {"created_at": _now(), "records": [_json_ready(dict(r)) for r in records]}
     _write_text(path, _dump(payload))
     return path

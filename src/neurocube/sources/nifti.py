@@ -13,13 +13,16 @@ The header is read and checked before this module sees it, by
 arrays reads (for batches read without Dask) is found by
 :mod:`neurocube.sources.nifti_rows`, through :func:`probing`; masked arrays
 are loaded straight into their output by :mod:`neurocube.sources.nifti_load`,
-from the arrays :func:`open_nifti` registers (:func:`register_direct`). Which gzip
-index a file gets is :mod:`neurocube.sources.nifti_index`'s choice.
+from the arrays :func:`open_nifti` registers there
+(:func:`~neurocube.sources.nifti_load.register_direct`), and trial selections
+are pushed down into the reads by :mod:`neurocube.sources.pushdown`, with which
+:func:`volume_dask_array` registers :class:`VolumeArray`. Neither of those two
+imports this module. Which gzip index a file gets is
+:mod:`neurocube.sources.nifti_index`'s choice.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
 import re
@@ -37,9 +40,10 @@ from neurocube.errors import (
     TruncatedFileError,
 )
 from neurocube.progress import watch_computes
-from neurocube.sources import gzindex, gzindex_store
+from neurocube.sources import gzindex, gzindex_store, nifti_load, pushdown
 from neurocube.sources.nifti_header import NiftiInfo, VolumeGeometry, read_header
 from neurocube.sources.nifti_index import check_index_argument, gzip_spec
+from neurocube.sources.nifti_load import READ_BLOCK, VolumeRuns, register_direct
 from neurocube.sources.voxels import check_mask_grid, mask_from_array, voxel_coords
 from neurocube.storage import IO_STATS, StorageOptions
 
@@ -58,7 +62,6 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_BYTES = 32 << 20  # "tens of MB" of voxel data per chunk
-READ_BLOCK = 8 << 20  # masked chunks read their volumes in pieces of at most this size
 #: a span of volumes at least this large is read by a forward pass of its own reader
 #: (rapidgzip, opened with the span's seek points only); shorter spans seek through
 #: indexed_gzip's pooled per-thread handles. Measured on 81x96x81 float32 volumes (2.5 MB)
@@ -596,59 +599,6 @@ class MaskedVolume:
         return self.volumes[full_key]
 
 
-class VolumeRuns:
-    """Volumes ``[0, n)`` shared out as contiguous runs to threads that read forward passes.
-
-    Each thread starts on a run of its own and takes its volumes front to
-    back (:meth:`take`). A thread whose run is done takes the back half of
-    the largest run left, if at least ``2 * min_split`` volumes remain
-    (:meth:`claim`): a thread slowed by other work on the machine does not
-    leave the others idle at the end, and each split costs one new reader.
-    """
-
-    def __init__(self, n: int, runs: int, min_split: int = 1) -> None:
-        runs = max(1, min(runs, n))
-        self._lock = threading.Lock()
-        self._runs = [[n * r // runs, n * (r + 1) // runs] for r in range(runs)]  # [next, end)
-        self._unclaimed = list(range(runs))
-        self.min_split = max(1, min_split)
-
-    def claim(self) -> int | None:
-        """Return a run for the calling thread: an unclaimed one, else a split; None if done."""
-        with self._lock:
-            if self._unclaimed:
-                return self._unclaimed.pop(0)
-            left = [end - nxt for nxt, end in self._runs]
-            best = int(np.argmax(left))
-            if left[best] < 2 * self.min_split:
-                return None
-            nxt, end = self._runs[best]
-            mid = nxt + left[best] // 2
-            self._runs[best][1] = mid
-            self._runs.append([mid, end])
-            return len(self._runs) - 1
-
-    def start(self, r: int) -> int:
-        """Return the next volume of run ``r`` not yet taken."""
-        with self._lock:
-            return self._runs[r][0]
-
-    def end(self, r: int) -> int:
-        """Return the end (exclusive) of run ``r`` as it is now."""
-        with self._lock:
-            return self._runs[r][1]
-
-    def take(self, r: int, step: int) -> tuple[int, int] | None:
-        """Take the next (up to) ``step`` volumes of run ``r``: ``(a, b)``, or None when done."""
-        with self._lock:
-            nxt, end = self._runs[r]
-            if nxt >= end:
-                return None
-            b = min(end, nxt + step)
-            self._runs[r][0] = b
-            return nxt, b
-
-
 _THREAD_STATE = threading.local()
 
 
@@ -702,30 +652,6 @@ def _scratch(nbytes: int) -> np.ndarray:
         buf = np.empty(nbytes, dtype=np.uint8)
         _THREAD_STATE.buffer = buf
     return buf
-
-
-# --- arrays the direct load may fill (neurocube.sources.nifti_load) -------------------------
-
-_DIRECT: collections.OrderedDict[str, tuple[VolumeArray, tuple[tuple[int, ...], ...]]] = (
-    collections.OrderedDict()
-)
-_DIRECT_LOCK = threading.Lock()
-
-
-def register_direct(name: str, arr: VolumeArray, chunks: tuple[tuple[int, ...], ...]) -> None:
-    """Record masked ``arr`` (with ``chunks``) as what Dask array ``name`` reads."""
-    with _DIRECT_LOCK:
-        _DIRECT[name] = (arr, chunks)
-        _DIRECT.move_to_end(name)
-        while len(_DIRECT) > 64:
-            _DIRECT.popitem(last=False)
-
-
-def registered_direct(name: str) -> tuple[VolumeArray, tuple[tuple[int, ...], ...]] | None:
-    """Return the masked array and chunks registered under Dask array ``name``, or None."""
-    with _DIRECT_LOCK:
-        return _DIRECT.get(name)
-
 
 
 # --- chunking --------------------------------------------------------------------------------
@@ -857,9 +783,7 @@ def open_nifti(
     >>> float(ds.data.mean())
     1.0
     """
-    import xarray as xr
-
-    import neurocube.accessor  # noqa: F401  (registers ds.neuro)
+    import xarray as xr  # ``ds.neuro`` comes with it: ``neurocube/__init__.py`` registers it
 
     parts = build_parts(
         path,
@@ -898,9 +822,7 @@ def volume_dask_array(
     import dask.array as da
     from dask.base import tokenize
 
-    from neurocube.sources import pushdown
-
-    pushdown.install()
+    pushdown.install(VolumeArray, layer_prefix="nifti-", whole_reads=nifti_load)
 
     name = ("nifti-masked-" if arr.voxels is not None else "nifti-") + tokenize(
         identity, arr, chunks

@@ -9,10 +9,16 @@ one forward pass per thread (a thread done early takes half of the largest
 run left), a first read in one pass that records the index while a second
 thread gathers, a ``.nii`` chunk by chunk. Several sessions joined with
 :func:`concatenate_trials` are filled one piece after the other.
-:func:`whole_array_source` and :func:`read_whole_array` are what the graph
-optimization in :mod:`neurocube.sources.pushdown` uses for whole-array
-computes. This module builds on :mod:`neurocube.sources.nifti`; that module
-does not import it.
+:func:`whole_array_source`, :func:`whole_array_chunks` and
+:func:`read_whole_array` are what the graph optimization in
+:mod:`neurocube.sources.pushdown` uses for whole-array computes (this module
+is the :class:`~neurocube.sources.pushdown.WholeReads` that
+:mod:`neurocube.sources.nifti` registers there).
+
+:mod:`neurocube.sources.nifti` imports this module (to register its masked
+arrays, :func:`register_direct`, and to share out runs of volumes,
+:class:`VolumeRuns`); this module does not import it: it reads through the
+methods of the arrays registered (:class:`DirectArray`).
 """
 
 from __future__ import annotations
@@ -21,16 +27,129 @@ import collections
 import os
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from neurocube.sources import gzindex, gzindex_store
-from neurocube.sources.nifti import READ_BLOCK, VolumeArray, VolumeRuns, registered_direct
 
-__all__ = ["concatenate_trials", "direct_load", "read_whole_array", "whole_array_source"]
+__all__ = [
+    "DirectArray",
+    "VolumeRuns",
+    "concatenate_trials",
+    "direct_load",
+    "read_whole_array",
+    "register_direct",
+    "registered_direct",
+    "whole_array_chunks",
+    "whole_array_source",
+]
 
+READ_BLOCK = 8 << 20  # masked chunks read their volumes in pieces of at most this size
 RUN_MIN_SPLIT = 16 << 20  # a finished thread splits another's run only if this much is left
+
+
+class DirectArray(Protocol):
+    """What a direct load needs of a masked array: a :class:`~neurocube.sources.nifti.VolumeArray`.
+
+    ``spec`` is its :class:`~neurocube.sources.nifti.NiftiSpec`; ``voxels`` the
+    masked positions in a volume (None: not masked); ``volumes`` the file's
+    volumes behind the rows (None: all of them, in order).
+    """
+
+    spec: Any
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    voxels: np.ndarray | None
+    volumes: np.ndarray | None
+
+    def read_masked_into(self, out: np.ndarray, lo: int, hi: int) -> None:
+        """Fill ``out`` with masked rows ``[lo, hi)``."""
+        ...
+
+    def read_masked_runs(self, out: np.ndarray, runs: VolumeRuns) -> None:
+        """Fill rows of ``out`` from ``runs`` until none is left."""
+        ...
+
+    def gather(self, raw: np.ndarray, rows: np.ndarray, raw_dtype: np.dtype) -> None:
+        """Store the masked voxels of raw volumes ``raw`` into ``rows``."""
+        ...
+
+
+class VolumeRuns:
+    """Volumes ``[0, n)`` shared out as contiguous runs to threads that read forward passes.
+
+    Each thread starts on a run of its own and takes its volumes front to
+    back (:meth:`take`). A thread whose run is done takes the back half of
+    the largest run left, if at least ``2 * min_split`` volumes remain
+    (:meth:`claim`): a thread slowed by other work on the machine does not
+    leave the others idle at the end, and each split costs one new reader.
+    """
+
+    def __init__(self, n: int, runs: int, min_split: int = 1) -> None:
+        runs = max(1, min(runs, n))
+        self._lock = threading.Lock()
+        self._runs = [[n * r // runs, n * (r + 1) // runs] for r in range(runs)]  # [next, end)
+        self._unclaimed = list(range(runs))
+        self.min_split = max(1, min_split)
+
+    def claim(self) -> int | None:
+        """Return a run for the calling thread: an unclaimed one, else a split; None if done."""
+        with self._lock:
+            if self._unclaimed:
+                return self._unclaimed.pop(0)
+            left = [end - nxt for nxt, end in self._runs]
+            best = int(np.argmax(left))
+            if left[best] < 2 * self.min_split:
+                return None
+            nxt, end = self._runs[best]
+            mid = nxt + left[best] // 2
+            self._runs[best][1] = mid
+            self._runs.append([mid, end])
+            return len(self._runs) - 1
+
+    def start(self, r: int) -> int:
+        """Return the next volume of run ``r`` not yet taken."""
+        with self._lock:
+            return self._runs[r][0]
+
+    def end(self, r: int) -> int:
+        """Return the end (exclusive) of run ``r`` as it is now."""
+        with self._lock:
+            return self._runs[r][1]
+
+    def take(self, r: int, step: int) -> tuple[int, int] | None:
+        """Take the next (up to) ``step`` volumes of run ``r``: ``(a, b)``, or None when done."""
+        with self._lock:
+            nxt, end = self._runs[r]
+            if nxt >= end:
+                return None
+            b = min(end, nxt + step)
+            self._runs[r][0] = b
+            return nxt, b
+
+
+# --- arrays the direct load may fill (registered by neurocube.sources.nifti) -----------------
+
+_DIRECT: collections.OrderedDict[str, tuple[DirectArray, tuple[tuple[int, ...], ...]]] = (
+    collections.OrderedDict()
+)
+_DIRECT_LOCK = threading.Lock()
+
+
+def register_direct(name: str, arr: DirectArray, chunks: tuple[tuple[int, ...], ...]) -> None:
+    """Record masked ``arr`` (with ``chunks``) as what Dask array ``name`` reads."""
+    with _DIRECT_LOCK:
+        _DIRECT[name] = (arr, chunks)
+        _DIRECT.move_to_end(name)
+        while len(_DIRECT) > 64:
+            _DIRECT.popitem(last=False)
+
+
+def registered_direct(name: str) -> tuple[DirectArray, tuple[tuple[int, ...], ...]] | None:
+    """Return the masked array and chunks registered under Dask array ``name``, or None."""
+    with _DIRECT_LOCK:
+        return _DIRECT.get(name)
 
 
 #: Concatenations along the first axis (several sessions' betas): name -> (pieces, chunks).
@@ -74,7 +193,7 @@ def direct_load(
     Dask. Dask computes each chunk into a new array and copies it into the
     output; here volumes are gathered straight into their rows. A ``.nii.gz``
     is split into one contiguous run of volumes per thread, each read in one
-    forward pass (:meth:`VolumeArray.read_masked_runs`; a
+    forward pass (:meth:`DirectArray.read_masked_runs`; a
     thread done early takes half of the largest run left); a ``.nii`` chunk by
     chunk. A concatenation made by :func:`concatenate_trials` is filled piece
     after piece. ``out``, if given, is the C-contiguous array to fill.
@@ -118,6 +237,16 @@ def whole_array_source(name: str) -> tuple[Any, ...] | None:
     return ("stacked", tuple(parts))
 
 
+def whole_array_chunks(source: tuple[Any, ...]) -> tuple[tuple[int, ...], ...]:
+    """Return the chunks of the Dask array a :func:`whole_array_source` stands for."""
+    if source[0] == "volumes":
+        chunks: tuple[tuple[int, ...], ...] = source[2]
+        return chunks
+    parts = source[1]
+    rows = tuple(c for _, chunks in parts for c in chunks[0])
+    return (rows, *parts[0][1][1:])
+
+
 def read_whole_array(source: tuple[Any, ...]) -> np.ndarray:
     """Read every row of a :func:`whole_array_source` into one new array (the direct path).
 
@@ -144,7 +273,7 @@ def read_whole_array(source: tuple[Any, ...]) -> np.ndarray:
 
 
 def _fill_direct(
-    arr: VolumeArray,
+    arr: DirectArray,
     chunks: tuple[tuple[int, ...], ...],
     num_workers: int | None,
     out: np.ndarray | None,
@@ -199,7 +328,7 @@ def workers_for(num_workers: int | None) -> int:
     return int(num_workers or dask.config.get("num_workers", None) or os.cpu_count() or 1)
 
 
-def _first_pass_pipelined(arr: VolumeArray, out: np.ndarray) -> None:
+def _first_pass_pipelined(arr: DirectArray, out: np.ndarray) -> None:
     """Fill ``out`` from a first pass, reading and gathering in two threads.
 
     This thread reads pieces of whole volumes from the pass (rapidgzip

@@ -171,7 +171,7 @@ def trial_rows(data: Any) -> TrialRows | None:
     :func:`~neurocube.sources.nifti.open_nifti` array (all voxels of its mask,
     no change of values or dtype) or rows of such arrays picked, ordered,
     rechunked or joined along ``trial`` (``isel``/``sel`` of trials,
-    :func:`~neurocube.sources.nifti.concatenate_trials`, a split), with one
+    :func:`~neurocube.sources.nifti_load.concatenate_trials`, a split), with one
     chunk along ``voxel``. Its values can then be read row span by row span without Dask
     (:meth:`TrialRows.read`). Returns None for anything else (a computed
     array, a voxel selection, several voxel chunks, a ``.nii`` without mask).

@@ -4,15 +4,20 @@ Dask answers ``x[100:105]`` (or ``isel(trial=...)`` through xarray) on an
 array made by ``from_array`` with two tasks: read the whole chunk, then slice
 it. For a ``.nii.gz`` in S3, five trials at the end of a session would fetch and
 inflate a 32 MiB chunk. Before Dask's own array optimization, :func:`optimize`
-finds each slicing task whose input is a chunk read of a
-:class:`~neurocube.sources.nifti.VolumeArray` (and that chunk's other users),
-and replaces it by one task that reads only the selected volumes (and
-gathers only the selected voxels). Chunk reads that nothing else needs are
-then culled. Keys, shapes and values are unchanged; any other graph passes
-through untouched.
+finds each slicing task whose input is a chunk read of a registered array
+type (and that chunk's other users), and replaces it by one task that reads
+only the selected volumes (and gathers only the selected voxels). Chunk reads
+that nothing else needs are then culled. Keys, shapes and values are
+unchanged; any other graph passes through untouched.
 
 It is installed as Dask's ``array_optimize`` (see :func:`install`), unless the
-user already set one.
+user already set one. This module knows no reader: the reader that makes the
+arrays registers their type, the name prefix of its Dask layers and how a
+whole array is read at once (:class:`WholeReads`) when it installs the
+optimization (:func:`neurocube.sources.nifti.volume_dask_array` does, for
+:class:`~neurocube.sources.nifti.VolumeArray` and
+:mod:`neurocube.sources.nifti_load`). Readers import this module; it imports
+none of them.
 """
 
 from __future__ import annotations
@@ -21,24 +26,66 @@ import contextlib
 import operator
 import threading
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["install", "optimize", "read_selected"]
+__all__ = ["WholeReads", "install", "optimize", "read_selected"]
 
 _INSTALL_LOCK = threading.Lock()
 _STATE = threading.local()
 
 
-def install() -> None:
-    """Make :func:`optimize` Dask's array optimization for this process.
+class WholeReads(Protocol):
+    """How a reader reads every chunk of one of its Dask arrays in one task.
 
-    Done once; an ``array_optimize`` set by someone else is never replaced.
+    ``source`` is the reader's own description of the array (opaque here).
+    Looked up when a graph is optimized, so the functions are the reader's
+    current ones.
+    """
+
+    def whole_array_source(self, name: str) -> tuple[Any, ...] | None:
+        """Return what reads Dask array ``name`` at once, or None if it cannot be."""
+        ...
+
+    def whole_array_chunks(self, source: tuple[Any, ...]) -> tuple[tuple[int, ...], ...]:
+        """Return the chunks of the Dask array ``source`` stands for."""
+        ...
+
+    def read_whole_array(self, source: tuple[Any, ...]) -> np.ndarray:
+        """Read every row of ``source`` into one new array."""
+        ...
+
+
+@dataclass(frozen=True)
+class _Reader:
+    """An array type selections are pushed into, with its layers' name prefix."""
+
+    array_type: type
+    layer_prefix: str
+    whole_reads: WholeReads | None
+
+
+_READERS: list[_Reader] = []
+
+
+def install(array_type: type, *, layer_prefix: str, whole_reads: WholeReads | None = None) -> None:
+    """Make :func:`optimize` Dask's array optimization for this process, for ``array_type``.
+
+    A slicing task over a chunk read of an ``array_type`` (a ``from_array``
+    getter task) becomes :func:`read_selected`; ``layer_prefix`` starts the
+    names of the Dask layers that hold such reads (graphs without one pass
+    through untouched); ``whole_reads``, if given, reads a whole array in one
+    task (:func:`read_whole_arrays`). Registering the same reader again changes
+    nothing; an ``array_optimize`` set by someone else is never replaced.
     """
     import dask
 
+    reader = _Reader(array_type, layer_prefix, whole_reads)
     with _INSTALL_LOCK:
+        if reader not in _READERS:
+            _READERS.append(reader)
         current = dask.config.get("array_optimize", None)
         if current is None:
             dask.config.set({"array_optimize": optimize})
@@ -68,10 +115,8 @@ def read_selected(array: Any, key: tuple[Any, ...]) -> np.ndarray:
     return out
 
 
-def _volume_array_type() -> type:
-    from neurocube.sources.nifti import VolumeArray
-
-    return VolumeArray
+def _selectable_types() -> tuple[type, ...]:
+    return tuple(reader.array_type for reader in _READERS)
 
 
 def _normalize(key: Any, ndim: int) -> tuple[Any, ...] | None:
@@ -121,7 +166,7 @@ def _as_key(indices: np.ndarray) -> Any:
 
 
 def _source(graph: dict[Any, Any], ref: Any) -> tuple[Any, tuple[Any, ...]] | None:
-    """If ``ref`` names a read of a VolumeArray, return ``(array, key over the whole array)``."""
+    """If ``ref`` names a read of a registered array, return ``(array, key over all of it)``."""
     from dask._task_spec import Alias, DataNode, Task, TaskRef
     from dask.array.core import getter, getter_nofancy
 
@@ -141,7 +186,7 @@ def _source(graph: dict[Any, Any], ref: Any) -> tuple[Any, tuple[Any, ...]] | No
         target = graph.get(target.key)
     if isinstance(target, DataNode):
         target = target.value
-    if not isinstance(target, _volume_array_type()):
+    if not isinstance(target, _selectable_types()):
         return None
     found: Any = target
     target_shape: tuple[int, ...] = tuple(found.shape)
@@ -154,7 +199,7 @@ def _source(graph: dict[Any, Any], ref: Any) -> tuple[Any, tuple[Any, ...]] | No
 
 
 def push_down(graph: dict[Any, Any]) -> dict[Any, Any]:
-    """Return ``graph`` with slicing tasks of VolumeArray chunk reads turned into selected reads."""
+    """Return ``graph`` with slicing tasks of registered chunk reads turned into selected reads."""
     from dask._task_spec import DataNode, Task, TaskRef
     from dask.array._shuffle import _getitem as shuffle_getitem
     from dask.array.chunk import getitem as chunk_getitem
@@ -191,16 +236,17 @@ def push_down(graph: dict[Any, Any]) -> dict[Any, Any]:
 
 
 def optimize(dsk: Any, keys: Any, **kwargs: Any) -> Any:
-    """Dask's array optimization, after pushing NIfTI trial selections down into the reads."""
+    """Dask's array optimization, after pushing trial selections down into the reads."""
     from dask.array.optimization import optimize as dask_optimize
     from dask.highlevelgraph import HighLevelGraph
 
     layers = dsk.layers if isinstance(dsk, HighLevelGraph) else None
-    if layers is not None and not any(str(n).startswith("nifti-") for n in layers):
+    prefixes = tuple(reader.layer_prefix for reader in _READERS)
+    if layers is not None and not any(str(n).startswith(prefixes) for n in layers):
         return dask_optimize(dsk, keys, **kwargs)
     from neurocube.progress import watch_computes
 
-    watch_computes()  # a NIfTI compute is about to start: make sure its progress bar is watched
+    watch_computes()  # a file-reading compute is about to start: its progress bar is watched
     from dask._task_spec import convert_legacy_graph
     from dask.utils import ensure_dict
 
@@ -259,37 +305,37 @@ def read_whole_arrays(graph: dict[Any, Any], keys: Any) -> dict[Any, Any]:
             names = {d[0] for d in deps if isinstance(d, tuple) and d}
             if len(names) == 1:
                 (name,) = names
-                source = _whole_source(name)
-                if source is not None and deps == set(_chunk_keys(name, _chunks_of(source))):
-                    out[key] = Task(key, _same, TaskRef(_add_whole_read(out, name, source)))
+                found = _whole_source(name)
+                if found is not None and deps == set(_chunk_keys(name, _chunks_of(found))):
+                    out[key] = Task(key, _same, TaskRef(_add_whole_read(out, name, found)))
             continue
         if isinstance(key, tuple) and key and isinstance(key[0], str):
             wanted.setdefault(key[0], set()).add(key)
     for name, keys_of_name in wanted.items():  # chunk keys asked for themselves (persist)
-        source = _whole_source(name)
-        if source is None:
+        found = _whole_source(name)
+        if found is None:
             continue
-        all_keys = _chunk_keys(name, _chunks_of(source))
+        all_keys = _chunk_keys(name, _chunks_of(found))
         if keys_of_name != set(all_keys):
             continue
-        whole = _add_whole_read(out, name, source)
+        whole = _add_whole_read(out, name, found)
         for key, index in all_keys.items():
             out[key] = Task(key, operator.getitem, TaskRef(whole), DataNode(None, index))
     return out
 
 
-def _add_whole_read(graph: dict[Any, Any], name: str, source: tuple[Any, ...]) -> str:
+def _add_whole_read(graph: dict[Any, Any], name: str, found: tuple[_Reader, Any]) -> str:
     """Add the task that reads array ``name`` whole to ``graph``; return its key.
 
-    The key keeps a reader's name part ("nifti-"), so the compute's progress bar
+    The key keeps the reader's layer prefix ("nifti-"), so the compute's progress bar
     (:mod:`neurocube.progress`) still knows that the graph reads files.
     """
     from dask._task_spec import DataNode, Task
 
-    from neurocube.sources import nifti_load
-
-    whole = f"whole-nifti-{name}"
-    graph[whole] = Task(whole, nifti_load.read_whole_array, DataNode(None, source))
+    reader, source = found
+    assert reader.whole_reads is not None
+    whole = f"whole-{reader.layer_prefix}{name}"
+    graph[whole] = Task(whole, reader.whole_reads.read_whole_array, DataNode(None, source))
     return whole
 
 
@@ -298,25 +344,22 @@ def _same(value: Any) -> Any:
     return value
 
 
-def _whole_source(name: str) -> tuple[Any, ...] | None:
-    from neurocube.sources import nifti_load
-
-    if not name.startswith(("nifti-masked-", "concatenate-")):
-        return None
-    return nifti_load.whole_array_source(name)
-
-
-def _chunks_of(source: tuple[Any, ...]) -> tuple[tuple[int, ...], ...]:
-    """Return the chunks of the Dask array a :func:`nifti_load.whole_array_source` stands for."""
-    if source[0] == "volumes":
-        chunks: tuple[tuple[int, ...], ...] = source[2]
-        return chunks
-    return _stacked_chunks(source[1])
+def _whole_source(name: str) -> tuple[_Reader, Any] | None:
+    """Return the reader that can read Dask array ``name`` at once and its source, or None."""
+    for reader in _READERS:
+        if reader.whole_reads is None:
+            continue
+        source = reader.whole_reads.whole_array_source(name)
+        if source is not None:
+            return reader, source
+    return None
 
 
-def _stacked_chunks(parts: tuple[Any, ...]) -> tuple[tuple[int, ...], ...]:
-    rows = tuple(c for _, chunks in parts for c in chunks[0])
-    return (rows, *parts[0][1][1:])
+def _chunks_of(found: tuple[_Reader, Any]) -> tuple[tuple[int, ...], ...]:
+    """Return the chunks of the Dask array a whole-array source stands for."""
+    reader, source = found
+    assert reader.whole_reads is not None
+    return reader.whole_reads.whole_array_chunks(source)
 
 
 def _chunk_keys(name: str, chunks: tuple[tuple[int, ...], ...]) -> dict[Any, tuple[slice, ...]]:

@@ -46,24 +46,24 @@ from dask.highlevelgraph import HighLevelGraph
 from neurocube import storage
 from neurocube.catalog.behavior import STD_FORMAT_UNITS, BehaviorCatalog, Manifest, std_format_of
 from neurocube.datasets.behavior.dense import (
-    _DEFAULT_FRAME_CHUNK,
-    _chunk_bounds,
-    _dense_chunk,
-    _dense_spec,
-    _DenseTask,
-    _pick_dense,
-    _plan_dense,
+    DEFAULT_FRAME_CHUNK,
+    DenseTask,
+    chunk_bounds,
+    dense_chunk,
+    dense_spec,
+    pick_dense,
+    plan_dense,
 )
 from neurocube.datasets.behavior.labels import LabelsMixin, read_npz_headers
 from neurocube.datasets.behavior.long_form import (
-    _choose_columns,
-    _eager_long,
-    _lazy_long,
-    _planned_bytes,
+    choose_columns,
+    eager_long,
+    lazy_long,
+    planned_bytes,
 )
 from neurocube.datasets.behavior.track_files import (
-    _POSITION_RE,
     KEY_COLUMNS,
+    POSITION_RE,
     STRING_KEYS,
     TrackFile,
 )
@@ -445,13 +445,13 @@ class BehaviorDataset(LabelsMixin):
         files = self.track_files(groups, sequences, pairs=pairs, run_id=run_id)
         files, unit_family = self._convert_units(files, units, cm_per_pixel)
         infos = [f.info for f in files]
-        data_columns = _choose_columns(files, columns)
+        data_columns = choose_columns(files, columns)
         keys = [k for k in KEY_COLUMNS if with_keys and any(k in i.dtypes for i in infos)]
         out_columns = [*keys, *data_columns]
         dtypes = common_dtypes(infos, out_columns)
         dtypes = [
             "float64"
-            if _POSITION_RE.match(c)
+            if POSITION_RE.match(c)
             and np.dtype(dt).kind != "f"
             and any(f.scale != 1.0 for f in files)
             else dt
@@ -462,18 +462,18 @@ class BehaviorDataset(LabelsMixin):
             for f in files:
                 if "frame" not in f.info.dtypes:
                     raise FormatError(f"{f.path}: no 'frame' column; cannot filter by frame")
-        scaled_columns = tuple(c for c in out_columns if _POSITION_RE.match(c))
+        scaled_columns = tuple(c for c in out_columns if POSITION_RE.match(c))
         if lazy is None:  # a small frame range is read now: Dask would cost more than the read
-            lazy = not filtering or _planned_bytes(files, lo, hi, dtypes) > SMALL_READ_BYTES
+            lazy = not filtering or planned_bytes(files, lo, hi, dtypes) > SMALL_READ_BYTES
         coords: dict[str, Any]
         data_vars: dict[str, Any]
         if lazy:
-            coords, data_vars = _lazy_long(
+            coords, data_vars = lazy_long(
                 files, out_columns, dtypes, keys, data_columns, scaled_columns,
                 (lo, hi) if filtering else None, exact, min_chunk_rows,
             )  # fmt: skip
         else:
-            coords, data_vars = _eager_long(
+            coords, data_vars = eager_long(
                 files, out_columns, dtypes, keys, data_columns, scaled_columns,
                 (lo, hi) if filtering else None, exact,
             )  # fmt: skip
@@ -502,7 +502,7 @@ class BehaviorDataset(LabelsMixin):
             attrs["skipped_columns"] = skipped
         ds.attrs.update(attrs)
         for c in data_columns:
-            if _POSITION_RE.match(c):
+            if POSITION_RE.match(c):
                 ds.variables[c].attrs["units"] = unit_family
         return ds
 
@@ -560,8 +560,8 @@ class BehaviorDataset(LabelsMixin):
         lo, hi = self._frame_range(start_frame, end_frame, start_time, end_time)
         files = self.track_files(groups, sequences, pairs=pairs, run_id=run_id)
         files, unit_family = self._convert_units(files, units, cm_per_pixel)
-        plan = _plan_dense(files, lo, hi, individuals, list(columns or []))
-        frame_chunk = int(frame_chunk or _DEFAULT_FRAME_CHUNK)
+        plan = plan_dense(files, lo, hi, individuals, list(columns or []))
+        frame_chunk = int(frame_chunk or DEFAULT_FRAME_CHUNK)
         if frame_chunk <= 0:
             raise SelectionError(f"frame_chunk must be positive, got {frame_chunk}")
         stacked = len(files) > 1 if stack is None else bool(stack)
@@ -570,14 +570,14 @@ class BehaviorDataset(LabelsMixin):
                 "several sequences selected: they can only be stacked (stack=True)"
             )
         n_max = max(plan.lengths) if plan.lengths else 0
-        bounds = _chunk_bounds(n_max, frame_chunk)
+        bounds = chunk_bounds(n_max, frame_chunk)
         token = tokenize("dense", [f.info for f in files], [f.scale for f in files], plan, bounds)
         read_name = f"tracks-dense-read-{token}"
         read_layer: dict[Any, Any] = {}
         for s, f in enumerate(files):
             for j, (a, b) in enumerate(bounds):
-                task = _DenseTask(
-                    spec=_dense_spec(
+                task = DenseTask(
+                    spec=dense_spec(
                         f, plan, plan.starts[s] + a, plan.starts[s] + min(b, plan.lengths[s])
                     ),
                     frame_lo=plan.starts[s] + a,
@@ -586,7 +586,7 @@ class BehaviorDataset(LabelsMixin):
                     plan=plan,
                     scale=f.scale,
                 )
-                read_layer[(read_name, s, j)] = (_dense_chunk, task)
+                read_layer[(read_name, s, j)] = (dense_chunk, task)
         chunk_frames = tuple(b - a for a, b in bounds) or (0,)
         n_kp, n_ind, n_seq = len(plan.keypoints), len(plan.individuals), len(files)
         shapes = {
@@ -607,7 +607,7 @@ class BehaviorDataset(LabelsMixin):
         for var, (_, *rest) in shapes.items():
             name = f"tracks-dense-{var}-{token}"
             layer: dict[Any, Any] = {
-                (name, s, j, *([0] * len(rest))): (_pick_dense, (read_name, s, j), var, stacked)
+                (name, s, j, *([0] * len(rest))): (pick_dense, (read_name, s, j), var, stacked)
                 for s in range(n_seq)
                 for j in range(len(bounds))
             }

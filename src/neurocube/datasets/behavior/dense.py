@@ -1,10 +1,10 @@
 """The dense view of the tracks: ``position(frame, space, keypoint, individual)`` and friends.
 
-:func:`_plan_dense` reads footer statistics only to fix the keypoints, the
+:func:`plan_dense` reads footer statistics only to fix the keypoints, the
 individuals and each sequence's frame range (a :class:`_DensePlan`);
-:func:`_dense_spec` picks the row groups one frame chunk needs; the chunk task
-:func:`_dense_chunk` reads them and scatters rows into NaN-filled arrays (the
-last row of a repeated (frame, id) wins); :func:`_pick_dense` takes one variable.
+:func:`dense_spec` picks the row groups one frame chunk needs; the chunk task
+:func:`dense_chunk` reads them and scatters rows into NaN-filled arrays (the
+last row of a repeated (frame, id) wins); :func:`pick_dense` takes one variable.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from neurocube.datasets.behavior.track_files import _POSITION_RE, KEY_COLUMNS, TrackFile
+from neurocube.datasets.behavior.track_files import KEY_COLUMNS, POSITION_RE, TrackFile
 from neurocube.errors import FormatError, SelectionError
 from neurocube.sources.parquet import ParquetChunkSpec, read_table
 
 _POSE_RE = re.compile(r"^pose([XYP])(\d+)$")
-_DEFAULT_FRAME_CHUNK = 16384
+DEFAULT_FRAME_CHUNK = 16384
 
 
 @dataclass(frozen=True)
@@ -36,13 +36,14 @@ class _DensePlan:
     lengths: tuple[int, ...]
 
 
-def _plan_dense(
+def plan_dense(
     files: list[TrackFile],
     lo: int | None,
     hi: int | None,
     individuals: Sequence[int] | None,
     extra: list[str],
 ) -> _DensePlan:
+    """Fix the keypoints, individuals and columns of the dense view from footers only."""
     pose: dict[int, set[str]] = {}
     numeric: set[str] = set()
     for f in files:
@@ -124,11 +125,13 @@ def _plan_dense(
     )
 
 
-def _chunk_bounds(n: int, size: int) -> list[tuple[int, int]]:
+def chunk_bounds(n: int, size: int) -> list[tuple[int, int]]:
+    """Return ``[lo, hi)`` frame ranges of ``size`` covering ``n`` frames (one empty if none)."""
     return [(a, min(a + size, n)) for a in range(0, n, size)] or [(0, 0)]
 
 
-def _dense_spec(f: TrackFile, plan: _DensePlan, lo: int, hi: int) -> ParquetChunkSpec | None:
+def dense_spec(f: TrackFile, plan: _DensePlan, lo: int, hi: int) -> ParquetChunkSpec | None:
+    """Return the read of the row groups of ``f`` that frames ``[lo, hi)`` need, or None."""
     if hi <= lo:
         return None
     wanted = [
@@ -173,7 +176,9 @@ def _dense_spec(f: TrackFile, plan: _DensePlan, lo: int, hi: int) -> ParquetChun
 
 
 @dataclass(frozen=True)
-class _DenseTask:
+class DenseTask:
+    """One frame chunk of one sequence of the dense view: what :func:`dense_chunk` reads."""
+
     spec: ParquetChunkSpec | None
     frame_lo: int
     n_frames: int
@@ -182,7 +187,8 @@ class _DenseTask:
     scale: float
 
 
-def _dense_chunk(task: _DenseTask) -> dict[str, np.ndarray]:
+def dense_chunk(task: DenseTask) -> dict[str, np.ndarray]:
+    """Read a :class:`DenseTask`'s rows and scatter them into NaN-filled dense arrays."""
     plan = task.plan
     n_kp, n_ind = len(plan.keypoints), len(plan.individuals)
     out = {
@@ -228,10 +234,11 @@ def _dense_chunk(task: _DenseTask) -> dict[str, np.ndarray]:
     for c in plan.extra:
         values = col(c)
         if values is not None:
-            out[c][rel, slot] = values * (task.scale if _POSITION_RE.match(c) else 1.0)
+            out[c][rel, slot] = values * (task.scale if POSITION_RE.match(c) else 1.0)
     return out
 
 
-def _pick_dense(chunk: dict[str, np.ndarray], var: str, stacked: bool) -> np.ndarray:
+def pick_dense(chunk: dict[str, np.ndarray], var: str, stacked: bool) -> np.ndarray:
+    """Take ``var`` out of a :func:`dense_chunk` result (with a sequence axis if stacked)."""
     values = chunk[var]
     return values[np.newaxis] if stacked else values

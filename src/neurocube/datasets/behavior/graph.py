@@ -2,7 +2,7 @@
 
 A string coordinate that is constant over runs of rows (``group``,
 ``sequence``) is built chunk by chunk from (value, count) pieces with no I/O;
-:func:`_pick` takes one variable out of a chunk task that read several.
+:func:`pick_variable` takes one variable out of a chunk task that read several.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 
-def _fill_strings(pieces: tuple[tuple[str, int], ...], dtype: str) -> np.ndarray:
+def fill_strings(pieces: tuple[tuple[str, int], ...], dtype: str) -> np.ndarray:
+    """Return one chunk of a :func:`constant_strings` coordinate: each value repeated."""
     if len(pieces) == 1:
         return np.full(pieces[0][1], pieces[0][0], dtype=dtype)
     return np.concatenate([np.full(n, v, dtype=dtype) for v, n in pieces])
 
 
-def _constant_strings(chunks: Sequence[Sequence[tuple[str, int]]], what: str) -> da.Array:
+def constant_strings(chunks: Sequence[Sequence[tuple[str, int]]], what: str) -> da.Array:
     """Build a lazy string coordinate: chunk i is its (value, count) pieces, no I/O."""
     width = max([len(v) for c in chunks for v, _ in c] + [1])
     dtype = f"<U{width}"
@@ -31,7 +32,7 @@ def _constant_strings(chunks: Sequence[Sequence[tuple[str, int]]], what: str) ->
     name = f"{what}-{token}"
     if not frozen:
         return da.from_array(np.empty(0, dtype=dtype), name=name)
-    layer: dict[Any, Any] = {(name, i): (_fill_strings, c, dtype) for i, c in enumerate(frozen)}
+    layer: dict[Any, Any] = {(name, i): (fill_strings, c, dtype) for i, c in enumerate(frozen)}
     return da.Array(
         HighLevelGraph.from_collections(name, layer, dependencies=()),
         name,
@@ -40,5 +41,6 @@ def _constant_strings(chunks: Sequence[Sequence[tuple[str, int]]], what: str) ->
     )
 
 
-def _pick(chunk: dict[str, np.ndarray], key: str) -> np.ndarray:
+def pick_variable(chunk: dict[str, np.ndarray], key: str) -> np.ndarray:
+    """Take variable ``key`` out of a chunk task's dict of arrays."""
     return chunk[key]

@@ -28,7 +28,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from neurocube import storage
 from neurocube.catalog.behavior import BehaviorCatalog, split_list_cell
-from neurocube.datasets.behavior.graph import _constant_strings, _pick
+from neurocube.datasets.behavior.graph import constant_strings, pick_variable
 from neurocube.errors import (
     CorruptDataError,
     DataNotFoundError,
@@ -113,10 +113,10 @@ class LabelsMixin:
         sequences: str | Iterable[str] | None,
         run_id: str | None = None,
     ) -> pd.DataFrame:
-        from neurocube.catalog.behavior import _filter_pairs
+        from neurocube.io.behavior.index import filter_pairs
 
         table = self.catalog.labels_table(kind, run_id)
-        table = _filter_pairs(table, groups, sequences, self.catalog.index_path(f"labels/{kind}"))
+        table = filter_pairs(table, groups, sequences, self.catalog.index_path(f"labels/{kind}"))
         if table.empty:
             raise SelectionError(f"no {kind} labels for groups={groups!r}, sequences={sequences!r}")
         table = table.copy()
@@ -179,7 +179,7 @@ class LabelsMixin:
         ):
             name = f"labels-{var}-{token}"
             layer: dict[Any, Any] = {
-                (name, i, *([0] * len(tail))): (_pick, (read_name, i), var)
+                (name, i, *([0] * len(tail))): (pick_variable, (read_name, i), var)
                 for i in range(len(specs))
             }
             graph = HighLevelGraph(
@@ -190,11 +190,11 @@ class LabelsMixin:
         coords: dict[str, Any] = {
             "group": (
                 "event",
-                _constant_strings([[(s.group, s.n_events)] for s in specs], "group"),
+                constant_strings([[(s.group, s.n_events)] for s in specs], "group"),
             ),
             "sequence": (
                 "event",
-                _constant_strings([[(s.sequence, s.n_events)] for s in specs], "sequence"),
+                constant_strings([[(s.sequence, s.n_events)] for s in specs], "sequence"),
             ),
             "label_id": np.asarray(sorted(label_map), dtype=np.int64),
         }

@@ -1,9 +1,9 @@
 """The long form of the tracks: one ``row`` per (frame, id), chunked by parquet row groups.
 
 :meth:`~neurocube.datasets.behavior.BehaviorDataset.tracks` chooses the
-columns (:func:`_choose_columns`), weighs a frame range (:func:`_planned_bytes`)
-and builds the variables either lazily (:func:`_lazy_long`, one Dask task per
-chunk of row groups) or by reading now (:func:`_eager_long`, one read per file):
+columns (:func:`choose_columns`), weighs a frame range (:func:`planned_bytes`)
+and builds the variables either lazily (:func:`lazy_long`, one Dask task per
+chunk of row groups) or by reading now (:func:`eager_long`, one read per file):
 the same rows, values, dtypes and coordinates either way.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from neurocube.datasets.behavior.graph import _constant_strings, _fill_strings
+from neurocube.datasets.behavior.graph import constant_strings, fill_strings
 from neurocube.datasets.behavior.track_files import KEY_COLUMNS, STRING_KEYS, TrackFile
 from neurocube.errors import SelectionError
 from neurocube.sources.parquet import (
@@ -28,7 +28,7 @@ from neurocube.sources.parquet import (
 )
 
 
-def _planned_bytes(
+def planned_bytes(
     files: Sequence[TrackFile], lo: int | None, hi: int | None, dtypes: Sequence[str]
 ) -> int:
     """Bytes of the long form's values in the row groups a frame range keeps (statistics only)."""
@@ -40,7 +40,7 @@ def _planned_bytes(
     return rows * row_bytes
 
 
-def _lazy_long(
+def lazy_long(
     files: Sequence[TrackFile],
     out_columns: list[str],
     dtypes: list[str],
@@ -73,12 +73,12 @@ def _lazy_long(
     coords: dict[str, Any] = {k: ("row", scaled[k]) for k in keys}
     for key in STRING_KEYS:
         pieces = [[(getattr(owner_of[s.path], key), s.n_rows) for s in c] for c in chunks]
-        coords[key] = ("row", _constant_strings(pieces, key))
+        coords[key] = ("row", constant_strings(pieces, key))
     data_vars = {c: ("row", scaled[c]) for c in data_columns}
     return coords, data_vars
 
 
-def _eager_long(
+def eager_long(
     files: Sequence[TrackFile],
     out_columns: list[str],
     dtypes: list[str],
@@ -90,7 +90,7 @@ def _eager_long(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read the long form now (one read per file); return numpy-backed coords and variables.
 
-    The same rows, values, dtypes and coordinates as :func:`_lazy_long` computes.
+    The same rows, values, dtypes and coordinates as :func:`lazy_long` computes.
     """
     parts: list[dict[str, np.ndarray]] = []
     owners: list[tuple[TrackFile, int]] = []
@@ -120,14 +120,15 @@ def _eager_long(
         pieces = tuple((str(getattr(f, key)), n) for f, n in owners)
         width = max([len(v) for v, _ in pieces] + [1])
         strings = (
-            _fill_strings(pieces, f"<U{width}") if pieces else np.empty(0, dtype=f"<U{width}")
+            fill_strings(pieces, f"<U{width}") if pieces else np.empty(0, dtype=f"<U{width}")
         )
         coords[key] = ("row", strings)
     data_vars = {c: ("row", values[c]) for c in data_columns}
     return coords, data_vars
 
 
-def _choose_columns(files: list[TrackFile], columns: Sequence[str] | None) -> list[str]:
+def choose_columns(files: list[TrackFile], columns: Sequence[str] | None) -> list[str]:
+    """Return the numeric columns to load (all but the keys if ``columns`` is None), checked."""
     numeric: dict[str, None] = {}
     others: set[str] = set()
     for f in files:

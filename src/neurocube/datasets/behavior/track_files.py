@@ -3,7 +3,7 @@
 :class:`TrackFile` is one selected parquet file with its footer; the key
 columns (``frame, time, id``) become coordinates, the string keys (``group,
 sequence``) constant coordinates, and the position columns (matched by
-``_POSITION_RE``) carry units and are scaled by a unit conversion.
+``POSITION_RE``) carry units and are scaled by a unit conversion.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from neurocube.sources.parquet_meta import ParquetFileInfo
 
 KEY_COLUMNS = ("frame", "time", "id")
 STRING_KEYS = ("group", "sequence")
-_POSITION_RE = re.compile(r"^(X|Y|VX|VY|SPEED|poseX\d+|poseY\d+)(#.*)?$")
+POSITION_RE = re.compile(r"^(X|Y|VX|VY|SPEED|poseX\d+|poseY\d+)(#.*)?$")
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ STD_FORMAT_UNITS: dict[str, str] = {
     "mosaic_cm_v1": "cm",
 }
 
-_INDEX_KINDS = ("tracks_raw", "tracks")
+#: The roots whose index CSV sits in the root folder (labels are per kind: ``labels/<kind>``).
+INDEX_KINDS = ("tracks_raw", "tracks")
 
 
 def entry_key(group: str, sequence: str) -> str:
@@ -103,7 +104,7 @@ def longest_prefix_remap(path: str, path_map: Mapping[str, str]) -> str | None:
     return None
 
 
-def _url_join(base: str, rel: str) -> str:
+def url_join(base: str, rel: str) -> str:
     """Join a relative POSIX path to a URL, resolving ``.`` and ``..`` lexically."""
     scheme, rest = base.rstrip("/").split("://", 1)
     parts = rest.split("/")

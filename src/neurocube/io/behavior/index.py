@@ -20,7 +20,7 @@ import pandas as pd
 from neurocube import storage
 from neurocube.errors import FormatError, SelectionError
 from neurocube.io._atomic import atomic_path
-from neurocube.io.behavior.conventions import _INDEX_KINDS
+from neurocube.io.behavior.conventions import INDEX_KINDS
 from neurocube.io.behavior.manifest import Manifest
 from neurocube.storage import is_url, open_file
 
@@ -34,7 +34,7 @@ def _below(folder: Path, *parts: str) -> Path:
 
 def index_file(manifest: Manifest, kind: str) -> Path:
     """Return the index CSV of ``tracks_raw``, ``tracks`` or ``labels/<kind>`` of a dataset."""
-    if kind in _INDEX_KINDS:
+    if kind in INDEX_KINDS:
         return _below(manifest.get_root(kind), "index.csv")
     if kind.startswith("labels/"):
         return _below(manifest.get_root("labels"), kind.split("/", 1)[1], "index.csv")
@@ -81,12 +81,22 @@ def _as_set(value: str | Iterable[str] | None) -> set[str] | None:
     return {str(v) for v in value}
 
 
-def _filter_pairs(
+def filter_pairs(
     table: pd.DataFrame,
     groups: str | Iterable[str] | None,
     sequences: str | Iterable[str] | None,
     index_file: Path,
 ) -> pd.DataFrame:
+    """Return the rows of index ``table`` in ``groups`` and ``sequences`` (None: all), renumbered.
+
+    Shared by the catalog, the label reader and the TRex converter.
+
+    Raises
+    ------
+    SelectionError
+        If a group, or a sequence in the selected groups, is not in the index
+        (``index_file`` names it in the message).
+    """
     want_groups = _as_set(groups)
     want_sequences = _as_set(sequences)
     # plain Python over the two name columns, one take at the end: an index of a few hundred
@@ -150,7 +160,11 @@ def _is_missing(value: Any) -> bool:
     return isinstance(value, float) and np.isnan(value)
 
 
-def _merge_index(path: Path, new_rows: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+def merge_index(path: Path, new_rows: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """Return index ``path`` (if it exists) with ``new_rows`` replacing rows of the same abs_path.
+
+    Columns come in the order of ``columns``, then any others; blanks are ``""``.
+    """
     if path.is_file():
         old = read_index_csv(path)
         old = old[~old["abs_path"].isin(set(new_rows["abs_path"]))]

@@ -125,8 +125,12 @@ class DatasetLayout:
         """Forget anything cached (after a writer changed the indexes); nothing here."""
 
 
-def _catalog(dataset: Any) -> Any:
-    """Return the catalog of ``dataset`` (a catalog, a dataset holding one, or a path)."""
+def writable_layout(dataset: Any) -> Any:
+    """Return the catalog of ``dataset`` (a catalog, a dataset holding one, or a path) to write.
+
+    A path is opened as a :class:`DatasetLayout`; a dataset at a URL is refused
+    (:class:`~neurocube.errors.UnsafePathError`).
+    """
     catalog = getattr(dataset, "catalog", dataset)
     if all(hasattr(catalog, name) for name in
            ("manifest", "read_index", "resolve_path", "check_writable", "invalidate")):
@@ -139,7 +143,7 @@ def _catalog(dataset: Any) -> Any:
     return DatasetLayout.open(dataset)
 
 
-def _stored_path(catalog: Any, path: Path) -> str:
+def stored_path(catalog: Any, path: Path) -> str:
     """Dataset-relative POSIX path when inside the dataset, else the absolute path."""
     real = Path(os.path.realpath(path))
     base = Path(os.path.realpath(catalog.root))
@@ -148,7 +152,8 @@ def _stored_path(catalog: Any, path: Path) -> str:
     return str(real)
 
 
-def _writable_root(catalog: Any, key: str) -> Path:
+def writable_root(catalog: Any, key: str) -> Path:
+    """Return the folder of root ``key``, refusing one that leaves the dataset."""
     folder = catalog.manifest.get_root(key)
     if not is_inside(folder, catalog.root):
         raise UnsafePathError(

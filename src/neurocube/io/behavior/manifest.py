@@ -29,9 +29,9 @@ from neurocube.io.behavior.conventions import (
     DEFAULT_ROOTS,
     MANIFEST_NAMES,
     MANIFEST_VERSION,
-    _url_join,
     is_inside,
     longest_prefix_remap,
+    url_join,
 )
 from neurocube.storage import ObjectInfo, is_url, open_file
 
@@ -72,7 +72,7 @@ def find_manifest(
             "folder."
         )
     p = Path(path).expanduser()
-    meta = _stat_or_none(p)
+    meta = stat_or_none(p)
     if meta is not None and not meta.is_dir:
         return storage.local_path(p)
     if meta is not None:
@@ -86,16 +86,17 @@ def find_manifest(
     raise DataNotFoundError(f"{p}: no such dataset folder or manifest file")
 
 
-def _stat_or_none(
+def stat_or_none(
     path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
 ) -> ObjectInfo | None:
+    """Return ``storage.info`` of ``path``, or None if it does not exist."""
     try:
         return storage.info(path, storage_options)
     except DataNotFoundError:
         return None
 
 
-def _version_key(path: str, meta: ObjectInfo) -> tuple[Any, ...]:
+def version_key(path: str, meta: ObjectInfo) -> tuple[Any, ...]:
     """Return what names one version of a file (a key of the per-process memos).
 
     Size, mtime and ctime locally (ctime changes with any rewrite, even one that
@@ -106,7 +107,7 @@ def _version_key(path: str, meta: ObjectInfo) -> tuple[Any, ...]:
     return (path, meta.size, meta.mtime_ns, meta.ctime_ns)
 
 
-#: Parsed manifests per file version (see :func:`_version_key`), for this process.
+#: Parsed manifests per file version (see :func:`version_key`), for this process.
 _MANIFESTS: collections.OrderedDict[tuple[Any, ...], dict[str, Any]] = collections.OrderedDict()
 _MANIFESTS_LOCK = threading.Lock()
 _MEMO_SIZE = 64
@@ -155,8 +156,8 @@ class Manifest:
         remote = is_url(manifest_path)
         # a local manifest is parsed once per process and file version (a reopened dataset
         # parses no YAML); a remote one is read at every open (its access is checked then)
-        seen = None if remote else _stat_or_none(manifest_path)
-        file_version = None if seen is None else _version_key(str(manifest_path), seen)
+        seen = None if remote else stat_or_none(manifest_path)
+        file_version = None if seen is None else version_key(str(manifest_path), seen)
         if file_version is not None:
             with _MANIFESTS_LOCK:
                 known = _MANIFESTS.get(file_version)
@@ -295,7 +296,7 @@ class Manifest:
         if self.is_remote:
             if is_url(value) or os.path.isabs(value):
                 return cast(Path, value)
-            return cast(Path, _url_join(str(self.dataset_dir), value))
+            return cast(Path, url_join(str(self.dataset_dir), value))
         p = Path(value).expanduser()
         return p if p.is_absolute() else self.dataset_dir / p
 

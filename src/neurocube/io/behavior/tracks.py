@@ -27,10 +27,10 @@ from neurocube.io.behavior.conventions import entry_key
 from neurocube.io.behavior.index import (
     RAW_INDEX_COLUMNS,
     TRACKS_INDEX_COLUMNS,
-    _merge_index,
+    merge_index,
     write_index_csv,
 )
-from neurocube.io.behavior.layout import _catalog, _stored_path, _writable_root
+from neurocube.io.behavior.layout import stored_path, writable_layout, writable_root
 from neurocube.storage import open_file
 
 _DERIVED_RE = re.compile(r"^(VX|VY|AX|AY|SPEED|ANGLE|ACCELERATION)$|#")
@@ -101,7 +101,7 @@ def index_tracks_raw(
         The index written. Rows of files already indexed (same path) are
         replaced; other rows are kept.
     """
-    catalog = _catalog(dataset)
+    catalog = writable_layout(dataset)
     dirs = [search_dirs] if isinstance(search_dirs, (str, os.PathLike)) else list(search_dirs)
     pats = [patterns] if isinstance(patterns, str) else list(patterns)
     excludes = list(exclude_patterns or [])
@@ -153,7 +153,7 @@ def index_tracks_raw(
             {
                 "group": group,
                 "sequence": sequence,
-                "abs_path": _stored_path(catalog, p),
+                "abs_path": stored_path(catalog, p),
                 "src_format": src_format,
                 "size_bytes": str(st.size),
                 "mtime_iso": datetime.datetime.fromtimestamp(
@@ -166,8 +166,8 @@ def index_tracks_raw(
         raise DataNotFoundError(
             f"no files matching {pats} under {[str(d) for d in dirs]}; nothing to index"
         )
-    index_file = _writable_root(catalog, "tracks_raw") / "index.csv"
-    table = _merge_index(index_file, pd.DataFrame(rows, dtype=str), RAW_INDEX_COLUMNS)
+    index_file = writable_root(catalog, "tracks_raw") / "index.csv"
+    table = merge_index(index_file, pd.DataFrame(rows, dtype=str), RAW_INDEX_COLUMNS)
     write_index_csv(table, index_file)
     catalog.invalidate()
     return index_file
@@ -221,10 +221,10 @@ def save_tracks(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    catalog = _catalog(dataset)
+    catalog = writable_layout(dataset)
     if not run_id or "/" in run_id or "\\" in run_id or run_id in (".", ".."):
         raise SelectionError(f"run_id must be a plain folder name, got {run_id!r}")
-    tracks_root = _writable_root(catalog, "tracks")
+    tracks_root = writable_root(catalog, "tracks")
     target = tracks_root / run_id / f"{entry_key(group, sequence)}.parquet"
     catalog.check_writable(target, "tracks file")
     table = table.copy()
@@ -243,7 +243,7 @@ def save_tracks(
                        write_page_checksum=True)
     n_keypoints = len([c for c in table.columns if re.fullmatch(r"poseX\d+", str(c))])
     row = {
-        "abs_path": _stored_path(catalog, target),
+        "abs_path": stored_path(catalog, target),
         "run_id": run_id,
         "started_at": started,
         "finished_at": _now(),
@@ -252,7 +252,7 @@ def save_tracks(
         "producer": producer,
         "std_format": std_format,
         "producer_run_id": "",
-        "source_abs_path": _stored_path(catalog, Path(source_path)) if source_path else "",
+        "source_abs_path": stored_path(catalog, Path(source_path)) if source_path else "",
         "source_md5": source_md5,
         "consumed_source_roots": "tracks_raw" if source_path else "",
         "n_rows": str(len(table)),
@@ -262,7 +262,7 @@ def save_tracks(
         **dict(extra_index or {}),
     }
     index_file = tracks_root / "index.csv"
-    merged = _merge_index(index_file, pd.DataFrame([row], dtype=str), TRACKS_INDEX_COLUMNS)
+    merged = merge_index(index_file, pd.DataFrame([row], dtype=str), TRACKS_INDEX_COLUMNS)
     write_index_csv(merged, index_file)
     catalog.invalidate()
     return target

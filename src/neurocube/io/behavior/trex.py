@@ -20,8 +20,8 @@ import pandas as pd
 from neurocube.errors import FormatError, SelectionError
 from neurocube.io._atomic import atomic_path
 from neurocube.io.behavior.conventions import entry_key
-from neurocube.io.behavior.index import _filter_pairs
-from neurocube.io.behavior.layout import _catalog, _writable_root
+from neurocube.io.behavior.index import filter_pairs
+from neurocube.io.behavior.layout import writable_layout, writable_root
 from neurocube.io.behavior.tracks import save_tracks
 from neurocube.storage import open_file
 
@@ -141,10 +141,10 @@ def convert_tracks(
         raise SelectionError(
             f"std_format must be 'mosaic_v1' or 'mosaic_cm_v1', not {std_format!r}"
         )
-    catalog = _catalog(dataset)
+    catalog = writable_layout(dataset)
     raw = catalog.read_index("tracks_raw")
     raw = raw[raw["src_format"] == src_format]
-    raw = _filter_pairs(raw, groups, sequences, catalog.index_path("tracks_raw"))
+    raw = filter_pairs(raw, groups, sequences, catalog.index_path("tracks_raw"))
     if raw.empty:
         raise SelectionError(
             f"{catalog.index_path('tracks_raw')}: no {src_format} rows to convert for "
@@ -153,7 +153,7 @@ def convert_tracks(
     params = {"src_format": src_format, "std_format": std_format, "cm_per_pixel": cm_per_pixel}
     digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode(), usedforsecurity=False)
     run_id = f"convert-{src_format}.1-{digest.hexdigest()[:10]}"
-    run_dir = _writable_root(catalog, "tracks") / run_id
+    run_dir = writable_root(catalog, "tracks") / run_id
     catalog.check_writable(run_dir, "run folder")
     with atomic_path(run_dir / "params.json") as tmp:
         tmp.write_text(
