@@ -399,7 +399,7 @@ class RemoteRoot(CacheRoot):
         """Return the newest modification time the store reports for the entry's objects."""
         # storage's ObjectInfo keeps mtime_ns 0 for objects (their version is the ETag): ask
         # the backend's listing for the times, through storage's filesystem and error mapping
-        fs, fpath = storage._filesystem(entry, self._opts)
+        fs, fpath = storage.filesystem(entry, self._opts)
         latest = 0.0
         with storage.translate_errors(entry, "list it"):
             try:

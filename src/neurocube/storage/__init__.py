@@ -37,7 +37,7 @@ once, in its submodule; patch it there.
 
 from __future__ import annotations
 
-from neurocube.storage.backends import _filesystem as _filesystem
+from neurocube.storage.backends import filesystem as filesystem
 from neurocube.storage.backends import translate_errors as translate_errors
 from neurocube.storage.counters import IO_STATS
 from neurocube.storage.handles import HandlePool

@@ -18,7 +18,7 @@ _FS_CACHE: dict[tuple[str, str], Any] = {}
 _FS_LOCK = threading.Lock()
 
 
-def _filesystem(url: str, options: Mapping[str, Any] | None) -> tuple[Any, str]:
+def filesystem(url: str, options: Mapping[str, Any] | None) -> tuple[Any, str]:
     """Return ``(fsspec filesystem, path inside it)`` for a URL (one instance per options)."""
     import fsspec
     from fsspec.core import split_protocol

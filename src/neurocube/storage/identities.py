@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from neurocube.errors import DataChangedError, DataNotFoundError
-from neurocube.storage.backends import _filesystem
+from neurocube.storage.backends import filesystem
 from neurocube.storage.listing import info
 from neurocube.storage.locations import is_local, local_path, normalize
 
@@ -138,7 +138,7 @@ def check_unchanged(
             if key in _CHECKED:
                 return
         # a listing (find) leaves its entries in the backend's cache: ask the server itself
-        fs, fpath = _filesystem(path, storage_options)
+        fs, fpath = filesystem(path, storage_options)
         with contextlib.suppress(Exception):
             fs.invalidate_cache(fpath)
     meta = info(path, storage_options)

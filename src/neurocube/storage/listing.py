@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from neurocube.errors import DataNotFoundError
-from neurocube.storage.backends import _filesystem, translate_errors
+from neurocube.storage.backends import filesystem, translate_errors
 from neurocube.storage.locations import basename, is_local, normalize
 
 
@@ -60,7 +60,7 @@ def _remote_info(path: str, detail: Mapping[str, Any]) -> ObjectInfo:
 
 
 @contextlib.contextmanager
-def _local_errors(loc: str, what: str) -> Iterator[None]:
+def local_errors(loc: str, what: str) -> Iterator[None]:
     """Turn the OS errors of a missing local path into a :class:`DataNotFoundError` naming it."""
     try:
         yield
@@ -87,7 +87,7 @@ def info(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None
     """
     loc = normalize(path)
     if is_local(loc):
-        with _local_errors(loc, "file or folder"):
+        with local_errors(loc, "file or folder"):
             try:
                 st = os.stat(loc)
             except (FileNotFoundError, NotADirectoryError):
@@ -98,7 +98,7 @@ def info(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None
 
         return ObjectInfo(loc, st.st_size, stat_mod.S_ISDIR(st.st_mode), st.st_mtime_ns,
                           st.st_ctime_ns)
-    fs, fpath = _filesystem(loc, storage_options)
+    fs, fpath = filesystem(loc, storage_options)
     with translate_errors(loc, "look it up"):
         detail = fs.info(fpath)
     return _remote_info(loc, detail)
@@ -191,7 +191,7 @@ def find(
             out[entry.path] = ObjectInfo(entry.path, st.st_size, False, st.st_mtime_ns,
                                          st.st_ctime_ns)
         return dict(sorted(out.items()))
-    fs, fpath = _filesystem(loc, storage_options)
+    fs, fpath = filesystem(loc, storage_options)
     protocol = loc.split("://", 1)[0]
     with translate_errors(loc, "list it"):
         try:
@@ -251,7 +251,7 @@ def listdir(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | N
             except OSError:
                 continue
         return result
-    fs, fpath = _filesystem(loc, storage_options)
+    fs, fpath = filesystem(loc, storage_options)
     with translate_errors(loc, "list it"):
         listing = fs.ls(fpath, detail=True)
     base = loc.rstrip("/")

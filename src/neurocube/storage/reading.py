@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from neurocube.errors import DataChangedError
-from neurocube.storage.backends import _filesystem, translate_errors
+from neurocube.storage.backends import filesystem, translate_errors
 from neurocube.storage.counters import IO_STATS
-from neurocube.storage.listing import _local_errors
+from neurocube.storage.listing import local_errors
 from neurocube.storage.locations import is_local, is_url, local_path, normalize
 
 #: Block size for reads whose size is not known ahead (headers, footers, sidecars).
@@ -51,9 +51,9 @@ def open_file(
     loc = normalize(path) if not isinstance(path, str) or is_url(path) else path
     if is_local(loc):
         local = local_path(loc) if is_url(loc) else Path(loc)
-        with _local_errors(str(local), "file"):
+        with local_errors(str(local), "file"):
             return open(local, mode)
-    fs, fpath = _filesystem(loc, storage_options)
+    fs, fpath = filesystem(loc, storage_options)
     with translate_errors(loc, "open it"):
         handle = fs.open(
             fpath,
@@ -147,7 +147,7 @@ def read_ranges(
                 out.append(fh.read(max(0, b - a)) if b > a else b"")
         IO_STATS.add_bytes(sum(len(p) for p in out))
         return out
-    fs, fpath = _filesystem(path, storage_options)
+    fs, fpath = filesystem(path, storage_options)
     IO_STATS.add_open()
     lo = min(a for a, _ in ranges)
     hi = max(b for _, b in ranges)
@@ -229,7 +229,7 @@ def read_all(path: str, storage_options: Mapping[str, Any] | None = None) -> byt
             data: bytes = fh.read()
         IO_STATS.add_bytes(len(data))
         return data
-    fs, fpath = _filesystem(path, storage_options)
+    fs, fpath = filesystem(path, storage_options)
     IO_STATS.add_open()
     with translate_errors(path, "read"):
         data = fs.cat_file(fpath)
@@ -254,7 +254,7 @@ def write_bytes(path: str, data: bytes, storage_options: Mapping[str, Any] | Non
             with contextlib.suppress(OSError):
                 tmp.unlink()
         return
-    fs, fpath = _filesystem(path, storage_options)
+    fs, fpath = filesystem(path, storage_options)
     with translate_errors(path, "write"):
         fs.pipe_file(fpath, data)  # an object appears whole or not at all
 
@@ -275,7 +275,7 @@ def delete(path: str, storage_options: Mapping[str, Any] | None = None, *,
             with contextlib.suppress(FileNotFoundError):
                 target.unlink()
         return
-    fs, fpath = _filesystem(path, storage_options)
+    fs, fpath = filesystem(path, storage_options)
     with translate_errors(path, "delete it"):
         try:
             fs.rm(fpath, recursive=recursive)

@@ -34,8 +34,8 @@ PACKAGE = Path(storage.__file__).parent
 LAYERS = [counters, locations, options, backends, listing, identities, reading,
           remote_blocks, handles]
 
-#: what ``neurocube.storage`` offered as a module (public names, and the one private name
-#: used outside it: caching/store.py lists a cache entry with ``storage._filesystem``)
+#: what ``neurocube.storage`` offered as a module (its public names, and ``filesystem``, which
+#: caching/store.py uses to list a cache entry: private, ``_filesystem``, before the split)
 FORMER_NAMES = {
     "BLOCK_SIZE", "BlockReader", "FETCH_THREADS", "FileIdentity", "HandlePool", "IO_STATS",
     "LIST_STATS", "ObjectInfo", "READAHEAD", "SECRET_NAMES", "SHARED_BLOCKS",
@@ -44,7 +44,7 @@ FORMER_NAMES = {
     "is_local", "is_url", "isdir", "isfile", "join", "list_files", "listdir", "local_path",
     "normalize", "open_file", "options_for", "parent", "read_all", "read_range", "read_ranges",
     "redact", "relative", "remember_options", "stat_key", "translate_errors", "write_bytes",
-    "_filesystem",
+    "filesystem",
 }
 FORMER_ALL = {
     "IO_STATS", "BlockReader", "FileIdentity", "HandlePool", "ObjectInfo", "StorageOptions",
