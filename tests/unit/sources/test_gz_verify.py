@@ -25,11 +25,7 @@ from tests.fixtures.nifti import write_nifti
 SHAPE = (40, 32, 24, 30)  # 123 KB per volume: the file is more than the hashed 2 MiB of ends
 
 
-@pytest.fixture(autouse=True)
-def _fresh_handles():
-    gzindex.reset_handles()
-    yield
-    gzindex.reset_handles()
+pytestmark = pytest.mark.usefixtures("fresh_gz_handles")
 
 
 @pytest.fixture

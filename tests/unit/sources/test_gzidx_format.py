@@ -42,11 +42,7 @@ def _fresh_span(tmp_path, content: bytes) -> bytes | None:
     return gzidx_format.span_index(str(other), 0, 1500)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_handles():
-    gzindex.reset_handles()
-    yield
-    gzindex.reset_handles()
+pytestmark = pytest.mark.usefixtures("fresh_gz_handles")
 
 
 @pytest.fixture

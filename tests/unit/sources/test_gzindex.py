@@ -26,11 +26,7 @@ def gz_file(nifti_factory):
     return nifti_factory("sess.nii.gz", shape=SHAPE)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_handles():
-    gzindex.reset_handles()
-    yield
-    gzindex.reset_handles()
+pytestmark = pytest.mark.usefixtures("fresh_gz_handles")
 
 
 def index_files(cache):
