@@ -20,7 +20,7 @@ from neurocube.errors import NeurocubeError
 # Modules that add subcommands, in the order `neurocube --help` shows them.
 COMMAND_MODULES: list[str] = [
     "neurocube.demo",
-    "neurocube.caching.cli",
+    "neurocube.cache_cli",
     "neurocube.indexing_cli",
     "neurocube.info_cli",
 ]

@@ -37,11 +37,7 @@ LAYERS: dict[str, int] = {
 TOP = 9
 
 #: Known upward imports, each with its reason. Keep this short.
-ALLOWED_UP = {
-    # a ``neurocube`` subcommand module that lives beside the cache it looks after; the CLI
-    # host lists it by name and it uses the host's shared options
-    ("neurocube.caching.cli", "neurocube.cli"),
-}
+ALLOWED_UP: set[tuple[str, str]] = set()
 
 
 def _module_name(path: Path) -> str:

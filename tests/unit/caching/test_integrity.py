@@ -12,7 +12,7 @@ import pytest
 import xarray as xr
 
 import neurocube
-from neurocube.caching import cli as cache_cli
+from neurocube import cache_cli
 from neurocube.caching.integrity import ChunkArray
 from neurocube.caching.store import MARKER_NAME, open_root
 from neurocube.cli import main

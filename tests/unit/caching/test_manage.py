@@ -14,7 +14,7 @@ import pytest
 import xarray as xr
 
 import neurocube
-from neurocube.caching import cli as cache_cli
+from neurocube import cache_cli
 from neurocube.caching.manage import parse_age, parse_size
 from neurocube.caching.store import LAST_USE_NAME
 from neurocube.errors import CacheError
@@ -179,4 +179,4 @@ def test_cli_bad_age_is_a_clean_error(tmp_path):
 def test_cli_is_registered_in_the_main_command():
     from neurocube import cli
 
-    assert "neurocube.caching.cli" in cli.COMMAND_MODULES
+    assert "neurocube.cache_cli" in cli.COMMAND_MODULES
